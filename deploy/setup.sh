@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a machine of this kind (Debian 12, root) for the orchestrator and its lab:
+# QEMU 10 and libvirt 11 from bookworm-backports, then a virtualenv with the package and its tools.
+# Re-running it is fast: every step checks first and does nothing when already done.
+#
+#   deploy/setup.sh            # packages + venv (.venv beside this repo)
+#   VENV=/path deploy/setup.sh  # another venv location
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$repo/.venv}
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages); run it with sudo"
+[ -r /etc/os-release ] && . /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || die "expects Debian 12 (bookworm), found ${PRETTY_NAME:-unknown}"
+
+export DEBIAN_FRONTEND=noninteractive
+
+# --- bookworm-backports, from the mirror this machine is already configured with -------------
+backports=/etc/apt/sources.list.d/orchestrator-backports.sources
+if [ ! -f "$backports" ]; then
+    src=/etc/apt/sources.list.d/debian.sources
+    [ -r "$src" ] || die "cannot find $src to derive the Debian mirror from; add bookworm-backports by hand"
+    # First stanza whose Suites include plain 'bookworm': its URIs and Signed-By.
+    read -r uri signed < <(awk '
+        /^[[:space:]]*$/ { if (u && s && b) { print u, k; done=1; exit } u=""; s=""; k=""; b=0; next }
+        /^URIs:/       { u=$2 }
+        /^Suites:/     { for (i=2;i<=NF;i++) if ($i=="bookworm") b=1; s=1 }
+        /^Signed-By:/  { k=$2 }
+        END            { if (!done && u && s && b) print u, k }' "$src" | head -n1)
+    [ -n "${uri:-}" ] || die "no bookworm entry in $src; add bookworm-backports by hand"
+    log "adding bookworm-backports from the configured mirror"
+    {
+        echo "Types: deb"
+        echo "URIs: $uri"
+        echo "Suites: bookworm-backports"
+        echo "Components: main"
+        [ -n "${signed:-}" ] && echo "Signed-By: $signed"
+    } > "$backports.tmp"
+    mv "$backports.tmp" "$backports"
+    rm -f /var/lib/apt/periodic/orchestrator-updated
+fi
+
+# --- Debian packages --------------------------------------------------------------------------
+want_qemu() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | grep -q '^1:\(9\.[1-9]\|[1-9][0-9]\)'; }
+want_libvirt() { dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null | grep -q '^\(1[1-9]\|[2-9][0-9]\)\.'; }
+pkgs=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
+build=(pkg-config gcc python3-dev sqlite3)
+missing_build=()
+for p in "${build[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_build+=("$p"); done
+if ! want_qemu || ! want_libvirt || [ ${#missing_build[@]} -gt 0 ] || ! dpkg-query -W libvirt-dev >/dev/null 2>&1; then
+    log "installing QEMU and libvirt from bookworm-backports (about 25 MB)"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${pkgs[@]}" >/dev/null
+    [ ${#missing_build[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing_build[@]}" >/dev/null
+fi
+want_qemu || die "QEMU >= 9.1 did not install; check 'apt-cache policy qemu-system-x86'"
+want_libvirt || die "libvirt >= 11 did not install; check 'apt-cache policy libvirt-daemon'"
+# Debian enables the default libvirtd on install where systemd runs; the lab runs its own daemons.
+
+# --- virtualenv -------------------------------------------------------------------------------
+py=${PYTHON:-python3}
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$py is older than 3.11"
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtualenv $venv"
+    "$py" -m venv "$venv"
+fi
+stamp="$venv/.orchestrator-installed"
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
+    log "installing the orchestrator and its test tools into $venv"
+    "$venv/bin/pip" install -q --upgrade pip >/dev/null
+    "$venv/bin/pip" install -q -e "$repo[dev]"
+    touch "$stamp"
+fi
+log "ready: $venv/bin/orchestrator ($("$venv/bin/python" -c 'import libvirt; print("libvirt-python", libvirt.getVersion())'))"

@@ -1,0 +1,1 @@
+"""The lab: libvirt hosts on one machine and a simulated VFIO device."""
