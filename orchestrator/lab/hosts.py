@@ -1,0 +1,350 @@
+"""Lab hosts: independent libvirtd daemons on one machine, each in its own mount namespace.
+
+Each host is a directory under the lab root holding what libvirt would keep in /etc/libvirt,
+/run/libvirt, /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt; `unshare --mount`
+bind-mounts them over those paths for that daemon only. Every process the lab starts is recorded
+by PID (libvirtd's and virtlogd's pid files), and `down` ends exactly those, after checking that the
+PID still belongs to the process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import string
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.errors import BadInput, EnvironmentProblem
+from orchestrator.virt import DomainInfo, Host
+
+DEFAULT_ROOT = Path("/var/lib/orchestrator/lab")
+ROOT_ENV = "ORCH_LAB_DIR"
+HOST_NAMES = tuple(f"lab-{c}" for c in string.ascii_lowercase)
+MAX_HOSTS = 8
+
+# The libvirt directories each host gets its own copy of: (name under the host dir, system path).
+_BIND_DIRS = (
+    ("etc", "/etc/libvirt"),
+    ("run", "/run/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("log", "/var/log/libvirt"),
+)
+_REQUIRED_PROGRAMS = ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare", "mount")
+
+# Keeps QEMU inside the caller's cgroup and sandbox: this machine has neither cgroup controllers
+# nor a separate qemu user, and the lab needs neither.
+_QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+migration_port_min = {port_min}
+migration_port_max = {port_max}
+"""
+
+_LIBVIRTD_CONF = """\
+unix_sock_dir = "{sock}"
+unix_sock_rw_perms = "0777"
+unix_sock_ro_perms = "0777"
+unix_sock_admin_perms = "0700"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+host_uuid = "{host_uuid}"
+log_outputs = "3:stderr"
+"""
+
+# Runs inside the new mount namespace: bind the host's directories, start virtlogd (libvirt needs
+# it for QEMU's log), then become libvirtd so that the PID we started is the daemon's.
+_START_SCRIPT = """\
+set -e
+H=$1
+mount --bind "$H/etc" /etc/libvirt
+mount --bind "$H/run" /run/libvirt
+mount --bind "$H/lib" /var/lib/libvirt
+mount --bind "$H/cache" /var/cache/libvirt
+mount --bind "$H/log" /var/log/libvirt
+virtlogd -d -p "$H/virtlogd.pid"
+exec libvirtd -p "$H/libvirtd.pid" -f /etc/libvirt/libvirtd.conf
+"""
+
+
+def lab_root(root: Path | None = None) -> Path:
+    """The lab's directory: explicit, else $ORCH_LAB_DIR, else the default."""
+    if root is not None:
+        return root
+    env = os.environ.get(ROOT_ENV)
+    return Path(env) if env else DEFAULT_ROOT
+
+
+@dataclass
+class LabHost:
+    """One lab host: its directory, daemon PIDs and connection URI."""
+
+    name: str
+    dir: Path
+    index: int
+    guests: list[DomainInfo] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        """libvirtd's read-write socket."""
+        return self.dir / "sock" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        """The URI to connect to this host, as virsh takes it."""
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def log(self) -> Path:
+        """libvirtd's own log (its stderr)."""
+        return self.dir / "libvirtd.log"
+
+    def pid(self, daemon: str) -> int | None:
+        """The PID of `daemon` (libvirtd or virtlogd) if it runs and is the one this lab started."""
+        try:
+            pid = int((self.dir / f"{daemon}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _is_ours(pid, daemon, self.dir) else None
+
+    @property
+    def running(self) -> bool:
+        """Whether this host's libvirtd runs."""
+        return self.pid("libvirtd") is not None
+
+
+def _is_ours(pid: int, daemon: str, host_dir: Path) -> bool:
+    """True if `pid` is alive and is `daemon` started for `host_dir` (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and Path(cmdline[0].decode()).name == daemon and str(host_dir).encode() in b" ".join(
+        cmdline
+    )
+
+
+def _hosts(root: Path) -> Iterator[LabHost]:
+    hosts_dir = root / "hosts"
+    if not hosts_dir.is_dir():
+        return
+    for index, name in enumerate(HOST_NAMES):
+        path = hosts_dir / name
+        if path.is_dir():
+            yield LabHost(name=name, dir=path, index=index)
+
+
+def check_machine() -> None:
+    """Fail with one line if this machine cannot run the lab."""
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("the lab must run as root (it starts libvirtd in mount namespaces)", "use sudo")
+    missing = [p for p in _REQUIRED_PROGRAMS if shutil.which(p) is None]
+    if missing:
+        raise EnvironmentProblem(
+            f"missing programs for the lab: {', '.join(missing)}", "run deploy/setup.sh to install them"
+        )
+    for _name, system_path in _BIND_DIRS:
+        Path(system_path).mkdir(parents=True, exist_ok=True)
+
+
+def _prepare(host: LabHost) -> None:
+    for name, _system in _BIND_DIRS:
+        (host.dir / name).mkdir(parents=True, exist_ok=True)
+    (host.dir / "sock").mkdir(exist_ok=True)
+    conf = host.dir / "etc" / "libvirtd.conf"
+    if not conf.exists():
+        # Same UUID on two hosts makes libvirt refuse migration as "to the same host".
+        conf.write_text(_LIBVIRTD_CONF.format(sock=host.dir / "sock", host_uuid=uuid.uuid4()))
+    port_min = 49152 + 100 * host.index
+    (host.dir / "etc" / "qemu.conf").write_text(_QEMU_CONF.format(port_min=port_min, port_max=port_min + 99))
+
+
+def _start(host: LabHost, timeout: float) -> None:
+    for stale in ("libvirtd.pid", "virtlogd.pid"):
+        (host.dir / stale).unlink(missing_ok=True)
+    host.socket.unlink(missing_ok=True)
+    with host.log.open("ab") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", _START_SCRIPT, "lab", str(host.dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # survives the CLI that started it; `lab down` ends it by PID
+        )
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        code = proc.poll()
+        if code is not None:
+            _stop_virtlogd(host)
+            raise EnvironmentProblem(
+                f"lab host {host.name} failed to start (exit {code}): {_log_tail(host.log)}",
+                f"see {host.log}",
+            )
+        if host.socket.exists() and host.pid("libvirtd") == proc.pid:
+            try:
+                Host.open(host.uri, keepalive=False).close()
+                return
+            except Exception:  # noqa: BLE001, S110 - not accepting yet; retry until the deadline
+                pass
+        if time.monotonic() > deadline:
+            _terminate(proc.pid)
+            _stop_virtlogd(host)
+            raise EnvironmentProblem(f"lab host {host.name} did not answer within {timeout:.0f} s", f"see {host.log}")
+        time.sleep(delay)  # polling a daemon's socket: there is no event to wait on
+        delay = min(delay * 2, 0.25)
+
+
+def _log_tail(log: Path) -> str:
+    """libvirtd's last meaningful error lines, without the noise this machine always produces."""
+    noise = ("dmidecode", "/dev/kvm", "cgroup controller", "Driver state initialization failed")
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [line.split(" : ", 2)[-1] for line in lines if " error : " in line and not any(n in line for n in noise)]
+    return " | ".join(errors[-2:]) if errors else "no error logged"
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; waits for the process to go."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if _reap(pid):
+            return
+        time.sleep(0.05)  # no pidfd wait for a non-child on Python 3.11's stdlib everywhere
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _reap(pid: int) -> bool:
+    """Reap `pid` if it is our exited child (so it does not linger as a zombie)."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return Path(f"/proc/{pid}/stat").exists() and _is_zombie(pid)
+    return done == pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _stop_virtlogd(host: LabHost) -> None:
+    pid = host.pid("virtlogd")
+    if pid is not None:
+        _terminate(pid)
+    (host.dir / "virtlogd.pid").unlink(missing_ok=True)
+
+
+def up(count: int = 2, root: Path | None = None, timeout: float = 60.0) -> list[LabHost]:
+    """Start `count` lab hosts (those already running are left alone) and return all of them."""
+    if not 1 <= count <= MAX_HOSTS:
+        raise BadInput(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}", "pick a smaller number")
+    check_machine()
+    root = lab_root(root)
+    (root / "hosts").mkdir(parents=True, exist_ok=True)
+    (root / "fabric").mkdir(exist_ok=True)
+    (root / "migrations").mkdir(exist_ok=True)
+    started: list[LabHost] = []
+    try:
+        for index in range(count):
+            host = LabHost(name=HOST_NAMES[index], dir=root / "hosts" / HOST_NAMES[index], index=index)
+            if host.running:
+                continue
+            _prepare(host)
+            _start(host, timeout)
+            started.append(host)
+    except BaseException:
+        for host in started:  # nothing left running from a failed `up`
+            _stop(host)
+        raise
+    return list(_hosts(root))
+
+
+def status(root: Path | None = None, with_guests: bool = True) -> list[LabHost]:
+    """The lab's hosts, with their guests if they run."""
+    hosts = list(_hosts(lab_root(root)))
+    if with_guests:
+        for host in hosts:
+            if host.running:
+                with Host.open(host.uri, keepalive=False) as conn:
+                    host.guests = conn.domains()
+    return hosts
+
+
+def host_by_name(name: str, root: Path | None = None) -> LabHost:
+    """A running lab host by name, or a one-line error listing the ones that exist."""
+    hosts = list(_hosts(lab_root(root)))
+    for host in hosts:
+        if host.name == name:
+            if not host.running:
+                raise BadInput(f"lab host {name} is not running", "start the lab with: orchestrator lab up")
+            return host
+    known = ", ".join(h.name for h in hosts) or "none"
+    raise BadInput(f"no lab host named {name!r} (lab hosts: {known})", "see: orchestrator lab status")
+
+
+def _qemu_pids(host: LabHost) -> list[int]:
+    """PIDs of QEMU processes this host's libvirtd started (its pid files), still alive."""
+    pids = []
+    for pidfile in (host.dir / "run" / "qemu").glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"qemu" in cmdline or b"vfio-sim" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def _stop(host: LabHost) -> None:
+    if host.running:
+        try:
+            with Host.open(host.uri, keepalive=False) as conn:
+                for guest in conn.domains():
+                    conn.destroy_and_undefine(guest.name)
+        except Exception:  # noqa: BLE001, S110 - a wedged daemon still gets stopped below, by PID
+            pass
+    pid = host.pid("libvirtd")
+    if pid is not None:
+        _terminate(pid)
+    for qemu in _qemu_pids(host):  # left behind by a crashed daemon
+        _terminate(qemu, grace=2.0)
+    _stop_virtlogd(host)
+    (host.dir / "libvirtd.pid").unlink(missing_ok=True)
+
+
+def down(root: Path | None = None) -> list[str]:
+    """Destroy every lab guest and stop every lab daemon; returns the host names stopped."""
+    check_machine()
+    stopped = []
+    for host in _hosts(lab_root(root)):
+        _stop(host)
+        stopped.append(host.name)
+    return stopped
