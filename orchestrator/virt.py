@@ -7,6 +7,7 @@ reasoned about (and unit-tested) without a daemon.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from xml.etree import ElementTree
 import libvirt
 import libvirt_qemu
 
-from orchestrator.errors import BadInput, ConnectError, OrchestratorError
+from orchestrator.errors import BadInput, ConnectError, ExitCode, OrchestratorError
 
 VirDomain = Any  # libvirt.virDomain; libvirt-python ships no type information
 
@@ -48,10 +49,7 @@ def ensure_event_loop() -> None:
 
 def error_text(exc: BaseException) -> str:
     """libvirt's message without its redundant prefixes, on one line."""
-    if isinstance(exc, libvirt.libvirtError):
-        msg = exc.get_error_message() or str(exc)
-    else:
-        msg = str(exc)
+    msg = (exc.get_error_message() or str(exc)) if isinstance(exc, libvirt.libvirtError) else str(exc)
     return " ".join(msg.split())
 
 
@@ -90,21 +88,17 @@ MonitorCallback = Callable[[str, str, int, int, dict[str, Any] | None], None]
 
 
 class Subscription:
-    """A registered QEMU monitor event callback; `cancel()` deregisters it (idempotent)."""
+    """A subscriber to a host's QEMU monitor events; `cancel()` stops delivery (idempotent)."""
 
-    def __init__(self, host: Host, callback_id: int) -> None:
+    def __init__(self, host: Host, key: int) -> None:
         self._host = host
-        self._id: int | None = callback_id
+        self._key: int | None = key
 
     def cancel(self) -> None:
-        """Stop delivering events to this subscription."""
-        if self._id is None:
-            return
-        callback_id, self._id = self._id, None
-        try:
-            libvirt_qemu.qemuMonitorEventDeregister(self._host.conn, callback_id)
-        except libvirt.libvirtError:
-            pass  # the connection is already gone, and the callback with it
+        """Stop delivering events to this subscriber."""
+        if self._key is not None:
+            self._host._unsubscribe(self._key)
+            self._key = None
 
 
 class Host:
@@ -113,6 +107,12 @@ class Host:
     def __init__(self, conn: Any, uri: str) -> None:
         self.conn = conn
         self.uri = uri
+        # libvirt-python routes every monitor-event registration through one C trampoline, and
+        # libvirt refuses a second registration of it on a connection: register once, fan out here.
+        self._subscribers: dict[int, tuple[MonitorCallback, str | None, str | None]] = {}
+        self._next_key = 0
+        self._registration: int | None = None
+        self._sub_lock = threading.Lock()
 
     @classmethod
     def open(cls, uri: str, *, keepalive: bool = True) -> Host:
@@ -126,18 +126,22 @@ class Host:
                 "check the URI and that libvirtd runs there (virsh -c URI list)",
             ) from None
         if keepalive:
-            try:
+            # Local drivers have no keepalive; nothing to detect there.
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.setKeepAlive(5, 3)
-            except libvirt.libvirtError:
-                pass  # local drivers have no keepalive; nothing to detect there
         return cls(conn, uri)
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""
-        try:
+        with self._sub_lock:
+            self._subscribers.clear()
+            registration, self._registration = self._registration, None
+        # A connection already gone took its callback and itself with it.
+        with contextlib.suppress(libvirt.libvirtError):
+            if registration is not None:
+                libvirt_qemu.qemuMonitorEventDeregister(self.conn, registration)
+        with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
-        except libvirt.libvirtError:
-            pass
 
     def __enter__(self) -> Host:
         return self
@@ -229,7 +233,9 @@ class Host:
         try:
             return self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
         except libvirt.libvirtError as exc:
-            raise BadInput(f"libvirt refused the domain definition: {error_text(exc)}", "fix the XML") from None
+            raise BadInput(
+                f"libvirt refused the domain definition: {error_text(exc)}", "fix the XML"
+            ) from None
 
     def start(self, dom: VirDomain) -> None:
         """Start a defined domain."""
@@ -267,24 +273,39 @@ class Host:
 
     # --- QEMU monitor -----------------------------------------------------------------------
     def subscribe_monitor_events(
-        self, callback: MonitorCallback, *, event: str | None = None, domain: VirDomain | None = None
+        self, callback: MonitorCallback, *, event: str | None = None, domain: str | None = None
     ) -> Subscription:
-        """Deliver QEMU monitor events (optionally one event name, one domain) to `callback`.
+        """Deliver QEMU monitor events (optionally one event name, one domain name) to `callback`.
 
-        Use domain=None on a destination: the incoming domain does not exist yet.
+        Filtering by name rather than by libvirt domain object works on a destination too, where the
+        incoming domain does not exist yet when the subscription starts.
         """
+        with self._sub_lock:
+            if self._registration is None:
+                try:
+                    self._registration = int(
+                        libvirt_qemu.qemuMonitorEventRegister(self.conn, None, None, self._dispatch, None, 0)
+                    )
+                except libvirt.libvirtError as exc:
+                    raise translate(exc, f"subscribing to QEMU monitor events on {self.uri}") from None
+            key = self._next_key
+            self._next_key += 1
+            self._subscribers[key] = (callback, event, domain)
+        return Subscription(self, key)
 
-        def relay(
-            _conn: Any, dom: Any, name: str, seconds: int, micros: int, details: str | None, _opaque: Any
-        ) -> None:
-            data = json.loads(details) if details else None
-            callback(dom.name(), name, seconds, micros, data)
+    def _unsubscribe(self, key: int) -> None:
+        with self._sub_lock:
+            self._subscribers.pop(key, None)
 
-        try:
-            callback_id = libvirt_qemu.qemuMonitorEventRegister(self.conn, domain, event, relay, None, 0)
-        except libvirt.libvirtError as exc:
-            raise translate(exc, f"subscribing to QEMU monitor events on {self.uri}") from None
-        return Subscription(self, int(callback_id))
+    def _dispatch(
+        self, _conn: Any, dom: Any, name: str, seconds: int, micros: int, details: str | None, _opaque: Any
+    ) -> None:
+        # Runs on libvirt's event thread: the hot path from QEMU's event to a drain hook.
+        domain = dom.name()
+        data = json.loads(details) if details else None
+        for callback, event, wanted in list(self._subscribers.values()):
+            if (event is None or event == name) and (wanted is None or wanted == domain):
+                callback(domain, name, seconds, micros, data)
 
     def monitor_command(self, dom: VirDomain, command: dict[str, Any]) -> Any:
         """Run one QMP command through libvirt (read-only queries only: libvirt taints otherwise)."""
@@ -293,6 +314,110 @@ class Host:
         except libvirt.libvirtError as exc:
             raise translate(exc, f"asking QEMU of {dom.name()!r}") from None
         return json.loads(reply).get("return")
+
+
+@dataclass(frozen=True)
+class MigrateRequest:
+    """What to ask libvirt for one live migration (precopy only: VFIO forbids postcopy)."""
+
+    destination_uri: str
+    peer2peer: bool = True
+    persist: bool = True
+    undefine_source: bool = True
+    data_uri: str | None = None
+    listen_address: str | None = None
+    dest_xml: str | None = None
+    persist_xml: str | None = None
+    bandwidth_mib: int | None = None
+    max_downtime_ms: int | None = None
+    compressed: bool = False
+    auto_converge: bool = False
+
+    def params(self) -> dict[str, Any]:
+        """virDomainMigrate3 typed parameters."""
+        params: dict[str, Any] = {}
+        if self.data_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = self.data_uri
+        if self.listen_address:
+            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = self.listen_address
+        if self.dest_xml:
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = self.dest_xml
+        if self.persist_xml:
+            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = self.persist_xml
+        if self.bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = self.bandwidth_mib
+        return params
+
+    def flags(self) -> int:
+        """virDomainMigrate3 flags."""
+        flags = int(libvirt.VIR_MIGRATE_LIVE)
+        if self.peer2peer:
+            flags |= libvirt.VIR_MIGRATE_PEER2PEER
+        if self.persist:
+            flags |= libvirt.VIR_MIGRATE_PERSIST_DEST
+        if self.undefine_source:
+            flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        if self.compressed:
+            flags |= libvirt.VIR_MIGRATE_COMPRESSED
+        if self.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        return flags
+
+
+def migrate(source: Host, dom: VirDomain, request: MigrateRequest, destination: Host | None = None) -> None:
+    """Run one live migration to completion (blocks); raises MigrationError on failure.
+
+    Peer-to-peer: the source daemon talks to the destination itself. Otherwise this process drives
+    it through both connections (virDomainMigrate3), so `destination` must be open.
+    """
+    try:
+        if request.max_downtime_ms:
+            dom.migrateSetMaxDowntime(request.max_downtime_ms, 0)
+        if request.peer2peer:
+            dom.migrateToURI3(request.destination_uri, request.params(), request.flags())
+        else:
+            if destination is None:
+                raise ValueError("client-driven migration needs the destination connection")
+            dom.migrate3(destination.conn, request.params(), request.flags())
+    except libvirt.libvirtError as exc:
+        raise MigrationError(f"migration to {request.destination_uri} failed: {error_text(exc)}") from None
+
+
+class MigrationError(OrchestratorError):
+    """libvirt reported the migration failed (the VM stays on the source)."""
+
+    code = ExitCode.MIGRATION_FAILED
+
+
+def abort_job(dom: VirDomain) -> bool:
+    """Abort the domain's running job (a migration); False if there was none to abort."""
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+            return False  # no job: finished or never started
+        raise translate(exc, f"aborting the job of {dom.name()!r}") from None
+    return True
+
+
+def job_stats(dom: VirDomain) -> dict[str, Any]:
+    """The domain's current job statistics (libvirt's typed parameters), {} when there is no job."""
+    try:
+        stats = dom.jobStats(0)
+    except libvirt.libvirtError:
+        return {}
+    return dict(stats) if stats else {}
+
+
+def domain_state(dom: VirDomain) -> str:
+    """The domain's state in virsh's words ("running", "paused", "shut off", ...)."""
+    try:
+        state, _reason = dom.state()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return "gone"
+        raise translate(exc, "reading the domain's state") from None
+    return STATE_NAMES.get(state, str(state))
 
 
 def translate(exc: BaseException, doing: str) -> OrchestratorError:

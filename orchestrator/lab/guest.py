@@ -49,7 +49,9 @@ class GuestSpec:
         if self.behaviour not in ("11.0", "10.0"):
             raise BadInput(f"--qemu-behaviour must be 11.0 or 10.0, not {self.behaviour!r}", "pick one")
         if not 0 <= self.transition_ms <= 60000:
-            raise BadInput(f"--transition-ms must be 0 to 60000, not {self.transition_ms}", "pick a smaller value")
+            raise BadInput(
+                f"--transition-ms must be 0 to 60000, not {self.transition_ms}", "pick a smaller value"
+            )
         if not 16 <= self.memory_mib <= 4096:
             raise BadInput(f"--memory must be 16 to 4096 MiB, not {self.memory_mib}", "pick another size")
 
@@ -80,10 +82,15 @@ def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
         env["ORCH_SIM_FABRIC"] = str(fabric)
     qemu_lines = []
     if spec.events:
-        qemu_lines += ["    <qemu:arg value='-global'/>", "    <qemu:arg value='vfio-pci.migration-events=on'/>"]
+        qemu_lines += [
+            "    <qemu:arg value='-global'/>",
+            "    <qemu:arg value='vfio-pci.migration-events=on'/>",
+        ]
     if spec.devices:
         qemu_lines += [f"    <qemu:env name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in env.items()]
-    commandline = "\n".join(["  <qemu:commandline>", *qemu_lines, "  </qemu:commandline>"]) if qemu_lines else ""
+    commandline = (
+        "\n".join(["  <qemu:commandline>", *qemu_lines, "  </qemu:commandline>"]) if qemu_lines else ""
+    )
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{spec.name}</name>
   <memory unit='MiB'>{spec.memory_mib}</memory>

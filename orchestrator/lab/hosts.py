@@ -130,8 +130,10 @@ def _is_ours(pid: int, daemon: str, host_dir: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and Path(cmdline[0].decode()).name == daemon and str(host_dir).encode() in b" ".join(
-        cmdline
+    return (
+        bool(cmdline)
+        and Path(cmdline[0].decode()).name == daemon
+        and str(host_dir).encode() in b" ".join(cmdline)
     )
 
 
@@ -148,7 +150,9 @@ def _hosts(root: Path) -> Iterator[LabHost]:
 def check_machine() -> None:
     """Fail with one line if this machine cannot run the lab."""
     if os.geteuid() != 0:
-        raise EnvironmentProblem("the lab must run as root (it starts libvirtd in mount namespaces)", "use sudo")
+        raise EnvironmentProblem(
+            "the lab must run as root (it starts libvirtd in mount namespaces)", "use sudo"
+        )
     missing = [p for p in _REQUIRED_PROGRAMS if shutil.which(p) is None]
     if missing:
         raise EnvironmentProblem(
@@ -176,7 +180,17 @@ def _start(host: LabHost, timeout: float) -> None:
     host.socket.unlink(missing_ok=True)
     with host.log.open("ab") as log:
         proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", _START_SCRIPT, "lab", str(host.dir)],
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                _START_SCRIPT,
+                "lab",
+                str(host.dir),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -196,12 +210,14 @@ def _start(host: LabHost, timeout: float) -> None:
             try:
                 Host.open(host.uri, keepalive=False).close()
                 return
-            except Exception:  # noqa: BLE001, S110 - not accepting yet; retry until the deadline
+            except Exception:  # noqa: S110 - not accepting yet; retry until the deadline
                 pass
         if time.monotonic() > deadline:
             _terminate(proc.pid)
             _stop_virtlogd(host)
-            raise EnvironmentProblem(f"lab host {host.name} did not answer within {timeout:.0f} s", f"see {host.log}")
+            raise EnvironmentProblem(
+                f"lab host {host.name} did not answer within {timeout:.0f} s", f"see {host.log}"
+            )
         time.sleep(delay)  # polling a daemon's socket: there is no event to wait on
         delay = min(delay * 2, 0.25)
 
@@ -213,7 +229,11 @@ def _log_tail(log: Path) -> str:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    errors = [line.split(" : ", 2)[-1] for line in lines if " error : " in line and not any(n in line for n in noise)]
+    errors = [
+        line.split(" : ", 2)[-1]
+        for line in lines
+        if " error : " in line and not any(n in line for n in noise)
+    ]
     return " | ".join(errors[-2:]) if errors else "no error logged"
 
 
@@ -329,7 +349,7 @@ def _stop(host: LabHost) -> None:
             with Host.open(host.uri, keepalive=False) as conn:
                 for guest in conn.domains():
                     conn.destroy_and_undefine(guest.name)
-        except Exception:  # noqa: BLE001, S110 - a wedged daemon still gets stopped below, by PID
+        except Exception:  # noqa: S110 - a wedged daemon still gets stopped below, by PID
             pass
     pid = host.pid("libvirtd")
     if pid is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import itertools
 import json
 import os
 import selectors
@@ -164,7 +165,7 @@ class SimConfig:
 def global_migration_events(argv: Sequence[str]) -> bool | None:
     """The value of `-global vfio-pci.migration-events=...` in QEMU's arguments (last wins)."""
     value: bool | None = None
-    for flag, arg in zip(argv, argv[1:], strict=False):
+    for flag, arg in itertools.pairwise(argv):
         if flag not in ("-global", "--global"):
             continue
         if arg.startswith("vfio-pci.migration-events="):
@@ -193,7 +194,7 @@ def monitor_fd(argv: Sequence[str]) -> tuple[int, int] | None:
 
 def domain_name(argv: Sequence[str]) -> str:
     """The domain name from `-name guest=NAME,...`."""
-    for flag, arg in zip(argv, argv[1:], strict=False):
+    for flag, arg in itertools.pairwise(argv):
         if flag == "-name":
             for part in arg.split(","):
                 if part.startswith("guest="):
@@ -347,12 +348,14 @@ def restamp(line: bytes) -> bytes:
 def add_prepare_state(schema: list[dict[str, Any]]) -> bool:
     """Make a QEMU 10 schema (query-qmp-schema) claim the 11.0 prepare state; True if changed."""
     for entry in schema:
-        values = entry.get("values")
-        if entry.get("meta-type") == "enum" and values and "pre-copy-p2p" in values and "resuming" in values:
-            if "pre-copy-p2p-prepare" not in values:
-                values.append("pre-copy-p2p-prepare")
-                entry.setdefault("members", []).append({"name": "pre-copy-p2p-prepare"})
-                return True
+        values = entry.get("values") or []
+        is_vfio_states = (
+            entry.get("meta-type") == "enum" and values and {"pre-copy-p2p", "resuming"} <= set(values)
+        )
+        if is_vfio_states and "pre-copy-p2p-prepare" not in values:
+            values.append("pre-copy-p2p-prepare")
+            entry.setdefault("members", []).append({"name": "pre-copy-p2p-prepare"})
+            return True
     return False
 
 
@@ -418,7 +421,9 @@ class Proxy:
         assert self.libvirt is not None
         fds = array.array("i")
         try:
-            data, ancdata, _flags, _addr = self.libvirt.recvmsg(65536, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+            data, ancdata, _flags, _addr = self.libvirt.recvmsg(
+                65536, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize)
+            )
         except ConnectionResetError:
             return False
         for level, kind, payload in ancdata:
@@ -434,7 +439,9 @@ class Proxy:
             line += b"\n"
             self.inspect_command(line)
             if self.pending_fds:
-                self.qemu.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.pending_fds))])
+                self.qemu.sendmsg(
+                    [line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.pending_fds))]
+                )
                 for fd in self.pending_fds:
                     os.close(fd)
                 self.pending_fds = []
@@ -449,7 +456,11 @@ class Proxy:
             return
         if isinstance(command, dict):
             self.sim.on_command(command)
-            if command.get("execute") == "query-qmp-schema" and self.sim.config.prepare_state and "id" in command:
+            if (
+                command.get("execute") == "query-qmp-schema"
+                and self.sim.config.prepare_state
+                and "id" in command
+            ):
                 self.schema_ids.add(json.dumps(command["id"]))
 
     def on_qemu(self) -> bool:
@@ -567,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     qemu = real_qemu(os.environ)
     found = monitor_fd(args)
     if found is None or not os.environ.get("ORCH_SIM_DEVICES"):
-        os.execv(qemu, [qemu, *args])  # capability probes and plain guests: just QEMU
+        os.execv(qemu, [qemu, *args])  # noqa: S606 - capability probes and plain guests: just QEMU
     assert found is not None
     try:
         config = SimConfig.from_env(os.environ, args)
@@ -586,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             listener = socket.socket(fileno=libvirt_fd)
             try:
                 Proxy(listener, proxy_end, Simulator(config), domain).serve()
-            except Exception as exc:  # noqa: BLE001 - last words into the QEMU log, then go
+            except Exception as exc:
                 log(f"proxy failed: {exc!r}")
             os._exit(0)
         os._exit(0)
@@ -594,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     proxy_end.close()
     os.close(libvirt_fd)
     os.set_inheritable(qemu_end.fileno(), True)
-    os.execv(qemu, [qemu, *args])
+    os.execv(qemu, [qemu, *args])  # noqa: S606 - become QEMU, with no shell in between
 
 
 if __name__ == "__main__":

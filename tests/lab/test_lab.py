@@ -1,0 +1,192 @@
+"""The lab itself, on real libvirtd + QEMU: hosts, guests, migrations and the simulated device's
+VFIO_MIGRATION sequences as a libvirt QEMU-monitor-event subscriber receives them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import ConnectError
+from orchestrator.lab import hosts as lab
+from orchestrator.virt import Host, MigrationError, abort_job, domain_state, job_stats
+
+SOURCE_11 = ["pre-copy", "pre-copy-p2p-prepare", "pre-copy-p2p", "stop-copy", "stop"]
+SOURCE_10 = ["pre-copy", "pre-copy-p2p", "stop-copy", "stop"]
+DESTINATION = ["resuming", "running-p2p", "running"]
+
+
+def states(pairs: list[tuple[str, str]], device: str = "nic0") -> list[str]:
+    return [state for dev, state in pairs if dev == device]
+
+
+def migrated(rec: Any, dst: int) -> Any:
+    """Wait until the destination reports the guest resumed."""
+    return rec.wait_for(lambda evs: any(e.host == dst and e.event == "RESUME" for e in evs))
+
+
+def test_hosts_up_distinct_and_idempotent(lab_env: Any) -> None:
+    uuids = {conn.host_uuid() for conn in lab_env.conns}
+    assert len(uuids) == 3, "each lab host needs its own host UUID or libvirt refuses to migrate"
+    pids = [h.pid("libvirtd") for h in lab_env.hosts]
+    assert all(pids)
+    again = lab.up(3, lab_env.root)
+    assert [h.pid("libvirtd") for h in again] == pids, "`up` when up must leave the daemons alone"
+
+
+def test_migrate_there_and_back_with_11_0_sequence(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, devices=1)
+    rec = recorder(name)
+    lab_env.migrate(name, 0, 1)
+    migrated(rec, 1)
+    assert states(rec.vfio(0)) == SOURCE_11
+    assert states(rec.vfio(1)) == DESTINATION
+    assert domain_state(lab_env.conn(1).domain(name)) == "running"
+    assert lab_env.conn(0).find_domain(name) is None
+
+    # QEMU timestamps: monotonic per host, close to when libvirt delivered them, and the P2P
+    # transition between prepare and pre-copy-p2p lasts the configured 300 ms.
+    src = rec.vfio_events(0)
+    times = [e.qemu_time for e in src]
+    assert times == sorted(times)
+    assert all(abs(e.received - e.qemu_time) < 1.0 for e in src)
+    by_state = {e.vfio[1]: e.qemu_time for e in src}
+    assert 0.28 <= by_state["pre-copy-p2p"] - by_state["pre-copy-p2p-prepare"] < 1.5
+
+    rec2 = recorder(name)
+    lab_env.migrate(name, 1, 0)
+    migrated(rec2, 0)
+    assert states(rec2.vfio(1)) == SOURCE_11
+    assert states(rec2.vfio(0)) == DESTINATION
+    lab_env.remove(name)
+
+
+def test_10_x_behaviour_has_no_prepare_state(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, behaviour="10.0")
+    rec = recorder(name)
+    lab_env.migrate(name, 0, 2)
+    migrated(rec, 2)
+    assert states(rec.vfio(0)) == SOURCE_10
+    assert states(rec.vfio(2)) == DESTINATION
+    lab_env.remove(name)
+
+
+def test_no_precopy_goes_through_running_p2p(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(1, precopy=False)
+    rec = recorder(name)
+    lab_env.migrate(name, 1, 2)
+    migrated(rec, 2)
+    assert states(rec.vfio(1)) == ["running-p2p", "stop-copy", "stop"]
+    assert states(rec.vfio(2)) == DESTINATION
+    lab_env.remove(name)
+
+
+def test_no_p2p_goes_straight_to_stop_copy(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, p2p=False)
+    rec = recorder(name)
+    lab_env.migrate(name, 0, 1)
+    migrated(rec, 1)
+    assert states(rec.vfio(0)) == ["pre-copy", "stop-copy", "stop"]
+    assert states(rec.vfio(1)) == ["resuming", "running"]
+    lab_env.remove(name)
+
+
+def test_failed_transition_falls_back_and_fails_the_migration(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, fail_transition="running")
+    rec = recorder(name)
+    with pytest.raises(MigrationError):
+        lab_env.migrate(name, 0, 1)
+    rec.wait_for(lambda evs: any(e.host == 0 and e.event == "RESUME" for e in evs))
+    assert states(rec.vfio(0)) == ["pre-copy", "pre-copy-p2p-prepare", "running"]
+    assert domain_state(lab_env.conn(0).domain(name)) == "running"
+    assert lab_env.conn(1).find_domain(name) is None
+    lab_env.remove(name)
+
+
+def test_cancelled_migration_returns_the_device_to_running(lab_env: Any, recorder: Any) -> None:
+    # 1 MiB/s for a 64 MiB guest keeps the migration in pre-copy long enough to cancel it.
+    name = lab_env.guest(0)
+    rec = recorder(name)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            lab_env.migrate(name, 0, 1, bandwidth_mib=1)
+        except MigrationError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "pre-copy") for e in evs))
+    dom = lab_env.conn(0).domain(name)
+    assert job_stats(dom).get("memory_total", 0) > 0
+    assert abort_job(dom)
+    thread.join(60)
+    assert failure, "an aborted migration must fail"
+    rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "running") for e in evs))
+    assert states(rec.vfio(0)) == ["pre-copy", "running"]
+    assert domain_state(dom) == "running"
+    lab_env.remove(name)
+
+
+def test_property_off_means_no_events(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, events=False)
+    rec = recorder(name)
+    lab_env.migrate(name, 0, 1)
+    migrated(rec, 1)
+    assert any(e.event == "MIGRATION" for e in rec.events), "the subscriber did receive the migration"
+    assert rec.vfio(0) == [] and rec.vfio(1) == []
+    lab_env.remove(name)
+
+
+def test_two_devices_transition_in_turn(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(1, devices=2, transition_ms=200)
+    rec = recorder(name)
+    lab_env.migrate(name, 1, 0)
+    migrated(rec, 0)
+    src = rec.vfio(1)
+    for device in ("nic0", "nic1"):
+        assert states(src, device) == SOURCE_11
+        assert states(rec.vfio(0), device) == DESTINATION
+    # QEMU runs each device's vm-state handler in turn: nic1's prepare follows nic0's transition.
+    order = [pair for pair in src if "p2p" in pair[1]]
+    assert order == [
+        ("nic0", "pre-copy-p2p-prepare"),
+        ("nic0", "pre-copy-p2p"),
+        ("nic1", "pre-copy-p2p-prepare"),
+        ("nic1", "pre-copy-p2p"),
+    ]
+    lab_env.remove(name)
+
+
+def test_guest_settings_survive_migration(lab_env: Any, recorder: Any) -> None:
+    name = lab_env.guest(0, behaviour="10.0", transition_ms=100)
+    lab_env.migrate(name, 0, 1)
+    rec = recorder(name)
+    lab_env.migrate(name, 1, 0)
+    migrated(rec, 0)
+    assert states(rec.vfio(1)) == SOURCE_10, "the 10.0 behaviour travelled with the domain"
+    lab_env.remove(name)
+
+
+def test_down_after_a_crash_stops_leftovers(tmp_path: Any) -> None:
+    """A lab whose daemon was killed (a crash) is still cleaned up by `down`, by PID."""
+    from orchestrator.lab import guest as lab_guest
+
+    root = tmp_path / "lab"
+    hosts = lab.up(1, root)
+    lab_guest.create_guest(hosts[0], lab_guest.GuestSpec(name="crashy"), root=root)
+    qemu = lab._qemu_pids(hosts[0])
+    assert len(qemu) == 1
+    daemon = hosts[0].pid("libvirtd")
+    assert daemon is not None
+    os.kill(daemon, signal.SIGKILL)
+    assert lab.down(root) == ["lab-a"]
+    assert not hosts[0].running
+    assert hosts[0].pid("virtlogd") is None
+    assert lab._is_zombie(qemu[0]), "the guest's QEMU, orphaned by the crash, was stopped"
+    with pytest.raises(ConnectError):
+        Host.open(hosts[0].uri, keepalive=False)

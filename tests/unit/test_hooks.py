@@ -1,0 +1,378 @@
+"""Tests of the hook runner with real tiny programs.
+
+The hooks under test run `/bin/sh -c SCRIPT sh ARGS...`: the shell is the hook's own program here,
+the runner itself never uses one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.hooks import (
+    OUTPUT_TAIL_BYTES,
+    Hook,
+    HookResult,
+    HookRunner,
+    Trigger,
+    check_placeholders,
+    fill_argv,
+    hook_env,
+    preflight,
+)
+
+VALUES = {"domain": "vm1", "device_id": "hostdev0", "state": "pre-copy-p2p-prepare"}
+
+
+def sh(
+    script: str,
+    *args: str,
+    trigger: Trigger = Trigger.DRAIN,
+    timeout_ms: int = 5000,
+    retries: int = 0,
+    backoff_ms: int = 200,
+) -> Hook:
+    """A hook running a shell script (as the hook's program, in tests only)."""
+    argv = ("/bin/sh", "-c", script, "sh", *args)
+    return Hook(trigger, argv, timeout_ms=timeout_ms, retries=retries, backoff_ms=backoff_ms, name="sh")
+
+
+def gone(pid: int) -> bool:
+    """True once the process no longer exists or is a zombie (this container's init may not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- placeholders ------------------------------------------------------------------------------
+
+FILL_CASES = [
+    (["drain", "{domain}"], {"domain": "vm1"}, ["drain", "vm1"]),
+    (["--dev={device_id}", "--at={state}"], VALUES, ["--dev=hostdev0", "--at=pre-copy-p2p-prepare"]),
+    (["{source}->{destination}"], {"source": "a", "destination": "b"}, ["a->b"]),
+    (["{{literal}}", "{{{domain}}}", "}}{{"], {"domain": "vm1"}, ["{literal}", "{vm1}", "}{"]),
+    (["no placeholders", ""], {}, ["no placeholders", ""]),
+    # Values are text: never run, never formatted, never expanded again.
+    (["{domain}"], {"domain": "$(rm -rf /)"}, ["$(rm -rf /)"]),
+    (["{domain}"], {"domain": "{device_id}"}, ["{device_id}"]),
+    (["{domain}"], {"domain": "{0.__class__} `id` ; |"}, ["{0.__class__} `id` ; |"]),
+    (["x{domain}y"], {"domain": "a b\nc"}, ["xa b\ncy"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "values", "expected"), FILL_CASES)
+def test_fill_argv(argv: list[str], values: dict[str, str], expected: list[str]) -> None:
+    assert fill_argv(argv, values) == expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("{nope}", "unknown placeholder {nope}"),
+        ("--x={domain.__class__}", "unknown placeholder {domain.__class__}"),
+        ("{domain[0]}", "unknown placeholder {domain[0]}"),
+        ("{domain!r}", "unknown placeholder {domain!r}"),
+        ("{domain:>10}", "unknown placeholder {domain:>10}"),
+        ("{}", "unknown placeholder {}"),
+        ("{0}", "unknown placeholder {0}"),
+        ("{migration_id}", "no value for placeholder {migration_id}"),
+        ("{domain", "argument '{domain'"),
+        ("x}", "Single '}'"),
+    ],
+)
+def test_fill_argv_rejects(arg: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        fill_argv(["prog", arg], VALUES)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown"),
+    [
+        (["prog", "{domain}", "{device_id}", "{{x}}"], []),
+        (["prog", "{dom}", "{dom}", "{domain:x}", "{qom_path}"], ["dom", "domain:x"]),
+        (["{PROGRAM}"], ["PROGRAM"]),
+    ],
+)
+def test_check_placeholders(argv: list[str], unknown: list[str]) -> None:
+    assert check_placeholders(argv) == unknown
+
+
+def test_check_placeholders_unmatched_brace() -> None:
+    with pytest.raises(ValueError, match="write"):
+        check_placeholders(["prog", "{domain"])
+
+
+def test_hook_env() -> None:
+    env = hook_env({**VALUES, "not_a_placeholder": "x"})
+    assert env["ORCH_DOMAIN"] == "vm1"
+    assert env["ORCH_DEVICE_ID"] == "hostdev0"
+    assert env["ORCH_STATE"] == "pre-copy-p2p-prepare"
+    assert "ORCH_NOT_A_PLACEHOLDER" not in env
+    assert env["PATH"] == os.environ["PATH"]
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def test_success_argv_env_and_output(tmp_path: Path) -> None:
+    pwned = tmp_path / "pwned"
+    values = {**VALUES, "domain": f"$(touch {pwned})"}
+    hook = sh('printf "%s|%s|%s\\n" "$1" "$ORCH_DEVICE_ID" "$ORCH_DOMAIN"; echo err >&2', "{domain}")
+    result = HookRunner().run(hook, values, "hostdev0")
+    assert result.ok, result
+    assert result.output_tail == f"$(touch {pwned})|hostdev0|$(touch {pwned})\nerr\n"
+    assert not pwned.exists()
+    assert (result.exit_code, result.error, result.timed_out, result.attempt) == (0, None, False, 1)
+    assert result.argv[4] == f"$(touch {pwned})"
+    assert result.device_id == "hostdev0"
+    assert result.label == "sh"
+    assert result.trigger is Trigger.DRAIN
+    assert result.pid is not None
+    assert result.started <= result.ended
+    assert 0 < result.duration_ms < 5000
+
+
+@pytest.mark.parametrize(
+    ("script", "exit_code", "error"),
+    [
+        ("echo oops >&2; exit 3", 3, "exited with status 3"),
+        ("kill -9 $$", None, "killed by signal 9"),
+    ],
+)
+def test_failure(script: str, exit_code: int | None, error: str) -> None:
+    result = HookRunner().run(sh(script), VALUES)
+    assert not result.ok
+    assert (result.exit_code, result.error, result.timed_out) == (exit_code, error, False)
+    if exit_code:
+        assert result.output_tail == "oops\n"
+
+
+@pytest.mark.parametrize(
+    ("program", "error"),
+    [
+        ("/nonexistent/prog", "program not found: /nonexistent/prog"),
+        ("no-such-program-on-path-xyz", "program not found: no-such-program-on-path-xyz"),
+    ],
+)
+def test_missing_program_never_raises(program: str, error: str) -> None:
+    calls: list[HookResult] = []
+    running = HookRunner().start(Hook(Trigger.DRAIN, (program, "{domain}")), VALUES, "hostdev0", calls.append)
+    result = running.wait()
+    assert (result.error, result.exit_code, result.pid, result.ok) == (error, None, None, False)
+    assert calls == [result]
+    assert result.to_json()["error"] == error
+
+
+def test_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    result = HookRunner().run(Hook(Trigger.DRAIN, (str(script),)), VALUES)
+    assert result.error == f"program not executable: {script}"
+
+
+def test_bad_placeholder_is_a_failed_result() -> None:
+    result = HookRunner().run(Hook(Trigger.DRAIN, ("/bin/true", "{nope}")), VALUES)
+    assert result.error is not None
+    assert result.error.startswith("bad argv:")
+    assert "{nope}" in result.error
+    assert result.pid is None
+
+
+def test_output_tail_is_bounded() -> None:
+    result = HookRunner().run(
+        sh('i=0; while [ $i -lt 2000 ]; do echo "line $i"; i=$((i+1)); done; echo END'), VALUES
+    )
+    assert result.ok
+    assert len(result.output_tail) <= OUTPUT_TAIL_BYTES
+    assert result.output_tail.endswith("line 1999\nEND\n")
+
+
+def test_output_is_decoded_with_replacement() -> None:
+    result = HookRunner().run(sh("printf 'a\\377b'"), VALUES)
+    assert result.output_tail == "a\ufffdb"
+
+
+def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    child_pid = tmp_path / "child.pid"
+    hook = sh('sleep 30 & echo $! > "$1"; echo started; wait', str(child_pid), timeout_ms=300)
+    begin = time.monotonic()
+    result = HookRunner().run(hook, VALUES)
+    elapsed = time.monotonic() - begin
+    assert result.timed_out
+    assert result.error == "timed out after 300 ms"
+    assert result.exit_code is None
+    assert not result.ok
+    assert result.output_tail == "started\n"
+    assert 0.3 <= elapsed < 1.5
+    pid = int(child_pid.read_text())
+    assert wait_until(lambda: gone(pid)), f"child {pid} of the timed-out hook survived"
+
+
+def test_timeout_escalates_to_sigkill(tmp_path: Path) -> None:
+    child_pid = tmp_path / "child.pid"
+    # Both the shell and its child ignore SIGTERM (an ignored signal survives exec).
+    hook = sh('trap "" TERM; sleep 30 & echo $! > "$1"; wait', str(child_pid), timeout_ms=200)
+    result = HookRunner().run(hook, VALUES)
+    assert result.timed_out
+    assert result.duration_ms >= 200 + 200  # the deadline, then the grace before SIGKILL
+    pid = int(child_pid.read_text())
+    assert wait_until(lambda: gone(pid))
+
+
+@pytest.mark.parametrize(
+    "background",
+    ["sleep 2", "yes"],  # quiet, and writing as fast as it can
+)
+def test_exit_is_noticed_though_a_grandchild_holds_the_output(tmp_path: Path, background: str) -> None:
+    child_pid = tmp_path / "child.pid"
+    hook = sh(f'{background} & echo $! > "$1"; echo bye', str(child_pid), timeout_ms=5000)
+    try:
+        result = HookRunner().run(hook, VALUES)
+    finally:
+        os.kill(int(child_pid.read_text()), signal.SIGKILL)
+    assert result.ok, result
+    assert set(result.output_tail.splitlines()) <= {"bye", "y", ""}
+    assert result.duration_ms < 1000
+
+
+def test_start_returns_at_once_and_on_done_is_called_once(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    calls: list[HookResult] = []
+    called = threading.Event()
+
+    def on_done(result: HookResult) -> None:
+        calls.append(result)
+        called.set()
+
+    hook = sh('while [ ! -e "$1" ]; do sleep 0.01; done', str(release), timeout_ms=5000)
+    begin = time.monotonic()
+    running = HookRunner().start(hook, VALUES, "hostdev0", on_done)
+    assert time.monotonic() - begin < 0.1
+    assert not running.done.is_set()
+    pending = running.result
+    assert pending is None
+    assert running.pid is not None
+    release.touch()
+    result = running.wait()
+    assert running.done.is_set()
+    assert called.is_set()
+    assert calls == [result]
+    assert running.result is result
+    assert result.ok
+
+
+def test_parallel_hooks_overlap(tmp_path: Path) -> None:
+    # Each hook records when it started and ended; their intervals must overlap.
+    script = 'date +%s.%N > "$1"; sleep 0.3; date +%s.%N >> "$1"'
+    stamps = [tmp_path / "a", tmp_path / "b"]
+    hooks = [(sh(script, str(path)), VALUES, f"nic{n}") for n, path in enumerate(stamps)]
+    begin = time.monotonic()
+    results = HookRunner().run_parallel(hooks)
+    elapsed = time.monotonic() - begin
+    assert [r.ok for r in results] == [True, True]
+    assert [r.device_id for r in results] == ["nic0", "nic1"]
+    (a_start, a_end), (b_start, b_end) = ([float(t) for t in path.read_text().split()] for path in stamps)
+    assert a_start < b_end
+    assert b_start < a_end
+    assert elapsed < 0.55
+
+
+def test_retries_with_backoff(tmp_path: Path) -> None:
+    log = tmp_path / "attempts"
+    # Fails on its first two runs, succeeds on the third; logs when each run started.
+    script = 'date +%s.%N >> "$1"; [ "$(wc -l < "$1")" -ge 3 ]'
+    hook = sh(script, str(log), trigger=Trigger.BEFORE, retries=3, backoff_ms=100)
+    result = HookRunner().run(hook, VALUES)
+    assert result.ok
+    assert result.attempt == 3
+    starts = [float(line) for line in log.read_text().split()]
+    assert len(starts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.1  # backoff_ms
+    assert gaps[1] >= 0.2  # doubled
+
+
+def test_retries_exhausted_return_the_last_failure() -> None:
+    hook = sh("exit 4", trigger=Trigger.AFTER_FAILURE, retries=2, backoff_ms=10)
+    result = HookRunner().run(hook, VALUES)
+    assert (result.ok, result.attempt, result.error) == (False, 3, "exited with status 4")
+
+
+def test_drain_hooks_are_not_retried(tmp_path: Path) -> None:
+    log = tmp_path / "attempts"
+    hook = sh('echo x >> "$1"; exit 1', str(log), trigger=Trigger.DRAIN, retries=3, backoff_ms=10)
+    result = HookRunner().run(hook, VALUES)
+    assert (result.ok, result.attempt) == (False, 1)
+    assert log.read_text() == "x\n"
+
+
+def test_result_to_json() -> None:
+    record = HookRunner().run(sh("exit 0"), VALUES, "hostdev0").to_json()
+    assert set(record) == {
+        "label",
+        "trigger",
+        "device_id",
+        "argv",
+        "attempt",
+        "started",
+        "start_monotonic",
+        "pid",
+        "ended",
+        "duration_ms",
+        "exit_code",
+        "timed_out",
+        "error",
+        "output_tail",
+        "ok",
+    }
+    assert record["trigger"] == "drain"
+    assert record["ok"] is True
+
+
+# --- preflight ---------------------------------------------------------------------------------
+
+
+def test_preflight(tmp_path: Path) -> None:
+    not_executable = tmp_path / "plain"
+    not_executable.write_text("")
+    hooks = [
+        Hook(Trigger.DRAIN, ("/bin/sh", "-c", "true", "{domain}")),
+        Hook(Trigger.DRAIN, ("sh", "{device_id}")),
+        Hook(Trigger.DRAIN, (sys.executable, "-c", "pass")),
+        Hook(Trigger.DRAIN, ("/nonexistent/drain", "{domain}")),
+        Hook(Trigger.UNDRAIN, (str(not_executable),)),
+        Hook(Trigger.BEFORE, ("no-such-program-xyz",)),
+        Hook(Trigger.BEFORE, (), name="empty"),
+        Hook(Trigger.AFTER_SUCCESS, ("/bin/true", "{domian}", "{bad")),
+        Hook(Trigger.AFTER_FAILURE, ("/bin/true", "{domian}", "{qom}")),
+    ]
+    assert preflight(hooks) == [
+        "drain hook drain: program not found: /nonexistent/drain",
+        f"undrain hook plain: program not executable: {not_executable}",
+        "before hook no-such-program-xyz: program not found on PATH: no-such-program-xyz",
+        "before hook empty: empty argv",
+        "after-success hook true: argument '{bad': expected '}' before end of string"
+        " (write {{ or }} for a literal brace)",
+        "after-failure hook true: unknown placeholder {domian}",
+        "after-failure hook true: unknown placeholder {qom}",
+    ]
