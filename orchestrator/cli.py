@@ -5,6 +5,7 @@ Commands import what they need when they run, so that `--help` stays fast (Ansib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -185,6 +186,322 @@ def lab_demo(
     from orchestrator.lab import demo
 
     demo.run(name, lab_dir, out=sys.stdout)
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+ConnectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--connect", "-c", envvar="LIBVIRT_DEFAULT_URI", help="Source libvirt URI [default: qemu:///system]."
+    ),
+]
+JournalOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--journal",
+        envvar="ORCH_JOURNAL",
+        help="Journal file [default: /var/lib/orchestrator/journal.sqlite].",
+    ),
+]
+PolicyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--policy", "-p", help="Policy name (from /etc/orchestrator/policies, then the shipped ones) or path."
+    ),
+]
+
+
+def source_uri(uri: str | None) -> str:
+    """The source URI as virsh would pick it."""
+    return uri or "qemu:///system"
+
+
+@app.command("migrate")
+def migrate_cmd(
+    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    dest_uri: Annotated[str, typer.Argument(metavar="DESTURI", help="Destination libvirt URI.")],
+    connect: ConnectOpt = None,
+    policy: PolicyOpt = None,
+    p2p: Annotated[
+        bool | None,
+        typer.Option("--p2p/--direct", help="Peer-to-peer or client-driven [default: the policy's]."),
+    ] = None,
+    persistent: Annotated[
+        bool | None, typer.Option("--persistent/--no-persistent", help="Define the VM on the destination.")
+    ] = None,
+    undefinesource: Annotated[
+        bool | None,
+        typer.Option("--undefinesource/--keep-source", help="Undefine the VM on the source after success."),
+    ] = None,
+    migrateuri: Annotated[
+        str | None, typer.Option("--migrateuri", help="Migration data URI (tcp://HOST:PORT, unix:///PATH).")
+    ] = None,
+    listen_address: Annotated[
+        str | None, typer.Option("--listen-address", help="Address the destination listens on for the data.")
+    ] = None,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="Bandwidth limit in MiB/s.")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Abort the job when it runs longer than this many seconds."),
+    ] = None,
+    postcopy: Annotated[bool, typer.Option("--postcopy", help="Refused: VFIO forbids post-copy.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Pre-flight and print the plan; change nothing.")
+    ] = False,
+    journal: JournalOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Live-migrate DOMAIN to DESTURI, draining dependent workloads on the VFIO prepare event."""
+    import signal
+    from dataclasses import replace
+
+    from orchestrator import migration as mig
+    from orchestrator.policy import MigrationMode, resolve_policy
+
+    chosen = resolve_policy(policy)
+    overrides: dict[str, Any] = {}
+    if p2p is not None:
+        overrides["mode"] = MigrationMode.P2P if p2p else MigrationMode.DIRECT
+    if persistent is not None:
+        overrides["persist"] = persistent
+    if undefinesource is not None:
+        overrides["undefine_source"] = undefinesource
+    if migrateuri is not None:
+        overrides["data_uri"] = migrateuri
+    if bandwidth is not None:
+        if bandwidth < 0:
+            raise_bad("--bandwidth must be >= 0 MiB/s", "drop it or give a positive number")
+        overrides["bandwidth_mib"] = bandwidth
+    if timeout is not None:
+        if timeout <= 0:
+            raise_bad("--timeout must be > 0 seconds", "drop it or give a positive number")
+        overrides["completion_timeout_s"] = timeout
+    request = mig.Request(
+        domain=domain,
+        source_uri=source_uri(connect),
+        destination_uri=dest_uri,
+        policy=chosen,
+        settings=replace(chosen.migration, **overrides),
+        listen_address=listen_address,
+        postcopy=postcopy,
+        dry_run=dry_run,
+    )
+    if request.source_uri == request.destination_uri:
+        raise_bad(f"source and destination are the same URI ({dest_uri})", "give a different destination")
+    render = MigrationRenderer(enabled=not as_json and sys.stderr.isatty())
+    with (
+        open_journal(journal, dry_run) as jour,
+        mig.opened(request.source_uri, request.destination_uri) as (src, dst),
+    ):
+        migration = mig.Migration(request, src, dst, journal=jour, on_progress=render.progress)
+        previous = {
+            sig: signal.signal(sig, lambda signum, _frame: migration.interrupt(signal.Signals(signum).name))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            report = migration.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            render.close()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        show_report(report)
+    if report.exit_code:
+        raise SystemExit(int(report.exit_code))
+
+
+def raise_bad(message: str, hint: str) -> NoReturn:
+    """Raise the BadInput error for a CLI option."""
+    from orchestrator.errors import BadInput
+
+    raise BadInput(message, hint)
+
+
+class MigrationRenderer:
+    """A progress bar on stderr while a migration runs (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def progress(self, progress: Any) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        done = int(progress.fraction * width)
+        mib = progress.memory_processed / 2**20
+        total = progress.memory_total / 2**20
+        vfio = progress.vfio_transferred / 2**20
+        sys.stderr.write(
+            f"\r[{'#' * done}{'.' * (width - done)}] {progress.fraction * 100:5.1f}%  "
+            f"memory {mib:7.1f}/{total:.1f} MiB  vfio {vfio:6.1f} MiB  {progress.elapsed_ms / 1000:5.1f} s"
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def show_report(report: Any) -> None:
+    """The human rendering of a migration report: plan, timeline, hooks, outcome."""
+    doc = report.to_json()
+    if doc["plan"] and doc["outcome"] in ("planned", "unchanged"):
+        for line in doc["plan"]:
+            sys.stdout.write(f"  {line}\n")
+    if doc["timeline"]:
+        table(
+            ["+TIME", "HOST", "WHAT"],
+            [[f"{e['t']:.3f}s", e["host"], e["text"]] for e in doc["timeline"] if e["kind"] != "hook"],
+        )
+    if doc["hooks"]:
+        sys.stdout.write("\n")
+        table(
+            ["HOOK", "DEVICE", "START", "DURATION", "RESULT"],
+            [
+                [
+                    f"{h['trigger']} {h['label']}",
+                    h["device_id"] or "-",
+                    f"{h['started'] - report.started:.3f}s",
+                    f"{h['duration_ms']:.0f} ms",
+                    "ok" if h["ok"] else (h["error"] or "failed"),
+                ]
+                for h in doc["hooks"]
+            ],
+        )
+    timings = doc["timings"]
+    parts = [f"{doc['outcome']}"]
+    if timings["total_s"] is not None:
+        parts.append(f"total {timings['total_s']:.2f} s")
+    if timings["downtime_ms"] is not None:
+        parts.append(f"downtime {timings['downtime_ms']} ms")
+    if doc["error"]:
+        parts.append(doc["error"])
+    sys.stdout.write(f"\nmigration {doc['migration_id']}: " + ", ".join(parts) + "\n")
+    for note in doc["notes"]:
+        sys.stdout.write(f"note: {note}\n")
+
+
+@contextlib.contextmanager
+def open_journal(path: Path | None, dry_run: bool) -> Any:
+    """The journal (none for a dry run), closed (flushed) on the way out."""
+    if dry_run:
+        yield None
+        return
+    from orchestrator.journal import Journal, journal_path
+
+    jour = Journal.open(journal_path(path))
+    try:
+        yield jour
+    finally:
+        jour.close()
+
+
+# --- watch -----------------------------------------------------------------------------------
+
+
+@app.command("watch")
+def watch_cmd(
+    connect: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--connect",
+            "-c",
+            help="A host's libvirt URI; repeat for several [default: $LIBVIRT_DEFAULT_URI].",
+        ),
+    ] = None,
+    domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
+) -> None:
+    """Relay every VFIO_MIGRATION event from the given hosts as NDJSON on stdout, until Ctrl-C."""
+    from orchestrator import watch
+
+    uris = connect or [source_uri(os.environ.get("LIBVIRT_DEFAULT_URI"))]
+    watch.run(uris, domain, out=sys.stdout, log=info)
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+@app.command("history")
+def history_cmd(
+    migration_id: Annotated[
+        str | None, typer.Argument(help="A migration id (or unique prefix) to show.")
+    ] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", "-d", help="Only this domain's migrations.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="How many migrations to list.")] = 50,
+    journal: JournalOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recorded migrations, or show one's timeline."""
+    from orchestrator.journal import Journal, journal_path
+
+    jour = Journal.open(journal_path(journal))
+    try:
+        if migration_id is None:
+            rows = jour.list_migrations(limit=limit, domain=domain)
+            if as_json:
+                emit_json([row.to_json() for row in rows])
+                return
+            if not rows:
+                info("no migrations recorded")
+                return
+            table(
+                ["ID", "STARTED", "DOMAIN", "OUTCOME", "SECONDS", "DESTINATION"],
+                [
+                    [
+                        row.id,
+                        time_text(row.started),
+                        row.domain,
+                        row.outcome or "running",
+                        f"{row.ended - row.started:.2f}" if row.ended else "-",
+                        row.destination_uri,
+                    ]
+                    for row in rows
+                ],
+            )
+            return
+        record = jour.get_migration(migration_id)
+        if as_json:
+            emit_json(record.to_json())
+            return
+        show_record(record)
+    finally:
+        jour.close()
+
+
+def time_text(epoch: float) -> str:
+    """Local time, to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def show_record(record: Any) -> None:
+    """One journaled migration as tables."""
+    doc = record.to_json()
+    m = doc.get("migration", doc)
+    sys.stdout.write(
+        f"migration {m['id']}: {m['domain']} {m['source_uri']} -> {m['destination_uri']} "
+        f"policy {m['policy']}, {m['outcome']}" + (f": {m['error']}" if m.get("error") else "") + "\n\n"
+    )
+    start = m["started"]
+    rows = []
+    for e in doc.get("events", []):
+        when = e.get("qemu_time") or e.get("received")
+        what = f"{e['device_id']} -> {e['state']}" if e.get("kind") == "vfio" else e["name"]
+        rows.append((when, [f"{when - start:.3f}s", e.get("host") or "-", what]))
+    for h in doc.get("hooks", []):
+        status = "ok" if h.get("exit_code") == 0 and not h.get("error") else (h.get("error") or "failed")
+        device = h.get("device_id") or ""
+        label = f"{h['trigger']} {device} {h['label']} ({h.get('duration_ms') or 0:.0f} ms, {status})"
+        rows.append((h["started"], [f"{h['started'] - start:.3f}s", "hook", label]))
+    table(["+TIME", "HOST", "WHAT"], [row for _t, row in sorted(rows, key=lambda r: r[0])])
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -409,6 +409,15 @@ def job_stats(dom: VirDomain) -> dict[str, Any]:
     return dict(stats) if stats else {}
 
 
+def completed_job_stats(dom: VirDomain) -> dict[str, Any]:
+    """Statistics of the domain's last completed job (after a migration, on the destination)."""
+    try:
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        return {}
+    return dict(stats) if stats else {}
+
+
 def domain_state(dom: VirDomain) -> str:
     """The domain's state in virsh's words ("running", "paused", "shut off", ...)."""
     try:
