@@ -398,7 +398,11 @@ def open_journal(path: Path | None, dry_run: bool) -> Any:
     try:
         yield jour
     finally:
-        jour.close()
+        try:
+            jour.close()
+        except OrchestratorError as exc:
+            # The migration's own outcome still stands and is reported; the journal's gap is said once.
+            info(f"orchestrator: warning: {exc.line()}")
 
 
 # --- watch -----------------------------------------------------------------------------------
@@ -485,7 +489,7 @@ def time_text(epoch: float) -> str:
 def show_record(record: Any) -> None:
     """One journaled migration as tables."""
     doc = record.to_json()
-    m = doc.get("migration", doc)
+    m = doc
     sys.stdout.write(
         f"migration {m['id']}: {m['domain']} {m['source_uri']} -> {m['destination_uri']} "
         f"policy {m['policy']}, {m['outcome']}" + (f": {m['error']}" if m.get("error") else "") + "\n\n"
@@ -496,7 +500,7 @@ def show_record(record: Any) -> None:
         when = e.get("qemu_time") or e.get("received")
         what = f"{e['device_id']} -> {e['state']}" if e.get("kind") == "vfio" else e["name"]
         rows.append((when, [f"{when - start:.3f}s", e.get("host") or "-", what]))
-    for h in doc.get("hooks", []):
+    for h in doc.get("hook_runs", []):
         status = "ok" if h.get("exit_code") == 0 and not h.get("error") else (h.get("error") or "failed")
         device = h.get("device_id") or ""
         label = f"{h['trigger']} {device} {h['label']} ({h.get('duration_ms') or 0:.0f} ms, {status})"
@@ -530,11 +534,13 @@ def main(argv: list[str] | None = None) -> None:
         command.main(args=argv, prog_name="orchestrator", standalone_mode=False)
     except OrchestratorError as exc:
         fail(exc.line(), int(exc.code))
-    except (KeyboardInterrupt, click_exc.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         fail("interrupted", ExitCode.INTERRUPTED)
     except click_exc.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise SystemExit(ExitCode.OK) from None  # a bare group: Typer has shown its help
         hint = f"; see: {exc.ctx.command_path} --help" if exc.ctx else ""
-        fail(f"{exc.format_message()}{hint}", ExitCode.BAD_INPUT)
+        fail(f"{exc.format_message().rstrip('.')}{hint}", ExitCode.BAD_INPUT)
     except click_exc.ClickException as exc:
         fail(exc.format_message(), ExitCode.BAD_INPUT)
     except BrokenPipeError:

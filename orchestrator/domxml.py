@@ -67,7 +67,7 @@ _AFTER_ALIAS = frozenset({"master", "rom", "acpi", "address"})
 # libvirt formats <qemu:commandline> before these QEMU elements.
 _AFTER_COMMANDLINE = frozenset({f"{_Q}capabilities", f"{_Q}deprecation", f"{_Q}override"})
 # QEMU reads -global DRIVER.PROPERTY=VALUE first, and the driver=,property=,value= form otherwise.
-_GLOBAL_SHORT = re.compile(r"([^.=]{1,15})\.([^=]+)=(.*)", re.DOTALL)
+_GLOBAL_SHORT = re.compile(r"([^.=]{1,63})\.([^=]+)=(.*)", re.DOTALL)
 # One markup token; text between tokens holds no '<' in well-formed XML.
 _TOKEN = re.compile(
     r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>|<![^>]*>|</[^>]*>"

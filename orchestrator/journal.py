@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
 
@@ -120,11 +120,10 @@ CREATE TABLE IF NOT EXISTS hook_runs (
 CREATE UNIQUE INDEX IF NOT EXISTS hook_runs_by_migration ON hook_runs (migration_id, seq);
 """
 
-_MIGRATION_COLUMNS: Final = (
-    "id, kind, domain, source_uri, destination_uri, policy, started, ended, outcome, changed, error, "
-    "exit_code, summary, parent, pid, host"
+_INSERT_MIGRATION: Final = (
+    "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, outcome, "
+    "parent, pid, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_MIGRATION: Final = f"INSERT INTO migrations ({_MIGRATION_COLUMNS}) VALUES ({', '.join('?' * 16)})"
 _INSERT_EVENT: Final = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_HOOK_RUN: Final = "INSERT INTO hook_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH_MIGRATION: Final = (
@@ -347,8 +346,7 @@ class MigrationRecord:
         }
 
 
-@dataclass(frozen=True)
-class _Write:
+class _Write(NamedTuple):
     """One record for the writer: one statement, committed as one transaction."""
 
     what: str  # for the error report: "event 7 of migration 3f2a..."
@@ -378,9 +376,10 @@ def _process_alive(pid: int) -> bool:
 def _open_error(path: Path, exc: BaseException) -> OrchestratorError:
     """The one-line error for a journal that cannot be opened or created."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, PermissionError) or not os.access(
+    denied = isinstance(exc, sqlite3.Error) and not os.access(
         path if path.exists() else path.parent, os.R_OK | os.W_OK
-    ):
+    )
+    if isinstance(exc, PermissionError) or denied:
         return EnvironmentProblem(f"cannot open the journal {path}: {reason}", f"run as root or {_PATH_HINT}")
     return BadInput(f"cannot use {path} as the journal: {reason}", _PATH_HINT)
 
@@ -501,7 +500,7 @@ class Journal:
 
     def begin_migration(
         self,
-        id: str,  # noqa: A002 - the column's name
+        id: str,
         kind: MigrationKind | str,
         domain: str,
         source_uri: str,
@@ -524,12 +523,7 @@ class Journal:
                     destination_uri,
                     policy,
                     started,
-                    None,
                     Outcome.RUNNING.value,
-                    None,
-                    None,
-                    None,
-                    None,
                     parent,
                     self._pid,
                     self._host,
@@ -565,11 +559,11 @@ class Journal:
                     migration_id,
                     seq,
                     host,
-                    str(role),
-                    str(kind),
+                    role,  # StrEnum members bind as their text
+                    kind,
                     name,
                     device_id,
-                    None if state is None else str(state),
+                    state,
                     qemu_time,
                     received,
                     None if data is None else _json(data),
@@ -605,7 +599,7 @@ class Journal:
 
     def finish_migration(
         self,
-        id: str,  # noqa: A002 - the column's name
+        id: str,
         outcome: Outcome | str,
         changed: bool | None,
         error: str | None,
@@ -719,11 +713,13 @@ class Journal:
 
     def list_migrations(self, limit: int = 50, domain: str | None = None) -> list[MigrationRow]:
         """The latest `limit` migrations, of `domain` if given, newest first."""
-        where, params = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
-        rows = self._select(
-            f"SELECT {_MIGRATION_COLUMNS} FROM migrations {where} ORDER BY started DESC, id DESC LIMIT ?",
-            (*params, limit),
-        )
+        if domain is None:
+            rows = self._select("SELECT * FROM migrations ORDER BY started DESC, id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._select(
+                "SELECT * FROM migrations WHERE domain = ? ORDER BY started DESC, id DESC LIMIT ?",
+                (domain, limit),
+            )
         return [MigrationRow._from_row(row) for row in rows]
 
     def get_migration(self, id_or_prefix: str) -> MigrationRecord:
@@ -732,12 +728,11 @@ class Journal:
 
         Raises BadInput if no migration matches, or if a prefix matches more than one.
         """
-        rows = self._select(f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE id = ?", (id_or_prefix,))
+        rows = self._select("SELECT * FROM migrations WHERE id = ?", (id_or_prefix,))
         if not rows and id_or_prefix:
             rows = self._select(
-                f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE substr(id, 1, ?) = ? "
-                f"ORDER BY started DESC LIMIT {_CANDIDATES_SHOWN + 1}",
-                (len(id_or_prefix), id_or_prefix),
+                "SELECT * FROM migrations WHERE substr(id, 1, ?) = ? ORDER BY started DESC LIMIT ?",
+                (len(id_or_prefix), id_or_prefix, _CANDIDATES_SHOWN + 1),
             )
         if not rows:
             raise BadInput(
@@ -747,7 +742,7 @@ class Journal:
             shown = ", ".join(row["id"] for row in rows[:_CANDIDATES_SHOWN])
             more = ", ..." if len(rows) > _CANDIDATES_SHOWN else ""
             raise BadInput(
-                f"migration id {id_or_prefix} is ambiguous: it starts {shown}{more}",
+                f"migration id {id_or_prefix} is ambiguous: it begins {shown}{more}",
                 "give more of the id",
             )
         migration = MigrationRow._from_row(rows[0])

@@ -124,7 +124,7 @@ class SimConfig:
                 key, sep, value = option.partition("=")
                 if not sep or key not in ("precopy", "p2p", "migration-events"):
                     raise ConfigError(f"ORCH_SIM_DEVICES entry {entry!r}: unknown option {option!r}")
-                opts[key] = _flag(value, key)
+                opts[key] = _flag(value, f"ORCH_SIM_DEVICES entry {entry!r}: {key}")
             devices.append(
                 DeviceConfig(
                     device_id=device_id,

@@ -1,0 +1,316 @@
+"""`orchestrator migrate` on the lab: real libvirtd + QEMU, simulated VFIO devices, real hook processes.
+
+Orders are asserted from what the hooks themselves recorded (their first instruction's time) against
+QEMU's own event timestamps from the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.virt import abort_job, domain_state
+
+RECORD_HOOK = Path(__file__).resolve().parent.parent / "hooks" / "record-hook"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        return json.loads(self.out)
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Run:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+class Scenario:
+    """A guest, a policy whose hooks record into a log, and a journal, for one test."""
+
+    def __init__(self, lab: Any, tmp: Path, src: int = 0, dst: int = 1, **guest: Any) -> None:
+        self.lab, self.tmp, self.src, self.dst = lab, tmp, src, dst
+        self.name = lab.guest(src, **guest)
+        self.log = tmp / "hooks.ndjson"
+        self.journal = tmp / "journal.sqlite"
+        self.policy = tmp / "policy.toml"
+        self.write_policy()
+
+    def write_policy(
+        self,
+        drain: str = "",
+        undrain: str = "",
+        drain_timeout_ms: int = 2000,
+        on_failure: str = "abort",
+        extra: str = "",
+    ) -> None:
+        def argv(trigger: str, opts: str) -> str:
+            items = [str(RECORD_HOOK), str(self.log), trigger, "{domain}", "{device_id}", "{state}"]
+            items += opts.split() if opts else []
+            return json.dumps(items)
+
+        sock = self.lab.root / "migrations" / f"{self.name}.sock"
+        self.policy.write_text(
+            f"""
+[migration]
+data_uri = "unix://{sock}"
+{extra}
+[[hooks.drain]]
+argv = {argv("drain", drain)}
+timeout_ms = {drain_timeout_ms}
+on_failure = "{on_failure}"
+[[hooks.undrain]]
+argv = {argv("undrain", undrain)}
+timeout_ms = 5000
+on_failure = "continue"
+"""
+        )
+
+    def migrate(self, *extra: str, env: dict[str, str] | None = None) -> Run:
+        return cli(
+            "migrate",
+            self.name,
+            self.lab.hosts[self.dst].uri,
+            "-c",
+            self.lab.hosts[self.src].uri,
+            "--policy",
+            str(self.policy),
+            "--journal",
+            str(self.journal),
+            "--json",
+            *extra,
+            env=env,
+        )
+
+    def hooks(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def calls(self, trigger: str) -> list[dict[str, Any]]:
+        return [h for h in self.hooks() if h["args"][0] == trigger]
+
+    def history(self, migration_id: str) -> dict[str, Any]:
+        run = cli("history", migration_id, "--journal", str(self.journal), "--json")
+        assert run.code == 0, run.err
+        return run.doc
+
+    def event_time(self, record: dict[str, Any], role: str, device: str, state: str) -> float:
+        times = [
+            e["qemu_time"]
+            for e in record["events"]
+            if e["kind"] == "vfio" and e["role"] == role and e["device_id"] == device and e["state"] == state
+        ]
+        assert len(times) == 1, (role, device, state, record["events"])
+        return float(times[0])
+
+    def running_on(self, index: int) -> bool:
+        dom = self.lab.conn(index).find_domain(self.name)
+        return dom is not None and domain_state(dom) == "running"
+
+    def remove(self) -> None:
+        self.lab.remove(self.name)
+
+
+def assert_paired(sc: Scenario, devices: list[str]) -> None:
+    """Every drained device was undrained exactly once, after its drain."""
+    for device in devices:
+        drains = [h for h in sc.calls("drain") if h["args"][2] == device]
+        undrains = [h for h in sc.calls("undrain") if h["args"][2] == device]
+        assert len(drains) == 1 and len(undrains) == 1, (device, sc.hooks())
+        assert drains[0]["t"] < undrains[0]["t"]
+
+
+def test_success_drains_on_prepare_and_undrains_on_destination_running(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path)
+    run = sc.migrate()
+    assert run.code == 0, run.err
+    doc = run.doc
+    assert doc["outcome"] == "succeeded" and doc["changed"] is True
+    assert doc["devices"]["nic0"]["late"] is False
+    assert doc["timings"]["downtime_ms"] is not None
+    record = sc.history(doc["migration_id"])
+    prepare = sc.event_time(record, "source", "nic0", "pre-copy-p2p-prepare")
+    p2p = sc.event_time(record, "source", "nic0", "pre-copy-p2p")
+    dest_running = sc.event_time(record, "destination", "nic0", "running")
+    (drain,) = sc.calls("drain")
+    (undrain,) = sc.calls("undrain")
+    assert prepare < drain["t"] < p2p, "the drain hook must start inside the P2P transition"
+    assert undrain["t"] > dest_running
+    assert drain["args"] == ["drain", sc.name, "nic0", "pre-copy-p2p-prepare"]
+    assert (
+        drain["env"]["ORCH_DEVICE_ID"] == "nic0" and drain["env"]["ORCH_MIGRATION_ID"] == doc["migration_id"]
+    )
+    assert sc.running_on(1) and lab_env.conn(0).find_domain(sc.name) is None
+    # The destination keeps the events property on, live and persistent.
+    dom = lab_env.conn(1).domain(sc.name)
+    assert "vfio-pci.migration-events=on" in lab_env.conn(1).xml(dom)
+    assert "vfio-pci.migration-events=on" in lab_env.conn(1).xml(dom, inactive=True)
+    assert [m["id"] for m in cli("history", "--journal", str(sc.journal), "--json").doc] == [
+        doc["migration_id"]
+    ]
+    # Ansible idempotence: again, and the VM is already there.
+    again = sc.migrate()
+    assert again.code == 0, again.err
+    assert again.doc["outcome"] == "unchanged" and again.doc["changed"] is False
+    sc.remove()
+
+
+def test_qemu_10_fallback_drains_late_on_pre_copy_p2p(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path, behaviour="10.0")
+    run = sc.migrate()
+    assert run.code == 0, run.err
+    assert run.doc["devices"]["nic0"]["late"] is True
+    record = sc.history(run.doc["migration_id"])
+    p2p = sc.event_time(record, "source", "nic0", "pre-copy-p2p")
+    (drain,) = sc.calls("drain")
+    assert drain["t"] > p2p and drain["args"][3] == "pre-copy-p2p"
+    assert_paired(sc, ["nic0"])
+    sc.remove()
+
+
+def test_injected_transition_failure_rolls_back_and_undrains_on_source(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path, fail_transition="running")
+    run = sc.migrate()
+    assert run.code == 4, run.err
+    assert run.doc["outcome"] == "rolled-back"
+    record = sc.history(run.doc["migration_id"])
+    back = sc.event_time(record, "source", "nic0", "running")
+    (undrain,) = sc.calls("undrain")
+    assert undrain["t"] > back
+    assert_paired(sc, ["nic0"])
+    assert sc.running_on(0) and lab_env.conn(1).find_domain(sc.name) is None
+    assert record["outcome"] == "rolled-back"
+    sc.remove()
+
+
+def test_cancelled_migration_undrains_on_source(lab_env: Any, tmp_path: Path, recorder: Any) -> None:
+    sc = Scenario(lab_env, tmp_path, transition_ms=1500)
+    rec = recorder(sc.name)
+    result: list[Run] = []
+    thread = threading.Thread(target=lambda: result.append(sc.migrate()))
+    thread.start()
+    rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "pre-copy-p2p-prepare") for e in evs))
+    assert abort_job(lab_env.conn(0).domain(sc.name))
+    thread.join(120)
+    (run,) = result
+    assert run.code == 4, run.err
+    assert_paired(sc, ["nic0"])
+    assert sc.running_on(0)
+    sc.remove()
+
+
+def test_killed_destination_undrains_on_source(lab_env: Any, tmp_path: Path, recorder: Any) -> None:
+    sc = Scenario(lab_env, tmp_path, transition_ms=1000)
+    rec = recorder(sc.name)
+    result: list[Run] = []
+    thread = threading.Thread(target=lambda: result.append(sc.migrate()))
+    thread.start()
+    rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "pre-copy-p2p-prepare") for e in evs))
+    pidfile = lab_env.hosts[1].dir / "run" / "qemu" / f"{sc.name}.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    thread.join(120)
+    (run,) = result
+    assert run.code == 4, run.err
+    assert_paired(sc, ["nic0"])
+    assert sc.running_on(0)
+    sc.remove()
+
+
+def test_drain_hook_timeout_with_abort_rolls_back(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path)
+    sc.write_policy(drain="--sleep-ms=5000", drain_timeout_ms=100)
+    run = sc.migrate()
+    assert run.code == 5, run.err
+    doc = run.doc
+    assert doc["outcome"] == "aborted"
+    assert "timed out" in doc["error"]
+    drain_results = [h for h in doc["hooks"] if h["trigger"] == "drain"]
+    assert drain_results and drain_results[0]["timed_out"] is True
+    assert_paired(sc, ["nic0"])
+    assert sc.running_on(0)
+    sc.remove()
+
+
+def test_sigterm_mid_migration_aborts_undrains_and_exits_130(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path)
+    sc.write_policy(drain="--kill-parent=TERM")
+    run = sc.migrate()
+    assert run.code == 130, run.err
+    assert run.doc["outcome"] == "interrupted"
+    assert_paired(sc, ["nic0"])
+    assert sc.running_on(0)
+    rows = cli("history", "--journal", str(sc.journal), "--json").doc
+    assert rows[0]["outcome"] == "interrupted"
+    sc.remove()
+
+
+def test_two_devices_hooks_run_in_parallel(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path, devices=2, transition_ms=200)
+    sc.write_policy(undrain="--sleep-ms=400")
+    run = sc.migrate()
+    assert run.code == 0, run.err
+    assert_paired(sc, ["nic0", "nic1"])
+    undrains = sorted(h["t"] for h in sc.calls("undrain"))
+    assert undrains[1] - undrains[0] < 0.35, "both devices' undrains run at once, not one after the other"
+    sc.remove()
+
+
+def test_bad_input_is_one_line_with_its_exit_code(lab_env: Any, tmp_path: Path) -> None:
+    a, b = lab_env.hosts[0].uri, lab_env.hosts[1].uri
+    journal = str(tmp_path / "j.sqlite")
+    cases = [
+        (["migrate", "no-such-vm", b, "-c", a], 2, "no domain 'no-such-vm'"),
+        (["migrate", "x", a, "-c", a], 2, "same"),
+        (["migrate", "x", "qemu+unix:///system?socket=/nonexistent", "-c", a], 3, "cannot connect"),
+        (["migrate", "x", b, "-c", a, "--policy", "no-such-policy"], 2, "no-such-policy"),
+        (["migrate", "x", b, "-c", a, "--postcopy"], 2, "post-copy"),
+    ]
+    bad_policy = tmp_path / "bad.toml"
+    bad_policy.write_text('[[hooks.drain]]\nargv = ["/no/such/hook"]\ntimeout_ms = "fast"\n')
+    cases.append((["migrate", "x", b, "-c", a, "--policy", str(bad_policy)], 2, "timeout_ms"))
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[[hooks.drain]]\nargv = ["/no/such/hook", "{device_id}"]\n')
+    name = lab_env.guest(0)
+    cases.append((["migrate", name, b, "-c", a, "--policy", str(missing)], 2, "/no/such/hook"))
+    for args, code, text in cases:
+        run = cli(*args, "--journal", journal)
+        assert run.code == code, (args, run.err)
+        lines = run.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("orchestrator: error:"), run.err
+        assert text in lines[0], (text, lines[0])
+        assert "Traceback" not in run.err
+    assert domain_state(lab_env.conn(0).domain(name)) == "running", "bad input never stops the VM"
+    lab_env.remove(name)
+
+
+def test_dry_run_changes_nothing(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path)
+    run = sc.migrate("--dry-run")
+    assert run.code == 0, run.err
+    doc = run.doc
+    assert doc["outcome"] == "planned" and doc["changed"] is False
+    assert any("drain" in line or "pre-copy-p2p-prepare" in line for line in doc["plan"])
+    assert sc.hooks() == [] and sc.running_on(0)
+    assert not sc.journal.exists() or cli("history", "--journal", str(sc.journal), "--json").doc == []
+    sc.remove()
