@@ -28,6 +28,10 @@ lab_app = typer.Typer(
     help="A lab of libvirt hosts on this machine, with simulated VFIO devices.", no_args_is_help=True
 )
 app.add_typer(lab_app, name="lab")
+events_app = typer.Typer(
+    help="Turn QEMU's VFIO migration events on or off in a domain's definition.", no_args_is_help=True
+)
+app.add_typer(events_app, name="events")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of tables.")]
 LabDirOpt = Annotated[
@@ -403,6 +407,101 @@ def open_journal(path: Path | None, dry_run: bool) -> Any:
         except OrchestratorError as exc:
             # The migration's own outcome still stands and is reported; the journal's gap is said once.
             info(f"orchestrator: warning: {exc.line()}")
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def yes_no(value: bool | None) -> str:
+    """A table cell for a tri-state."""
+    return "-" if value is None else ("yes" if value else "no")
+
+
+@events_app.command("status")
+def events_status_cmd(
+    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One row per VFIO device: events on in the definition and in the running VM, and what QEMU knows."""
+    from orchestrator import events
+    from orchestrator.virt import Host
+
+    with Host.open(source_uri(connect)) as host:
+        report = events.status(host, domain)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    sys.stdout.write(
+        f"{report.domain} ({report.state}) on {report.uri}\n"
+        f"libvirt {report.libvirt_version}, QEMU {report.qemu_version}; modes: {', '.join(report.modes)}\n"
+        f"running QEMU knows VFIO_MIGRATION: {yes_no(report.qemu_knows_event)}, "
+        f"pre-copy-p2p-prepare: {yes_no(report.qemu_knows_prepare)}\n"
+        f"-global vfio-pci.migration-events=on: defined {yes_no(report.global_defined)}, "
+        f"running {yes_no(report.global_running)}\n\n"
+    )
+    if not report.devices:
+        info(f"{report.domain} has no VFIO device")
+        raise SystemExit(ExitCode.NOTHING_TO_DO)
+    table(
+        ["ALIAS", "KIND", "HOST ADDRESS", "EVENTS DEFINED", "EVENTS RUNNING"],
+        [
+            [d.alias or "-", d.kind, d.host_address or "-", yes_no(d.defined_on), yes_no(d.running_on)]
+            for d in report.devices
+        ],
+    )
+
+
+def _events_change(
+    domain: str, connect: str | None, *, enable: bool, mode: str | None, dry_run: bool, as_json: bool
+) -> None:
+    from orchestrator import events
+    from orchestrator.virt import Host
+
+    with Host.open(source_uri(connect)) as host:
+        report = events.change(host, domain, enable=enable, mode=mode, dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    if dry_run and report.diff:
+        sys.stdout.write(report.diff)
+    info(report.message)
+
+
+@events_app.command("enable")
+def events_enable_cmd(
+    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="override: a <qemu:override> per device (libvirt >= 8.2, the default there); "
+            "global: -global vfio-pci.migration-events=on (also reaches command-line devices).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")
+    ] = False,
+    connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make every VFIO device of DOMAIN emit migration events (from its next cold boot)."""
+    if mode is not None and mode not in ("override", "global"):
+        raise_bad(f"--mode must be override or global, not {mode!r}", "pick one")
+    _events_change(domain, connect, enable=True, mode=mode, dry_run=dry_run, as_json=as_json)
+
+
+@events_app.command("disable")
+def events_disable_cmd(
+    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")
+    ] = False,
+    connect: ConnectOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove exactly what `events enable` added to DOMAIN's definition."""
+    _events_change(domain, connect, enable=False, mode=None, dry_run=dry_run, as_json=as_json)
 
 
 # --- watch -----------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS events (
     migration_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     host TEXT NOT NULL,
-    role TEXT NOT NULL,
+    role TEXT,
     kind TEXT NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in EventKind)})),
     name TEXT NOT NULL,
     device_id TEXT,
@@ -228,7 +228,7 @@ class EventRow:
 
     seq: int
     host: str
-    role: str
+    role: str | None  # 'source' or 'destination'; None for a note about the whole migration
     kind: EventKind
     name: str  # the QEMU event's name, or the note's text
     device_id: str | None
@@ -376,6 +376,8 @@ def _process_alive(pid: int) -> bool:
 def _open_error(path: Path, exc: BaseException) -> OrchestratorError:
     """The one-line error for a journal that cannot be opened or created."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None and Path(exc.filename) != path:
+        reason = f"{exc.filename}: {reason}"  # the directory it is in, say, could not be created
     denied = isinstance(exc, sqlite3.Error) and not os.access(
         path if path.exists() else path.parent, os.R_OK | os.W_OK
     )
@@ -535,7 +537,7 @@ class Journal:
         self,
         migration_id: str,
         host: str,
-        role: str,
+        role: str | None,
         kind: EventKind | str,
         name: str,
         device_id: str | None,

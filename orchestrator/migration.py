@@ -398,7 +398,7 @@ class Migration:
             event.state.value,
             event.qemu_time,
             event.received,
-            None,
+            {"qom_path": event.qom_path, "late": decision.late} if decision else {"qom_path": event.qom_path},
         )
         self._entry(event.qemu_time, event.host, "event", f"{event.device_id} -> {event.state.value}")
         with self._changed:

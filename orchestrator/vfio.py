@@ -369,3 +369,23 @@ class MigrationTracker:
         """
         with self._lock:
             return self._devices[device_id].mark_undrained()
+
+
+def schema_support(schema: object) -> tuple[bool, bool]:
+    """From QEMU's `query-qmp-schema`: (knows the VFIO_MIGRATION event, knows pre-copy-p2p-prepare).
+
+    The schema names types by opaque ids, so follow the event's argument object to its
+    `device-state` member's enum.
+    """
+    if not isinstance(schema, list):
+        return False, False
+    by_name = {entry.get("name"): entry for entry in schema if isinstance(entry, dict)}
+    event = by_name.get("VFIO_MIGRATION")
+    if event is None or event.get("meta-type") != "event":
+        return False, False
+    arg_type = by_name.get(event.get("arg-type"), {})
+    members = arg_type.get("members", []) if isinstance(arg_type, dict) else []
+    state_type = next((m.get("type") for m in members if m.get("name") == "device-state"), None)
+    enum = by_name.get(state_type, {})
+    values = enum.get("values", []) if isinstance(enum, dict) else []
+    return True, DeviceState.PRE_COPY_P2P_PREPARE.value in values

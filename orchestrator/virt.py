@@ -228,6 +228,10 @@ class Host:
                     raise  # vanished between listing and asking is fine; anything else is not
         return sorted(result, key=lambda d: d.name)
 
+    def is_persistent(self, dom: VirDomain) -> bool:
+        """Whether the domain has a persistent definition."""
+        return bool(dom.isPersistent())
+
     def define(self, xml: str) -> VirDomain:
         """Define (persist) a domain from XML, translating libvirt's refusal."""
         try:
@@ -262,9 +266,14 @@ class Host:
                 raise translate(exc, f"removing domain {name!r}") from None
         return True
 
-    def xml(self, dom: VirDomain, *, inactive: bool = False, migratable: bool = False) -> str:
-        """A domain's XML: live by default, or the persistent definition, optionally migratable."""
-        flags = 0
+    def xml(
+        self, dom: VirDomain, *, inactive: bool = False, migratable: bool = False, secure: bool = False
+    ) -> str:
+        """A domain's XML: live by default, or the persistent definition, optionally migratable.
+
+        `secure` includes secrets (e.g. graphics passwords): needed when the XML is defined back.
+        """
+        flags = libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
         if migratable:

@@ -10,7 +10,7 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from orchestrator.errors import BadInput, EnvironmentProblem
-from orchestrator.lab.hosts import LabHost, lab_root
+from orchestrator.lab.hosts import LabHost, lab_root, status
 from orchestrator.virt import Host
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -117,12 +117,13 @@ def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Pa
     """Define (and start) a lab guest on `host`; returns its XML. Refuses a name in use on any lab host."""
     spec.validate()
     xml = guest_xml(spec, simulator_path(), lab_root(root) / "fabric")
-    with Host.open(host.uri, keepalive=False) as conn:
-        if conn.find_domain(spec.name) is not None:
+    for other in status(lab_root(root)):  # a name is unique across the lab, so migrations never collide
+        if any(guest.name == spec.name for guest in other.guests):
             raise BadInput(
-                f"a guest named {spec.name!r} already exists on {host.name}",
-                f"pick another name or remove it: virsh -c '{host.uri}' undefine {spec.name}",
+                f"a guest named {spec.name!r} already exists on {other.name}",
+                f"pick another name or remove it: virsh -c '{other.uri}' undefine {spec.name}",
             )
+    with Host.open(host.uri, keepalive=False) as conn:
         dom = conn.define(xml)
         if start:
             try:

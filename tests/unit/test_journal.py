@@ -1,0 +1,449 @@
+"""Tests of the journal on real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
+from orchestrator.hooks import HookResult, Trigger
+from orchestrator.journal import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    SCHEMA_VERSION,
+    EventKind,
+    Journal,
+    MigrationKind,
+    Outcome,
+    journal_path,
+)
+from orchestrator.vfio import Role
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "journal.sqlite"
+
+
+@pytest.fixture
+def journal(path: Path) -> Iterator[Journal]:
+    with Journal.open(path) as opened:
+        yield opened
+
+
+def begin(journal: Journal, migration_id: str, domain: str = "vm1", started: float = T0) -> None:
+    journal.begin_migration(
+        migration_id,
+        MigrationKind.MIGRATE,
+        domain,
+        "qemu:///system",
+        "qemu+ssh://dst/system",
+        "rdma-drain",
+        started,
+    )
+
+
+def vfio_event(journal: Journal, migration_id: str, state: str, at: float) -> None:
+    journal.record_event(
+        migration_id,
+        "src",
+        Role.SOURCE,
+        EventKind.VFIO,
+        "VFIO_MIGRATION",
+        "hostdev0",
+        state,
+        at,
+        at + 0.001,
+        {"device-id": "hostdev0", "qom-path": "/machine/peripheral/hostdev0", "device-state": state},
+    )
+
+
+def hook_result(trigger: Trigger, exit_code: int | None, started: float) -> dict[str, object]:
+    result = HookResult("drain-rdma", trigger, "hostdev0", ["/usr/bin/drain", "vm1"], 1, started, 0.0, 4242)
+    result.ended = started + 0.25
+    result.duration_ms = 250.0
+    result.exit_code = exit_code
+    result.error = None if exit_code == 0 else f"exited with status {exit_code}"
+    result.output_tail = "drained 3 QPs\n"
+    return result.to_json()
+
+
+# --- the path -------------------------------------------------------------------------------------
+
+
+def test_journal_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert journal_path(None) == DEFAULT_PATH
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env.sqlite"))
+    assert journal_path(None) == tmp_path / "env.sqlite"
+    assert journal_path(tmp_path / "explicit.sqlite") == tmp_path / "explicit.sqlite"
+
+
+def test_open_creates_the_directory_and_the_versioned_schema(path: Path, journal: Journal) -> None:
+    assert path.parent.stat().st_mode & 0o777 == 0o750 & ~_umask()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"migrations", "events", "hook_runs", "migrations_by_started"} <= names
+    assert {"events_by_migration", "hook_runs_by_migration"} <= names
+    conn.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_newer_schema_is_refused(path: Path) -> None:
+    Journal.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
+        Journal.open(path)
+
+
+def _not_a_database(tmp_path: Path) -> Path:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not SQLite, and long enough for SQLite to read a header from it\n" * 4)
+    return bad
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("")
+    return tmp_path / "afile" / "journal.sqlite"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda tmp: tmp, _under_a_file, _not_a_database],
+    ids=["a directory", "under a file", "not a database"],
+)
+def test_an_unusable_path_is_one_line_naming_it(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+    bad = make(tmp_path)
+    with pytest.raises(BadInput) as caught:
+        Journal.open(bad)
+    line = caught.value.line()
+    assert str(bad) in line
+    assert "--journal PATH" in line
+    assert "\n" not in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_directory_is_an_environment_problem(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(EnvironmentProblem) as caught:
+        Journal.open(locked / "sub" / "journal.sqlite")
+    assert "--journal PATH" in caught.value.line()
+
+
+# --- writing and reading back ---------------------------------------------------------------------
+
+
+def test_a_full_migration_round_trips(journal: Journal) -> None:
+    begin(journal, "m-1")
+    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
+    journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 1.01))
+    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1.2)
+    journal.record_event(
+        "m-1", "orchestrator", None, "note", "undrain after failure", None, None, None, T0 + 2
+    )
+    journal.record_hook("m-1", hook_result(Trigger.UNDRAIN, 3, T0 + 2.5))
+    journal.finish_migration("m-1", Outcome.ROLLED_BACK, False, "hook failed", 4, T0 + 3, {"downtime_ms": 12})
+    journal.flush()
+
+    record = journal.get_migration("m-1")
+    row = record.migration
+    assert (row.kind, row.domain, row.policy, row.outcome) == ("migrate", "vm1", "rdma-drain", "rolled-back")
+    assert (row.changed, row.error, row.exit_code, row.summary) == (
+        False,
+        "hook failed",
+        4,
+        {"downtime_ms": 12},
+    )
+    assert (row.started, row.ended, row.duration_s, row.parent) == (T0, T0 + 3, 3.0, None)
+    assert (row.pid, row.host) == (os.getpid(), os.uname().nodename)
+    assert [e.seq for e in record.events] == [1, 3, 4]
+    assert [h.seq for h in record.hook_runs] == [2, 5]
+    first = record.events[0]
+    assert (first.kind, first.name, first.device_id, first.state) == (
+        "vfio",
+        "VFIO_MIGRATION",
+        "hostdev0",
+        "pre-copy-p2p-prepare",
+    )
+    assert (first.role, first.qemu_time, first.data["device-state"]) == (
+        "source",
+        T0 + 1,
+        "pre-copy-p2p-prepare",
+    )
+    assert (record.events[2].kind, record.events[2].role, record.events[2].data) == ("note", None, None)
+    drain, undrain = record.hook_runs
+    assert (drain.trigger, drain.label, drain.argv, drain.ok) == (
+        "drain",
+        "drain-rdma",
+        ("/usr/bin/drain", "vm1"),
+        True,
+    )
+    assert (drain.ended, drain.duration_ms, drain.output_tail) == (T0 + 1.26, 250.0, "drained 3 QPs\n")
+    assert (undrain.exit_code, undrain.timed_out, undrain.error, undrain.ok) == (
+        3,
+        False,
+        "exited with status 3",
+        False,
+    )
+    as_json = json.loads(json.dumps(record.to_json()))
+    assert as_json["outcome"] == "rolled-back"
+    assert [e["seq"] for e in as_json["events"]] == [1, 3, 4]
+    assert as_json["hook_runs"][1]["ok"] is False
+
+
+def test_a_running_migration_reads_as_running(journal: Journal) -> None:
+    journal.begin_migration("e-1", "evacuate-item", "vm2", "a", "b", "default", T0, parent="evac-7")
+    journal.flush()
+    row = journal.get_migration("e-1").migration
+    assert (row.outcome, row.ended, row.duration_s, row.parent, row.kind) == (
+        "running",
+        None,
+        None,
+        "evac-7",
+        MigrationKind.EVACUATE_ITEM,
+    )
+
+
+def test_list_is_newest_first_and_filters_by_domain(journal: Journal) -> None:
+    for index, domain in enumerate(["vm1", "vm2", "vm1", "vm3"]):
+        begin(journal, f"m-{index}", domain, started=T0 + index)
+    journal.flush()
+    assert [m.id for m in journal.list_migrations()] == ["m-3", "m-2", "m-1", "m-0"]
+    assert [m.id for m in journal.list_migrations(limit=2)] == ["m-3", "m-2"]
+    assert [m.id for m in journal.list_migrations(domain="vm1")] == ["m-2", "m-0"]
+    assert journal.list_migrations(domain="nope") == []
+
+
+def test_concurrent_recorders_get_true_sequence_numbers(journal: Journal) -> None:
+    begin(journal, "m-1")
+    per_thread = 500
+    start = threading.Barrier(2)
+
+    def record(name: str) -> None:
+        start.wait()
+        for index in range(per_thread):
+            journal.record_event("m-1", name, "source", "qemu", f"{name}-{index}", None, None, None, T0, None)
+
+    threads = [threading.Thread(target=record, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    journal.flush()
+
+    events = journal.get_migration("m-1").events
+    assert [e.seq for e in events] == list(range(1, 2 * per_thread + 1))
+    for name in ("a", "b"):
+        # each thread's events appear in the order it recorded them
+        assert [e.name for e in events if e.host == name] == [f"{name}-{i}" for i in range(per_thread)]
+
+
+def test_a_reader_sees_committed_records_while_the_writer_is_open(path: Path, journal: Journal) -> None:
+    begin(journal, "m-1")
+    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
+    journal.flush()
+    with Journal.open(path) as other:  # as `orchestrator history` in another process would
+        # ... and its stale check leaves a migration of a live process alone
+        record = other.get_migration("m-1")
+        assert record.migration.outcome == "running"
+        assert [e.state for e in record.events] == ["pre-copy-p2p-prepare"]
+        vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 2)
+        journal.flush()
+        assert len(other.get_migration("m-1").events) == 2
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+    raw.close()
+
+
+# --- ids ------------------------------------------------------------------------------------------
+
+
+def test_lookup_by_unique_prefix(journal: Journal) -> None:
+    for migration_id in ("3f2a9c", "3f2b00", "7c1d44"):
+        begin(journal, migration_id)
+    journal.flush()
+    assert journal.get_migration("7").migration.id == "7c1d44"
+    assert journal.get_migration("3f2a").migration.id == "3f2a9c"
+    assert journal.get_migration("3f2b00").migration.id == "3f2b00"
+
+
+def test_an_exact_id_wins_over_longer_ids_it_prefixes(journal: Journal) -> None:
+    begin(journal, "ab")
+    begin(journal, "abc")
+    journal.flush()
+    assert journal.get_migration("ab").migration.id == "ab"
+
+
+def test_an_unknown_id_says_how_to_list(path: Path, journal: Journal) -> None:
+    with pytest.raises(BadInput) as caught:
+        journal.get_migration("nope")
+    assert caught.value.line() == f"no migration nope in {path}; list them with: orchestrator history"
+    with pytest.raises(BadInput):
+        journal.get_migration("")
+
+
+def test_an_ambiguous_prefix_lists_the_candidates(journal: Journal) -> None:
+    for migration_id in ("3f2a9c", "3f2b00", "7c1d44"):
+        begin(journal, migration_id)
+    journal.flush()
+    with pytest.raises(BadInput) as caught:
+        journal.get_migration("3f")
+    line = caught.value.line()
+    assert "3f2a9c" in line
+    assert "3f2b00" in line
+    assert "7c1d44" not in line
+    assert "\n" not in line
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+def test_a_failed_write_is_reported_once_by_flush_and_later_writes_still_land(journal: Journal) -> None:
+    begin(journal, "m-1")
+    begin(journal, "m-1")  # duplicate id: the writer's insert fails, the caller does not
+    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
+    with pytest.raises(OrchestratorError, match="did not record the start of migration m-1"):
+        journal.flush()
+    journal.flush()  # reported once
+    assert len(journal.get_migration("m-1").events) == 1
+
+
+def test_a_failed_write_is_reported_by_close(path: Path) -> None:
+    journal = Journal.open(path)
+    begin(journal, "m-1")
+    begin(journal, "m-1")
+    with pytest.raises(OrchestratorError, match="UNIQUE constraint failed"):
+        journal.close()
+    journal.close()  # idempotent, nothing left to report
+
+
+def test_bad_values_are_refused_at_the_call(journal: Journal) -> None:
+    with pytest.raises(ValueError, match="event kind"):
+        journal.record_event("m-1", "h", "source", "bogus", "x", None, None, None, T0, None)
+    with pytest.raises(ValueError):
+        journal.finish_migration("m-1", "exploded", None, None, None, T0, {})
+    with pytest.raises(ValueError):
+        journal.finish_migration("m-1", Outcome.RUNNING, None, None, None, T0, {})
+    with pytest.raises(ValueError):
+        journal.begin_migration("m-1", "teleport", "vm1", "a", "b", "p", T0)
+
+
+def test_writing_to_a_closed_journal_is_an_error(path: Path) -> None:
+    journal = Journal.open(path)
+    journal.close()
+    with pytest.raises(OrchestratorError, match="is closed"):
+        begin(journal, "m-1")
+
+
+CRASHING_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from orchestrator.journal import Journal
+    journal = Journal.open(Path(sys.argv[1]))
+    journal.begin_migration("m-crash", "migrate", "vm1", "a", "b", "default", 1.0)
+    for index in range(5):
+        journal.record_event("m-crash", "src", "source", "vfio", "VFIO_MIGRATION", "hostdev0",
+                             f"state-{index}", 2.0, 2.0 + index, {"i": index})
+    journal.flush()
+    for index in range(5, 200):  # in flight at the crash: some may land, none half
+        journal.record_event("m-crash", "src", "source", "vfio", "VFIO_MIGRATION", "hostdev0",
+                             f"state-{index}", 2.0, 2.0 + index, {"i": index})
+    os._exit(1)
+    """
+)
+
+
+def test_a_crashed_process_leaves_its_records_and_is_marked_interrupted(path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", CRASHING_CHILD, str(path)], check=False, capture_output=True, text=True
+    )
+    assert child.returncode == 1, child.stderr
+
+    before = time.time()
+    with Journal.open(path) as journal:
+        record = journal.get_migration("m-crash")
+    row = record.migration
+    assert (row.outcome, row.error) == ("interrupted", "orchestrator process died")
+    assert row.ended is not None
+    assert row.ended >= before
+    assert row.pid != os.getpid()
+    seqs = [e.seq for e in record.events]
+    assert seqs[:5] == [1, 2, 3, 4, 5]
+    assert seqs == list(range(1, len(seqs) + 1))  # a true prefix: nothing missing in between
+    assert all(e.data == {"i": e.seq - 1} for e in record.events)
+
+
+def test_mark_stale_leaves_other_hosts_and_live_processes_alone(path: Path, journal: Journal) -> None:
+    begin(journal, "mine-live")
+    for migration_id in ("other-host", "mine-dead"):
+        begin(journal, migration_id)
+    journal.flush()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE migrations SET pid = ? WHERE id IN ('other-host', 'mine-dead')", (int(dead.stdout),))
+    raw.execute("UPDATE migrations SET host = 'elsewhere' WHERE id = 'other-host'")
+    raw.commit()
+    raw.close()
+
+    assert journal.mark_stale(T0 + 10) == ["mine-dead"]
+    outcomes = {m.id: (m.outcome, m.ended) for m in journal.list_migrations()}
+    assert outcomes == {
+        "mine-live": ("running", None),
+        "other-host": ("running", None),
+        "mine-dead": ("interrupted", T0 + 10),
+    }
+    assert journal.mark_stale(T0 + 20) == []
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+
+def test_recording_an_event_does_not_wait_for_the_disk(journal: Journal) -> None:
+    begin(journal, "m-1")
+    costs = []
+    for index in range(2000):
+        start = time.perf_counter()
+        vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + index)
+        costs.append(time.perf_counter() - start)
+    journal.flush()
+    costs.sort()
+    # a commit is tens of microseconds or more; a queue put is a few
+    assert costs[len(costs) // 2] < 50e-6
+
+
+def test_a_whole_migration_commits_in_well_under_50_ms(journal: Journal) -> None:
+    start = time.perf_counter()
+    begin(journal, "m-1")
+    for index in range(20):
+        vfio_event(journal, "m-1", "pre-copy-p2p", T0 + index)
+    for index in range(4):
+        journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + index))
+    journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 30, {"events": 20})
+    journal.flush()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"

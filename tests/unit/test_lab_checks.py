@@ -1,0 +1,107 @@
+"""Whether this machine can host the lab: root and the programs it starts. os.geteuid and
+shutil.which are replaced, since this machine is root and has them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode
+from orchestrator.lab import hosts
+
+NOT_ROOT = "the lab must run as root (it starts libvirtd in mount namespaces); use sudo"
+
+
+@pytest.fixture
+def bind_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The system directories check_machine creates, moved under tmp_path."""
+    system = tmp_path / "system"
+    monkeypatch.setattr(hosts, "_BIND_DIRS", tuple((n, str(system / n)) for n, _ in hosts._BIND_DIRS))
+    return system
+
+
+def test_not_root(monkeypatch: pytest.MonkeyPatch, bind_dirs: Path) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 1000)
+    with pytest.raises(EnvironmentProblem) as caught:
+        hosts.check_machine()
+    assert caught.value.code == ExitCode.ENVIRONMENT
+    assert (
+        caught.value.line() == "the lab must run as root (it starts libvirtd in mount namespaces); use sudo"
+    )
+    assert not bind_dirs.exists(), "nothing touched"
+
+
+@pytest.mark.parametrize(
+    ("absent", "listed"),
+    [
+        ({"virtlogd"}, "virtlogd"),
+        ({"qemu-system-x86_64", "unshare"}, "qemu-system-x86_64, unshare"),
+        (set(hosts._REQUIRED_PROGRAMS), ", ".join(hosts._REQUIRED_PROGRAMS)),
+    ],
+)
+def test_missing_programs(
+    monkeypatch: pytest.MonkeyPatch, bind_dirs: Path, absent: set[str], listed: str
+) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 0)
+    monkeypatch.setattr(
+        "orchestrator.lab.hosts.shutil.which", lambda p: None if p in absent else f"/usr/bin/{p}"
+    )
+    with pytest.raises(EnvironmentProblem) as caught:
+        hosts.check_machine()
+    assert caught.value.code == ExitCode.ENVIRONMENT
+    assert (
+        caught.value.line() == f"missing programs for the lab: {listed}; run deploy/setup.sh to install them"
+    )
+    assert not bind_dirs.exists()
+
+
+def test_a_fit_machine_gets_the_mount_points(monkeypatch: pytest.MonkeyPatch, bind_dirs: Path) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 0)
+    monkeypatch.setattr("orchestrator.lab.hosts.shutil.which", lambda p: f"/usr/bin/{p}")
+    hosts.check_machine()
+    assert sorted(p.name for p in bind_dirs.iterdir()) == sorted(n for n, _ in hosts._BIND_DIRS)
+
+
+@pytest.mark.parametrize("count", [0, -1, hosts.MAX_HOSTS + 1])
+def test_up_refuses_a_bad_count_before_anything_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, count: int
+) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 1000)  # the count is checked first
+    with pytest.raises(BadInput, match=f"between 1 and {hosts.MAX_HOSTS}, not {count}"):
+        hosts.up(count, tmp_path / "lab")
+    assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize("command", [["up", "--hosts", "1"], ["down"]])
+def test_cli_not_root_is_one_line_and_exit_7(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    bind_dirs: Path,
+    command: list[str],
+) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as caught:
+        main(["lab", *command, "--lab-dir", str(tmp_path / "lab")])
+    assert caught.value.code == ExitCode.ENVIRONMENT
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"orchestrator: error: {NOT_ROOT}\n"
+    assert not (tmp_path / "lab").exists()
+
+
+def test_cli_missing_programs_is_one_line_and_exit_7(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, bind_dirs: Path
+) -> None:
+    monkeypatch.setattr("orchestrator.lab.hosts.os.geteuid", lambda: 0)
+    monkeypatch.setattr(
+        "orchestrator.lab.hosts.shutil.which", lambda p: None if p == "libvirtd" else f"/usr/bin/{p}"
+    )
+    with pytest.raises(SystemExit) as caught:
+        main(["lab", "up", "--hosts", "2", "--lab-dir", str(tmp_path / "lab")])
+    assert caught.value.code == ExitCode.ENVIRONMENT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("orchestrator: error: missing programs for the lab: libvirtd;")
