@@ -71,7 +71,8 @@ stamp="$venv/.orchestrator-installed"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
     log "installing the orchestrator and its test tools into $venv"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
-    "$venv/bin/pip" install -q -e "$repo[dev]"
+    # compat mode: a plain path entry, not an import-hook finder that costs every Python start ~12 ms
+    "$venv/bin/pip" install -q --config-settings editable_mode=compat -e "$repo[dev]"
     touch "$stamp"
 fi
 log "ready: $venv/bin/orchestrator ($("$venv/bin/python" -c 'import libvirt; print("libvirt-python", libvirt.getVersion())'))"

@@ -180,6 +180,31 @@ def lab_guest(
         info(f"{name} {'running' if start else 'defined'} on {target.name} with devices: {devices_text}")
 
 
+@lab_app.command("peer")
+def lab_peer(
+    domain: Annotated[str, typer.Argument(help="The guest whose device the peer talks to.")],
+    device: Annotated[str, typer.Option("--device", help="Device id.")] = "nic0",
+    interval_ms: Annotated[float, typer.Option("--interval-ms", help="Request every this many ms.")] = 5.0,
+    timeout_ms: Annotated[float, typer.Option("--timeout-ms", help="The peers' RDMA timeout.")] = 30.0,
+    duration: Annotated[
+        float | None, typer.Option("--duration", help="Stop after this many seconds.")
+    ] = None,
+    lab_dir: LabDirOpt = None,
+) -> None:
+    """Stand in for a device's RDMA peers: probe it, count timeouts while armed; JSON report at the end.
+
+    The rdma-drain policy's hooks (orchestrator-rdma-hook) disarm and re-arm it.
+    """
+    from orchestrator.lab import peer
+
+    if interval_ms <= 0 or timeout_ms <= 0:
+        raise_bad("--interval-ms and --timeout-ms must be > 0", "give positive numbers")
+    if lab_dir is not None:
+        os.environ["ORCH_LAB_DIR"] = str(lab_dir)
+    stats = peer.serve(domain, device, interval_ms, timeout_ms, duration)
+    emit_json(stats.to_json())
+
+
 @lab_app.command("demo")
 def lab_demo(
     lab_dir: LabDirOpt = None,

@@ -18,6 +18,7 @@ import shutil
 import signal
 import string
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -149,12 +150,21 @@ def fill_argv(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return filled
 
 
+def hook_path() -> str:
+    """PATH for hooks: ours, then the directory of the orchestrator's own programs (so the shipped
+    `orchestrator-rdma-hook` is found when the orchestrator runs from a virtualenv not on PATH)."""
+    own = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", os.defpath)
+    return path if own in path.split(os.pathsep) else f"{path}{os.pathsep}{own}"
+
+
 def hook_env(values: Mapping[str, str]) -> dict[str, str]:
-    """The hook's environment: ours, plus ORCH_<NAME> for every placeholder value given.
+    """The hook's environment: ours (PATH as `hook_path`), plus ORCH_<NAME> for every placeholder value.
 
     Keys of `values` that are not placeholders are not exported.
     """
     env = dict(os.environ)
+    env["PATH"] = hook_path()
     for name, value in values.items():
         if name in _KNOWN:
             env[f"ORCH_{name.upper()}"] = value
@@ -424,7 +434,7 @@ def preflight(hooks: Iterable[Hook]) -> list[str]:
             if not (Path(program).is_file() and os.access(program, os.X_OK)):
                 missing = not Path(program).exists()
                 problems.append(f"{where}: program {'not found' if missing else 'not executable'}: {program}")
-        elif shutil.which(program) is None:
+        elif shutil.which(program, path=hook_path()) is None:
             problems.append(f"{where}: program not found on PATH: {program}")
         try:
             unknown = check_placeholders(hook.argv)

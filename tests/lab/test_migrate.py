@@ -238,8 +238,9 @@ def test_killed_destination_undrains_on_source(lab_env: Any, tmp_path: Path, rec
 
 
 def test_drain_hook_timeout_with_abort_rolls_back(lab_env: Any, tmp_path: Path) -> None:
-    sc = Scenario(lab_env, tmp_path)
-    sc.write_policy(drain="--sleep-ms=5000", drain_timeout_ms=100)
+    # The deadline (500 ms) falls inside the 3 s transition, and leaves the hook time to record itself.
+    sc = Scenario(lab_env, tmp_path, transition_ms=3000)
+    sc.write_policy(drain="--sleep-ms=10000", drain_timeout_ms=500)
     run = sc.migrate()
     assert run.code == 5, run.err
     doc = run.doc
@@ -314,3 +315,57 @@ def test_dry_run_changes_nothing(lab_env: Any, tmp_path: Path) -> None:
     assert sc.hooks() == [] and sc.running_on(0)
     assert not sc.journal.exists() or cli("history", "--journal", str(sc.journal), "--json").doc == []
     sc.remove()
+
+
+def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_path: Path) -> None:
+    from orchestrator.lab import hosts as lab
+
+    extra = lab.up(1, tmp_path / "extra-lab")[0]  # a host this test may kill
+    name = lab_env.guest(0)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "watch",
+            "-c",
+            lab_env.hosts[0].uri,
+            "-c",
+            lab_env.hosts[1].uri,
+            "-c",
+            extra.uri,
+            "--domain",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        assert "watching 3 host(s)" in proc.stderr.readline()
+        daemon = extra.pid("libvirtd")
+        assert daemon is not None
+        os.kill(daemon, signal.SIGKILL)
+        assert "went away" in proc.stderr.readline(), "the lost host is reported"
+        lab_env.migrate(name, 0, 1)
+        lines = []
+        while not lines or lines[-1]["state"] != "running":
+            lines.append(json.loads(proc.stdout.readline()))
+        assert {tuple(sorted(line)) for line in lines} == {
+            ("device_id", "domain", "host", "qemu_time", "qom_path", "received", "state")
+        }
+        source = [line["state"] for line in lines if line["host"] == lab_env.hosts[0].uri]
+        dest = [line["state"] for line in lines if line["host"] == lab_env.hosts[1].uri]
+        assert source[:2] == ["pre-copy", "pre-copy-p2p-prepare"]
+        assert dest == ["resuming", "running-p2p", "running"]
+        assert all(
+            line["domain"] == name and line["qom_path"] == "/machine/peripheral/nic0" for line in lines
+        )
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, "Ctrl-C ends the watch cleanly"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lab.down(tmp_path / "extra-lab")
+        lab_env.remove(name)

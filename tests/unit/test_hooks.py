@@ -128,7 +128,11 @@ def test_hook_env() -> None:
     assert env["ORCH_DEVICE_ID"] == "hostdev0"
     assert env["ORCH_STATE"] == "pre-copy-p2p-prepare"
     assert "ORCH_NOT_A_PLACEHOLDER" not in env
-    assert env["PATH"] == os.environ["PATH"]
+    # The caller's PATH first (it wins), then the orchestrator's own bin directory.
+    assert env["PATH"].split(os.pathsep)[: len(os.environ["PATH"].split(os.pathsep))] == os.environ[
+        "PATH"
+    ].split(os.pathsep)
+    assert str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
 
 
 # --- running -----------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The product's promise, on the lab: RDMA peers of a device see no timeout when the orchestrator
+drains them on pre-copy-p2p-prepare, and do see them without hooks or with QEMU 10's late signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lab.test_migrate import cli
+
+
+def migrate_with_peer(
+    lab: Any, tmp_path: Path, policy: str, **guest: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    name = lab.guest(0, transition_ms=300, **guest)
+    env = {**os.environ, "ORCH_LAB_DIR": str(lab.root)}
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "lab", "peer", name, "--lab-dir", str(lab.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert peer.stderr is not None and "ready" in peer.stderr.readline()
+        sock = lab.root / "migrations" / f"{name}.sock"
+        run = cli(
+            "migrate",
+            name,
+            lab.hosts[1].uri,
+            "-c",
+            lab.hosts[0].uri,
+            "--policy",
+            policy,
+            "--migrateuri",
+            f"unix://{sock}",
+            "--journal",
+            str(tmp_path / "j.sqlite"),
+            "--json",
+            env={"ORCH_LAB_DIR": str(lab.root)},
+        )
+        assert run.code == 0, run.err
+        peer.send_signal(signal.SIGINT)
+        out, _ = peer.communicate(timeout=30)
+        return run.doc, json.loads(out)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+        lab.remove(name)
+
+
+def test_drain_on_prepare_means_zero_peer_timeouts(lab_env: Any, tmp_path: Path) -> None:
+    doc, peer = migrate_with_peer(lab_env, tmp_path, "rdma-drain")
+    assert [h["label"] for h in doc["hooks"]] == ["rdma-drain", "rdma-undrain"]
+    assert all(h["ok"] for h in doc["hooks"])
+    assert peer["outages"], "the device did go quiet during its P2P transition"
+    assert peer["timeouts"] == 0, json.dumps(peer)
+    assert len(peer["disarms"]) == 1 and len(peer["arms"]) == 1
+    assert peer["margins_ms"][0] > 0, "disarmed before the device went quiet"
+
+
+@pytest.mark.parametrize(("policy", "behaviour"), [("default", "11.0"), ("rdma-drain", "10.0")])
+def test_without_the_prepare_drain_peers_time_out(
+    lab_env: Any, tmp_path: Path, policy: str, behaviour: str
+) -> None:
+    _doc, peer = migrate_with_peer(lab_env, tmp_path, policy, behaviour=behaviour)
+    assert peer["timeouts"] >= 1, peer
