@@ -434,6 +434,123 @@ def open_journal(path: Path | None, dry_run: bool) -> Any:
             info(f"orchestrator: warning: {exc.line()}")
 
 
+# --- evacuate --------------------------------------------------------------------------------
+
+
+@app.command("evacuate")
+def evacuate_cmd(
+    to: Annotated[list[str], typer.Option("--to", help="A destination URI; repeat for several.")],
+    connect: ConnectOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Migrations at once.")] = 2,
+    per_destination: Annotated[
+        int, typer.Option("--per-destination", help="Incoming migrations at once per destination.")
+    ] = 2,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only VMs matching this glob.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Not the VMs matching this glob.")
+    ] = None,
+    policy: PolicyOpt = None,
+    inactive: Annotated[
+        bool, typer.Option("--inactive", help="Also move persistent shut-off VMs (by definition only).")
+    ] = False,
+    reserve: Annotated[int, typer.Option("--reserve", help="MiB to keep free on every destination.")] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Move what fits even if some VMs fit nowhere.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; move nothing.")] = False,
+    journal: JournalOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
+    import signal
+
+    from orchestrator.evacuation import Evacuation, EvacuationRequest
+    from orchestrator.policy import resolve_policy
+
+    request = EvacuationRequest(
+        source_uri=source_uri(connect),
+        destination_uris=tuple(to),
+        policy=resolve_policy(policy),
+        concurrency=concurrency,
+        per_destination=per_destination,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        inactive=inactive,
+        force=force,
+        reserve_mib=reserve,
+        dry_run=dry_run,
+    )
+    request.validate()
+    live = not as_json and sys.stderr.isatty()
+
+    def status(counts: dict[str, int], progress: dict[str, float]) -> None:
+        if live:
+            running = " ".join(f"{name} {fraction * 100:.0f}%" for name, fraction in sorted(progress.items()))
+            sys.stderr.write(
+                f"\rdone {counts['done']}  running {counts['running']}  queued {counts['queued']}  "
+                f"failed {counts['failed']}  {running}\033[K"
+            )
+            sys.stderr.flush()
+
+    with open_journal(journal, dry_run) as jour:
+        evacuation = Evacuation(request, journal=jour, on_status=status)
+        previous = {
+            sig: signal.signal(sig, lambda _s, _f: evacuation.stop())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            report = evacuation.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if live:
+                sys.stderr.write("\n")
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        show_evacuation(report)
+    if report.exit_code:
+        raise SystemExit(int(report.exit_code))
+
+
+def show_evacuation(report: Any) -> None:
+    """The plan and the outcome per VM, as tables."""
+    doc = report.to_json()
+    if doc["plan"]:
+        table(
+            ["ORDER", "VM", "MIB", "DESTINATION", "WHY"],
+            [
+                [str(p["order"]), p["domain"], str(p["memory_mib"]), p["destination"], p["reason"]]
+                for p in doc["plan"]
+            ],
+        )
+    for u in doc["unplaced"]:
+        sys.stdout.write(f"does not fit: {u['domain']} ({u['memory_mib']} MiB): {u['reason']}\n")
+    for u in doc["unreachable"]:
+        sys.stdout.write(f"unreachable: {u['uri']}: {u['error']}\n")
+    if doc["results"]:
+        sys.stdout.write("\n")
+        table(
+            ["VM", "DESTINATION", "OUTCOME", "SECONDS", "TRIES", "ERROR"],
+            [
+                [
+                    r["domain"],
+                    r["destination"],
+                    r["outcome"],
+                    f"{r['seconds']:.1f}",
+                    str(r["attempts"]),
+                    r["error"] or "",
+                ]
+                for r in sorted(doc["results"], key=lambda r: r["domain"])
+            ],
+        )
+    state = "empty" if doc["empty"] else f"not empty: {', '.join(doc['left'])}"
+    sys.stdout.write(f"\nevacuation {doc['evacuation_id']}: {doc['source']} is {state}")
+    sys.stdout.write(f" ({doc['message']})\n" if doc["message"] else "\n")
+
+
 # --- events ----------------------------------------------------------------------------------
 
 

@@ -596,7 +596,10 @@ class Migration:
             peer2peer=settings.mode is MigrationMode.P2P,
             persist=settings.persist,
             undefine_source=settings.undefine_source,
-            data_uri=settings.data_uri,
+            # `{domain}` lets one policy give each of several concurrent migrations its own socket.
+            data_uri=settings.data_uri.replace("{domain}", self.request.domain)
+            if settings.data_uri
+            else None,
             listen_address=self.request.listen_address,
             bandwidth_mib=settings.bandwidth_mib or None,
             max_downtime_ms=settings.max_downtime_ms,

@@ -182,6 +182,13 @@ class Host:
         """(libvirt daemon version, hypervisor version) as libvirt's integers (major*1e6+minor*1e3+micro)."""
         return int(self.conn.getLibVersion()), int(self.conn.getVersion())
 
+    def node_memory_mib(self) -> int:
+        """The host's memory in MiB (virNodeGetInfo)."""
+        try:
+            return int(self.conn.getInfo()[1])
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"reading the node information of {self.uri}") from None
+
     # --- domains ----------------------------------------------------------------------------
     def domain(self, name: str) -> VirDomain:
         """Look a domain up by name (or UUID), or raise BadInput naming it and the host."""
@@ -231,6 +238,13 @@ class Host:
     def is_persistent(self, dom: VirDomain) -> bool:
         """Whether the domain has a persistent definition."""
         return bool(dom.isPersistent())
+
+    def undefine(self, dom: VirDomain) -> None:
+        """Remove a (shut off) domain's persistent definition."""
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"undefining {dom.name()!r} on {self.uri}") from None
 
     def define(self, xml: str) -> VirDomain:
         """Define (persist) a domain from XML, translating libvirt's refusal."""

@@ -1,0 +1,459 @@
+"""Empty a host: place every VM on a destination, then migrate them a few at a time.
+
+Placement is a pure function (`place`): biggest VM first, each to the destination with the most
+free memory that fits it, which spreads the load. The runner starts at most `concurrency`
+migrations at once and at most `per_destination` into one host (VDSM's incoming limit), each
+through the very same `Migration` path as `orchestrator migrate` (policy, drain/undrain, journal).
+A transient failure is retried with backoff, but only once the failed attempt has undrained
+everything it drained. Re-running after an interruption moves only what is still there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import tenacity
+
+from orchestrator import domxml
+from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.migration import JournalLike, Migration, Outcome, Report, Request
+from orchestrator.policy import Policy
+from orchestrator.virt import DomainInfo, Host
+
+# libvirt errors worth another try: the destination or a connection was busy, not the VM broken.
+TRANSIENT = re.compile(
+    r"connection reset|end of file while reading|timed out during operation|cannot acquire state change lock"
+    r"|resource temporarily unavailable|destination.*busy|too many|unable to connect",
+    re.IGNORECASE,
+)
+RETRIES = 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A VM to move."""
+
+    name: str
+    memory_mib: int
+    running: bool = True  # False: a persistent inactive VM, moved by definition only
+
+
+@dataclass(frozen=True)
+class Target:
+    """A destination and its free memory."""
+
+    uri: str
+    free_mib: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One VM's destination, and why."""
+
+    domain: str
+    destination: str
+    memory_mib: int
+    order: int
+    reason: str
+    running: bool = True
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """A VM that fits nowhere, and why."""
+
+    domain: str
+    memory_mib: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The placement of every selected VM."""
+
+    placements: tuple[Placement, ...]
+    unplaced: tuple[Unplaced, ...]
+
+
+def select(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """The names matching any include glob (all if none) and no exclude glob."""
+    chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
+    return [n for n in chosen if not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
+
+
+def place(candidates: Sequence[Candidate], targets: Sequence[Target], reserve_mib: int = 0) -> Plan:
+    """Biggest first, each to the target with the most free memory that still fits it."""
+    free = {t.uri: t.free_mib - reserve_mib for t in targets}
+    placements: list[Placement] = []
+    unplaced: list[Unplaced] = []
+    ordered = sorted(candidates, key=lambda c: (not c.running, -c.memory_mib, c.name))
+    for candidate in ordered:
+        # A definition-only move needs no memory now; it still goes where the most is free.
+        need = candidate.memory_mib if candidate.running else 0
+        fitting = [uri for uri in free if free[uri] >= need]
+        if not fitting:
+            best = max(free.values(), default=0)
+            where = "no destination is reachable" if not free else f"the most free is {best} MiB"
+            unplaced.append(Unplaced(candidate.name, candidate.memory_mib, f"needs {need} MiB; {where}"))
+            continue
+        uri = max(fitting, key=lambda u: (free[u], -list(free).index(u)))
+        reason = f"most free memory that fits: {free[uri]} MiB free, needs {need} MiB"
+        free[uri] -= need
+        placements.append(
+            Placement(
+                candidate.name, uri, candidate.memory_mib, len(placements) + 1, reason, candidate.running
+            )
+        )
+    return Plan(tuple(placements), tuple(unplaced))
+
+
+def is_transient(report: Report) -> bool:
+    """Whether a failed attempt may be retried: a transient libvirt error, and nothing left drained."""
+    return (
+        report.outcome is Outcome.ROLLED_BACK
+        and not report.undrain_failed
+        and bool(report.error and TRANSIENT.search(report.error))
+    )
+
+
+@dataclass
+class Result:
+    """How one VM's move went."""
+
+    domain: str
+    destination: str
+    outcome: str
+    changed: bool
+    migration_id: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class EvacuationReport:
+    """What `orchestrator evacuate` prints with --json."""
+
+    evacuation_id: str
+    source: str
+    destinations: list[str]
+    dry_run: bool
+    plan: list[Placement] = field(default_factory=list)
+    unplaced: list[Unplaced] = field(default_factory=list)
+    unreachable: list[dict[str, str]] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    message: str = ""
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything moved."""
+        return any(r.changed for r in self.results)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no selected VM is left on the source."""
+        return not self.left
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """0 when the source is empty; 130 when interrupted; 8 otherwise."""
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        if self.dry_run:
+            return ExitCode.OK if not self.unplaced else ExitCode.PARTIAL
+        return ExitCode.OK if self.empty else ExitCode.PARTIAL
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON document."""
+        return {
+            "evacuation_id": self.evacuation_id,
+            "source": self.source,
+            "destinations": self.destinations,
+            "changed": self.changed,
+            "dry_run": self.dry_run,
+            "empty": self.empty,
+            "plan": [asdict(p) for p in self.plan],
+            "unplaced": [asdict(u) for u in self.unplaced],
+            "unreachable": self.unreachable,
+            "results": [asdict(r) for r in self.results],
+            "left": self.left,
+            "interrupted": self.interrupted,
+            "message": self.message,
+            "exit_code": int(self.exit_code),
+        }
+
+
+@dataclass(frozen=True)
+class EvacuationRequest:
+    """What the user asked for."""
+
+    source_uri: str
+    destination_uris: tuple[str, ...]
+    policy: Policy
+    concurrency: int = 2
+    per_destination: int = 2
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    inactive: bool = False
+    force: bool = False
+    reserve_mib: int = 0
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        """One clear line for each bad option."""
+        if not self.destination_uris:
+            raise BadInput("no destination given", "add --to URI (repeat it for several destinations)")
+        if self.source_uri in self.destination_uris:
+            raise BadInput(f"destination {self.source_uri} is the source itself", "drop it from --to")
+        if len(set(self.destination_uris)) != len(self.destination_uris):
+            raise BadInput("a destination is given twice", "give each --to once")
+        if self.concurrency < 1:
+            raise BadInput(
+                f"--concurrency must be at least 1, not {self.concurrency}", "use 1 for one at a time"
+            )
+        if self.per_destination < 1:
+            raise BadInput(
+                f"--per-destination must be at least 1, not {self.per_destination}", "use 1 or more"
+            )
+        if self.reserve_mib < 0:
+            raise BadInput(f"--reserve must be >= 0 MiB, not {self.reserve_mib}", "drop it or use 0")
+
+
+StatusCallback = Callable[[dict[str, int], dict[str, float]], None]
+
+
+class Evacuation:
+    """One evacuation of one source host."""
+
+    def __init__(
+        self,
+        request: EvacuationRequest,
+        *,
+        journal: JournalLike | None = None,
+        on_status: StatusCallback | None = None,
+    ) -> None:
+        self.request = request
+        self.journal = journal
+        self.on_status = on_status
+        self.id = uuid.uuid4().hex[:12]
+        self.report = EvacuationReport(
+            self.id, request.source_uri, list(request.destination_uris), request.dry_run
+        )
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._running: dict[str, Migration] = {}
+        self._progress: dict[str, float] = {}
+
+    # --- control (signal handlers call these) ---------------------------------------------------
+    def stop(self) -> None:
+        """First Ctrl-C/SIGTERM: start nothing new; a second one aborts the running migrations."""
+        with self._lock:
+            if self._stopping:
+                running = list(self._running.values())
+            else:
+                self._stopping, running = True, []
+            self._lock.notify_all()
+        for migration in running:
+            migration.interrupt("second interrupt")
+
+    # --- the flow -----------------------------------------------------------------------------
+    def run(self) -> EvacuationReport:
+        """Plan, then move; always returns the report (bad input and no source raise)."""
+        self.request.validate()
+        source = Host.open(self.request.source_uri)
+        destinations: dict[str, Host] = {}
+        try:
+            source_uuid = source.host_uuid()
+            for uri in self.request.destination_uris:
+                try:
+                    host = Host.open(uri)
+                except ConnectError as exc:
+                    self.report.unreachable.append({"uri": uri, "error": exc.message})
+                    continue
+                if host.host_uuid() == source_uuid:
+                    host.close()
+                    raise BadInput(f"destination {uri} is the source host itself", "drop it from --to")
+                destinations[uri] = host
+            if not destinations:
+                raise ConnectError(
+                    "no destination is reachable: "
+                    + "; ".join(f"{u['uri']}: {u['error']}" for u in self.report.unreachable),
+                    "check the destination URIs and their libvirt daemons",
+                )
+            candidates = self._candidates(source)
+            targets = [Target(uri, self._free_mib(host)) for uri, host in destinations.items()]
+            plan = place(candidates, targets, self.request.reserve_mib)
+            self.report.plan, self.report.unplaced = list(plan.placements), list(plan.unplaced)
+            if not candidates:
+                self.report.message = f"nothing to move: {self.request.source_uri} has no selected VM"
+            elif plan.unplaced and not self.request.force:
+                self.report.left = [c.name for c in candidates]
+                self.report.message = (
+                    f"{len(plan.unplaced)} VM(s) fit on no destination; nothing moved "
+                    "(--force moves the others)"
+                )
+            elif not self.request.dry_run:
+                self._execute(source, destinations, plan.placements)
+                self.report.left = [c.name for c in self._candidates(source)]
+            else:
+                self.report.left = [c.name for c in candidates]
+                self.report.message = "dry run: nothing moved"
+        finally:
+            for host in destinations.values():
+                host.close()
+            source.close()
+        return self.report
+
+    def _candidates(self, source: Host) -> list[Candidate]:
+        domains = source.domains()
+        wanted = [d for d in domains if d.active or (self.request.inactive and d.persistent)]
+        names = select([d.name for d in wanted], self.request.include, self.request.exclude)
+        if self.request.include and not select([d.name for d in domains], self.request.include, ()):
+            raise NothingToDo(
+                f"no VM on {self.request.source_uri} matches --include {' '.join(self.request.include)}",
+                "check the globs (they match whole names; quote them in the shell)",
+            )
+        by_name = {d.name: d for d in wanted}
+        return [Candidate(n, by_name[n].memory_kib // 1024, by_name[n].active) for n in names]
+
+    @staticmethod
+    def _free_mib(host: Host) -> int:
+        held = sum(d.memory_kib for d in host.domains() if d.active) // 1024
+        return host.node_memory_mib() - held
+
+    def _execute(self, source: Host, destinations: dict[str, Host], placements: Sequence[Placement]) -> None:
+        queue = deque(p for p in placements if p.destination in destinations)
+        incoming: dict[str, int] = dict.fromkeys(destinations, 0)
+        counts = {"done": 0, "running": 0, "queued": len(queue), "failed": 0}
+        with self._lock:
+            while True:
+                # Start what the limits allow, in plan order (a VM waits for its own destination).
+                while not self._stopping and counts["running"] < self.request.concurrency:
+                    item = next(
+                        (p for p in queue if incoming[p.destination] < self.request.per_destination), None
+                    )
+                    if item is None:
+                        break
+                    queue.remove(item)
+                    incoming[item.destination] += 1
+                    counts["running"] += 1
+                    counts["queued"] -= 1
+                    threading.Thread(
+                        target=self._move,
+                        args=(item, source, destinations[item.destination], incoming, counts),
+                        name=f"evacuate-{item.domain}",
+                        daemon=True,
+                    ).start()
+                self._status(counts)
+                if counts["running"] == 0 and (not queue or self._stopping):
+                    break
+                self._lock.wait(0.5)
+        if self._stopping:
+            self.report.interrupted = True
+            if queue:
+                self.report.message = f"interrupted: {len(queue)} VM(s) not started"
+
+    def _status(self, counts: dict[str, int]) -> None:
+        if self.on_status is not None:
+            self.on_status(dict(counts), dict(self._progress))
+
+    def _move(
+        self,
+        item: Placement,
+        source: Host,
+        destination: Host,
+        incoming: dict[str, int],
+        counts: dict[str, int],
+    ) -> None:
+        began = time.monotonic()
+        result = Result(item.domain, item.destination, "failed", False)
+        try:
+            if item.running:
+                self._migrate_with_retries(item, source, destination, result)
+            else:
+                self._move_definition(item, source, destination, result)
+        except OrchestratorError as exc:
+            result.error = exc.line()
+        except Exception as exc:  # noqa: BLE001 - one VM's bug must not stop the others
+            result.error = f"internal error: {exc!r}"
+        result.seconds = round(time.monotonic() - began, 3)
+        with self._lock:
+            self.report.results.append(result)
+            incoming[item.destination] -= 1
+            counts["running"] -= 1
+            counts["failed" if result.outcome not in ("succeeded", "unchanged") else "done"] += 1
+            self._progress.pop(item.domain, None)
+            self._lock.notify_all()
+
+    def _migrate_with_retries(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
+        request = Request(
+            domain=item.domain,
+            source_uri=self.request.source_uri,
+            destination_uri=item.destination,
+            policy=self.request.policy,
+        )
+
+        def attempt() -> Report:
+            migration = Migration(
+                request,
+                source,
+                destination,
+                journal=self.journal,
+                parent=self.id,
+                on_progress=lambda p: self._progress.__setitem__(item.domain, p.fraction),
+            )
+            with self._lock:
+                if self._stopping:
+                    raise _Stopped
+                self._running[item.domain] = migration
+            try:
+                result.attempts += 1
+                return migration.run()
+            finally:
+                with self._lock:
+                    self._running.pop(item.domain, None)
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(1 + RETRIES),
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=8),
+            retry=tenacity.retry_if_result(is_transient),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        try:
+            report: Report = retrying(attempt)
+        except _Stopped:
+            result.outcome, result.error = "not-started", "interrupted before it started"
+            return
+        result.outcome = report.outcome.value
+        result.changed = report.changed
+        result.migration_id = report.migration_id
+        result.error = report.error
+
+    def _move_definition(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
+        """A persistent inactive VM: define it on the destination, then undefine it on the source."""
+        result.attempts = 1
+        dom = source.domain(item.domain)
+        if destination.find_domain(item.domain) is not None:
+            raise BadInput(f"{item.domain} is already defined on {item.destination}", "remove one of the two")
+        xml = domxml.destination_xml(source.xml(dom, inactive=True, secure=True))
+        copy = destination.define(xml)
+        try:
+            source.undefine(dom)
+        except BaseException:
+            destination.undefine(copy)  # the undo: never two definitions of one VM
+            raise
+        result.outcome, result.changed = "succeeded", True
+
+
+class _Stopped(Exception):
+    """Raised inside a worker when the evacuation stopped before its migration started."""

@@ -1,0 +1,201 @@
+"""`orchestrator evacuate` on a three-host lab: placement, limits (from the journal's timestamps),
+paired hooks, interruption and resumption, dry run, a destination down, nothing fitting."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from lab.test_migrate import RECORD_HOOK, cli
+
+
+def policy(lab: Any, tmp: Path, drain_opts: str = "") -> Path:
+    path = tmp / f"evacuate{len(drain_opts)}.toml"
+    log = tmp / "hooks.ndjson"
+
+    def argv(trigger: str, opts: str) -> str:
+        return json.dumps([str(RECORD_HOOK), str(log), trigger, "{domain}", "{device_id}", *opts.split()])
+
+    path.write_text(
+        f"""
+[migration]
+data_uri = "unix://{lab.root}/migrations/{{domain}}.sock"
+[[hooks.drain]]
+argv = {argv("drain", drain_opts)}
+timeout_ms = 3000
+[[hooks.undrain]]
+argv = {argv("undrain", "")}
+on_failure = "continue"
+"""
+    )
+    return path
+
+
+def hook_calls(tmp: Path) -> list[dict[str, Any]]:
+    log = tmp / "hooks.ndjson"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def evacuate(lab: Any, tmp: Path, *args: str, to: tuple[int, ...] = (1, 2)) -> Any:
+    dests = [a for i in to for a in ("--to", lab.hosts[i].uri)]
+    return cli(
+        "evacuate", "-c", lab.hosts[0].uri, *dests, "--journal", str(tmp / "j.sqlite"), "--json", *args
+    )
+
+
+def on_host(lab: Any, index: int, names: list[str]) -> set[str]:
+    return {d.name for d in lab.conn(index).domains() if d.active and d.name in names}
+
+
+def intervals(tmp: Path, parent: str) -> list[tuple[float, float, str]]:
+    db = sqlite3.connect(tmp / "j.sqlite")
+    rows = db.execute(
+        "SELECT started, ended, destination_uri FROM migrations WHERE parent = ? AND outcome = 'succeeded'",
+        (parent,),
+    ).fetchall()
+    return [(float(s), float(e), d) for s, e, d in rows]
+
+
+def max_overlap(spans: list[tuple[float, float, str]]) -> int:
+    points = sorted([(s, 1) for s, _e, _d in spans] + [(e, -1) for _s, e, _d in spans])
+    best = level = 0
+    for _t, step in points:
+        level += step
+        best = max(best, level)
+    return best
+
+
+def test_evacuate_six_guests_within_limits_with_paired_hooks(lab_env: Any, tmp_path: Path) -> None:
+    names = [lab_env.guest(0, devices=1 if i % 2 == 0 else 0, transition_ms=100) for i in range(6)]
+    dry = evacuate(
+        lab_env,
+        tmp_path,
+        "--concurrency",
+        "3",
+        "--per-destination",
+        "2",
+        "--dry-run",
+        "--policy",
+        str(policy(lab_env, tmp_path)),
+    )
+    assert dry.code == 0, dry.err
+    assert dry.doc["changed"] is False and len(dry.doc["plan"]) >= 6
+    assert on_host(lab_env, 0, names) == set(names), "a dry run moves nothing"
+    assert hook_calls(tmp_path) == []
+
+    run = evacuate(
+        lab_env,
+        tmp_path,
+        "--concurrency",
+        "3",
+        "--per-destination",
+        "2",
+        "--policy",
+        str(policy(lab_env, tmp_path)),
+    )
+    assert run.code == 0, run.err
+    doc = run.doc
+    assert doc["empty"] is True and doc["changed"] is True
+    assert on_host(lab_env, 0, names) == set()
+    assert on_host(lab_env, 1, names) | on_host(lab_env, 2, names) == set(names)
+    assert on_host(lab_env, 1, names) and on_host(lab_env, 2, names), "spread across both destinations"
+    spans = intervals(tmp_path, doc["evacuation_id"])
+    assert len(spans) == 6
+    assert max_overlap(spans) <= 3
+    for dest in {d for _s, _e, d in spans}:
+        assert max_overlap([s for s in spans if s[2] == dest]) <= 2
+    assert any(a[1] > b[0] and b[1] > a[0] for a, b in combinations(spans, 2)), (
+        "migrations did run concurrently"
+    )
+    calls = hook_calls(tmp_path)
+    for name in names[::2]:
+        mine = [c["args"][0] for c in calls if c["args"][1] == name]
+        assert mine == ["drain", "undrain"], (name, calls)
+    again = evacuate(lab_env, tmp_path, "--policy", str(policy(lab_env, tmp_path)))
+    assert again.code == 0 and again.doc["changed"] is False and again.doc["results"] == []
+    for name in names:
+        lab_env.remove(name)
+
+
+def test_interrupted_evacuation_resumes_with_only_the_rest(lab_env: Any, tmp_path: Path) -> None:
+    names = [lab_env.guest(0, devices=1, transition_ms=100) for _ in range(3)]
+    # The first drain hook sends SIGTERM to the orchestrator: it finishes the running migration,
+    # starts no other, and exits 130.
+    first = evacuate(
+        lab_env,
+        tmp_path,
+        "--concurrency",
+        "1",
+        "--policy",
+        str(policy(lab_env, tmp_path, "--kill-parent=TERM")),
+    )
+    assert first.code == 130, first.err
+    doc = first.doc
+    assert doc["interrupted"] is True
+    moved = [r["domain"] for r in doc["results"] if r["outcome"] == "succeeded"]
+    assert len(moved) == 1 and sorted(doc["left"]) == sorted(set(names) - set(moved))
+    rest = evacuate(lab_env, tmp_path, "--policy", str(policy(lab_env, tmp_path)))
+    assert rest.code == 0, rest.err
+    assert sorted(r["domain"] for r in rest.doc["results"]) == sorted(set(names) - set(moved))
+    assert on_host(lab_env, 0, names) == set()
+    calls = hook_calls(tmp_path)
+    for name in names:
+        assert [c["args"][0] for c in calls if c["args"][1] == name] == ["drain", "undrain"]
+    for name in names:
+        lab_env.remove(name)
+
+
+def test_one_destination_down_the_other_takes_all(lab_env: Any, tmp_path: Path) -> None:
+    names = [lab_env.guest(0, devices=0) for _ in range(2)]
+    down = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    run = cli(
+        "evacuate",
+        "-c",
+        lab_env.hosts[0].uri,
+        "--to",
+        down,
+        "--to",
+        lab_env.hosts[2].uri,
+        "--journal",
+        str(tmp_path / "j.sqlite"),
+        "--json",
+        "--policy",
+        str(policy(lab_env, tmp_path)),
+    )
+    assert run.code == 0, run.err
+    assert [u["uri"] for u in run.doc["unreachable"]] == [down]
+    assert on_host(lab_env, 2, names) == set(names)
+    for name in names:
+        lab_env.remove(name)
+
+
+def test_nothing_fits_moves_nothing_and_says_why(lab_env: Any, tmp_path: Path) -> None:
+    name = lab_env.guest(0, devices=0)
+    run = evacuate(lab_env, tmp_path, "--reserve", "100000000", "--policy", str(policy(lab_env, tmp_path)))
+    assert run.code == 8, run.err
+    assert run.doc["changed"] is False and run.doc["results"] == []
+    unplaced = {u["domain"]: u["reason"] for u in run.doc["unplaced"]}
+    assert "needs 64 MiB" in unplaced[name]
+    assert name in on_host(lab_env, 0, [name])
+    lab_env.remove(name)
+
+
+def test_evacuate_bad_input(lab_env: Any, tmp_path: Path) -> None:
+    a = lab_env.hosts[0].uri
+    cases = [
+        (["evacuate", "-c", a], 2, "--to"),
+        (["evacuate", "-c", a, "--to", a], 2, "source itself"),
+        (["evacuate", "-c", a, "--to", lab_env.hosts[1].uri, "--concurrency", "0"], 2, "--concurrency"),
+        (
+            ["evacuate", "-c", a, "--to", lab_env.hosts[1].uri, "--include", "no-such-*"],
+            6,
+            "matches --include",
+        ),
+    ]
+    for args, code, text in cases:
+        run = cli(*args, "--journal", str(tmp_path / "j.sqlite"))
+        lines = run.err.strip().splitlines()
+        assert run.code == code and len(lines) == 1 and text in lines[0], (args, run.code, run.err)
