@@ -26,7 +26,7 @@ from orchestrator import domxml
 from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
 from orchestrator.migration import JournalLike, Migration, Outcome, Report, Request
 from orchestrator.policy import Policy
-from orchestrator.virt import DomainInfo, Host
+from orchestrator.virt import Host
 
 # libvirt errors worth another try: the destination or a connection was busy, not the VM broken.
 TRANSIENT = re.compile(
@@ -384,7 +384,7 @@ class Evacuation:
                 self._move_definition(item, source, destination, result)
         except OrchestratorError as exc:
             result.error = exc.line()
-        except Exception as exc:  # noqa: BLE001 - one VM's bug must not stop the others
+        except Exception as exc:  # one VM's bug must not stop the others
             result.error = f"internal error: {exc!r}"
         result.seconds = round(time.monotonic() - began, 3)
         with self._lock:
