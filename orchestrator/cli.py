@@ -56,9 +56,15 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
         )
 
 
+def _priority(level: int) -> str:
+    """A syslog priority prefix when stderr is connected to journald (systemd sets JOURNAL_STREAM),
+    so `journalctl -p err` finds our errors; nothing on a terminal or in a pipe."""
+    return f"<{level}>" if os.environ.get("JOURNAL_STREAM") else ""
+
+
 def info(message: str) -> None:
     """A progress line on stderr (stdout stays for results)."""
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(_priority(6) + message + "\n")
 
 
 # --- lab ---------------------------------------------------------------------------------------
@@ -754,7 +760,7 @@ def show_record(record: Any) -> None:
 
 def fail(message: str, code: int) -> NoReturn:
     """One line on stderr and the exit code; never a traceback."""
-    sys.stderr.write(f"orchestrator: error: {message}\n")
+    sys.stderr.write(f"{_priority(3)}orchestrator: error: {message}\n")
     raise SystemExit(code)
 
 
