@@ -304,7 +304,7 @@ class Evacuation:
                 )
             elif not self.request.dry_run:
                 self._execute(source, destinations, plan.placements)
-                self.report.left = [c.name for c in self._candidates(source)]
+                self.report.left = [c.name for c in self._candidates(source, planning=False)]
             else:
                 self.report.left = [c.name for c in candidates]
                 self.report.message = "dry run: nothing moved"
@@ -314,11 +314,17 @@ class Evacuation:
             source.close()
         return self.report
 
-    def _candidates(self, source: Host) -> list[Candidate]:
+    def _candidates(self, source: Host, *, planning: bool = True) -> list[Candidate]:
+        """The selected VMs on the source; when planning, an --include matching nothing is an error
+        (afterwards it just means everything moved)."""
         domains = source.domains()
         wanted = [d for d in domains if d.active or (self.request.inactive and d.persistent)]
         names = select([d.name for d in wanted], self.request.include, self.request.exclude)
-        if self.request.include and not select([d.name for d in domains], self.request.include, ()):
+        if (
+            planning
+            and self.request.include
+            and not select([d.name for d in domains], self.request.include, ())
+        ):
             raise NothingToDo(
                 f"no VM on {self.request.source_uri} matches --include {' '.join(self.request.include)}",
                 "check the globs (they match whole names; quote them in the shell)",

@@ -1,0 +1,92 @@
+# Copyright: the vfio-migration-orchestrator maintainers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Shared by the vfio.orchestrator modules: run the `orchestrator` CLI and read what it printed.
+
+The modules never reimplement the orchestrator's logic: they build an argv list, run the CLI with
+``--json`` through ``module.run_command`` (no shell) and turn its JSON document, exit code and one-line
+error into Ansible's ``changed`` / ``failed`` / ``msg``.
+"""
+
+# Ansible's module boilerplate; the modules only run on Python 3, where these are no-ops.
+from __future__ import absolute_import, division, print_function  # noqa: UP010 - Ansible boilerplate
+
+__metaclass__ = type  # noqa: UP001 - Ansible boilerplate
+
+import json
+import os
+
+# The CLI's documented exit codes (README "Exit codes").
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_CONNECT = 3
+EXIT_NOTHING_TO_DO = 6
+EXIT_NOT_EMPTY = 8
+EXIT_INTERRUPTED = 130
+
+ERROR_PREFIX = "orchestrator: error: "
+
+# Options every module takes.
+COMMON_ARGUMENT_SPEC = {
+    "orchestrator": {"type": "str", "default": "orchestrator"},
+}
+
+
+def error_line(stderr):
+    """The CLI's one error line (without its prefix), else the last line it wrote on stderr."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(ERROR_PREFIX):
+            return line[len(ERROR_PREFIX) :]
+    return lines[-1] if lines else ""
+
+
+def executable(module):
+    """The orchestrator program to run: a path as given, or a name looked up on PATH."""
+    name = module.params["orchestrator"]
+    if os.sep in name:
+        if not os.access(name, os.X_OK):
+            module.fail_json(msg=f"orchestrator executable {name} does not exist or is not executable")
+        return name
+    found = module.get_bin_path(name, required=False)
+    if not found:
+        module.fail_json(
+            msg=f"{name} not found on PATH; install the orchestrator or set the module option orchestrator"
+        )
+    return found
+
+
+def run(module, args):
+    """Run `orchestrator ARGS --json`; returns (rc, document or None, error line, argv).
+
+    The document is None when the CLI printed no JSON (errors found before it started, e.g. bad
+    input or an unreachable host, are only one line on stderr).
+    """
+    argv = [executable(module), *args, "--json"]
+    rc, out, err = module.run_command(argv, check_rc=False)
+    document = None
+    text = (out or "").strip()
+    if text:
+        try:
+            document = json.loads(text)
+        except ValueError:
+            document = None
+    if not isinstance(document, dict):
+        document = None
+    if document is None and rc == EXIT_OK:
+        module.fail_json(
+            msg="the orchestrator succeeded but printed no JSON document; is it a compatible version?",
+            rc=rc,
+            cmd=argv,
+            stdout=out,
+            stderr=err,
+        )
+    return rc, document, error_line(err), argv
+
+
+def fail_message(rc, document, error):
+    """What `msg` says for a failed run: the document's error, else the CLI's error line."""
+    if document and document.get("error"):
+        return str(document["error"])
+    if error:
+        return error
+    return f"the orchestrator exited with {rc}"

@@ -1,0 +1,396 @@
+#!/usr/bin/python
+# Copyright: the vfio-migration-orchestrator maintainers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Ansible module vfio.orchestrator.vfio_evacuate: wraps `orchestrator evacuate`."""
+
+# Ansible's module boilerplate; the module only runs on Python 3, where these are no-ops.
+from __future__ import absolute_import, division, print_function  # noqa: UP010 - Ansible boilerplate
+
+__metaclass__ = type  # noqa: UP001 - Ansible boilerplate
+
+DOCUMENTATION = r"""
+---
+module: vfio_evacuate
+short_description: Empty a libvirt host by live-migrating its VMs (with their VFIO devices) elsewhere
+version_added: "0.1.0"
+description:
+  - Runs C(orchestrator evacuate -c SOURCE_URI --to URI ... --json) and returns the plan and the outcome
+    of every VM.
+  - Every running VM of the source (and with O(inactive) its persistent shut-off ones, by definition
+    only) goes to the destination with the most free memory that fits it, at most O(concurrency)
+    migrations at once and O(per_destination) into one destination. Each goes through the same path as
+    M(vfio.orchestrator.vfio_migrate) (policy, drain and undrain hooks, journal); transient failures are
+    retried.
+  - The task succeeds when the source is empty (of the selected VMs) and fails, listing what is left,
+    when it is not. Re-running moves only what is still there, so the task is idempotent
+    (C(changed=false) once the host is empty).
+  - An O(include) glob that matches nothing on the source is not an error (nothing to move); the task
+    reports C(changed=false) and says why in C(msg) and RV(skipped_reason).
+  - An unreachable destination is reported in RV(unreachable) and the others are used.
+author:
+  - vfio-migration-orchestrator maintainers (!UNKNOWN)
+requirements:
+  - The C(orchestrator) CLI (the vfio-migration-orchestrator package) on the host the task runs on.
+options:
+  source_uri:
+    description:
+      - libvirt connection URI of the host to empty (C(orchestrator evacuate -c)).
+    type: str
+    required: true
+  destinations:
+    description:
+      - libvirt connection URIs of the hosts that may take the VMs (one C(--to) each).
+    type: list
+    elements: str
+    required: true
+  concurrency:
+    description:
+      - At most this many migrations at once. When omitted, the CLI's default (2).
+    type: int
+  per_destination:
+    description:
+      - At most this many incoming migrations at once per destination. When omitted, the CLI's default.
+    type: int
+  include:
+    description:
+      - Only the VMs whose name matches one of these globs (C(--include), repeated).
+    type: list
+    elements: str
+  exclude:
+    description:
+      - Not the VMs whose name matches one of these globs (C(--exclude), repeated).
+    type: list
+    elements: str
+  policy:
+    description:
+      - Policy name (looked up in C($ORCH_POLICY_DIR), C(/etc/orchestrator/policies), then the shipped
+        policies) or path of a policy TOML file, used for every VM. C({domain}) in the policy's
+        C(data_uri) is replaced by each VM's name.
+    type: str
+  inactive:
+    description:
+      - Also move the persistent shut-off VMs (their definition only).
+    type: bool
+    default: false
+  force:
+    description:
+      - Move what fits even when some VMs fit on no destination (by default nothing moves then).
+    type: bool
+    default: false
+  reserve:
+    description:
+      - MiB of memory to keep free on every destination when placing VMs. When omitted, none.
+    type: int
+  journal:
+    description:
+      - Path of the SQLite journal (C(--journal)). When omitted, C($ORCH_JOURNAL), else
+        C(/var/lib/orchestrator/journal.sqlite).
+    type: path
+  orchestrator:
+    description:
+      - Path of the C(orchestrator) executable, or a name looked up on C(PATH).
+    type: str
+    default: orchestrator
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Runs the CLI with C(--dry-run) (the plan only, nothing moves); C(changed) is V(true) when the plan
+        would move something. RV(empty) then tells whether the source is empty now, not after the move.
+  diff_mode:
+    support: partial
+    description: Shows where each moved (or, in check mode, planned) VM runs before and after.
+  platform:
+    support: full
+    description: The CLI runs on the host the task targets and reaches the hypervisors by their URIs.
+    platforms: posix
+notes:
+  - The task waits for every migration; give it a long enough time with C(async) when the host holds
+    many large VMs.
+seealso:
+  - module: vfio.orchestrator.vfio_migrate
+"""
+
+EXAMPLES = r"""
+- name: Empty hv1 onto hv2 and hv3, three migrations at once
+  vfio.orchestrator.vfio_evacuate:
+    source_uri: qemu+ssh://hv1.example.com/system
+    destinations:
+      - qemu+ssh://hv2.example.com/system
+      - qemu+ssh://hv3.example.com/system
+    concurrency: 3
+    policy: rdma-drain
+  register: evacuation
+
+- name: Show where every VM went
+  ansible.builtin.debug:
+    msg: "{{ item.domain }} -> {{ item.destination }}: {{ item.outcome }}"
+  loop: "{{ evacuation.results }}"
+
+- name: Only the database VMs, and their shut-off definitions too
+  vfio.orchestrator.vfio_evacuate:
+    source_uri: qemu+ssh://hv1.example.com/system
+    destinations: [qemu+ssh://hv2.example.com/system]
+    include: ["db-*"]
+    exclude: ["db-scratch-*"]
+    inactive: true
+    journal: /var/lib/orchestrator/journal.sqlite
+"""
+
+RETURN = r"""
+evacuation_id:
+  description: The evacuation's id; each VM's migration is in the journal under it.
+  returned: when the CLI printed its report
+  type: str
+  sample: 9d41c07a2b3e4f10
+source:
+  description: The source URI.
+  returned: when the CLI printed its report
+  type: str
+  sample: qemu+ssh://hv1.example.com/system
+destinations:
+  description: The destination URIs.
+  returned: when the CLI printed its report
+  type: list
+  elements: str
+  sample: [qemu+ssh://hv2.example.com/system, qemu+ssh://hv3.example.com/system]
+empty:
+  description:
+    - Whether no selected VM is left on the source. In check mode, whether it is empty now.
+  returned: always
+  type: bool
+  sample: true
+plan:
+  description: Which VM goes where, in what order, and why.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    domain:
+      description: The VM's name.
+      type: str
+    destination:
+      description: The destination URI chosen for it.
+      type: str
+    memory_mib:
+      description: The VM's memory in MiB.
+      type: int
+    order:
+      description: Its place in the queue, from 1.
+      type: int
+    reason:
+      description: Why that destination.
+      type: str
+  sample: [{domain: vm1, destination: qemu+ssh://hv2/system, memory_mib: 4096, order: 1,
+            reason: "most free memory that fits: 60000 MiB free, needs 4096 MiB"}]
+results:
+  description: How each VM's move went (empty in check mode).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    domain:
+      description: The VM's name.
+      type: str
+    destination:
+      description: Where it went (or was to go).
+      type: str
+    outcome:
+      description: The migration's outcome (V(succeeded), V(unchanged), V(rolled-back), V(aborted), ...).
+      type: str
+    changed:
+      description: Whether it moved.
+      type: bool
+    migration_id:
+      description: Its migration's id in the journal.
+      type: str
+    error:
+      description: Why it failed, V(null) on success.
+      type: str
+    attempts:
+      description: How many attempts it took.
+      type: int
+    seconds:
+      description: How long it took, in seconds.
+      type: float
+  sample: [{domain: vm1, destination: qemu+ssh://hv2/system, outcome: succeeded, changed: true,
+            migration_id: 3f2a9c1e0b7d4e55, error: null, attempts: 1, seconds: 4.2}]
+unplaced:
+  description: VMs that fit on no destination, with why.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{domain: big1, memory_mib: 262144, reason: "needs 262144 MiB; the most free is 60000 MiB"}]
+unreachable:
+  description: Destinations that could not be reached, with the error.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{uri: qemu+ssh://hv3.example.com/system, error: "cannot connect ..."}]
+left:
+  description: The selected VMs still on the source.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+message:
+  description: The CLI's remark on the run, if any.
+  returned: when the CLI printed its report
+  type: str
+  sample: "dry run: nothing moved"
+skipped_reason:
+  description: Why nothing was done (no VM matches O(include); the CLI exited 6).
+  returned: when nothing matched
+  type: str
+  sample: "no VM on qemu+ssh://hv1/system matches --include db-*"
+rc:
+  description: The CLI's exit code (0 empty, 8 not empty; see the orchestrator's README, "Exit codes").
+  returned: always
+  type: int
+  sample: 0
+"""
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants the docs first
+from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli import (  # noqa: E402
+    COMMON_ARGUMENT_SPEC,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_EMPTY,
+    EXIT_NOTHING_TO_DO,
+    EXIT_OK,
+    fail_message,
+    run,
+)
+
+LIST_FIELDS = ("plan", "results", "unplaced", "unreachable", "left")
+OTHER_FIELDS = ("evacuation_id", "source", "destinations", "message")
+
+
+def build_args(params, check_mode):
+    """The CLI's arguments for the module's options."""
+    args = ["evacuate", "-c", params["source_uri"]]
+    for uri in params["destinations"]:
+        args += ["--to", uri]
+    for option, flag in (
+        ("concurrency", "--concurrency"),
+        ("per_destination", "--per-destination"),
+        ("reserve", "--reserve"),
+    ):
+        if params[option] is not None:
+            args += [flag, str(params[option])]
+    for option, flag in (("include", "--include"), ("exclude", "--exclude")):
+        for glob in params[option] or ():
+            args += [flag, glob]
+    for option, flag in (("policy", "--policy"), ("journal", "--journal")):
+        if params[option]:
+            args += [flag, params[option]]
+    for option, flag in (("inactive", "--inactive"), ("force", "--force")):
+        if params[option]:
+            args.append(flag)
+    if check_mode:
+        args.append("--dry-run")
+    return args
+
+
+def not_empty_message(document, check_mode):
+    """Why the source is (or would stay) not empty, in one line."""
+    source = document.get("source") or "the source"
+    left = document.get("left") or []
+    reasons = [f"{u.get('domain')} fits nowhere ({u.get('reason')})" for u in document.get("unplaced") or []]
+    reasons += [
+        f"{r.get('domain')} {r.get('outcome')}: {r.get('error')}"
+        for r in document.get("results") or []
+        if r.get("error")
+    ]
+    reasons += [f"{u.get('uri')} unreachable: {u.get('error')}" for u in document.get("unreachable") or []]
+    if document.get("message"):
+        reasons.append(str(document["message"]))
+    state = "would not be empty" if check_mode else "is not empty"
+    text = f"{source} {state}: {', '.join(left) or 'VMs'} left"
+    return f"{text}; {'; '.join(reasons)}" if reasons else text
+
+
+def placement_diff(document, check_mode):
+    """Before/after of where the moved (or planned) VMs run."""
+    source = document.get("source")
+    if check_mode:
+        moves = [(p.get("domain"), p.get("destination")) for p in document.get("plan") or []]
+    else:
+        results = document.get("results") or []
+        moves = [(r.get("domain"), r.get("destination")) for r in results if r.get("changed")]
+    moves.sort()
+    return {
+        "before_header": "where the VMs run",
+        "after_header": "where the VMs run",
+        "before": "".join(f"{domain}: {source}\n" for domain, _ in moves),
+        "after": "".join(f"{domain}: {destination}\n" for domain, destination in moves),
+    }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "source_uri": {"type": "str", "required": True},
+            "destinations": {"type": "list", "elements": "str", "required": True},
+            "concurrency": {"type": "int"},
+            "per_destination": {"type": "int"},
+            "include": {"type": "list", "elements": "str"},
+            "exclude": {"type": "list", "elements": "str"},
+            "policy": {"type": "str"},
+            "inactive": {"type": "bool", "default": False},
+            "force": {"type": "bool", "default": False},
+            "reserve": {"type": "int"},
+            "journal": {"type": "path"},
+            **COMMON_ARGUMENT_SPEC,
+        },
+        supports_check_mode=True,
+    )
+    check_mode = module.check_mode
+    rc, document, error, argv = run(module, build_args(module.params, check_mode))
+
+    if rc == EXIT_NOTHING_TO_DO:
+        reason = error or "no VM on the source matches the include globs; nothing to move"
+        # failed=False explicitly: Ansible otherwise takes a non-zero rc for a failure.
+        module.exit_json(
+            changed=False,
+            failed=False,
+            empty=True,
+            msg=reason,
+            skipped_reason=reason,
+            rc=rc,
+            cmd=argv,
+            **{key: [] for key in LIST_FIELDS},
+        )
+
+    doc = document or {}
+    result = {key: doc.get(key) or [] for key in LIST_FIELDS}
+    result.update({key: doc.get(key) for key in OTHER_FIELDS if key in doc})
+    changed = bool(doc.get("changed"))
+    if check_mode:
+        changed = changed or bool(result["plan"])
+    result.update(changed=changed, empty=bool(doc.get("empty")), rc=rc)
+    if module._diff and changed and document is not None:
+        result["diff"] = placement_diff(document, check_mode)
+
+    if document is None:
+        module.fail_json(msg=fail_message(rc, document, error), cmd=argv, **result)
+    if rc == EXIT_NOT_EMPTY:
+        module.fail_json(msg=not_empty_message(document, check_mode), cmd=argv, **result)
+    if rc == EXIT_INTERRUPTED:
+        left = ", ".join(result["left"]) or "nothing"
+        message = f"the evacuation was interrupted; left on the source: {left}"
+        module.fail_json(msg=message, cmd=argv, **result)
+    if rc != EXIT_OK:
+        module.fail_json(msg=fail_message(rc, document, error), cmd=argv, **result)
+
+    source = doc.get("source") or module.params["source_uri"]
+    if check_mode:
+        planned = len(result["plan"])
+        result["msg"] = f"would move {planned} VM(s) off {source}" if planned else f"{source} is empty"
+    else:
+        moved = sum(1 for r in result["results"] if r.get("changed"))
+        result["msg"] = f"moved {moved} VM(s) off {source}; it is empty" if moved else f"{source} is empty"
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

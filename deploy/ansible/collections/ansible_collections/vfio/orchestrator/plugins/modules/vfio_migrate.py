@@ -1,0 +1,330 @@
+#!/usr/bin/python
+# Copyright: the vfio-migration-orchestrator maintainers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Ansible module vfio.orchestrator.vfio_migrate: wraps `orchestrator migrate`."""
+
+# Ansible's module boilerplate; the module only runs on Python 3, where these are no-ops.
+from __future__ import absolute_import, division, print_function  # noqa: UP010 - Ansible boilerplate
+
+__metaclass__ = type  # noqa: UP001 - Ansible boilerplate
+
+DOCUMENTATION = r"""
+---
+module: vfio_migrate
+short_description: Live-migrate a VM with VFIO devices, draining its RDMA workloads on QEMU's events
+version_added: "0.1.0"
+description:
+  - Runs C(orchestrator migrate DOMAIN DEST_URI --json) and returns its report.
+  - The orchestrator pre-flights the migration, follows every VFIO device on both hosts, runs the
+    policy's drain hooks the moment a device is about to be quiesced and its undrain hooks when it runs
+    again (exactly once, on every path), and records the migration in its journal.
+  - A VM that already runs on the destination is success with C(changed=false), so the task is
+    idempotent.
+  - A failed, rolled-back or aborted migration fails the task; the report's fields are returned with it
+    (the VM then runs on the source, its workloads undrained).
+author:
+  - vfio-migration-orchestrator maintainers (!UNKNOWN)
+requirements:
+  - The C(orchestrator) CLI (the vfio-migration-orchestrator package) on the host the task runs on.
+options:
+  domain:
+    description:
+      - Name or UUID of the libvirt domain to migrate.
+    type: str
+    required: true
+  dest_uri:
+    description:
+      - libvirt connection URI of the destination host (for example C(qemu+ssh://hv2/system)).
+    type: str
+    required: true
+  source_uri:
+    description:
+      - libvirt connection URI of the source host (C(orchestrator -c)).
+      - When omitted, the CLI uses C($LIBVIRT_DEFAULT_URI), else C(qemu:///system).
+    type: str
+  policy:
+    description:
+      - Policy name (looked up in C($ORCH_POLICY_DIR), C(/etc/orchestrator/policies), then the shipped
+        policies) or path of a policy TOML file. When omitted, the default observe-only policy.
+    type: str
+  migrateuri:
+    description:
+      - Migration data URI (C(tcp://HOST:PORT), C(unix:///PATH)); overrides the policy's C(data_uri).
+    type: str
+  listen_address:
+    description:
+      - Address the destination listens on for the migration data.
+    type: str
+  p2p:
+    description:
+      - V(true) for a peer-to-peer migration, V(false) for a client-driven (direct) one.
+      - When omitted, the policy's C(mode).
+    type: bool
+  timeout:
+    description:
+      - Abort the migration job when it runs longer than this many seconds (the VM keeps running on the
+        source). When omitted, the policy's C(completion_timeout_s).
+    type: float
+  bandwidth:
+    description:
+      - Bandwidth limit in MiB/s. When omitted, the policy's C(bandwidth_mib).
+    type: int
+  persistent:
+    description:
+      - Define the VM on the destination (V(true), C(--persistent)) or not (V(false), C(--no-persistent)).
+      - When omitted, the policy's C(persist).
+    type: bool
+  undefinesource:
+    description:
+      - Undefine the VM on the source after success (V(true), C(--undefinesource)) or keep its definition
+        there (V(false), C(--keep-source)).
+      - When omitted, the policy's C(undefine_source).
+    type: bool
+  journal:
+    description:
+      - Path of the SQLite journal (C(--journal)). When omitted, C($ORCH_JOURNAL), else
+        C(/var/lib/orchestrator/journal.sqlite).
+    type: path
+  orchestrator:
+    description:
+      - Path of the C(orchestrator) executable, or a name looked up on C(PATH).
+    type: str
+    default: orchestrator
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Runs the CLI with C(--dry-run) (pre-flight and plan, nothing migrates, nothing is journaled);
+        C(changed) is V(true) when the VM would move, V(false) when it already runs on the destination.
+  diff_mode:
+    support: partial
+    description: Shows where the domain runs before and after; not a diff of its configuration.
+  platform:
+    support: full
+    description: The CLI runs on the host the task targets and reaches the hypervisors by their URIs.
+    platforms: posix
+seealso:
+  - module: vfio.orchestrator.vfio_events
+  - module: vfio.orchestrator.vfio_evacuate
+"""
+
+EXAMPLES = r"""
+- name: Live-migrate vm1 to hv2 with the rdma-drain policy
+  vfio.orchestrator.vfio_migrate:
+    domain: vm1
+    source_uri: qemu+ssh://hv1.example.com/system
+    dest_uri: qemu+ssh://hv2.example.com/system
+    policy: rdma-drain
+    timeout: 300
+  register: migration
+
+- name: Show how long the guest was paused
+  ansible.builtin.debug:
+    msg: >-
+      {{ migration.migration_id }}: {{ migration.outcome }},
+      downtime {{ migration.timings.downtime_ms }} ms
+
+- name: Migrate over a dedicated network and keep the source definition
+  vfio.orchestrator.vfio_migrate:
+    domain: vm2
+    source_uri: qemu+ssh://hv1.example.com/system
+    dest_uri: qemu+ssh://hv3.example.com/system
+    migrateuri: tcp://10.0.0.3:49152
+    bandwidth: 2000
+    undefinesource: false
+    journal: /var/lib/orchestrator/journal.sqlite
+"""
+
+RETURN = r"""
+outcome:
+  description:
+    - How the migration ended; V(succeeded), V(unchanged) (already on the destination), V(rolled-back),
+      V(aborted), V(interrupted), or V(planned) in check mode.
+  returned: when the CLI printed its report
+  type: str
+  sample: succeeded
+migration_id:
+  description: The migration's id in the journal (C(orchestrator history ID) shows its timeline).
+  returned: when the CLI printed its report
+  type: str
+  sample: 3f2a9c1e0b7d4e55
+domain:
+  description: The domain's name.
+  returned: when the CLI printed its report
+  type: str
+  sample: vm1
+source:
+  description: The source URI.
+  returned: when the CLI printed its report
+  type: str
+  sample: qemu+ssh://hv1.example.com/system
+destination:
+  description: The destination URI.
+  returned: when the CLI printed its report
+  type: str
+  sample: qemu+ssh://hv2.example.com/system
+policy:
+  description: The policy's name.
+  returned: when the CLI printed its report
+  type: str
+  sample: rdma-drain
+error:
+  description: Why the migration failed, V(null) on success.
+  returned: when the CLI printed its report
+  type: str
+  sample: null
+timings:
+  description: Durations of the migration.
+  returned: when the CLI printed its report
+  type: dict
+  contains:
+    total_s:
+      description: Seconds from start to end, V(null) when nothing ran.
+      type: float
+    job_s:
+      description: Seconds the libvirt migration job took.
+      type: float
+    downtime_ms:
+      description: Milliseconds the guest was paused at switchover.
+      type: int
+  sample: {total_s: 4.21, job_s: 3.87, downtime_ms: 312}
+devices:
+  description: Per drained VFIO device (by id), when it was drained and undrained and why.
+  returned: when the CLI printed its report
+  type: dict
+  sample: {nic0: {drained_at: 1767225600.12, late: false, drain_reason: pre-copy-p2p-prepare,
+                  undrained_at: 1767225600.95, undrain_reason: running on the destination}}
+timeline:
+  description: What happened, in order; C(t) is seconds since the start.
+  returned: when the CLI printed its report
+  type: list
+  elements: dict
+  sample: [{t: 0.412, host: orchestrator, kind: decision, text: "drain nic0"}]
+hooks:
+  description: Every hook run (trigger, device, argv, exit code, duration, error).
+  returned: when the CLI printed its report
+  type: list
+  elements: dict
+  sample: []
+notes:
+  description: Warnings and remarks of the run.
+  returned: when the CLI printed its report
+  type: list
+  elements: str
+  sample: []
+plan:
+  description: The pre-flight's plan, one line per step.
+  returned: when the CLI printed its report
+  type: list
+  elements: str
+  sample: ["policy rdma-drain", "migrate vm1 live (peer-to-peer) qemu:///system -> qemu+ssh://hv2/system"]
+rc:
+  description: The CLI's exit code (see the orchestrator's README, "Exit codes").
+  returned: always
+  type: int
+  sample: 0
+"""
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants the docs first
+from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli import (  # noqa: E402
+    COMMON_ARGUMENT_SPEC,
+    EXIT_OK,
+    fail_message,
+    run,
+)
+
+REPORT_FIELDS = (
+    "outcome",
+    "migration_id",
+    "domain",
+    "source",
+    "destination",
+    "policy",
+    "error",
+    "timings",
+    "devices",
+    "timeline",
+    "hooks",
+    "notes",
+    "plan",
+)
+
+
+def build_args(params, check_mode):
+    """The CLI's arguments for the module's options."""
+    args = ["migrate", params["domain"], params["dest_uri"]]
+    if params["source_uri"]:
+        args += ["-c", params["source_uri"]]
+    for option, flag in (
+        ("policy", "--policy"),
+        ("migrateuri", "--migrateuri"),
+        ("listen_address", "--listen-address"),
+        ("journal", "--journal"),
+    ):
+        if params[option]:
+            args += [flag, params[option]]
+    if params["timeout"] is not None:
+        args += ["--timeout", repr(float(params["timeout"]))]
+    if params["bandwidth"] is not None:
+        args += ["--bandwidth", str(params["bandwidth"])]
+    for option, yes, no in (
+        ("p2p", "--p2p", "--direct"),
+        ("persistent", "--persistent", "--no-persistent"),
+        ("undefinesource", "--undefinesource", "--keep-source"),
+    ):
+        if params[option] is not None:
+            args.append(yes if params[option] else no)
+    if check_mode:
+        args.append("--dry-run")
+    return args
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "domain": {"type": "str", "required": True},
+            "dest_uri": {"type": "str", "required": True},
+            "source_uri": {"type": "str"},
+            "policy": {"type": "str"},
+            "migrateuri": {"type": "str"},
+            "listen_address": {"type": "str"},
+            "p2p": {"type": "bool"},
+            "timeout": {"type": "float"},
+            "bandwidth": {"type": "int"},
+            "persistent": {"type": "bool"},
+            "undefinesource": {"type": "bool"},
+            "journal": {"type": "path"},
+            **COMMON_ARGUMENT_SPEC,
+        },
+        supports_check_mode=True,
+    )
+    rc, document, error, argv = run(module, build_args(module.params, module.check_mode))
+    fields = {key: document.get(key) for key in REPORT_FIELDS} if document else {}
+    if document is not None and module.check_mode:
+        changed = document.get("outcome") == "planned"
+    else:
+        changed = bool(document and document.get("changed"))
+    result = {"changed": changed, "rc": rc, **fields}
+
+    if rc != EXIT_OK or document is None:
+        module.fail_json(msg=fail_message(rc, document, error), cmd=argv, **result)
+
+    domain = document.get("domain") or module.params["domain"]
+    destination = document.get("destination")
+    if not changed:
+        result["msg"] = f"{domain} already runs on {destination}: nothing to do"
+    else:
+        verb = "would migrate" if module.check_mode else "migrated"
+        result["msg"] = f"{verb} {domain} to {destination} ({document.get('outcome')})"
+    if module._diff and changed:
+        result["diff"] = {
+            "before_header": f"{domain} (where it runs)",
+            "after_header": f"{domain} (where it runs)",
+            "before": f"{document.get('source')}\n",
+            "after": f"{destination}\n",
+        }
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Smoke test of bench/drain_latency.py: a short run on a lab of its own, through real libvirt.
+
+The benchmark brings up and tears down its own two lab hosts, so this test does not use the session's
+`lab_env`; it skips (fails under CI) for the same reasons the lab tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "drain_latency.py"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+pytestmark = pytest.mark.lab
+
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root"
+    programs = ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare", "virsh", "gcc")
+    missing = [p for p in programs if shutil.which(p) is None]
+    return f"missing {', '.join(missing)} (run deploy/setup.sh)" if missing else None
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if text in line]
+
+
+def test_drain_latency_bench_smoke(tmp_path: Path) -> None:
+    reason = _unavailable()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"the benchmark cannot run under CI: {reason}")
+        pytest.skip(reason)
+    out_json, out_svg = tmp_path / "drain.json", tmp_path / "drain.svg"
+    # Short, like the session lab's: libvirt's unix socket paths live under it.
+    lab_dir = Path(tempfile.mkdtemp(prefix="bench-smoke-", dir="/var/tmp"))
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--events",
+                "16",
+                "--devices",
+                "4",
+                "--json",
+                str(out_json),
+                "--svg",
+                str(out_svg),
+                "--lab-dir",
+                str(lab_dir),
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=180,
+            check=False,
+        )
+        leftovers = _processes_mentioning(str(lab_dir))
+    finally:
+        shutil.rmtree(lab_dir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers == [], "the benchmark tears its lab down"
+
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("series"))
+    assert header.split() == ["series", "count", "p50", "ms", "p90", "ms", "p99", "ms", "max", "ms"]
+    assert any(line.startswith("orchestrator ") for line in lines)
+    assert any(line.startswith("baseline ") for line in lines)
+    assert "baseline/orchestrator: p50 x" in proc.stdout
+
+    doc = json.loads(out_json.read_text())
+    for name in ("orchestrator", "baseline"):
+        series = doc["series"][name]
+        assert series["count"] >= 16 and len(series["latencies_ms"]) == series["count"], name
+        assert all(0 < v < 1000 for v in series["latencies_ms"]), (name, series["latencies_ms"])
+        assert 0 < series["p50_ms"] <= series["p90_ms"] <= series["p99_ms"] <= series["max_ms"], series
+        assert doc["timestamp_cross_check"][name]["differing"] == 0, doc["timestamp_cross_check"]
+    assert doc["ratios"]["p50"] > 0 and doc["ratios"]["p99"] > 0
+    svg = out_svg.read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2
