@@ -150,6 +150,9 @@ class Peer:
 
     def run(self, duration_s: float | None = None) -> PeerStats:
         """Probe until `stop` (control command or signal) or the duration ends."""
+        # The peers are other hosts in real life: keep them from queueing behind this machine's work.
+        with contextlib.suppress(OSError):
+            os.nice(-10)
         sel = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(self.probe, selectors.EVENT_READ, "probe")

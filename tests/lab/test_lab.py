@@ -122,7 +122,7 @@ def test_cancelled_migration_returns_the_device_to_running(lab_env: Any, recorde
     thread.start()
     rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "pre-copy") for e in evs))
     dom = lab_env.conn(0).domain(name)
-    assert job_stats(dom).get("memory_total", 0) > 0
+    assert "time_elapsed" in job_stats(dom), "libvirt reports the running job"
     assert abort_job(dom)
     thread.join(60)
     assert failure, "an aborted migration must fail"

@@ -71,3 +71,14 @@ def test_without_the_prepare_drain_peers_time_out(
 ) -> None:
     _doc, peer = migrate_with_peer(lab_env, tmp_path, policy, behaviour=behaviour)
     assert peer["timeouts"] >= 1, peer
+
+
+def test_the_readme_main_job_migrates_there_and_back_with_zero_peer_timeouts(lab_env: Any) -> None:
+    name = f"demo-{os.getpid()}"
+    run = cli("lab", "demo", "--name", name, "--lab-dir", str(lab_env.root), timeout=300)
+    assert run.code == 0, run.err
+    assert run.out.count("--- succeeded") == 2, run.out[-3000:]
+    assert "pre-copy-p2p-prepare" in run.out and "rdma-drain (" in run.out and "rdma-undrain (" in run.out
+    peers = [line for line in run.out.splitlines() if line.startswith("RDMA peers of")]
+    assert len(peers) == 2 and all(": 0 timeouts" in line for line in peers), peers
+    lab_env.remove(name)
