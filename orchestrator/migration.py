@@ -469,7 +469,7 @@ class Migration:
         )
         report.changed = True
         try:
-            self._subscribe()
+            self._subscribe(dom)
             if self._run_before_hooks():
                 self._run_job(dom)
         finally:
@@ -566,14 +566,15 @@ class Migration:
             note = "events: no VFIO hostdev in the XML; any device that emits is followed"
         return [d.alias or "?" for d in covered], note
 
-    def _subscribe(self) -> None:
+    def _subscribe(self, dom: VirDomain) -> None:
+        events = sorted(_FOLLOWED_EVENTS)
         self._subs.append(
-            self.source.subscribe_monitor_events(self._listener(Role.SOURCE), domain=self.request.domain)
+            self.source.subscribe_monitor_events(self._listener(Role.SOURCE), events=events, dom=dom)
         )
         # The incoming domain does not exist yet on the destination: filtered by name, not object.
         self._subs.append(
             self.destination.subscribe_monitor_events(
-                self._listener(Role.DESTINATION), domain=self.request.domain
+                self._listener(Role.DESTINATION), events=events, domain=self.request.domain
             )
         )
 

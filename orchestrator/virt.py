@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
@@ -88,17 +89,20 @@ MonitorCallback = Callable[[str, str, int, int, dict[str, Any] | None], None]
 
 
 class Subscription:
-    """A subscriber to a host's QEMU monitor events; `cancel()` stops delivery (idempotent)."""
+    """A registered QEMU monitor event callback; `cancel()` deregisters it (idempotent)."""
 
-    def __init__(self, host: Host, key: int) -> None:
+    def __init__(self, host: Host, callback_id: int) -> None:
         self._host = host
-        self._key: int | None = key
+        self._id: int | None = callback_id
 
     def cancel(self) -> None:
         """Stop delivering events to this subscriber."""
-        if self._key is not None:
-            self._host._unsubscribe(self._key)
-            self._key = None
+        if self._id is None:
+            return
+        callback_id, self._id = self._id, None
+        # A connection already gone took its callbacks with it.
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt_qemu.qemuMonitorEventDeregister(self._host.conn, callback_id)
 
 
 class Host:
@@ -107,12 +111,6 @@ class Host:
     def __init__(self, conn: Any, uri: str) -> None:
         self.conn = conn
         self.uri = uri
-        # libvirt-python routes every monitor-event registration through one C trampoline, and
-        # libvirt refuses a second registration of it on a connection: register once, fan out here.
-        self._subscribers: dict[int, tuple[MonitorCallback, str | None, str | None]] = {}
-        self._next_key = 0
-        self._registration: int | None = None
-        self._sub_lock = threading.Lock()
 
     @classmethod
     def open(cls, uri: str, *, keepalive: bool = True) -> Host:
@@ -133,13 +131,6 @@ class Host:
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""
-        with self._sub_lock:
-            self._subscribers.clear()
-            registration, self._registration = self._registration, None
-        # A connection already gone took its callback and itself with it.
-        with contextlib.suppress(libvirt.libvirtError):
-            if registration is not None:
-                libvirt_qemu.qemuMonitorEventDeregister(self.conn, registration)
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
@@ -296,39 +287,43 @@ class Host:
 
     # --- QEMU monitor -----------------------------------------------------------------------
     def subscribe_monitor_events(
-        self, callback: MonitorCallback, *, event: str | None = None, domain: str | None = None
+        self,
+        callback: MonitorCallback,
+        *,
+        events: Sequence[str] | None = None,
+        domain: str | None = None,
+        dom: VirDomain | None = None,
     ) -> Subscription:
-        """Deliver QEMU monitor events (optionally one event name, one domain name) to `callback`.
+        """Deliver QEMU monitor events to `callback`, filtered by the daemon where it can be.
 
-        Filtering by name rather than by libvirt domain object works on a destination too, where the
-        incoming domain does not exist yet when the subscription starts.
+        `events`: event names (None: all); sent to libvirt as an anchored regex, so other events
+        never cross the connection. `dom`: a domain object, filtered by libvirt too; `domain`: a name,
+        filtered here, for a destination where the incoming domain does not exist yet. (With an event
+        filter libvirt matches each registration one to one, so several subscribers on one
+        connection are fine; without one it would refuse the second as "already tracked".)
         """
-        with self._sub_lock:
-            if self._registration is None:
-                try:
-                    self._registration = int(
-                        libvirt_qemu.qemuMonitorEventRegister(self.conn, None, None, self._dispatch, None, 0)
-                    )
-                except libvirt.libvirtError as exc:
-                    raise translate(exc, f"subscribing to QEMU monitor events on {self.uri}") from None
-            key = self._next_key
-            self._next_key += 1
-            self._subscribers[key] = (callback, event, domain)
-        return Subscription(self, key)
+        pattern = "^(" + "|".join(re.escape(e) for e in events) + ")$" if events else ".*"
 
-    def _unsubscribe(self, key: int) -> None:
-        with self._sub_lock:
-            self._subscribers.pop(key, None)
+        def relay(
+            _conn: Any, virdom: Any, name: str, seconds: int, micros: int, details: str | None, _opaque: Any
+        ) -> None:
+            # Runs on libvirt's event thread: the hot path from QEMU's event to a drain hook.
+            name_of_domain = virdom.name()
+            if domain is None or domain == name_of_domain:
+                callback(name_of_domain, name, seconds, micros, json.loads(details) if details else None)
 
-    def _dispatch(
-        self, _conn: Any, dom: Any, name: str, seconds: int, micros: int, details: str | None, _opaque: Any
-    ) -> None:
-        # Runs on libvirt's event thread: the hot path from QEMU's event to a drain hook.
-        domain = dom.name()
-        data = json.loads(details) if details else None
-        for callback, event, wanted in list(self._subscribers.values()):
-            if (event is None or event == name) and (wanted is None or wanted == domain):
-                callback(domain, name, seconds, micros, data)
+        try:
+            callback_id = libvirt_qemu.qemuMonitorEventRegister(
+                self.conn,
+                dom,
+                pattern,
+                relay,
+                None,
+                libvirt_qemu.VIR_CONNECT_DOMAIN_QEMU_MONITOR_EVENT_REGISTER_REGEX,
+            )
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"subscribing to QEMU monitor events on {self.uri}") from None
+        return Subscription(self, int(callback_id))
 
     def monitor_command(self, dom: VirDomain, command: dict[str, Any]) -> Any:
         """Run one QMP command through libvirt (read-only queries only: libvirt taints otherwise)."""

@@ -68,7 +68,7 @@ def run(uris: Sequence[str], domain: str | None, out: TextIO, log: Callable[[str
             host = Host.open(uri)
             hosts.append(host)
             host.on_close(gone(uri))
-            subs.append(host.subscribe_monitor_events(relay(uri), event="VFIO_MIGRATION", domain=domain))
+            subs.append(host.subscribe_monitor_events(relay(uri), events=["VFIO_MIGRATION"], domain=domain))
             alive.add(uri)
         log(f"orchestrator: watching {len(uris)} host(s); Ctrl-C to stop")
         with lock:
