@@ -1,12 +1,19 @@
 """The `orchestrator` command line: parse, call, render. No logic of its own.
 
 Commands import what they need when they run, so that `--help` stays fast (Ansible calls often).
+Start-up cost (measured by bench/startup.py) is kept down three ways:
+
+- help is plain Click text (`rich_markup_mode=None`): Typer's rich help imports rich, rich.markdown
+  and markdown_it, ~50 ms, for every `--help`;
+- the help flags of the groups default to False (HELP_DEFAULTS): when absent, their value is then
+  already a bool, so Typer does not build a Pydantic adapter to coerce it; that import (pydantic,
+  pydantic_core, typer._adapters) is another ~50 ms of every `orchestrator COMMAND --help`;
+- json is imported when a command prints JSON, not at start.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,20 +23,30 @@ import typer
 
 from orchestrator.errors import ExitCode, OrchestratorError
 
+# Click's default_map for a group's context: its own help flag is False unless given (see above).
+HELP_DEFAULTS: dict[str, Any] = {"help": False}
+
 app = typer.Typer(
     name="orchestrator",
     help="Live migration of VMs with VFIO devices: drains dependent RDMA workloads on QEMU's VFIO events.",
     no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "default_map": HELP_DEFAULTS},
 )
 lab_app = typer.Typer(
-    help="A lab of libvirt hosts on this machine, with simulated VFIO devices.", no_args_is_help=True
+    help="A lab of libvirt hosts on this machine, with simulated VFIO devices.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"default_map": HELP_DEFAULTS},
 )
 app.add_typer(lab_app, name="lab")
 events_app = typer.Typer(
-    help="Turn QEMU's VFIO migration events on or off in a domain's definition.", no_args_is_help=True
+    help="Turn QEMU's VFIO migration events on or off in a domain's definition.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"default_map": HELP_DEFAULTS},
 )
 app.add_typer(events_app, name="events")
 
@@ -44,6 +61,8 @@ LabDirOpt = Annotated[
 
 def emit_json(document: Any) -> None:
     """Write one JSON document to stdout."""
+    import json
+
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
@@ -785,7 +804,12 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted", ExitCode.INTERRUPTED)
     except click_exc.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
-            raise SystemExit(ExitCode.OK) from None  # a bare group: Typer has shown its help
+            # A bare group: its help on stdout, like `--help`. (Typer's rich help printed it itself
+            # while building this error, leaving the message empty.)
+            help_text = exc.format_message()
+            if help_text:
+                sys.stdout.write(help_text.rstrip("\n") + "\n")
+            raise SystemExit(ExitCode.OK) from None
         hint = f"; see: {exc.ctx.command_path} --help" if exc.ctx else ""
         fail(f"{exc.format_message().rstrip('.')}{hint}", ExitCode.BAD_INPUT)
     except click_exc.ClickException as exc:
