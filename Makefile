@@ -1,5 +1,5 @@
 # The two commands of the README's quickstart. Both set everything up first (idempotently).
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 
 setup:
 	bash deploy/setup.sh
@@ -16,3 +16,11 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy orchestrator
+
+# All benchmarks, one after the other, each on its own lab (about 25 minutes); results in bench-results/.
+bench: setup
+	.venv/bin/python bench/drain_latency.py --json bench-results/drain_latency.json
+	.venv/bin/python bench/rdma_survival.py
+	.venv/bin/python bench/overhead.py
+	.venv/bin/python bench/evacuation.py --json bench-results/evacuation.json
+	.venv/bin/python bench/startup.py --json bench-results/startup.json

@@ -57,12 +57,27 @@ class PeerStats:
 
     def margins_ms(self) -> list[float]:
         """For each disarm: how much of the peers' timeout was left when it came, counted from the
-        device going quiet (its last answer); negative = too late, a timeout."""
+        device going quiet (its last answer); negative = too late, a timeout.
+
+        The disarm belongs to the nearest outage: the last one that began before it (even if it had
+        already ended: a disarm that late is that outage's) or the first one after it.
+        """
         margins = []
         for disarm in self.disarms:
-            after = [o.start for o in self.outages if o.end is None or o.end > disarm]
-            if after:
-                margins.append(round((after[0] + self.timeout_ms / 1000 - disarm) * 1000, 3))
+            before = [o for o in self.outages if o.start <= disarm]
+            after = [o for o in self.outages if o.start > disarm]
+            gap_before = None
+            if before:
+                end = before[-1].end
+                gap_before = 0.0 if end is None or end >= disarm else disarm - end
+            gap_after = after[0].start - disarm if after else None
+            if gap_before is None and gap_after is None:
+                continue
+            if gap_after is None or (gap_before is not None and gap_before <= gap_after):
+                outage = before[-1]
+            else:
+                outage = after[0]
+            margins.append(round((outage.start + self.timeout_ms / 1000 - disarm) * 1000, 3))
         return margins
 
     def to_json(self) -> dict[str, Any]:

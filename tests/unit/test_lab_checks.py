@@ -105,3 +105,21 @@ def test_cli_missing_programs_is_one_line_and_exit_7(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("orchestrator: error: missing programs for the lab: libvirtd;")
+
+
+@pytest.mark.parametrize(
+    ("outages", "disarm", "margin"),
+    [
+        ([(10.000, 10.600)], 10.010, 20.0),  # quiet at 10.000, disarmed 10 ms later: 20 ms of 30 left
+        ([(10.000, 10.600)], 9.990, 40.0),  # disarmed before the device went quiet
+        ([(10.000, 10.050)], 10.300, -270.0),  # disarmed after the device answered again: that outage's
+        ([(1.0, 1.1), (10.000, 10.600)], 10.040, -10.0),  # not the old outage
+        ([(10.000, 10.600), (20.0, 20.6)], 10.700, -670.0),  # late, nearer the first than the next
+        ([(10.000, None)], 10.020, 10.0),  # still quiet when stopped
+    ],
+)
+def test_peer_margins_pair_each_disarm_with_its_nearest_outage(outages, disarm, margin) -> None:
+    from orchestrator.lab.peer import Outage, PeerStats
+
+    stats = PeerStats("vm", "nic0", 5.0, 30.0, disarms=[disarm], outages=[Outage(s, e) for s, e in outages])
+    assert stats.margins_ms() == [pytest.approx(margin, abs=0.01)]

@@ -1,0 +1,208 @@
+"""Helpers shared by bench/rdma_survival.py and bench/overhead.py: their own lab, statistics, output.
+
+Both scripts run as programs (`.venv/bin/python bench/NAME.py`), so this module is imported as
+`common` from the scripts' directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from orchestrator.lab import hosts as lab_hosts
+from orchestrator.virt import Host
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench-results"
+# libvirt's cache of QEMU capabilities, kept between the benchmarks' labs (libvirtd validates every
+# entry against the QEMU binary, libvirt and the kernel, and probes again when one does not match).
+CAPS_CACHE = Path("/var/tmp/orch-bench-qemu-caps")
+CAPS_SUBDIR = Path("cache") / "qemu" / "capabilities"  # under a lab host's directory
+MIGRATE_TIMEOUT_S = 180.0
+
+
+class BenchError(Exception):
+    """The benchmark could not measure what it should (one line, printed on exit)."""
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated linearly between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def rounded(value: float, digits: int = 3) -> float | None:
+    """`value` rounded for JSON, None for NaN (no data)."""
+    return None if math.isnan(value) else round(value, digits)
+
+
+def fmt(value: float | None, spec: str = ".1f", width: int = 9) -> str:
+    """A table cell: the number formatted, or '-' when there is none."""
+    text = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return f"{text:>{width}}"
+
+
+def xml(text: str) -> str:
+    """Escape text for SVG."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- processes --------------------------------------------------------------------------------------
+
+
+def program(name: str) -> list[str]:
+    """argv prefix of one of the package's programs: the console script beside this Python (what a
+    user runs), else `python -m orchestrator` for the main one."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which(name)
+    if found is not None:
+        return [found]
+    if name == "orchestrator":
+        return [sys.executable, "-m", "orchestrator"]
+    raise BenchError(f"{name} is not installed (run deploy/setup.sh)")
+
+
+def run(
+    command: Sequence[str], what: str, env: dict[str, str] | None = None, timeout: float = MIGRATE_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; BenchError with its stderr when it fails."""
+    try:
+        result = subprocess.run(
+            list(command),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} did not finish within {timeout:.0f} s") from None
+    if result.returncode != 0:
+        raise BenchError(f"{what} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
+    return result
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(143)  # unwinds through the finally blocks: children stopped, the lab torn down
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143), so that `finally` blocks tear the lab down."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# --- the benchmark's own lab ------------------------------------------------------------------------
+
+
+@dataclass
+class OwnLab:
+    """A running two-host lab of the benchmark's own, with a libvirt connection to each host."""
+
+    root: Path
+    hosts: list[lab_hosts.LabHost]
+    conns: list[Host]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for the orchestrator and its hooks: the lab's directory (the RDMA fabric)."""
+        return {**os.environ, "ORCH_LAB_DIR": str(self.root)}
+
+    def data_uri(self, domain: str) -> str:
+        """The migration data socket for `domain` (both lab hosts see the same file system)."""
+        return f"unix://{self.root}/migrations/{domain}.sock"
+
+    def remove(self, domain: str) -> None:
+        """Destroy and undefine `domain` wherever it is."""
+        for conn in self.conns:
+            conn.destroy_and_undefine(domain)
+
+
+@contextlib.contextmanager
+def own_lab(lab_dir: Path | None, count: int = 2) -> Iterator[OwnLab]:
+    """Bring up `count` lab hosts in `lab_dir` (default: a new temporary directory under /var/tmp,
+    short because libvirt's unix socket paths live under it) and tear them down on the way out,
+    whatever happens (SIGTERM included, with `exit_on_sigterm`)."""
+    own_root = lab_dir is None
+    root = Path(tempfile.mkdtemp(prefix="bench-lab-", dir="/var/tmp")) if lab_dir is None else lab_dir
+    conns: list[Host] = []
+    try:
+        if any(host.running for host in lab_hosts.status(root, with_guests=False)):
+            raise BenchError(
+                f"a lab already runs in {root}: the benchmark needs a lab of its own (--lab-dir)"
+            )
+        try:
+            _seed_capabilities(root, count)
+            hosts = lab_hosts.up(count, root)
+            conns = [Host.open(host.uri) for host in hosts]
+            for conn in conns:
+                # A lab daemon with an empty cache probes every installed QEMU binary (seconds each)
+                # the first time it is asked for its capabilities, which the orchestrator's pre-flight
+                # does (host UUIDs): pay that here, not in the first measured migration.
+                conn.host_uuid()
+            yield OwnLab(root, hosts, conns)
+        finally:
+            for conn in conns:
+                conn.close()
+            for host in lab_hosts.status(root, with_guests=False):
+                _keep_capabilities(host)  # also what starting a guest added (its machine types)
+            lab_hosts.down(root)
+    finally:
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _seed_capabilities(root: Path, count: int) -> None:
+    """Give each lab host to be started a copy of the kept QEMU capabilities cache, if there is one."""
+    kept = sorted(CAPS_CACHE.glob("*.xml")) if CAPS_CACHE.is_dir() else []
+    for name in lab_hosts.HOST_NAMES[:count] if kept else ():
+        target = root / "hosts" / name / CAPS_SUBDIR
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in kept:
+            shutil.copy2(entry, target / entry.name)
+
+
+def _keep_capabilities(host: lab_hosts.LabHost) -> None:
+    """Keep a lab host's QEMU capabilities cache for the next lab (each file replaced atomically)."""
+    with contextlib.suppress(OSError):  # only an optimisation
+        CAPS_CACHE.mkdir(exist_ok=True)
+        for entry in (host.dir / CAPS_SUBDIR).glob("*.xml"):
+            partial = CAPS_CACHE / f".{entry.name}.{os.getpid()}"
+            shutil.copy2(entry, partial)
+            partial.replace(CAPS_CACHE / entry.name)
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {"python": sys.version.split()[0], "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)}
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write `doc` as indented JSON, creating the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
