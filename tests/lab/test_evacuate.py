@@ -199,3 +199,34 @@ def test_evacuate_bad_input(lab_env: Any, tmp_path: Path) -> None:
         run = cli(*args, "--journal", str(tmp_path / "j.sqlite"))
         lines = run.err.strip().splitlines()
         assert run.code == code and len(lines) == 1 and text in lines[0], (args, run.code, run.err)
+
+
+def test_inactive_vms_move_by_definition_only(lab_env: Any, tmp_path: Path) -> None:
+    import uuid
+
+    from orchestrator import domxml
+    from orchestrator.lab import guest as lab_guest
+
+    name = f"off-{uuid.uuid4().hex[:8]}"
+    lab_guest.create_guest(lab_env.hosts[0], lab_guest.GuestSpec(name=name), start=False, root=lab_env.root)
+    without = evacuate(lab_env, tmp_path, "--include", name, "--policy", str(policy(lab_env, tmp_path)))
+    assert without.code == 0 and without.doc["results"] == [], "shut-off VMs stay unless --inactive"
+    run = evacuate(
+        lab_env,
+        tmp_path,
+        "--include",
+        name,
+        "--inactive",
+        "--to",
+        lab_env.hosts[1].uri,
+        "--policy",
+        str(policy(lab_env, tmp_path)),
+        to=(),
+    )
+    assert run.code == 0, run.err
+    assert [(r["domain"], r["outcome"]) for r in run.doc["results"]] == [(name, "succeeded")]
+    assert lab_env.conn(0).find_domain(name) is None
+    moved = lab_env.conn(1).domain(name)
+    assert not moved.isActive(), "moved by definition only: not started"
+    assert domxml.events_status(lab_env.conn(1).xml(moved, inactive=True)).all_enabled
+    lab_env.remove(name)
