@@ -1,6 +1,6 @@
-"""Helpers shared by bench/rdma_survival.py and bench/overhead.py: their own lab, statistics, output.
+"""Helpers shared by the benchmarks in bench/: their own lab, work directory, statistics, output.
 
-Both scripts run as programs (`.venv/bin/python bench/NAME.py`), so this module is imported as
+The scripts run as programs (`.venv/bin/python bench/NAME.py`), so this module is imported as
 `common` from the scripts' directory.
 """
 
@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.lab import hosts as lab_hosts
 from orchestrator.virt import Host
 
@@ -31,6 +32,8 @@ RESULTS = REPO / "bench-results"
 CAPS_CACHE = Path("/var/tmp/orch-bench-qemu-caps")
 CAPS_SUBDIR = Path("cache") / "qemu" / "capabilities"  # under a lab host's directory
 MIGRATE_TIMEOUT_S = 180.0
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -65,6 +68,15 @@ def fmt(value: float | None, spec: str = ".1f", width: int = 9) -> str:
 def xml(text: str) -> str:
     """Escape text for SVG."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_start(width: float, height: float) -> list[str]:
+    """The first lines of a standalone SVG: its element (sans-serif, 12 px) and a white background."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
 
 
 # --- processes --------------------------------------------------------------------------------------
@@ -114,6 +126,54 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def migrate_command(
+    orchestrator: Sequence[str],
+    domain: str,
+    dest_uri: str,
+    source_uri: str,
+    policy: str,
+    data_uri: str,
+    journal: Path,
+) -> list[str]:
+    """The argv of one `orchestrator migrate ... --json` (`orchestrator`: the program's argv prefix)."""
+    return [
+        *orchestrator,
+        "migrate",
+        domain,
+        dest_uri,
+        "-c",
+        source_uri,
+        "--policy",
+        policy,
+        "--migrateuri",
+        data_uri,
+        "--journal",
+        str(journal),
+        "--json",  # one JSON document instead of a table: the outcome and the timings
+    ]
+
+
+def in_work_dir(name: str, prefix: str, measure: Callable[[Path], T]) -> T | None:
+    """`measure(work)` in a new temporary work directory, removed afterwards unless it fails.
+
+    On a BenchError or OrchestratorError: one line "NAME: error: ..." on stderr and None (the caller
+    exits 1); on anything else (SIGTERM's SystemExit included) the exception propagates. Either way
+    the work files are kept and stderr says where.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        found = measure(work)
+    except (BenchError, OrchestratorError) as exc:
+        text = exc.line() if isinstance(exc, OrchestratorError) else str(exc)
+        print(f"{name}: error: {text} (work files kept in {work})", file=sys.stderr)
+        return None
+    except BaseException:
+        print(f"{name}: work files kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return found
+
+
 # --- the benchmark's own lab ------------------------------------------------------------------------
 
 
@@ -141,18 +201,30 @@ class OwnLab:
 
 
 @contextlib.contextmanager
-def own_lab(lab_dir: Path | None, count: int = 2) -> Iterator[OwnLab]:
-    """Bring up `count` lab hosts in `lab_dir` (default: a new temporary directory under /var/tmp,
-    short because libvirt's unix socket paths live under it) and tear them down on the way out,
-    whatever happens (SIGTERM included, with `exit_on_sigterm`)."""
-    own_root = lab_dir is None
+def lab_root(lab_dir: Path | None) -> Iterator[Path]:
+    """`lab_dir`, or a new temporary directory under /var/tmp (short: libvirt's unix socket paths
+    live under it), removed on the way out."""
     root = Path(tempfile.mkdtemp(prefix="bench-lab-", dir="/var/tmp")) if lab_dir is None else lab_dir
-    conns: list[Host] = []
     try:
-        if any(host.running for host in lab_hosts.status(root, with_guests=False)):
-            raise BenchError(
-                f"a lab already runs in {root}: the benchmark needs a lab of its own (--lab-dir)"
-            )
+        yield root
+    finally:
+        if lab_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def check_no_lab(root: Path) -> None:
+    """A BenchError when a lab already runs in `root`: the benchmark's numbers need a lab of its own."""
+    if any(host.running for host in lab_hosts.status(root, with_guests=False)):
+        raise BenchError(f"a lab already runs in {root}: the benchmark needs a lab of its own (--lab-dir)")
+
+
+@contextlib.contextmanager
+def own_lab(lab_dir: Path | None, count: int = 2) -> Iterator[OwnLab]:
+    """Bring up `count` lab hosts in `lab_dir` (default: a new temporary directory, see `lab_root`)
+    and tear them down on the way out, whatever happens (SIGTERM included, with `exit_on_sigterm`)."""
+    with lab_root(lab_dir) as root:
+        check_no_lab(root)
+        conns: list[Host] = []
         try:
             _seed_capabilities(root, count)
             hosts = lab_hosts.up(count, root)
@@ -169,9 +241,6 @@ def own_lab(lab_dir: Path | None, count: int = 2) -> Iterator[OwnLab]:
             for host in lab_hosts.status(root, with_guests=False):
                 _keep_capabilities(host)  # also what starting a guest added (its machine types)
             lab_hosts.down(root)
-    finally:
-        if own_root:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _seed_capabilities(root: Path, count: int) -> None:
@@ -202,7 +271,7 @@ def machine() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)}
 
 
-def write_json(path: Path, doc: dict[str, Any]) -> None:
+def write_json(path: Path, doc: dict[str, Any], indent: int = 2) -> None:
     """Write `doc` as indented JSON, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.write_text(json.dumps(doc, indent=indent) + "\n")

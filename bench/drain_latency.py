@@ -42,15 +42,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from common import (
+    BenchError,
+    check_no_lab,
+    exit_on_sigterm,
+    in_work_dir,
+    lab_root,
+    migrate_command,
+    percentile,
+    svg_start,
+    write_json,
+    xml,
+)
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.lab import guest as lab_guest
@@ -134,10 +145,6 @@ VIRSH_LINE = re.compile(
 )
 
 
-class BenchError(Exception):
-    """The benchmark could not measure what it should (one line, printed on exit)."""
-
-
 @dataclass(frozen=True)
 class Sample:
     """One prepare event and the start of the drain hook it triggered."""
@@ -194,17 +201,6 @@ class Scenario:
 
 
 # --- small pure helpers ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), interpolated linearly between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int]:
@@ -298,10 +294,8 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
         return left + plot_w * (math.log10(max(ms, lo)) - math.log10(lo)) / span
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{_xml(title)}</text>',
+        *svg_start(width, height),
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{xml(title)}</text>',
     ]
     for number, (panel_title, curves) in enumerate(panels):
         ptop = top + number * panel_h + 24
@@ -311,7 +305,7 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
 
         out.append(
             f'<text x="{left + plot_w / 2}" y="{ptop - 8}" text-anchor="middle" font-size="13" '
-            f'font-weight="bold">{_xml(panel_title)}</text>'
+            f'font-weight="bold">{xml(panel_title)}</text>'
         )
         decade = lo
         while decade <= hi * 1.0001:
@@ -354,7 +348,7 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
                 f"{label}: n={len(ordered)}, p50 {percentile(ordered, 50):.2f} ms, "
                 f"p99 {percentile(ordered, 99):.2f} ms, max {max(ordered, default=math.nan):.2f} ms"
             )
-            out.append(f'<text x="{left + plot_w - 42}" y="{ly}" text-anchor="end">{_xml(legend)}</text>')
+            out.append(f'<text x="{left + plot_w - 42}" y="{ly}" text-anchor="end">{xml(legend)}</text>')
             out.append(
                 f'<line x1="{left + plot_w - 36}" y1="{ly - 4}" x2="{left + plot_w - 12}" y2="{ly - 4}" '
                 f'stroke="{colour}" stroke-width="3"/>'
@@ -366,10 +360,6 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
     )
     out.append("</svg>")
     return "\n".join(out) + "\n"
-
-
-def _xml(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --- measuring ----------------------------------------------------------------------------------------
@@ -573,21 +563,15 @@ class Bench:
         self.exact.take(self.hosts[src].uri)
         orchestrator = [sys.executable, "-m", "orchestrator"]
         commands = [
-            [
-                *orchestrator,
-                "migrate",
+            migrate_command(
+                orchestrator,
                 domain,
                 self.hosts[dst].uri,
-                "-c",
                 self.hosts[src].uri,
-                "--policy",
                 str(policy),
-                "--migrateuri",
                 self._data_uri(domain),
-                "--journal",
-                str(self.journal),
-                "--json",
-            ]
+                self.journal,
+            )
             for domain in scenario.domains
         ]
         runs = _run_together(commands, self.work / f"orch-{index}-migrate", "orchestrator migrate")
@@ -891,10 +875,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(143)  # unwinds through the finally blocks: the lab is torn down
-
-
 def _warm_up(conns: Sequence[Host]) -> None:
     """A fresh libvirtd probes QEMU's capabilities on first use (seconds): do it now, on both, at once."""
 
@@ -912,8 +892,7 @@ def _warm_up(conns: Sequence[Host]) -> None:
 def measure(args: argparse.Namespace, root: Path, work: Path) -> tuple[Bench, float]:
     """Bring up the lab under `root`, measure every scenario, tear the lab down; returns (bench, seconds)."""
     began = time.monotonic()
-    if any(host.running for host in lab_hosts.status(root, with_guests=False)):
-        raise BenchError(f"a lab already runs in {root}: the benchmark needs a lab of its own (--lab-dir)")
+    check_no_lab(root)
     hook = compile_hook(work)
     conns: list[Host] = []
     exact: ExactTimes | None = None
@@ -991,32 +970,16 @@ def report(doc: dict[str, Any], elapsed: float) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 with one line on stderr otherwise."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    work = Path(tempfile.mkdtemp(prefix="drain-latency-"))
-    own_root = args.lab_dir is None
-    root = Path(tempfile.mkdtemp(prefix="bench-lab-", dir="/var/tmp")) if own_root else args.lab_dir
-    keep = False
-    try:
-        bench, elapsed = measure(args, root, work)
-    except (BenchError, OrchestratorError) as exc:
-        keep = True
-        text = exc.line() if isinstance(exc, OrchestratorError) else str(exc)
-        print(f"drain_latency: error: {text} (work files kept in {work})", file=sys.stderr)
+    exit_on_sigterm()
+    with lab_root(args.lab_dir) as root:
+        measured = in_work_dir("drain_latency", "drain-latency-", lambda work: measure(args, root, work))
+    if measured is None:
         return 1
-    except BaseException:
-        keep = True
-        print(f"drain_latency: work files kept in {work}", file=sys.stderr)
-        raise
-    finally:
-        if own_root:
-            shutil.rmtree(root, ignore_errors=True)
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    bench, elapsed = measured
     doc = results(bench, args, elapsed)
     report(doc, elapsed)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(args.json, doc, indent=1)
     args.svg.parent.mkdir(parents=True, exist_ok=True)
     args.svg.write_text(
         render_svg(

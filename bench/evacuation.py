@@ -29,21 +29,28 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from common import (
+    BenchError,
+    check_no_lab,
+    exit_on_sigterm,
+    in_work_dir,
+    lab_root,
+    svg_start,
+    write_json,
+    xml,
+)
+
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab_hosts
 from orchestrator.virt import Host
@@ -60,10 +67,6 @@ description = "evacuation benchmark: the lab's unix data sockets, no hooks"
 [migration]
 data_uri = "unix://{root}/migrations/{{domain}}.sock"
 """
-
-
-class BenchError(Exception):
-    """The benchmark could not measure what it should (one line, printed on exit)."""
 
 
 @dataclass
@@ -246,8 +249,7 @@ def run_evacuate(lab: Lab, variant: Variant) -> None:
 def measure(args: argparse.Namespace, root: Path, work: Path) -> tuple[list[Variant], float]:
     """Bring up the lab under `root`, time every variant, tear the lab down; (variants, seconds)."""
     began = time.monotonic()
-    if any(host.running for host in lab_hosts.status(root, with_guests=False)):
-        raise BenchError(f"a lab already runs in {root}: the benchmark needs a lab of its own (--lab-dir)")
+    check_no_lab(root)
     virsh = shutil.which("virsh")
     if virsh is None:
         raise BenchError("virsh is not installed (run deploy/setup.sh)")
@@ -381,10 +383,8 @@ def render_svg(doc: dict[str, Any]) -> str:
         f"({cfg['guests_with_device']} with a VFIO device)"
     )
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="26" text-anchor="middle" font-size="15">{_xml(title)}</text>',
+        *svg_start(width, height),
+        f'<text x="{width / 2}" y="26" text-anchor="middle" font-size="15">{xml(title)}</text>',
     ]
 
     def y(seconds: float) -> float:
@@ -409,10 +409,10 @@ def render_svg(doc: dict[str, Any]) -> str:
         label = f"{v['wall_s']:.1f} s (x{v['ratio_to_serial']:.2f})"
         middle = x + bar / 2
         out.append(
-            f'<text x="{middle:.1f}" y="{y(v["wall_s"]) - 6:.1f}" text-anchor="middle">{_xml(label)}</text>'
+            f'<text x="{middle:.1f}" y="{y(v["wall_s"]) - 6:.1f}" text-anchor="middle">{xml(label)}</text>'
         )
         out.append(
-            f'<text x="{middle:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{_xml(v["name"])}</text>'
+            f'<text x="{middle:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{xml(v["name"])}</text>'
         )
     out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>')
     out.append(
@@ -434,10 +434,6 @@ def _nice_step(raw: float) -> float:
         if power * mult >= raw:
             return power * mult
     return power * 10
-
-
-def _xml(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -481,35 +477,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(143)  # unwinds through the finally blocks: the lab is torn down
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 with one line on stderr otherwise."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    work = Path(tempfile.mkdtemp(prefix="evacuation-bench-"))
-    own_root = args.lab_dir is None
-    # Short, under /var/tmp: libvirt's unix socket paths live under it.
-    root = Path(tempfile.mkdtemp(prefix="bench-lab-", dir="/var/tmp")) if own_root else args.lab_dir
-    keep = False
-    try:
-        variants, elapsed = measure(args, root, work)
-    except (BenchError, OrchestratorError) as exc:
-        keep = True
-        text = exc.line() if isinstance(exc, OrchestratorError) else str(exc)
-        print(f"evacuation: error: {text} (work files kept in {work})", file=sys.stderr)
+    exit_on_sigterm()
+    with lab_root(args.lab_dir) as root:
+        measured = in_work_dir("evacuation", "evacuation-bench-", lambda work: measure(args, root, work))
+    if measured is None:
         return 1
-    except BaseException:
-        keep = True
-        print(f"evacuation: work files kept in {work}", file=sys.stderr)
-        raise
-    finally:
-        if own_root:
-            shutil.rmtree(root, ignore_errors=True)
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    variants, elapsed = measured
     doc = results(variants, args, elapsed)
     print(table(doc))
     print(
@@ -518,8 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median of {args.rounds} round(s), {elapsed:.0f} s in all"
     )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
     args.svg.parent.mkdir(parents=True, exist_ok=True)
     args.svg.write_text(render_svg(doc))
     print(f"plot: {args.svg}" + (f", numbers: {args.json}" if args.json else ""))

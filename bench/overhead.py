@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -39,7 +37,9 @@ from common import (
     BenchError,
     OwnLab,
     exit_on_sigterm,
+    in_work_dir,
     machine,
+    migrate_command,
     own_lab,
     percentile,
     program,
@@ -48,7 +48,6 @@ from common import (
     write_json,
 )
 
-from orchestrator.errors import OrchestratorError
 from orchestrator.lab import guest as lab_guest
 from orchestrator.virt import domain_state
 
@@ -85,21 +84,9 @@ class Bench:
         source, destination = self.lab.hosts[src].uri, self.lab.hosts[dst].uri
         data_uri = self.lab.data_uri(self.domain)
         if method == "orchestrator":
-            return [
-                *program("orchestrator"),
-                "migrate",
-                self.domain,
-                destination,
-                "-c",
-                source,
-                "--policy",
-                "default",
-                "--migrateuri",
-                data_uri,
-                "--journal",
-                str(self.journal),
-                "--json",  # one JSON document instead of a table: the outcome and the timings
-            ]
+            return migrate_command(
+                program("orchestrator"), self.domain, destination, source, "default", data_uri, self.journal
+            )
         return [
             *program("virsh"),
             "-c",
@@ -294,17 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 with one line on stderr otherwise."""
     args = parse_args(argv)
     exit_on_sigterm()
-    work = Path(tempfile.mkdtemp(prefix="overhead-"))
-    try:
-        runs, elapsed = measure(args, work)
-    except (BenchError, OrchestratorError) as exc:
-        text = exc.line() if isinstance(exc, OrchestratorError) else str(exc)
-        print(f"overhead: error: {text} (work files kept in {work})", file=sys.stderr)
+    measured = in_work_dir("overhead", "overhead-", lambda work: measure(args, work))
+    if measured is None:
         return 1
-    except BaseException:
-        print(f"overhead: work files kept in {work}", file=sys.stderr)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    runs, elapsed = measured
     doc = results(runs, args, elapsed)
     print(table(doc))
     print(f"{args.pairs} pairs, {args.transition_ms} ms transition, {elapsed:.0f} s; numbers: {args.json}")

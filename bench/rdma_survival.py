@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -47,16 +45,18 @@ from common import (
     OwnLab,
     exit_on_sigterm,
     fmt,
+    in_work_dir,
     machine,
+    migrate_command,
     own_lab,
     program,
     rounded,
     run,
+    svg_start,
     write_json,
     xml,
 )
 
-from orchestrator.errors import OrchestratorError
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab.rdma_hook import control_path, send_command
 
@@ -284,21 +284,15 @@ def run_series(lab: OwnLab, config: Config, args: argparse.Namespace, work: Path
             src, dst = where, 1 - where
             began, began_mono = time.time(), time.monotonic()
             result = run(
-                [
-                    *program("orchestrator"),
-                    "migrate",
+                migrate_command(
+                    program("orchestrator"),
                     domain,
                     lab.hosts[dst].uri,
-                    "-c",
                     lab.hosts[src].uri,
-                    "--policy",
                     config.policy,
-                    "--migrateuri",
                     lab.data_uri(domain),
-                    "--journal",
-                    str(journal),
-                    "--json",
-                ],
+                    journal,
+                ),
                 f"{config.label}: orchestrator migrate (migration {index})",
                 env=lab.env,
             )
@@ -412,11 +406,7 @@ def render_svg(done: Sequence[Series], timeout_ms: float, transition_ms: int) ->
     tick: max) and the disarm margins (min and median) of each configuration."""
     width, height = 900, 450
     top, plot_h = 60, 290
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-    ]
+    out = svg_start(width, height)
 
     def text(x: float, y: float, content: str, anchor: str = "middle", extra: str = "") -> None:
         out.append(f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{xml(content)}</text>')
@@ -534,17 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 with one line on stderr otherwise."""
     args = parse_args(argv)
     exit_on_sigterm()
-    work = Path(tempfile.mkdtemp(prefix="rdma-survival-"))
-    try:
-        done, elapsed = measure(args, work)
-    except (BenchError, OrchestratorError) as exc:
-        text = exc.line() if isinstance(exc, OrchestratorError) else str(exc)
-        print(f"rdma_survival: error: {text} (work files kept in {work})", file=sys.stderr)
+    measured = in_work_dir("rdma_survival", "rdma-survival-", lambda work: measure(args, work))
+    if measured is None:
         return 1
-    except BaseException:
-        print(f"rdma_survival: work files kept in {work}", file=sys.stderr)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    done, elapsed = measured
     doc = results(done, args, elapsed)
     print(table(done))
     print(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -49,6 +48,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from common import BenchError, percentile, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 # The last commit whose orchestrator/cli.py had Typer's rich help (before the start-up work).
@@ -87,10 +88,6 @@ IMPORTTIME = re.compile(
 TOP = 8
 
 
-class BenchError(Exception):
-    """The benchmark could not measure what it should (one line, printed on exit)."""
-
-
 @dataclass(frozen=True)
 class Setup:
     """Where the variants' code lives and how to start them."""
@@ -120,17 +117,6 @@ class Setup:
 
 
 # --- small pure helpers -----------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), interpolated linearly between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def summary(values_ms: Sequence[float]) -> dict[str, Any]:
@@ -488,8 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(doc))
     print(details(doc))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
         print(f"numbers: {args.json}")
     return 0
 

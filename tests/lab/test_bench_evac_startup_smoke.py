@@ -8,72 +8,28 @@ needs no lab, only git and the history holding its 'before' revision.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from lab.benchtools import BENCH, REPO, need_lab, run_bench
 
-REPO = Path(__file__).resolve().parents[2]
-EVACUATION = REPO / "bench" / "evacuation.py"
-STARTUP = REPO / "bench" / "startup.py"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _lab_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the lab needs root"
-    programs = ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare", "virsh")
-    missing = [p for p in programs if shutil.which(p) is None]
-    return f"missing {', '.join(missing)} (run deploy/setup.sh)" if missing else None
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [line for line in ps.stdout.splitlines() if text in line]
+STARTUP = BENCH / "startup.py"
 
 
 @pytest.mark.lab
 def test_evacuation_bench_smoke(tmp_path: Path) -> None:
-    reason = _lab_unavailable()
-    if reason:
-        if IN_CI:
-            pytest.fail(f"the benchmark cannot run under CI: {reason}")
-        pytest.skip(reason)
+    need_lab()
     out_json, out_svg = tmp_path / "evac.json", tmp_path / "evac.svg"
-    # Short, like the session lab's: libvirt's unix socket paths live under it.
-    lab_dir = Path(tempfile.mkdtemp(prefix="bench-smoke-", dir="/var/tmp"))
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(EVACUATION),
-                "--guests",
-                "2",
-                "--concurrency",
-                "1",
-                "--rounds",
-                "1",
-                "--json",
-                str(out_json),
-                "--svg",
-                str(out_svg),
-                "--lab-dir",
-                str(lab_dir),
-            ],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=240,
-            check=False,
-        )
-        leftovers = _processes_mentioning(str(lab_dir))
-    finally:
-        shutil.rmtree(lab_dir, ignore_errors=True)
+    proc, leftovers = run_bench(
+        "evacuation.py",
+        *("--guests", "2", "--concurrency", "1", "--rounds", "1"),
+        *("--json", str(out_json), "--svg", str(out_svg)),
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     assert leftovers == [], "the benchmark tears its lab down"
 

@@ -8,63 +8,19 @@ take about a minute on an idle machine.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from lab.benchtools import need_lab, run_bench
 
 pytestmark = pytest.mark.lab
 
 
-def _need_lab() -> None:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "the lab needs root"
-    else:
-        programs = ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare", "virsh")
-        missing = [p for p in programs if shutil.which(p) is None]
-        reason = f"missing {', '.join(missing)} (run deploy/setup.sh)" if missing else None
-    if reason:
-        if IN_CI:
-            pytest.fail(f"the benchmark cannot run under CI: {reason}")
-        pytest.skip(reason)
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [line for line in ps.stdout.splitlines() if text in line]
-
-
-def _run_bench(script: str, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """Run a benchmark on a lab directory of the test's own; returns (result, processes left behind)."""
-    # Short, like the session lab's: libvirt's unix socket paths live under it.
-    lab_dir = Path(tempfile.mkdtemp(prefix="bench-smoke-", dir="/var/tmp"))
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(BENCH / script), *args, "--lab-dir", str(lab_dir)],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=150,
-            check=False,
-        )
-        return proc, _processes_mentioning(str(lab_dir))
-    finally:
-        shutil.rmtree(lab_dir, ignore_errors=True)
-
-
 def test_rdma_survival_bench_smoke(tmp_path: Path) -> None:
-    _need_lab()
+    need_lab()
     out_json, out_svg = tmp_path / "rdma.json", tmp_path / "rdma.svg"
-    proc, leftovers = _run_bench(
+    proc, leftovers = run_bench(
         "rdma_survival.py", "--migrations", "2", "--json", str(out_json), "--svg", str(out_svg)
     )
     assert proc.returncode == 0, proc.stderr
@@ -96,9 +52,9 @@ def test_rdma_survival_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_overhead_bench_smoke(tmp_path: Path) -> None:
-    _need_lab()
+    need_lab()
     out_json = tmp_path / "overhead.json"
-    proc, leftovers = _run_bench("overhead.py", "--pairs", "2", "--json", str(out_json))
+    proc, leftovers = run_bench("overhead.py", "--pairs", "2", "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr
     assert leftovers == [], "the benchmark tears its lab down"
     assert any(line.startswith("orchestrator migrate ") for line in proc.stdout.splitlines())

@@ -7,70 +7,23 @@ The benchmark brings up and tears down its own two lab hosts, so this test does 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "drain_latency.py"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from lab.benchtools import need_lab, run_bench
 
 pytestmark = pytest.mark.lab
 
 
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the lab needs root"
-    programs = ("libvirtd", "virtlogd", "qemu-system-x86_64", "unshare", "virsh", "gcc")
-    missing = [p for p in programs if shutil.which(p) is None]
-    return f"missing {', '.join(missing)} (run deploy/setup.sh)" if missing else None
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [line for line in ps.stdout.splitlines() if text in line]
-
-
 def test_drain_latency_bench_smoke(tmp_path: Path) -> None:
-    reason = _unavailable()
-    if reason:
-        if IN_CI:
-            pytest.fail(f"the benchmark cannot run under CI: {reason}")
-        pytest.skip(reason)
+    need_lab("gcc")
     out_json, out_svg = tmp_path / "drain.json", tmp_path / "drain.svg"
-    # Short, like the session lab's: libvirt's unix socket paths live under it.
-    lab_dir = Path(tempfile.mkdtemp(prefix="bench-smoke-", dir="/var/tmp"))
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(SCRIPT),
-                "--events",
-                "8",
-                "--devices",
-                "4",
-                "--vms",
-                "1,2",
-                "--json",
-                str(out_json),
-                "--svg",
-                str(out_svg),
-                "--lab-dir",
-                str(lab_dir),
-            ],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=180,
-            check=False,
-        )
-        leftovers = _processes_mentioning(str(lab_dir))
-    finally:
-        shutil.rmtree(lab_dir, ignore_errors=True)
+    proc, leftovers = run_bench(
+        "drain_latency.py",
+        *("--events", "8", "--devices", "4", "--vms", "1,2"),
+        *("--json", str(out_json), "--svg", str(out_svg)),
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert leftovers == [], "the benchmark tears its lab down"
 
