@@ -283,12 +283,10 @@ class Migration:
     # --- the hot path: libvirt's event thread ---------------------------------------------------
     def _listener(self, role: Role) -> Callable[[str, str, int, int, dict[str, Any] | None], None]:
         host = role.value
-        domain_name = self.request.domain
 
         def on_event(domain: str, name: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
             received = time.time()
-            if domain != domain_name or name not in _FOLLOWED_EVENTS:
-                return
+            # The subscription already filtered the domain and the event names (see _subscribe).
             if name == "VFIO_MIGRATION":
                 try:
                     event = VfioEvent.from_qmp(host, role, domain, seconds, micros, data, received)
@@ -681,15 +679,14 @@ class Migration:
             if self.tracker.mark_undrained(device):
                 self._note(f"no 'running' event for {device} after the job ended: undraining it anyway")
                 self._act(Decision(Action.UNDRAIN, device, None, False, "forced at the end of the migration"))
-        with self._lock:
-            running = list(self._all_hooks)
-        for hook in running:
-            hook.wait()
-        # Undrains that waited for their drains started hooks of their own: wait for those too.
-        with self._lock:
-            running = [h for h in self._all_hooks if not h.done.is_set()]
-        for hook in running:
-            hook.wait()
+        # Until none is pending: an undrain that waited for its drains starts hooks of its own.
+        while True:
+            with self._lock:
+                pending = [h for h in self._all_hooks if not h.done.is_set()]
+            if not pending:
+                break
+            for hook in pending:
+                hook.wait()
 
     def _run_after_hooks(self) -> None:
         outcome = self.report.outcome

@@ -54,11 +54,6 @@ def error_text(exc: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def is_libvirt_error(exc: BaseException) -> bool:
-    """Whether `exc` came from libvirt (for callers that must not import libvirt)."""
-    return isinstance(exc, libvirt.libvirtError)
-
-
 # Domain states, in the words virsh uses.
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "no state",
