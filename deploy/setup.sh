@@ -60,6 +60,46 @@ want_qemu || die "QEMU >= 9.1 did not install; check 'apt-cache policy qemu-syst
 want_libvirt || die "libvirt >= 11 did not install; check 'apt-cache policy libvirt-daemon'"
 # Debian enables the default libvirtd on install where systemd runs; the lab runs its own daemons.
 
+# --- lab workload guest image: a Debian cloud kernel + busybox initramfs -----------------------
+# `orchestrator lab guest --workload dirty` boots it: /init (deploy/guest-image/init) starts
+# orch-dirty (deploy/guest-image/orch-dirty.c, static), which rewrites memory at a set rate.
+# Built from the distribution's own packages (apt-get download, no installation) into
+# $ORCH_GUEST_IMAGE (default /var/lib/orchestrator/guest-image): vmlinuz, initrd.img. Rebuilt only
+# when its sources in deploy/guest-image change.
+image=${ORCH_GUEST_IMAGE:-/var/lib/orchestrator/guest-image}
+image_src=$repo/deploy/guest-image
+image_stamp=$(cat "$image_src/init" "$image_src/orch-dirty.c" | sha256sum | cut -d' ' -f1)
+if [ ! -f "$image/vmlinuz" ] || [ ! -f "$image/initrd.img" ] \
+    || [ "$(cat "$image/.built" 2>/dev/null)" != "$image_stamp" ]; then
+    log "building the lab workload guest image in $image (about 28 MB download)"
+    dpkg-query -W -f='${Status}' libc6-dev 2>/dev/null | grep -q 'ok installed' \
+        || apt-get install -y -qq --no-install-recommends libc6-dev >/dev/null
+    kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }'; }
+    kpkg=$(kernel_pkg)
+    if [ -z "$kpkg" ]; then apt-get update -qq; kpkg=$(kernel_pkg); fi
+    [ -n "$kpkg" ] || die "no linux-image-cloud-amd64 in the apt sources; check 'apt-cache policy linux-image-cloud-amd64'"
+    work=$(mktemp -d /var/tmp/orchestrator-guest-image.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    chown _apt "$work" 2>/dev/null || true  # apt-get download fetches as _apt
+    (cd "$work" && apt-get download -qq "$kpkg" busybox-static) || die "apt-get download $kpkg busybox-static failed"
+    mkdir -p "$work/root/bin" "$work/root/dev" "$work/root/proc" "$work/root/sys" "$work/root/tmp" "$work/out"
+    dpkg-deb --fsys-tarfile "$work/${kpkg}"_*.deb | tar -x -C "$work" --wildcards './boot/vmlinuz-*'
+    dpkg-deb --fsys-tarfile "$work"/busybox-static_*.deb | tar -x -C "$work/root" ./bin/busybox
+    gcc -static -O2 -Wall -Wextra -Werror -o "$work/root/bin/orch-dirty" "$image_src/orch-dirty.c"
+    install -m 0755 "$image_src/init" "$work/root/init"
+    mknod "$work/root/dev/console" c 5 1 2>/dev/null || true  # the kernel's built-in one serves otherwise
+    (cd "$work/root" && find . | "$work/root/bin/busybox" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -9 > "$work/out/initrd.img"
+    install -m 0644 "$work"/boot/vmlinuz-* "$work/out/vmlinuz"
+    echo "$kpkg" > "$work/out/kernel"
+    echo "$image_stamp" > "$work/out/.built"
+    mkdir -p "$(dirname "$image")"
+    rm -rf "$image.old"
+    [ ! -e "$image" ] || mv "$image" "$image.old"
+    mv "$work/out" "$image"
+    rm -rf "$image.old" "$work"
+    trap - EXIT
+fi
+
 # --- virtualenv -------------------------------------------------------------------------------
 py=${PYTHON:-python3}
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$py is older than 3.11"
