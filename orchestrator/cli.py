@@ -711,7 +711,8 @@ def history_cmd(
     """List recorded migrations, or show one's timeline."""
     from orchestrator.journal import Journal, journal_path
 
-    jour = Journal.open(journal_path(journal))
+    # Read-only: a missing journal is "no migrations recorded", and nothing is created or marked.
+    jour = Journal.open_readonly(journal_path(journal))
     try:
         if migration_id is None:
             rows = jour.list_migrations(limit=limit, domain=domain)

@@ -5,6 +5,8 @@ number, puts it on a queue and returns (a few microseconds), and ONE writer thre
 as its own transaction. A crash therefore leaves every record committed so far, and no half record.
 Reads use a second connection; in WAL mode they see committed records while any process writes.
 A journal left with migrations 'running' by a process that died is corrected on the next open.
+`Journal.open_readonly` (what `orchestrator history` uses) creates nothing and writes nothing: a
+missing journal reads as empty, and such migrations only read as interrupted.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -373,14 +376,13 @@ def _process_alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 :][:1] != "Z"
 
 
-def _open_error(path: Path, exc: BaseException) -> OrchestratorError:
-    """The one-line error for a journal that cannot be opened or created."""
+def _open_error(path: Path, exc: BaseException, *, reading: bool = False) -> OrchestratorError:
+    """The one-line error for a journal that cannot be opened or created (or read)."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and Path(exc.filename) != path:
         reason = f"{exc.filename}: {reason}"  # the directory it is in, say, could not be created
-    denied = isinstance(exc, sqlite3.Error) and not os.access(
-        path if path.exists() else path.parent, os.R_OK | os.W_OK
-    )
+    needed = os.R_OK if reading else os.R_OK | os.W_OK
+    denied = isinstance(exc, sqlite3.Error) and not os.access(path if path.exists() else path.parent, needed)
     if isinstance(exc, PermissionError) or denied:
         return EnvironmentProblem(f"cannot open the journal {path}: {reason}", f"run as root or {_PATH_HINT}")
     return BadInput(f"cannot use {path} as the journal: {reason}", _PATH_HINT)
@@ -390,6 +392,26 @@ def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: every statement commits on its own, so one record is one transaction
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _connect_existing(path: Path) -> sqlite3.Connection:
+    """A query-only connection to a journal that must already exist: never creates the file.
+
+    `mode=rw` when we may write there, so that closing it cleans SQLite's -wal/-shm side files
+    like any last connection does (nothing else is written: query_only); `mode=ro` otherwise.
+    """
+    mode = "rw" if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK) else "ro"
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -417,17 +439,21 @@ def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class Journal:
-    """The journal of migrations. Open with `Journal.open(path)`; use as a context manager or `close()`.
+    """The journal of migrations. Open with `Journal.open(path)` (or `Journal.open_readonly(path)` to
+    read only); use as a context manager or `close()`.
 
     Write methods are thread-safe and never block on disk; call `flush()` to wait until what was
     written is committed (and to learn of a write that failed). Reads see committed records only.
     """
 
-    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection) -> None:
-        """Use `Journal.open`."""
+    def __init__(
+        self, path: Path, writer: sqlite3.Connection | None, reader: sqlite3.Connection | None
+    ) -> None:
+        """Use `Journal.open` or `Journal.open_readonly` (no writer; no reader: no journal yet)."""
         self.path = path
         self._writer_conn = writer
         self._reader = reader
+        self.readonly = writer is None
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._seq_lock = threading.Lock()
@@ -436,8 +462,10 @@ class Journal:
         self._closed = False
         self._pid = os.getpid()
         self._host = socket.gethostname()
-        self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if writer is not None:
+            self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+            self._thread.start()
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -472,6 +500,40 @@ class Journal:
             raise
         return journal
 
+    @classmethod
+    def open_readonly(cls, path: Path) -> Journal:
+        """Open the journal at `path` for reading only: nothing is created (neither the file nor its
+        directory) and nothing is written. A missing journal reads as one without migrations.
+
+        Migrations left running by a dead process of this host are not marked (that is a write):
+        they read as interrupted. Raises BadInput or EnvironmentProblem, naming the path, if the
+        journal exists but cannot be read.
+        """
+        path = path.expanduser().absolute()
+        if path.is_dir():
+            raise BadInput(f"cannot use {path} as the journal: it is a directory", _PATH_HINT)
+        if not path.exists():
+            return cls(path, None, None)
+        reader = None
+        try:
+            reader = _connect_existing(path)
+            version = reader.execute("PRAGMA user_version").fetchone()[0]
+        except (sqlite3.Error, OSError) as exc:
+            if reader is not None:
+                reader.close()
+            raise _open_error(path, exc, reading=True) from None
+        if version > SCHEMA_VERSION:
+            reader.close()
+            raise EnvironmentProblem(
+                f"the journal {path} has schema version {version}, newer than this orchestrator's "
+                f"{SCHEMA_VERSION}",
+                f"upgrade the orchestrator or {_PATH_HINT}",
+            )
+        if version < SCHEMA_VERSION:  # an empty file: no migration was ever recorded in it
+            reader.close()
+            reader = None
+        return cls(path, None, reader)
+
     def __enter__(self) -> Journal:
         return self
 
@@ -496,6 +558,8 @@ class Journal:
         return seq
 
     def _put(self, write: _Write) -> None:
+        if self.readonly:
+            raise OrchestratorError(f"the journal {self.path} is open read-only; {write.what} not recorded")
         if self._closed:
             raise OrchestratorError(f"the journal {self.path} is closed; {write.what} not recorded")
         self._queue.put(write)
@@ -635,11 +699,12 @@ class Journal:
 
         A PID reused since by an unrelated process keeps its migration 'running' until that process ends.
         """
-        with self._read_lock:
-            running = self._reader.execute(
-                "SELECT id, pid FROM migrations WHERE outcome = ? AND host = ?",
-                (Outcome.RUNNING.value, self._host),
-            ).fetchall()
+        if self.readonly:
+            raise OrchestratorError(f"the journal {self.path} is open read-only: nothing can be marked")
+        running = self._select(
+            "SELECT id, pid FROM migrations WHERE outcome = ? AND host = ?",
+            (Outcome.RUNNING.value, self._host),
+        )
         stale = [row["id"] for row in running if not _process_alive(row["pid"])]
         for migration_id in stale:
             self._put(
@@ -659,7 +724,7 @@ class Journal:
         Raises OrchestratorError if the writer does not catch up within `timeout` seconds, or if a
         write failed since the last report (the first failure; it is then reported).
         """
-        if not self._closed:
+        if not self._closed and not self.readonly:
             done = threading.Event()
             self._queue.put(done)
             if not done.wait(timeout):
@@ -676,11 +741,14 @@ class Journal:
         """
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-            self._writer_conn.close()
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+            if self._writer_conn is not None:
+                self._writer_conn.close()
             with self._read_lock:
-                self._reader.close()
+                if self._reader is not None:
+                    self._reader.close()
         self._report_error()
 
     def _report_error(self) -> None:
@@ -689,6 +757,7 @@ class Journal:
             raise error
 
     def _write_loop(self) -> None:
+        assert self._writer_conn is not None  # the thread only runs for a writable journal
         logged = False
         while (item := self._queue.get()) is not None:
             if isinstance(item, threading.Event):
@@ -711,7 +780,26 @@ class Journal:
 
     def _select(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._read_lock:
-            return self._reader.execute(sql, params).fetchall()
+            if self._reader is None:  # a read-only journal that does not exist (yet): no rows
+                return []
+            try:
+                return self._reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                if not self.readonly:
+                    raise
+                raise _open_error(self.path, exc, reading=True) from None
+
+    def _as_read(self, row: MigrationRow) -> MigrationRow:
+        """The row as `open` would have left it: read-only, a dead process's migration is not marked
+        in the file, but it reads as interrupted all the same."""
+        if (
+            self.readonly
+            and row.outcome is Outcome.RUNNING
+            and row.host == self._host
+            and not _process_alive(row.pid)
+        ):
+            return replace(row, outcome=Outcome.INTERRUPTED, error=_STALE_ERROR)
+        return row
 
     def list_migrations(self, limit: int = 50, domain: str | None = None) -> list[MigrationRow]:
         """The latest `limit` migrations, of `domain` if given, newest first."""
@@ -722,7 +810,7 @@ class Journal:
                 "SELECT * FROM migrations WHERE domain = ? ORDER BY started DESC, id DESC LIMIT ?",
                 (domain, limit),
             )
-        return [MigrationRow._from_row(row) for row in rows]
+        return [self._as_read(MigrationRow._from_row(row)) for row in rows]
 
     def get_migration(self, id_or_prefix: str) -> MigrationRecord:
         """The migration with this id, or the only one whose id starts with it, with its events and
@@ -737,8 +825,12 @@ class Journal:
                 (len(id_or_prefix), id_or_prefix, _CANDIDATES_SHOWN + 1),
             )
         if not rows:
+            missing = " (there is no journal there yet)" if self.readonly and self._reader is None else ""
             raise BadInput(
-                f"no migration {id_or_prefix} in {self.path}", "list them with: orchestrator history"
+                f"no migration {id_or_prefix} in {self.path}{missing}",
+                f"list them with: orchestrator history --journal '{self.path}'"
+                if self.path != journal_path().expanduser().absolute()
+                else "list them with: orchestrator history",
             )
         if len(rows) > 1:
             shown = ", ".join(row["id"] for row in rows[:_CANDIDATES_SHOWN])
@@ -747,7 +839,7 @@ class Journal:
                 f"migration id {id_or_prefix} is ambiguous: it begins {shown}{more}",
                 "give more of the id",
             )
-        migration = MigrationRow._from_row(rows[0])
+        migration = self._as_read(MigrationRow._from_row(rows[0]))
         events = self._select("SELECT * FROM events WHERE migration_id = ? ORDER BY seq", (migration.id,))
         runs = self._select("SELECT * FROM hook_runs WHERE migration_id = ? ORDER BY seq", (migration.id,))
         return MigrationRecord(

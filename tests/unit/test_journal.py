@@ -299,7 +299,10 @@ def test_an_exact_id_wins_over_longer_ids_it_prefixes(journal: Journal) -> None:
 def test_an_unknown_id_says_how_to_list(path: Path, journal: Journal) -> None:
     with pytest.raises(BadInput) as caught:
         journal.get_migration("nope")
-    assert caught.value.line() == f"no migration nope in {path}; list them with: orchestrator history"
+    # pasted, the hint lists this very journal
+    assert caught.value.line() == (
+        f"no migration nope in {path}; list them with: orchestrator history --journal '{path}'"
+    )
     with pytest.raises(BadInput):
         journal.get_migration("")
 
@@ -447,3 +450,100 @@ def test_a_whole_migration_commits_in_well_under_50_ms(journal: Journal) -> None
     journal.flush()
     elapsed = time.perf_counter() - start
     assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
+
+
+# --- reading only (orchestrator history) -----------------------------------------------------------
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_a_missing_journal_reads_as_empty_and_nothing_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "journal.sqlite"
+    with Journal.open_readonly(path) as journal:
+        assert journal.readonly
+        assert journal.list_migrations() == []
+        assert journal.list_migrations(domain="vm1") == []
+        with pytest.raises(BadInput) as caught:
+            journal.get_migration("3f2a")
+    assert "there is no journal there yet" in caught.value.line()
+    assert not (tmp_path / "no").exists(), "reading created a directory"
+
+
+def test_the_default_journal_hint_needs_no_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "journal.sqlite"))
+    with Journal.open_readonly(journal_path()) as journal, pytest.raises(BadInput) as caught:
+        journal.get_migration("3f2a")
+    assert caught.value.line().endswith("; list them with: orchestrator history")
+    assert _files(tmp_path) == []
+
+
+def test_a_readonly_journal_reads_records_and_refuses_writes(path: Path) -> None:
+    with Journal.open(path) as writer:
+        begin(writer, "m-1")
+        vfio_event(writer, "m-1", "pre-copy-p2p-prepare", T0 + 1)
+    before = _files(path.parent)
+    with Journal.open_readonly(path) as journal:
+        assert [m.id for m in journal.list_migrations()] == ["m-1"]
+        assert [e.state for e in journal.get_migration("m-1").events] == ["pre-copy-p2p-prepare"]
+        with pytest.raises(OrchestratorError, match="read-only"):
+            begin(journal, "m-2")
+        with pytest.raises(OrchestratorError, match="read-only"):
+            journal.mark_stale(T0)
+        journal.flush()  # nothing to wait for
+    assert _files(path.parent) == before == ["journal.sqlite"], "SQLite's side files were left behind"
+
+
+def test_a_readonly_reader_sees_a_live_writer(path: Path, journal: Journal) -> None:
+    begin(journal, "m-1")
+    journal.flush()
+    with Journal.open_readonly(path) as reader:
+        assert reader.get_migration("m-1").migration.outcome == "running"
+        vfio_event(journal, "m-1", "pre-copy", T0 + 1)
+        journal.flush()
+        assert len(reader.get_migration("m-1").events) == 1
+
+
+def test_a_readonly_reader_does_not_mark_a_dead_process_but_reads_it_as_interrupted(path: Path) -> None:
+    with Journal.open(path) as writer:
+        begin(writer, "m-dead")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE migrations SET pid = ?", (int(dead.stdout),))
+    raw.commit()
+    raw.close()
+
+    with Journal.open_readonly(path) as reader:
+        (row,) = reader.list_migrations()
+        assert (row.outcome, row.error, row.ended) == ("interrupted", "orchestrator process died", None)
+        assert reader.get_migration("m-dead").migration.outcome == "interrupted"
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT outcome FROM migrations").fetchall() == [("running",)], "the reader wrote"
+    raw.close()
+    with Journal.open(path) as writer:  # a writer marks it, as before
+        assert writer.get_migration("m-dead").migration.outcome == "interrupted"
+
+
+def test_a_readonly_open_of_an_empty_file_reads_as_empty(tmp_path: Path) -> None:
+    empty = tmp_path / "journal.sqlite"
+    empty.write_bytes(b"")
+    with Journal.open_readonly(empty) as journal:
+        assert journal.list_migrations() == []
+    assert empty.read_bytes() == b""
+
+
+def test_a_readonly_open_refuses_what_open_refuses(path: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="it is a directory"):
+        Journal.open_readonly(tmp_path)
+    with pytest.raises(BadInput) as caught:
+        Journal.open_readonly(_not_a_database(tmp_path)).list_migrations()
+    assert "--journal PATH" in caught.value.line()
+    Journal.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
+        Journal.open_readonly(path)
