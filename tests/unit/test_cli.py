@@ -4,6 +4,8 @@ and bad option values as one line in our own words."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,32 @@ def test_history_reads_an_existing_journal(tmp_path: Path, capsys: pytest.Captur
     assert code == 0
     assert [row["id"] for row in json.loads(out)] == ["3f2a9c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.sqlite"]
+
+
+# --- --version ---------------------------------------------------------------------------------------
+
+
+def test_version_is_the_installed_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    expected = f"orchestrator {metadata.version('vfio-migration-orchestrator')}\n"
+    assert run(["--version"], capsys) == (0, expected, "")
+    assert "--version" in run(["--help"], capsys)[1]
+
+
+def test_version_imports_nothing_heavy() -> None:
+    probe = (
+        "import sys\n"
+        "from orchestrator.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('pydantic', 'libvirt', 'lxml', 'rich', 'orchestrator.virt', 'orchestrator.migration')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.startswith("orchestrator ")
+    assert done.stderr.strip() == "[]"
