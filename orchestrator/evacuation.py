@@ -22,7 +22,7 @@ from typing import Any
 
 import tenacity
 
-from orchestrator import domxml
+from orchestrator import domxml_edit
 from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
 from orchestrator.migration import JournalLike, Migration, Outcome, Report, Request
 from orchestrator.policy import Policy
@@ -451,7 +451,7 @@ class Evacuation:
         dom = source.domain(item.domain)
         if destination.find_domain(item.domain) is not None:
             raise BadInput(f"{item.domain} is already defined on {item.destination}", "remove one of the two")
-        xml = domxml.destination_xml(source.xml(dom, inactive=True, secure=True))
+        xml = domxml_edit.destination_xml(source.xml(dom, inactive=True, secure=True))
         copy = destination.define(xml)
         try:
             source.undefine(dom)

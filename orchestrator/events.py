@@ -1,8 +1,8 @@
 """`orchestrator events status|enable|disable`: make a domain's VFIO devices emit migration events.
 
-Composes the pure XML edits of `domxml` with the libvirt edge: read the definition, edit it, define
-it back, read it again to prove the change landed. A running VM is never restarted: the property
-only takes effect when QEMU starts, at the next cold boot.
+Composes the pure XML reads of `domxml` and edits of `domxml_edit` with the libvirt edge: read the
+definition, edit it, define it back, read it again to prove the change landed. A running VM is
+never restarted: the property only takes effect when QEMU starts, at the next cold boot.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator import domxml
+from orchestrator import domxml, domxml_edit
 from orchestrator.errors import BadInput, OrchestratorError
 from orchestrator.vfio import schema_support
 from orchestrator.virt import Host, VirDomain, domain_state
@@ -168,11 +168,11 @@ def change(host: Host, name: str, *, enable: bool, mode: str | None, dry_run: bo
                 f"--mode {chosen} needs libvirt >= 8.2.0, this host runs {version_text(libvirt_version)}",
                 "use --mode global",
             )
-        after, changed = domxml.enable_events(before, "override" if chosen == "override" else "global")
+        after, changed = domxml_edit.enable_events(before, "override" if chosen == "override" else "global")
     else:
         chosen = None
-        after, changed = domxml.disable_events(before)
-    diff = domxml.unified_diff(before, after, f"{dom.name()}.xml")
+        after, changed = domxml_edit.disable_events(before)
+    diff = domxml_edit.unified_diff(before, after, f"{dom.name()}.xml")
     running = state in ("running", "paused")
     if not changed:
         verb = "on" if enable else "off"

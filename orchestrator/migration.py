@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from orchestrator import domxml
+from orchestrator import domxml, domxml_edit
 from orchestrator.errors import BadInput, ExitCode, OrchestratorError
 from orchestrator.hooks import HookResult, HookRunner, OnFailure, RunningHook, Trigger, preflight
 from orchestrator.policy import MigrationMode, MigrationSettings, Policy, WhenEventsOff
@@ -664,7 +664,7 @@ class Migration:
     def _with_destination_xml(self, dom: VirDomain, request: MigrateRequest) -> MigrateRequest:
         """Carry the events property into the destination's live and persistent definitions."""
         migratable = self.source.xml(dom, migratable=True)
-        dest = domxml.destination_xml(migratable)
+        dest = domxml_edit.destination_xml(migratable)
         if dest == migratable:
             return request
         return replace(request, dest_xml=dest, persist_xml=dest if request.persist else None)
