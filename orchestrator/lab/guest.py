@@ -70,7 +70,6 @@ def simulator_path() -> str:
 def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
     """The domain XML of a lab guest."""
     env = {
-        "ORCH_SIM_DEVICES": ",".join(spec.device_ids),
         "ORCH_SIM_BEHAVIOUR": spec.behaviour,
         "ORCH_SIM_PRECOPY": "on" if spec.precopy else "off",
         "ORCH_SIM_P2P": "on" if spec.p2p else "off",
@@ -81,6 +80,13 @@ def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
     if fabric is not None:
         env["ORCH_SIM_FABRIC"] = str(fabric)
     qemu_lines = []
+    for index, device_id in enumerate(spec.device_ids):
+        # Declared as a user adds a vfio-pci device through libvirt's QEMU passthrough; the
+        # simulator (the <emulator>) takes it out of QEMU's arguments and simulates it.
+        qemu_lines += [
+            "    <qemu:arg value='-device'/>",
+            f"    <qemu:arg value='vfio-pci,id={device_id},host=0000:5e:{index // 8:02x}.{index % 8}'/>",
+        ]
     if spec.events:
         qemu_lines += [
             "    <qemu:arg value='-global'/>",

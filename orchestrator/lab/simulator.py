@@ -4,7 +4,8 @@ No VFIO hardware exists in the lab, so this program stands between libvirt and t
 
 1. libvirt starts it with QEMU's arguments and an already-listening monitor socket passed as
    `-chardev socket,id=charmonitor,fd=N,server=on,wait=off`.
-2. It gives QEMU one end of a socket pair as the monitor instead, forks a proxy that accepts
+2. It removes every vfio-pci device from those arguments (there is no VFIO hardware to give
+   QEMU), gives QEMU one end of a socket pair as the monitor instead, forks a proxy that accepts
    libvirt's connection on fd N, and then execs the real QEMU (so the PID libvirt forked stays
    QEMU's).
 3. The proxy relays the monitor both ways (file descriptors libvirt passes with SCM_RIGHTS
@@ -13,12 +14,19 @@ No VFIO hardware exists in the lab, so this program stands between libvirt and t
    message boundaries. A P2P transition blocks QEMU's later output for its duration, as the real
    ioctl would block QEMU.
 
-Settings come from the environment, which libvirt fills from the domain's `<qemu:env>` entries, so
-they travel with the domain when it migrates:
+The simulated devices are the domain's vfio-pci devices on QEMU's command line, declared as a user
+adds one through libvirt's QEMU passthrough (`<qemu:arg value='-device'/><qemu:arg
+value='vfio-pci,id=nic0,host=0000:5e:00.0'/>` in `<qemu:commandline>`): every `-device` whose driver
+is vfio-pci or vfio-pci-nohotplug, in keyval or JSON syntax. Each needs an `id=` (the QEMU id its
+events carry); its own `migration-events` option beats `-global`, as in QEMU. The simulator runs
+only when there is such a device and libvirt passed a monitor fd; otherwise it just execs QEMU.
 
-- ORCH_SIM_DEVICES: comma-separated device ids, each optionally followed by `:key=value` overrides
-  of the settings below for that device (`precopy`, `p2p`) and `migration-events=on|off`, the
-  device's own property, which beats `-global` exactly as in QEMU. Example: `nic0,nic1:precopy=off`.
+The other settings come from the environment, which libvirt fills from the domain's `<qemu:env>`
+entries, so they travel with the domain when it migrates:
+
+- ORCH_SIM_OVERRIDES: per-device overrides of the settings below, comma-separated
+  `id:key=value[:key=value]` entries with keys `precopy` and `p2p`; example: `nic1:precopy=off`.
+  An id with no vfio-pci `-device` is an error.
 - ORCH_SIM_BEHAVIOUR: `11.0` (emits pre-copy-p2p-prepare before the P2P transition, default) or
   `10.0` (QEMU 9.1-10.x: no prepare state).
 - ORCH_SIM_PRECOPY, ORCH_SIM_P2P: `on` (default) or `off`: the device's migration features.
@@ -35,7 +43,7 @@ they travel with the domain when it migrates:
 
 Like QEMU, a device emits events only when its `migration-events` property is on:
 `-global vfio-pci.migration-events=on` (or the `driver=,property=,value=` form) in the command
-line, or `migration-events=on` in that device's ORCH_SIM_DEVICES entry.
+line, or `migration-events=on` in that device's own `-device` options.
 """
 
 from __future__ import annotations
@@ -69,6 +77,10 @@ STATES = (
 _ON = {"on", "true", "yes", "1"}
 _OFF = {"off", "false", "no", "0"}
 _MAX_FDS = 16
+OVERRIDES = "ORCH_SIM_OVERRIDES"
+# vfio-pci-nohotplug is a vfio-pci subtype: -global vfio-pci.* reaches it too.
+VFIO_DRIVERS = frozenset({"vfio-pci", "vfio-pci-nohotplug"})
+_OVERRIDE_KEYS = ("precopy", "p2p")
 
 
 class ConfigError(ValueError):
@@ -116,22 +128,27 @@ class SimConfig:
         """Read the settings from the environment and QEMU's command line."""
         precopy = _flag(env.get("ORCH_SIM_PRECOPY", "on"), "ORCH_SIM_PRECOPY")
         p2p = _flag(env.get("ORCH_SIM_P2P", "on"), "ORCH_SIM_P2P")
-        devices = []
-        for entry in filter(None, (e.strip() for e in env.get("ORCH_SIM_DEVICES", "").split(","))):
-            device_id, *options = entry.split(":")
-            opts: dict[str, bool] = {}
-            for option in options:
-                key, sep, value = option.partition("=")
-                if not sep or key not in ("precopy", "p2p", "migration-events"):
-                    raise ConfigError(f"ORCH_SIM_DEVICES entry {entry!r}: unknown option {option!r}")
-                opts[key] = _flag(value, f"ORCH_SIM_DEVICES entry {entry!r}: {key}")
+        overrides = _overrides(env.get(OVERRIDES, ""))
+        devices: list[DeviceConfig] = []
+        for options in vfio_devices(argv):
+            device_id = options.get("id", "")
+            if not device_id:
+                raise ConfigError(f"-device {options['driver']} without id=: its events need the QEMU id")
+            if any(d.device_id == device_id for d in devices):
+                raise ConfigError(f"-device {options['driver']},id={device_id}: the id is used twice")
+            own = options.get("migration-events")
+            mine = overrides.pop(device_id, {})
             devices.append(
                 DeviceConfig(
                     device_id=device_id,
-                    precopy=opts.get("precopy", precopy),
-                    p2p=opts.get("p2p", p2p),
-                    events=opts.get("migration-events"),
+                    precopy=mine.get("precopy", precopy),
+                    p2p=mine.get("p2p", p2p),
+                    events=None if own is None else _flag(own, f"-device id={device_id}: migration-events"),
                 )
+            )
+        if overrides:
+            raise ConfigError(
+                f"{OVERRIDES} names {', '.join(sorted(overrides))}, which no vfio-pci -device declares"
             )
         behaviour = env.get("ORCH_SIM_BEHAVIOUR", "11.0")
         if behaviour not in ("11.0", "10.0"):
@@ -180,6 +197,70 @@ def global_migration_events(argv: Sequence[str]) -> bool | None:
         elif raw.lower() in _OFF:
             value = False
     return value
+
+
+def _overrides(text: str) -> dict[str, dict[str, bool]]:
+    """{device id: {setting: value}} from ``nic0:precopy=off,nic1:p2p=off``."""
+    found: dict[str, dict[str, bool]] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        device_id, *options = entry.split(":")
+        settings = found.setdefault(device_id, {})
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in _OVERRIDE_KEYS:
+                hint = ""
+                if key == "migration-events":
+                    hint = " (a device's own migration-events goes in its -device options)"
+                raise ConfigError(f"{OVERRIDES} entry {entry!r}: unknown option {option!r}{hint}")
+            settings[key] = _flag(value, f"{OVERRIDES} entry {entry!r}: {key}")
+    return found
+
+
+def device_options(value: str) -> dict[str, str]:
+    """A -device value's options, keyval (``,,`` is a literal comma) or JSON; the driver as "driver"."""
+    if value.lstrip().startswith("{"):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return {}
+        if not isinstance(decoded, dict):
+            return {}
+        return {str(k): ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in decoded.items()}
+    options: dict[str, str] = {}
+    # QEMU's argv holds no NUL: it stands in for an escaped comma while splitting.
+    for index, item in enumerate(value.replace(",,", "\0").split(",")):
+        key, sep, setting = item.replace("\0", ",").partition("=")
+        if index == 0 and not sep:
+            options["driver"] = key  # the implied first key
+        elif sep:
+            options[key] = setting
+    return options
+
+
+def _vfio_device_indexes(argv: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """(index of the -device flag, options) of each vfio-pci -device in QEMU's arguments."""
+    found = []
+    index = 0
+    while index < len(argv) - 1:
+        if argv[index] in ("-device", "--device"):
+            options = device_options(argv[index + 1])
+            if options.get("driver") in VFIO_DRIVERS:
+                found.append((index, options))
+            index += 2
+        else:
+            index += 1
+    return found
+
+
+def vfio_devices(argv: Sequence[str]) -> list[dict[str, str]]:
+    """The options of each vfio-pci (or vfio-pci-nohotplug) -device, in order."""
+    return [options for _, options in _vfio_device_indexes(argv)]
+
+
+def without_vfio_devices(argv: Sequence[str]) -> list[str]:
+    """QEMU's arguments without the vfio-pci devices (and their -device flags)."""
+    dropped = {i + offset for i, _ in _vfio_device_indexes(argv) for offset in (0, 1)}
+    return [arg for i, arg in enumerate(argv) if i not in dropped]
 
 
 def monitor_fd(argv: Sequence[str]) -> tuple[int, int] | None:
@@ -576,15 +657,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: act as QEMU, with simulated VFIO devices when the domain declares some."""
     args = list(sys.argv[1:] if argv is None else argv)
     qemu = real_qemu(os.environ)
-    found = monitor_fd(args)
-    if found is None or not os.environ.get("ORCH_SIM_DEVICES"):
+    if not vfio_devices(args):
         os.execv(qemu, [qemu, *args])  # noqa: S606 - capability probes and plain guests: just QEMU
-    assert found is not None
     try:
         config = SimConfig.from_env(os.environ, args)
     except ConfigError as exc:
         sys.stderr.write(f"vfio-sim: invalid setting: {exc}\n")
         sys.exit(1)
+    args = without_vfio_devices(args)  # no VFIO hardware here: QEMU gets none of them
+    found = monitor_fd(args)
+    if found is None:
+        log("no monitor fd from libvirt: the vfio-pci devices are not simulated")
+        os.execv(qemu, [qemu, *args])  # noqa: S606
+    assert found is not None
     index, libvirt_fd = found
     qemu_end, proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     args[index] = f"socket,id=charmonitor,fd={qemu_end.fileno()},server=off"

@@ -28,14 +28,33 @@ from orchestrator.lab.simulator import (
     Simulator,
     Step,
     add_prepare_state,
+    device_options,
     domain_name,
     global_migration_events,
+    main,
     monitor_fd,
     qmp_event,
     restamp,
+    vfio_devices,
+    without_vfio_devices,
 )
 
 EVENTS_ON = ["-global", "vfio-pci.migration-events=on"]
+
+
+def nics(*options: str) -> list[str]:
+    """QEMU's arguments for vfio-pci devices nic0, nic1, ..., each with its extra options ("" for none)."""
+    argv = []
+    for index, extra in enumerate(options):
+        argv += [
+            "-device",
+            f"vfio-pci,id=nic{index},host=0000:5e:00.{index}" + (f",{extra}" if extra else ""),
+        ]
+    return argv
+
+
+ONE = nics("")
+TWO = nics("", "")
 TIMEOUT = 10.0  # generous bound on every blocking receive; never a pacing sleep
 
 # --- settings ---------------------------------------------------------------------------------
@@ -56,7 +75,7 @@ def test_from_env_defaults() -> None:
 
 def test_from_env_every_setting(tmp_path: Path) -> None:
     env = {
-        "ORCH_SIM_DEVICES": " nic0:precopy=off:migration-events=on , ,nic1:p2p=off,nic2:migration-events=off",
+        "ORCH_SIM_OVERRIDES": " nic0:precopy=off , ,nic1:p2p=off",
         "ORCH_SIM_BEHAVIOUR": "10.0",
         "ORCH_SIM_PRECOPY": "yes",
         "ORCH_SIM_P2P": "TRUE",
@@ -65,7 +84,8 @@ def test_from_env_every_setting(tmp_path: Path) -> None:
         "ORCH_SIM_ANSWERING": "running, running-p2p",
         "ORCH_SIM_FABRIC": str(tmp_path),
     }
-    config = SimConfig.from_env(env, ["-name", "guest=vm1", *EVENTS_ON])
+    argv = ["-name", "guest=vm1", *nics("migration-events=on", "", "migration-events=off"), *EVENTS_ON]
+    config = SimConfig.from_env(env, argv)
     assert config.devices == (
         DeviceConfig("nic0", precopy=False, p2p=True, events=True),
         DeviceConfig("nic1", precopy=True, p2p=False, events=None),
@@ -86,17 +106,17 @@ def test_from_env_every_setting(tmp_path: Path) -> None:
         ({"ORCH_SIM_PRECOPY": "off"}, DeviceConfig("nic0", precopy=False, p2p=True, events=None)),
         ({"ORCH_SIM_P2P": "0"}, DeviceConfig("nic0", precopy=True, p2p=False, events=None)),
         (
-            {"ORCH_SIM_PRECOPY": "off", "ORCH_SIM_DEVICES": "nic0:precopy=on"},
+            {"ORCH_SIM_PRECOPY": "off", "ORCH_SIM_OVERRIDES": "nic0:precopy=on"},
             DeviceConfig("nic0", precopy=True, p2p=True, events=None),
         ),
         (
-            {"ORCH_SIM_P2P": "off", "ORCH_SIM_DEVICES": "nic0:p2p=on:migration-events=no"},
-            DeviceConfig("nic0", precopy=True, p2p=True, events=False),
+            {"ORCH_SIM_P2P": "off", "ORCH_SIM_OVERRIDES": "nic0:p2p=on,nic0:precopy=off"},
+            DeviceConfig("nic0", precopy=False, p2p=True, events=None),
         ),
     ],
 )
 def test_device_overrides_beat_the_global_settings(env: dict[str, str], device: DeviceConfig) -> None:
-    config = SimConfig.from_env({"ORCH_SIM_DEVICES": "nic0", **env}, [])
+    config = SimConfig.from_env(env, ONE)
     assert config.devices == (device,)
 
 
@@ -113,15 +133,29 @@ def test_negative_transition_means_none() -> None:
         ({"ORCH_SIM_TRANSITION_MS": "0.3"}, "ORCH_SIM_TRANSITION_MS"),
         ({"ORCH_SIM_TRANSITION_MS": "fast"}, "ORCH_SIM_TRANSITION_MS"),
         ({"ORCH_SIM_FAIL_TRANSITION": "broken"}, "ORCH_SIM_FAIL_TRANSITION"),
-        ({"ORCH_SIM_DEVICES": "nic0:speed=fast"}, "ORCH_SIM_DEVICES"),
-        ({"ORCH_SIM_DEVICES": "nic0:precopy"}, "ORCH_SIM_DEVICES"),
-        ({"ORCH_SIM_DEVICES": "nic0,nic1:precopy=maybe"}, "ORCH_SIM_DEVICES"),
-        ({"ORCH_SIM_DEVICES": "nic0:migration-events=sometimes"}, "ORCH_SIM_DEVICES"),
+        ({"ORCH_SIM_OVERRIDES": "nic0:speed=fast"}, "ORCH_SIM_OVERRIDES"),
+        ({"ORCH_SIM_OVERRIDES": "nic0:precopy"}, "ORCH_SIM_OVERRIDES"),
+        ({"ORCH_SIM_OVERRIDES": "nic0,nic1:precopy=maybe"}, "ORCH_SIM_OVERRIDES"),
+        ({"ORCH_SIM_OVERRIDES": "nic0:migration-events=off"}, "goes in its -device options"),
+        ({"ORCH_SIM_OVERRIDES": "nic1:precopy=off"}, "ORCH_SIM_OVERRIDES names nic1, which no vfio-pci"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
-        SimConfig.from_env(env, [])
+        SimConfig.from_env(env, ONE)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (nics("migration-events=sometimes"), "-device id=nic0: migration-events"),
+        (["-device", "vfio-pci,host=0000:5e:00.0"], "-device vfio-pci without id="),
+        ([*ONE, *ONE], "id=nic0: the id is used twice"),
+    ],
+)
+def test_invalid_devices(argv: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        SimConfig.from_env({}, argv)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +188,100 @@ def test_invalid_settings_name_the_variable(env: dict[str, str], named: str) -> 
 )
 def test_global_migration_events(argv: list[str], expected: bool | None) -> None:
     assert global_migration_events(argv) is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("vfio-pci,id=nic0,host=0000:5e:00.0", {"driver": "vfio-pci", "id": "nic0", "host": "0000:5e:00.0"}),
+        ("driver=vfio-pci-nohotplug,id=a,,b", {"driver": "vfio-pci-nohotplug", "id": "a,b"}),
+        (
+            "vfio-pci,id=nic1,migration-events=off",
+            {"driver": "vfio-pci", "id": "nic1", "migration-events": "off"},
+        ),
+        (
+            '{"driver": "vfio-pci", "id": "nic2", "migration-events": true, "bus": "pcie.0"}',
+            {"driver": "vfio-pci", "id": "nic2", "migration-events": "on", "bus": "pcie.0"},
+        ),
+        ("virtio-net-pci", {"driver": "virtio-net-pci"}),
+        ("{broken", {}),
+    ],
+)
+def test_device_options(value: str, expected: dict[str, str]) -> None:
+    assert device_options(value) == expected
+
+
+def test_vfio_devices_are_taken_out_of_qemus_arguments() -> None:
+    argv = [
+        "-name",
+        "guest=vm1",
+        "-device",
+        "virtio-net-pci,id=net0",
+        "-device",
+        "vfio-pci,id=nic0,host=0000:5e:00.0",
+        "--device",
+        '{"driver":"vfio-pci-nohotplug","id":"nic1","host":"0000:5e:00.1"}',
+        "-device",
+        '{"driver":"virtio-rng-pci","id":"rng0"}',
+        *EVENTS_ON,
+        "-device",
+        "vfio-pci,id=nic2,host=0000:5e:00.2,migration-events=off",
+    ]
+    assert [options["id"] for options in vfio_devices(argv)] == ["nic0", "nic1", "nic2"]
+    assert without_vfio_devices(argv) == [
+        "-name",
+        "guest=vm1",
+        "-device",
+        "virtio-net-pci,id=net0",
+        "-device",
+        '{"driver":"virtio-rng-pci","id":"rng0"}',
+        *EVENTS_ON,
+    ]
+    config = SimConfig.from_env({}, argv)
+    assert [(d.device_id, config.events_on(d)) for d in config.devices] == [
+        ("nic0", True),
+        ("nic1", True),
+        ("nic2", False),
+    ]
+
+
+class Exec(Exception):
+    """Raised by the stand-in for os.execv: this test process must not become QEMU."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "qemu_argv"),
+    [
+        # a capability probe or a guest without vfio-pci device: QEMU's arguments untouched
+        (
+            ["-qmp", "unix:/x.sock,server=on,wait=off", *EVENTS_ON],
+            ["-qmp", "unix:/x.sock,server=on,wait=off", *EVENTS_ON],
+        ),
+        # vfio-pci devices but no monitor fd from libvirt: QEMU runs without them, nothing simulated
+        (["-S", *ONE, *EVENTS_ON], ["-S", *EVENTS_ON]),
+    ],
+)
+def test_main_without_simulation(
+    argv: list[str], qemu_argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def execv(path: str, args: list[str]) -> None:
+        raise Exec(path, args)
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setenv("ORCH_SIM_QEMU", "/usr/bin/qemu-system-x86_64")
+    with pytest.raises(Exec) as raised:
+        main(argv)
+    assert raised.value.args == ("/usr/bin/qemu-system-x86_64", ["/usr/bin/qemu-system-x86_64", *qemu_argv])
+
+
+def test_main_refuses_an_override_without_its_device(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ORCH_SIM_OVERRIDES", "nic7:p2p=off")
+    with pytest.raises(SystemExit) as raised:
+        main(["-chardev", "socket,id=charmonitor,fd=99,server=on,wait=off", *ONE])
+    assert raised.value.code == 1
+    assert "ORCH_SIM_OVERRIDES names nic7" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -302,15 +430,19 @@ class Run:
 
 
 def simulate(
-    env: Mapping[str, str], traffic: Sequence[Mapping[str, Any]], argv: Sequence[str] = EVENTS_ON
+    env: Mapping[str, str],
+    traffic: Sequence[Mapping[str, Any]],
+    argv: Sequence[str] = EVENTS_ON,
+    devices: Sequence[str] = ONE,
 ) -> Run:
-    return Run(Simulator(SimConfig.from_env({"ORCH_SIM_DEVICES": "nic0", **env}, argv))).feed(traffic)
+    return Run(Simulator(SimConfig.from_env(env, [*devices, *argv]))).feed(traffic)
 
 
 SOURCE_TAIL = ["STOP", "MIGRATION pre-switchover", "MIGRATION device", "MIGRATION completed"]
 
 SEQUENCES = {
     "source 11.0, precopy + P2P": (
+        ONE,
         {},
         SOURCE,
         [
@@ -330,6 +462,7 @@ SEQUENCES = {
         ],
     ),
     "source 10.0": (
+        ONE,
         {"ORCH_SIM_BEHAVIOUR": "10.0", "ORCH_SIM_TRANSITION_MS": "100"},
         SOURCE,
         [
@@ -348,6 +481,7 @@ SEQUENCES = {
         ],
     ),
     "source without precopy": (
+        ONE,
         {"ORCH_SIM_PRECOPY": "off"},
         SOURCE,
         [
@@ -365,6 +499,7 @@ SEQUENCES = {
         ],
     ),
     "source without P2P": (
+        ONE,
         {"ORCH_SIM_P2P": "off"},
         SOURCE,
         [
@@ -380,7 +515,8 @@ SEQUENCES = {
         ],
     ),
     "source, two devices transition in turn": (
-        {"ORCH_SIM_DEVICES": "nic0,nic1", "ORCH_SIM_TRANSITION_MS": "200"},
+        TWO,
+        {"ORCH_SIM_TRANSITION_MS": "200"},
         SOURCE,
         [
             "MIGRATION setup",
@@ -407,7 +543,8 @@ SEQUENCES = {
         ],
     ),
     "source, mixed devices (no precopy, no P2P)": (
-        {"ORCH_SIM_DEVICES": "nic0:precopy=off,nic1:p2p=off", "ORCH_SIM_TRANSITION_MS": "0"},
+        TWO,
+        {"ORCH_SIM_OVERRIDES": "nic0:precopy=off,nic1:p2p=off", "ORCH_SIM_TRANSITION_MS": "0"},
         SOURCE,
         [
             "MIGRATION setup",
@@ -428,6 +565,7 @@ SEQUENCES = {
         ],
     ),
     "failed transition falls back and cancels": (
+        ONE,
         {"ORCH_SIM_FAIL_TRANSITION": "running"},
         FAILED,
         [
@@ -447,7 +585,8 @@ SEQUENCES = {
         ],
     ),
     "failed transition of the first of two devices": (
-        {"ORCH_SIM_DEVICES": "nic0,nic1", "ORCH_SIM_FAIL_TRANSITION": "stop"},
+        TWO,
+        {"ORCH_SIM_FAIL_TRANSITION": "stop"},
         FAILED,
         [
             "MIGRATION setup",
@@ -469,6 +608,7 @@ SEQUENCES = {
         ],
     ),
     "cancelled in pre-copy": (
+        ONE,
         {},
         CANCELLED,
         [
@@ -481,11 +621,13 @@ SEQUENCES = {
         ],
     ),
     "failed in pre-copy": (
+        ONE,
         {},
         [*CANCELLED[:3], mig("failed")],
         ["MIGRATION setup", "nic0 pre-copy", "MIGRATION active", "MIGRATION failed", "nic0 running"],
     ),
     "destination": (
+        ONE,
         {},
         DESTINATION,
         [
@@ -499,6 +641,7 @@ SEQUENCES = {
         ],
     ),
     "destination without P2P": (
+        ONE,
         {"ORCH_SIM_P2P": "off"},
         DESTINATION,
         [
@@ -511,7 +654,8 @@ SEQUENCES = {
         ],
     ),
     "events off for one device only": (
-        {"ORCH_SIM_DEVICES": "nic0,nic1:migration-events=off", "ORCH_SIM_TRANSITION_MS": "0"},
+        nics("", "migration-events=off"),
+        {"ORCH_SIM_TRANSITION_MS": "0"},
         SOURCE,
         [
             "MIGRATION setup",
@@ -538,11 +682,13 @@ SEQUENCES = {
         ],
     ),
     "STOP and RESUME outside a migration are only forwarded": (
+        ONE,
         {},
         [event("STOP"), event("RESUME"), mig("setup"), mig("completed")],
         ["STOP", "RESUME", "MIGRATION setup", "MIGRATION completed"],
     ),
     "STOP before the migration is active": (
+        ONE,
         {},
         [command("migrate"), mig("setup"), event("STOP")],
         ["MIGRATION setup", "nic0 pre-copy", "STOP"],
@@ -550,9 +696,11 @@ SEQUENCES = {
 }
 
 
-@pytest.mark.parametrize(("env", "traffic", "expected"), SEQUENCES.values(), ids=SEQUENCES.keys())
-def test_sequences(env: dict[str, str], traffic: list[dict[str, Any]], expected: list[str]) -> None:
-    run = simulate(env, traffic)
+@pytest.mark.parametrize(("devices", "env", "traffic", "expected"), SEQUENCES.values(), ids=SEQUENCES.keys())
+def test_sequences(
+    devices: list[str], env: dict[str, str], traffic: list[dict[str, Any]], expected: list[str]
+) -> None:
+    run = simulate(env, traffic, devices=devices)
     assert run.trace == expected
     for data in run.seen:
         assert set(data) == {"device-id", "qom-path", "device-state"}
@@ -575,9 +723,9 @@ def test_migration_role_ends_with_the_migration() -> None:
     [(SOURCE, "stop"), (CANCELLED, "running"), (FAILED, "running"), (DESTINATION, "running")],
 )
 def test_a_device_that_does_not_emit_still_changes_state(traffic: list[dict[str, Any]], final: str) -> None:
-    silent = simulate({"ORCH_SIM_DEVICES": "nic0,nic1"}, traffic, argv=[])
+    silent = simulate({}, traffic, argv=[], devices=TWO)
     assert silent.seen == []
-    loud = simulate({"ORCH_SIM_DEVICES": "nic0,nic1"}, traffic)
+    loud = simulate({}, traffic, devices=TWO)
     assert loud.seen, "the same traffic makes an emitting device speak"
     for device_id in ("nic0", "nic1"):
         assert silent.device(device_id).state == loud.device(device_id).state == final
@@ -586,7 +734,7 @@ def test_a_device_that_does_not_emit_still_changes_state(traffic: list[dict[str,
 
 @pytest.mark.parametrize("state", STATES)
 def test_answering_per_state(state: str) -> None:
-    sim = Simulator(SimConfig.from_env({"ORCH_SIM_DEVICES": "nic0"}, []))
+    sim = Simulator(SimConfig.from_env({}, ONE))
     device = sim.devices[0]
     device.state = state
     assert sim.answering(device) is (state in ("running", "pre-copy"))
@@ -595,7 +743,7 @@ def test_answering_per_state(state: str) -> None:
 
 
 def test_answering_follows_the_migration() -> None:
-    run = Run(Simulator(SimConfig.from_env({"ORCH_SIM_DEVICES": "nic0,nic1"}, EVENTS_ON)))
+    run = Run(Simulator(SimConfig.from_env({}, [*TWO, *EVENTS_ON])))
     assert run.answering() == {"nic0", "nic1"}
     run.feed(SOURCE[:4])
     assert run.answering() == {"nic0", "nic1"}, "pre-copy still answers"
