@@ -25,6 +25,12 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # Ctrl-C or SIGTERM, after cleaning up
 
 
+def shell_uri(uri: str) -> str:
+    """A URI single-quoted for a hint the user pastes into a shell (`?`, `&` are common in URIs):
+    every hint naming a virsh or orchestrator command writes its URI as `-c 'URI'`."""
+    return "'" + uri.replace("'", "'\\''") + "'"
+
+
 class OrchestratorError(Exception):
     """A failure with a one-line explanation, a hint and an exit code."""
 
@@ -64,3 +70,9 @@ class NothingToDo(OrchestratorError):
     """There is nothing to act on (no VFIO device, nothing to move)."""
 
     code = ExitCode.NOTHING_TO_DO
+
+
+class MigrationError(OrchestratorError):
+    """libvirt reported the migration failed (the VM stays on the source)."""
+
+    code = ExitCode.MIGRATION_FAILED

@@ -24,8 +24,9 @@ import tenacity
 
 from orchestrator import domxml_edit
 from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
-from orchestrator.migration import JournalLike, Migration, Outcome, Report, Request
+from orchestrator.migration import JournalLike, Migration, Request
 from orchestrator.policy import Policy
+from orchestrator.report import Outcome, Report
 from orchestrator.virt import Host
 
 # libvirt errors worth another try: the destination or a connection was busy, not the VM broken.
@@ -273,14 +274,14 @@ class Evacuation:
         source = Host.open(self.request.source_uri)
         destinations: dict[str, Host] = {}
         try:
-            source_uuid = source.host_uuid()
+            source_identity = source.identity()
             for uri in self.request.destination_uris:
                 try:
                     host = Host.open(uri)
                 except ConnectError as exc:
                     self.report.unreachable.append({"uri": uri, "error": exc.message})
                     continue
-                if host.host_uuid() == source_uuid:
+                if source_identity and host.identity() == source_identity:
                     host.close()
                     raise BadInput(f"destination {uri} is the source host itself", "drop it from --to")
                 destinations[uri] = host

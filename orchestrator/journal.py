@@ -11,6 +11,7 @@ missing journal reads as empty, and such migrations only read as interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -28,12 +29,17 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple
 
 from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
+from orchestrator.report import Outcome
 
 DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
 ENV_VAR: Final = "ORCH_JOURNAL"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 FLUSH_TIMEOUT_S: Final = 10.0
 _BUSY_TIMEOUT_S: Final = 5.0  # another process holding the write lock (its commits take microseconds)
+# A record written before a hook starts (`record_device_action(..., "starting")`) waits at most this
+# long for another process's write lock: the hook must not wait on the journal.
+_SYNC_BUSY_MS: Final = 50
+_CHECKPOINT_IDLE_S: Final = 1.0  # the writer checkpoints the WAL when idle this long (not on a hot write)
 _PATH_HINT: Final = f"use --journal PATH (or set {ENV_VAR})"
 _STALE_ERROR: Final = "orchestrator process died"
 _CANDIDATES_SHOWN: Final = 10
@@ -48,24 +54,27 @@ class MigrationKind(StrEnum):
     EVACUATE_ITEM = "evacuate-item"  # one VM of an evacuation; `parent` is the evacuation's id
 
 
-class Outcome(StrEnum):
-    """How a migration ended ('running' until it does)."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
-    ABORTED = "aborted"
-    INTERRUPTED = "interrupted"
-    UNCHANGED = "unchanged"  # nothing to do: already on the destination
-
-
 class EventKind(StrEnum):
     """What an events row records."""
 
     VFIO = "vfio"  # a VFIO_MIGRATION event
     QEMU = "qemu"  # another QEMU monitor event
-    NOTE = "note"  # the orchestrator's own remark (an unexpected transition, a decision)
+    NOTE = "note"  # the orchestrator's own remark (an unexpected transition, a decision, a phase)
+
+
+class DeviceAction(StrEnum):
+    """What a device_actions row records: a drain or an undrain of one device."""
+
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
+
+
+class ActionStatus(StrEnum):
+    """A device action's progress: `starting` is committed before any of its hooks starts."""
+
+    STARTING = "starting"
+    DONE = "done"
+    FAILED = "failed"
 
 
 _EVENT_KINDS: Final = frozenset(EventKind)
@@ -90,6 +99,11 @@ CREATE TABLE IF NOT EXISTS migrations (
     host TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS migrations_by_started ON migrations (started);
+ALTER TABLE migrations ADD COLUMN drain_mode TEXT;
+ALTER TABLE migrations ADD COLUMN policy_text TEXT;
+ALTER TABLE migrations ADD COLUMN policy_sha256 TEXT;
+ALTER TABLE migrations ADD COLUMN phase TEXT;
+ALTER TABLE migrations ADD COLUMN recovered REAL;
 CREATE TABLE IF NOT EXISTS events (
     migration_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -121,12 +135,28 @@ CREATE TABLE IF NOT EXISTS hook_runs (
     output_tail TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS hook_runs_by_migration ON hook_runs (migration_id, seq);
+CREATE TABLE IF NOT EXISTS device_actions (
+    migration_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS device_actions_by_migration ON device_actions (migration_id, seq);
 """
+# Schema versions: statements of _SCHEMA up to this marker made version 1; the rest upgrade it to 2
+# (outcome and kind values are checked in Python: SQLite cannot change a CHECK without a rebuild).
+_V2_MARKER: Final = "ALTER TABLE migrations ADD COLUMN drain_mode TEXT"
 
 _INSERT_MIGRATION: Final = (
     "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, outcome, "
-    "parent, pid, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "parent, pid, host, drain_mode, policy_text, policy_sha256, phase) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_DEVICE_ACTION: Final = "INSERT INTO device_actions VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SET_PHASE: Final = "UPDATE migrations SET phase = ? WHERE id = ?"
 _INSERT_EVENT: Final = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_HOOK_RUN: Final = "INSERT INTO hook_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH_MIGRATION: Final = (
@@ -175,6 +205,11 @@ class MigrationRow:
     parent: str | None  # the evacuation this is one item of
     pid: int  # the orchestrator process that recorded it
     host: str  # ... and its host name
+    drain_mode: str | None = None
+    policy_sha256: str | None = None
+    policy_text: str | None = None  # the policy file as the migration began (what `recover` runs)
+    phase: str | None = None  # the last phase the migration entered
+    recovered: float | None = None  # when `recover` finished what its process left undone
 
     @property
     def duration_s(self) -> float | None:
@@ -201,10 +236,15 @@ class MigrationRow:
             "parent": self.parent,
             "pid": self.pid,
             "host": self.host,
+            "drain_mode": self.drain_mode,
+            "policy_sha256": self.policy_sha256,
+            "phase": self.phase,
+            "recovered": self.recovered,
         }
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> MigrationRow:
+        newer = set(row.keys())  # a schema-1 journal read as it is has none of the later columns
         return cls(
             id=row["id"],
             kind=MigrationKind(row["kind"]),
@@ -222,6 +262,11 @@ class MigrationRow:
             parent=row["parent"],
             pid=row["pid"],
             host=row["host"],
+            drain_mode=row["drain_mode"] if "drain_mode" in newer else None,
+            policy_sha256=row["policy_sha256"] if "policy_sha256" in newer else None,
+            policy_text=row["policy_text"] if "policy_text" in newer else None,
+            phase=row["phase"] if "phase" in newer else None,
+            recovered=row["recovered"] if "recovered" in newer else None,
         )
 
 
@@ -333,19 +378,69 @@ class HookRunRow:
 
 
 @dataclass(frozen=True)
+class DeviceActionRow:
+    """One recorded drain or undrain step of a device, in the migration's sequence."""
+
+    seq: int
+    device_id: str
+    action: DeviceAction
+    status: ActionStatus
+    at: float
+    detail: str | None
+
+    def to_json(self) -> dict[str, object]:
+        """The step as one JSON object."""
+        return {
+            "seq": self.seq,
+            "device_id": self.device_id,
+            "action": self.action.value,
+            "status": self.status.value,
+            "at": self.at,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> DeviceActionRow:
+        return cls(
+            seq=row["seq"],
+            device_id=row["device_id"],
+            action=DeviceAction(row["action"]),
+            status=ActionStatus(row["status"]),
+            at=row["at"],
+            detail=row["detail"],
+        )
+
+
+def still_drained(actions: Iterable[DeviceActionRow]) -> dict[str, str | None]:
+    """Devices a migration may have left drained, from its device actions: a drain that started and no
+    undrain that ended after it (a started, unfinished undrain may not have restored anything).
+    Maps each device to the detail of its last drain."""
+    drained: dict[str, str | None] = {}
+    for row in sorted(actions, key=lambda r: r.seq):
+        if row.action is DeviceAction.DRAIN and row.status is ActionStatus.STARTING:
+            drained[row.device_id] = row.detail
+        elif row.action is DeviceAction.UNDRAIN and row.status is not ActionStatus.STARTING:
+            drained.pop(row.device_id, None)
+    return drained
+
+
+@dataclass(frozen=True)
 class MigrationRecord:
-    """A migration with its events and hook runs, each in sequence order."""
+    """A migration with its events, hook runs and device actions, each in sequence order."""
 
     migration: MigrationRow
     events: tuple[EventRow, ...]
     hook_runs: tuple[HookRunRow, ...]
+    device_actions: tuple[DeviceActionRow, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        """The record as one JSON object: the migration's fields plus `events` and `hook_runs`."""
+        """The record as one JSON object: the migration's fields plus its events, hook runs and device
+        actions."""
         return {
             **self.migration.to_json(),
             "events": [event.to_json() for event in self.events],
             "hook_runs": [run.to_json() for run in self.hook_runs],
+            "device_actions": [action.to_json() for action in self.device_actions],
         }
 
 
@@ -415,6 +510,13 @@ def _connect_existing(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _upgrade(version: int) -> list[str]:
+    """The statements that bring a journal of schema `version` (0: a new file) to SCHEMA_VERSION."""
+    first, rest = _SCHEMA.split(_V2_MARKER, 1)
+    text = (first if version < 1 else "") + _V2_MARKER + rest
+    return [statement for statement in text.split(";") if statement.strip()]
+
+
 def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable at checkpoints, never corrupt
@@ -428,9 +530,8 @@ def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
                 f"upgrade the orchestrator or {_PATH_HINT}",
             )
         if version < SCHEMA_VERSION:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _upgrade(version):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -455,6 +556,7 @@ class Journal:
         self._reader = reader
         self.readonly = writer is None
         self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._seq_lock = threading.Lock()
         self._seqs: dict[str, int] = {}  # last sequence number given per migration
@@ -485,6 +587,8 @@ class Journal:
         try:
             writer = _connect(path)
             _create_schema(writer, path)
+            # Checkpoints are the writer thread's, when idle: never inside a write a hook waits for.
+            writer.execute("PRAGMA wal_autocheckpoint = 0")
             reader = _connect(path)
             reader.execute("PRAGMA query_only = ON")
         except (sqlite3.Error, OSError) as exc:
@@ -529,7 +633,7 @@ class Journal:
                 f"{SCHEMA_VERSION}",
                 f"upgrade the orchestrator or {_PATH_HINT}",
             )
-        if version < SCHEMA_VERSION:  # an empty file: no migration was ever recorded in it
+        if version < 1:  # an empty file: no migration was ever recorded in it
             reader.close()
             reader = None
         return cls(path, None, reader)
@@ -574,8 +678,15 @@ class Journal:
         policy: str,
         started: float,
         parent: str | None = None,
+        *,
+        drain_mode: str = "prepare",
+        policy_text: str | None = None,
+        policy_sha256: str | None = None,
     ) -> None:
-        """Record that a migration started (outcome 'running'), by this process on this host."""
+        """Record that a migration started (outcome 'running'), by this process on this host, with the
+        policy's text and hash (what `recover` runs its undrain hooks from). Committed before it
+        returns: nothing of the migration happens before its row exists.
+        """
         kind = MigrationKind(kind)
         self._put(
             _Write(
@@ -593,9 +704,70 @@ class Journal:
                     parent,
                     self._pid,
                     self._host,
+                    drain_mode,
+                    policy_text,
+                    policy_sha256,
+                    "pre-flight",
                 ),
             )
         )
+        self.flush()
+
+    def record_phase(self, migration_id: str, phase: str, at: float) -> None:
+        """Record that a migration entered `phase` (the row's phase, and a note on its timeline)."""
+        self._put(_Write(f"phase {phase} of migration {migration_id}", _SET_PHASE, (phase, migration_id)))
+        self.record_event(
+            migration_id, "orchestrator", None, EventKind.NOTE, f"phase {phase}", None, None, None, at
+        )
+
+    def record_device_action(
+        self,
+        migration_id: str,
+        device_id: str,
+        action: DeviceAction | str,
+        status: ActionStatus | str,
+        at: float,
+        detail: str | None = None,
+    ) -> str | None:
+        """Record a device's drain or undrain. `starting` is committed before this returns (it precedes
+        the hooks: a process killed at any instant after it leaves a recoverable journal); `done` and
+        `failed` are queued like other records. Returns None, or the one-line reason `starting` could
+        not be committed (it is then queued, and the caller must say so: the hooks still run).
+        """
+        action, status = DeviceAction(action), ActionStatus(status)
+        seq = self._next_seq(migration_id)
+        write = _Write(
+            f"the {action} of {device_id} ({status}) in migration {migration_id}",
+            _INSERT_DEVICE_ACTION,
+            (migration_id, seq, device_id, action.value, status.value, at, detail),
+        )
+        if status is not ActionStatus.STARTING:
+            self._put(write)
+            return None
+        return self._write_now(write)
+
+    def _write_now(self, write: _Write) -> str | None:
+        """Commit one record on the caller's thread (microseconds; at most _SYNC_BUSY_MS when another
+        process holds the journal's write lock). On failure the record is queued and the reason returned."""
+        conn = self._writer_conn
+        if conn is None or self._closed:
+            self._put(write)  # raises: read-only or closed
+            return None
+        with self._write_lock:
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {_SYNC_BUSY_MS}")
+                try:
+                    conn.execute(write.sql, write.params)
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            except sqlite3.Error as exc:
+                failure = (
+                    f"the journal {self.path} could not record {write.what} before its hooks started: {exc}"
+                )
+            else:
+                return None
+        self._queue.put(write)  # still recorded, later, if the journal recovers
+        return failure
 
     def record_event(
         self,
@@ -757,14 +929,27 @@ class Journal:
             raise error
 
     def _write_loop(self) -> None:
-        assert self._writer_conn is not None  # the thread only runs for a writable journal
+        conn = self._writer_conn
+        assert conn is not None  # the thread only runs for a writable journal
         logged = False
-        while (item := self._queue.get()) is not None:
+        dirty = False  # written since the last checkpoint
+        while True:
+            try:
+                item = self._queue.get(timeout=_CHECKPOINT_IDLE_S if dirty else None)
+            except queue.Empty:
+                with self._write_lock, contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                dirty = False
+                continue
+            if item is None:
+                break
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            dirty = True
             try:
-                self._writer_conn.execute(item.sql, item.params)
+                with self._write_lock:
+                    conn.execute(item.sql, item.params)
             except Exception as exc:  # a failed write must not stop the ones after it
                 error = EnvironmentProblem(
                     f"the journal {self.path} did not record {item.what}: {exc}",
@@ -842,8 +1027,19 @@ class Journal:
         migration = self._as_read(MigrationRow._from_row(rows[0]))
         events = self._select("SELECT * FROM events WHERE migration_id = ? ORDER BY seq", (migration.id,))
         runs = self._select("SELECT * FROM hook_runs WHERE migration_id = ? ORDER BY seq", (migration.id,))
+        actions = self._device_actions(migration.id)
         return MigrationRecord(
             migration,
             tuple(EventRow._from_row(row) for row in events),
             tuple(HookRunRow._from_row(row) for row in runs),
+            actions,
         )
+
+    def _device_actions(self, migration_id: str) -> tuple[DeviceActionRow, ...]:
+        try:
+            rows = self._select(
+                "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq", (migration_id,)
+            )
+        except OrchestratorError:
+            return ()  # a schema-1 journal read as it is: no device actions were recorded then
+        return tuple(DeviceActionRow._from_row(row) for row in rows)

@@ -1,179 +1,147 @@
-"""One VM's live migration: pre-flight, subscriptions, the libvirt job, hooks, and the invariant.
+"""One VM's live migration: the driver that carries out the phase machine's decisions.
 
-The invariant: every device that was drained is undrained exactly once, on every path (success,
-failure, cancel, completion timeout, a drain hook aborting, Ctrl-C/SIGTERM). Drains and undrains are
-decided by `vfio.MigrationTracker` from the events; this module starts the hooks at once on libvirt's
-event thread (the hot path: nothing else happens before the spawn), and on every way out undrains
-whatever is still drained.
+`orchestrator.phases.MigrationMachine` decides what to do; this module does the I/O around it: the
+pre-flight against both hosts, the monitor-event subscriptions, the hooks, the libvirt job and its
+statistics, the journal and the report. It reaches libvirt only through the narrow `Hypervisor` and
+`Guest` interface (`orchestrator.hypervisor`), so the unit tests drive every path of it on a scripted
+fake, on a fake clock.
 
-Phases and their undo (Proxmox-style):
-  subscribe        <-> unsubscribe
-  before hooks     <-> after-failure hooks
-  start the job    <-> abort the job (on hook abort, timeout, interrupt)
-  drain (events)   <-> undrain (events, else forced at the end)
+Threads: libvirt's event thread delivers monitor events (the hot path: event -> decision -> spawn,
+nothing else first); hook waiter threads report each hook's end; the job's own thread reports its
+end; the caller's thread moves through the phases and reads the job's statistics. One lock (`_cv`)
+guards the machine; actions are carried out after it is released, so a slow libvirt call never holds
+up an event.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import hashlib
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
 
-from orchestrator import domxml, domxml_edit
-from orchestrator.errors import BadInput, ExitCode, OrchestratorError
-from orchestrator.hooks import HookResult, HookRunner, OnFailure, RunningHook, Trigger, preflight
-from orchestrator.policy import MigrationMode, MigrationSettings, Policy, WhenEventsOff
-from orchestrator.vfio import Action, Decision, MigrationTracker, Role, VfioEvent
-from orchestrator.virt import (
-    Host,
+from orchestrator import domxml
+from orchestrator.convergence import Schedule
+from orchestrator.errors import BadInput, OrchestratorError
+from orchestrator.hooks import HookResult, HookRunner, OnFailure, Trigger, preflight
+from orchestrator.hypervisor import (
+    ACTIVE_STATES,
+    GONE,
+    SHUT_OFF,
+    Clock,
+    Guest,
+    Hypervisor,
     MigrateRequest,
-    MigrationError,
     Subscription,
-    VirDomain,
-    abort_job,
-    completed_job_stats,
-    domain_state,
-    job_stats,
-    migrate,
+    SystemClock,
 )
+from orchestrator.phases import (
+    AbortJob,
+    Action,
+    JobState,
+    Location,
+    MigrationMachine,
+    Note,
+    Phase,
+    RunHooks,
+    SetDowntime,
+)
+from orchestrator.policy import DrainMode, MigrationMode, MigrationSettings, Policy, Switchover, WhenEventsOff
+from orchestrator.report import Outcome, Progress, Report, TimelineEntry
+from orchestrator.vfio import Role, VfioEvent
 
 # How long after the job ends to wait for the events that undrain (destination or source `running`)
 # before undraining on our own: the guest resumes within milliseconds of the job's end.
 SETTLE_S = 15.0
-_FOLLOWED_EVENTS = frozenset({"VFIO_MIGRATION", "MIGRATION", "STOP", "RESUME", "SHUTDOWN"})
+POLL_S = 0.1  # how often the job's statistics are read (the schedule, the gate and progress use them)
+_FOLLOWED_EVENTS = ("MIGRATION", "RESUME", "SHUTDOWN", "STOP", "VFIO_MIGRATION")
 
 
-class Outcome(StrEnum):
-    """How a migration ended."""
+class JournalLike(Protocol):
+    """What a migration writes to the journal (orchestrator.journal.Journal, or NullJournal)."""
 
-    SUCCEEDED = "succeeded"
-    UNCHANGED = "unchanged"  # already on the destination: nothing to do (Ansible's changed=false)
-    ROLLED_BACK = "rolled-back"  # failed or aborted; the VM runs on the source, workloads undrained
-    ABORTED = "aborted"  # a hook with on_failure=abort failed
-    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
-    PLANNED = "planned"  # --dry-run
+    def begin_migration(
+        self,
+        id: str,
+        kind: str,
+        domain: str,
+        source_uri: str,
+        destination_uri: str,
+        policy: str,
+        started: float,
+        parent: str | None = None,
+        *,
+        drain_mode: str = ...,
+        policy_text: str | None = ...,
+        policy_sha256: str | None = ...,
+    ) -> None:
+        """Record that a migration started."""
 
+    def record_phase(self, migration_id: str, phase: str, at: float) -> None:
+        """Record a phase change."""
 
-EXIT_CODES: Mapping[Outcome, ExitCode] = {
-    Outcome.SUCCEEDED: ExitCode.OK,
-    Outcome.UNCHANGED: ExitCode.OK,
-    Outcome.PLANNED: ExitCode.OK,
-    Outcome.ROLLED_BACK: ExitCode.MIGRATION_FAILED,
-    Outcome.ABORTED: ExitCode.HOOK_FAILED,
-    Outcome.INTERRUPTED: ExitCode.INTERRUPTED,
-}
+    def record_event(
+        self,
+        migration_id: str,
+        host: str,
+        role: str | None,
+        kind: str,
+        name: str,
+        device_id: str | None,
+        state: str | None,
+        qemu_time: float | None,
+        received: float,
+        data: object = ...,
+    ) -> None:
+        """Record an event or a note."""
 
+    def record_device_action(
+        self, migration_id: str, device_id: str, action: str, status: str, at: float, detail: str | None = ...
+    ) -> str | None:
+        """Record a drain or undrain starting (committed before returning) or ending; the error, if any."""
 
-@dataclass(frozen=True)
-class Progress:
-    """Normalised job statistics (like Nova's JobInfo); `fraction` never goes backwards."""
+    def record_hook(self, migration_id: str, result: Mapping[str, Any]) -> None:
+        """Record one hook run."""
 
-    fraction: float = 0.0
-    memory_processed: int = 0
-    memory_total: int = 0
-    vfio_transferred: int = 0
-    elapsed_ms: int = 0
-
-    def advance(self, stats: Mapping[str, Any]) -> Progress:
-        """The progress after one more reading of libvirt's job stats."""
-        total = int(stats.get("memory_total") or 0)
-        processed = int(stats.get("memory_processed") or 0)
-        remaining = stats.get("memory_remaining")
-        if total and remaining is not None:
-            fraction = 1.0 - int(remaining) / total
-        else:
-            fraction = processed / total if total else 0.0
-        return Progress(
-            fraction=max(self.fraction, min(max(fraction, 0.0), 1.0)),
-            memory_processed=max(self.memory_processed, processed),
-            memory_total=total or self.memory_total,
-            vfio_transferred=max(self.vfio_transferred, int(stats.get("vfio_data_transferred") or 0)),
-            elapsed_ms=int(stats.get("time_elapsed") or self.elapsed_ms),
-        )
-
-
-@dataclass(frozen=True)
-class TimelineEntry:
-    """One line of the final timeline: an event or a hook, when and where."""
-
-    at: float  # epoch seconds
-    host: str  # "source" | "destination" | "orchestrator"
-    kind: str  # "event" | "hook" | "decision" | "note"
-    text: str
-
-    def to_json(self, start: float) -> dict[str, Any]:
-        """With the time since the migration started."""
-        return {"t": round(self.at - start, 6), "host": self.host, "kind": self.kind, "text": self.text}
+    def finish_migration(
+        self,
+        id: str,
+        outcome: str,
+        changed: bool | None,
+        error: str | None,
+        exit_code: int | None,
+        ended: float,
+        summary: Mapping[str, object] | None = ...,
+    ) -> None:
+        """Record how a migration ended."""
 
 
-@dataclass
-class Report:
-    """Everything a migration did; what `--json` prints and the journal's summary holds."""
+class NullJournal:
+    """No journal (a dry run, or a caller that keeps none): every record is dropped."""
 
-    migration_id: str
-    domain: str
-    source: str
-    destination: str
-    policy: str
-    outcome: Outcome = Outcome.SUCCEEDED
-    changed: bool = False
-    error: str | None = None
-    started: float = field(default_factory=time.time)
-    ended: float = 0.0
-    job_s: float | None = None
-    downtime_ms: int | None = None
-    timeline: list[TimelineEntry] = field(default_factory=list)
-    hooks: list[HookResult] = field(default_factory=list)
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    plan: list[str] = field(default_factory=list)
-    undrain_failed: bool = False
+    def begin_migration(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped."""
 
-    @property
-    def exit_code(self) -> ExitCode:
-        """The CLI's exit code for this report."""
-        if self.undrain_failed:
-            return ExitCode.NEEDS_ADMIN
-        return EXIT_CODES[self.outcome]
+    def record_phase(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped."""
 
-    def to_json(self) -> dict[str, Any]:
-        """One JSON document."""
-        return {
-            "migration_id": self.migration_id,
-            "domain": self.domain,
-            "source": self.source,
-            "destination": self.destination,
-            "policy": self.policy,
-            "outcome": self.outcome.value,
-            "changed": self.changed,
-            "exit_code": int(self.exit_code),
-            "error": self.error,
-            "timings": {
-                "total_s": round(self.ended - self.started, 3) if self.ended else None,
-                "job_s": None if self.job_s is None else round(self.job_s, 3),
-                "downtime_ms": self.downtime_ms,
-            },
-            "devices": self.devices,
-            "timeline": [entry.to_json(self.started) for entry in sorted(self.timeline, key=lambda e: e.at)],
-            "hooks": [hook.to_json() for hook in self.hooks],
-            "notes": self.notes,
-            "plan": self.plan,
-        }
+    def record_event(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped."""
 
+    def record_device_action(self, *args: Any, **kwargs: Any) -> str | None:
+        """Dropped."""
+        return None
 
-class JournalLike:
-    """What a migration writes to the journal (orchestrator.journal.Journal, or nothing)."""
+    def record_hook(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped."""
 
-    def begin_migration(self, *args: Any, **kwargs: Any) -> None: ...
-    def record_event(self, *args: Any, **kwargs: Any) -> None: ...
-    def record_hook(self, *args: Any, **kwargs: Any) -> None: ...
-    def finish_migration(self, *args: Any, **kwargs: Any) -> None: ...
+    def finish_migration(self, *args: Any, **kwargs: Any) -> None:
+        """Dropped."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +153,7 @@ class Request:
     destination_uri: str
     policy: Policy
     settings: MigrationSettings | None = None  # the policy's, with CLI overrides applied
+    drain: DrainMode | None = None  # the CLI's --drain, overriding the policy's
     listen_address: str | None = None
     postcopy: bool = False
     dry_run: bool = False
@@ -194,10 +163,17 @@ class Request:
         """The effective migration settings."""
         return self.settings or self.policy.migration
 
+    @property
+    def switchover(self) -> Switchover:
+        """The effective switchover settings."""
+        switchover = self.policy.switchover
+        return replace(switchover, drain=self.drain) if self.drain else switchover
 
-def plan_lines(request: Request, devices: list[str], events_note: str) -> list[str]:
+
+def plan_lines(request: Request, devices: Sequence[str], events_note: str) -> list[str]:
     """What would run when, in words (for --dry-run and the report)."""
-    policy, settings = request.policy, request.migration
+    policy, settings, switchover = request.policy, request.migration, request.switchover
+    schedule = Schedule.of(switchover, settings)
     lines = [f"policy {policy.name}" + (f" ({policy.path})" if policy.path else "")]
     for hook in policy.hooks_for(Trigger.BEFORE):
         lines.append(
@@ -207,8 +183,8 @@ def plan_lines(request: Request, devices: list[str], events_note: str) -> list[s
     extras = [
         f"data over {settings.data_uri}" if settings.data_uri else "",
         f"bandwidth {settings.bandwidth_mib} MiB/s" if settings.bandwidth_mib else "",
-        f"max downtime {settings.max_downtime_ms} ms" if settings.max_downtime_ms else "",
         f"abort after {settings.completion_timeout_s:g} s" if settings.completion_timeout_s else "",
+        f"abort when stalled for {schedule.stall_timeout_s:g} s" if schedule.stall_timeout_s else "",
         "persist on destination" if settings.persist else "",
         "undefine source" if settings.undefine_source else "",
     ]
@@ -216,15 +192,29 @@ def plan_lines(request: Request, devices: list[str], events_note: str) -> list[s
         f"migrate {request.domain} live ({mode}) {request.source_uri} -> {request.destination_uri}: "
         + ", ".join(e for e in extras if e)
     )
+    steps = "; ".join(
+        f"{step.downtime_ms} ms " + (schedule.describe(i).split(" ", 2)[2] if i else "from the start")
+        for i, step in enumerate(schedule.steps)
+    )
+    lines.append(f"downtime limit: {steps}")
     covered = ", ".join(devices) if devices else "none known from the XML"
     lines.append(
         f"devices covered: {covered}; also any device id matching {list(policy.devices.match)} that emits"
     )
     lines.append(events_note)
+    when = {
+        DrainMode.PREPARE: "on pre-copy-p2p-prepare of each covered device (late: first P2P state on QEMU "
+        "< 11.0)",
+        DrainMode.GATED: "gated: the job holds QEMU in pre-copy (downtime limit at its floor); once "
+        "QEMU would converge, every covered device is drained, then the limit is raised and QEMU "
+        "switches over (a device that quiesces first is drained on its prepare event)",
+        DrainMode.START: "before the job starts, every covered device",
+    }[switchover.drain]
     for hook in policy.hooks_for(Trigger.DRAIN):
+        armed = " (armed: started with the migration, woken through its stdin)" if hook.armed else ""
         lines.append(
-            f"on pre-copy-p2p-prepare of each covered device (late: first P2P state on QEMU < 11.0): "
-            f"run {' '.join(hook.argv)} (deadline {hook.timeout_ms} ms, on failure {hook.on_failure})"
+            f"drain {when}: run {' '.join(hook.argv)}{armed} (deadline {hook.timeout_ms} ms, "
+            f"on failure {hook.on_failure})"
         )
     for hook in policy.hooks_for(Trigger.UNDRAIN):
         lines.append(f"when that device runs again (destination or source): run {' '.join(hook.argv)}")
@@ -242,11 +232,12 @@ class Migration:
     def __init__(
         self,
         request: Request,
-        source: Host,
-        destination: Host,
+        source: Hypervisor,
+        destination: Hypervisor,
         *,
         journal: JournalLike | None = None,
         runner: HookRunner | None = None,
+        clock: Clock | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         on_entry: Callable[[TimelineEntry], None] | None = None,
         migration_id: str | None = None,
@@ -255,226 +246,196 @@ class Migration:
         self.request = request
         self.source = source
         self.destination = destination
-        self.journal = journal or JournalLike()
+        self.journal: JournalLike = journal or NullJournal()
         self.runner = runner or HookRunner()
+        self.clock: Clock = clock or SystemClock()
         self.on_progress = on_progress
         self.on_entry = on_entry
         self.parent = parent
         self.id = migration_id or uuid.uuid4().hex[:12]
+        policy = request.policy
         self.report = Report(
             migration_id=self.id,
             domain=request.domain,
             source=request.source_uri,
             destination=request.destination_uri,
-            policy=request.policy.name,
+            policy=policy.name,
+            drain_mode=request.switchover.drain.value,
+            started=self.clock.time(),
         )
-        self.tracker = MigrationTracker(covers=request.policy.devices.covers)
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._hooks: dict[str, list[RunningHook]] = {}  # device id -> its running drain hooks
-        self._all_hooks: list[RunningHook] = []
-        self._abort_reason: str | None = None
-        self._abort_outcome = Outcome.ROLLED_BACK
-        self._dom: VirDomain | None = None
-        self._job_running = False
+        self.machine = MigrationMachine(
+            request.switchover.drain,
+            Schedule.of(request.switchover, request.migration),
+            self.clock,
+            drain_hooks=len(policy.hooks_for(Trigger.DRAIN)),
+            undrain_hooks=len(policy.hooks_for(Trigger.UNDRAIN)),
+            covers=policy.devices.covers,
+        )
+        self._cv = threading.Condition(threading.RLock())
+        self._lock = threading.Lock()  # the report's lists, appended to from several threads
+        self._downtime_lock = threading.Lock()  # downtime changes applied in the order decided
+        self._dom: Guest | None = None
         self._subs: list[Subscription] = []
-        self._device_hooks_enabled = True
+        self._job_done = False
+        self._abort_sent = False
 
     # --- the hot path: libvirt's event thread ---------------------------------------------------
     def _listener(self, role: Role) -> Callable[[str, str, int, int, dict[str, Any] | None], None]:
         host = role.value
 
         def on_event(domain: str, name: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
-            received = time.time()
+            received = self.clock.time()
             # The subscription already filtered the domain and the event names (see _subscribe).
-            if name == "VFIO_MIGRATION":
-                try:
-                    event = VfioEvent.from_qmp(host, role, domain, seconds, micros, data, received)
-                except ValueError as exc:
-                    self._note(str(exc))
-                    return
-                decision = self.tracker.feed(event) if self._device_hooks_enabled else None
-                if decision is not None:
-                    self._act(decision)  # spawn first: everything else can wait
-                self._record_vfio(event, decision)
-            else:
+            if name != "VFIO_MIGRATION":
                 self._record_qemu(host, role, name, seconds + micros / 1e6, received, data)
+                return
+            try:
+                event = VfioEvent.from_qmp(host, role, domain, seconds, micros, data, received)
+            except ValueError as exc:
+                self._note(str(exc))
+                return
+            with self._cv:
+                if not self.machine.following:
+                    return  # not our job's: before it started (another migration's?) or after settling
+                actions = self.machine.on_vfio(event)
+            if actions:
+                self._execute(actions)  # spawn first: everything else can wait
+            self._record_vfio(event)
+            with self._cv:
+                self._cv.notify_all()
 
         return on_event
 
-    def _act(self, decision: Decision) -> None:
-        """Start the hooks of a drain or undrain decision now."""
-        device = decision.device_id
-        trigger = Trigger.DRAIN if decision.action is Action.DRAIN else Trigger.UNDRAIN
-        state = decision.event.state.value if decision.event else "running"
-        values = self._values(device, decision.event.qom_path if decision.event else "", state)
+    def _execute(self, actions: Sequence[Action]) -> None:
+        """Carry out the machine's actions (never with `_cv` held by this call)."""
+        for action in actions:
+            if isinstance(action, RunHooks):
+                self._run_device_hooks(action)
+            elif isinstance(action, AbortJob):
+                self._abort_job(action.reason)
+            elif isinstance(action, SetDowntime):
+                self._set_downtime(action)
+            elif isinstance(action, Note):
+                self._note(action.text)
+
+    def _run_device_hooks(self, action: RunHooks) -> None:
+        device, trigger = action.device_id, action.trigger
+        # Journaled as starting BEFORE any hook starts: a kill at any instant after this is recoverable.
+        failure = self.journal.record_device_action(
+            self.id, device, trigger.value, "starting", self.clock.time(), action.reason
+        )
+        values = self._values(device, action.qom_path, action.state)
+        for hook in self.request.policy.hooks_for(trigger):
+            self.runner.start(hook, values, device, self._device_hook_done(hook.on_failure))
         if trigger is Trigger.DRAIN:
-            started = [
-                self.runner.start(hook, values, device, self._hook_done(hook.on_failure))
-                for hook in self.request.policy.hooks_for(Trigger.DRAIN)
-            ]
             # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our
             # bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
             os.sched_yield()
-            with self._lock:
-                self._hooks[device] = started
-                self._all_hooks.extend(started)
-        else:
-            with self._lock:
-                drains = [h for h in self._hooks.get(device, []) if not h.done.is_set()]
-            if drains:
-                # Never restore a workload while its drain is still running: wait for it, off this thread.
-                threading.Thread(
-                    target=self._undrain_after, args=(drains, values, device), daemon=True
-                ).start()
-            else:
-                self._start_undrain(values, device)
-        self._device_entry(decision)
+        if failure:
+            self._journal_failed(failure)
+        text = f"{trigger} {device}: {action.reason}"
+        self._entry(self.clock.time(), "orchestrator", "decision", text)
 
-    def _start_undrain(self, values: Mapping[str, str], device: str) -> None:
-        started = [
-            self.runner.start(hook, values, device, self._hook_done(OnFailure.CONTINUE))
-            for hook in self.request.policy.hooks_for(Trigger.UNDRAIN)
-        ]
-        with self._lock:
-            self._all_hooks.extend(started)
-
-    def _undrain_after(self, drains: list[RunningHook], values: Mapping[str, str], device: str) -> None:
-        for hook in drains:
-            hook.wait()
-        self._start_undrain(values, device)
-
-    def _hook_done(self, on_failure: OnFailure) -> Callable[[HookResult], None]:
+    def _device_hook_done(self, on_failure: OnFailure) -> Callable[[HookResult], None]:
         def done(result: HookResult) -> None:
-            self.journal.record_hook(self.id, result.to_json())
-            self._entry(result.started, "orchestrator", "hook", _hook_text(result))
-            with self._lock:
-                self.report.hooks.append(result)
-                if result.trigger is Trigger.UNDRAIN and not result.ok:
-                    self.report.undrain_failed = True
-            if not result.ok and result.trigger is Trigger.DRAIN and on_failure is OnFailure.ABORT:
-                self.abort(
-                    f"drain hook {result.label} for {result.device_id} failed: {result.error}",
-                    Outcome.ABORTED,
+            self._record_hook(result)
+            device = result.device_id or ""
+            failure = None
+            if not result.ok:
+                failure = f"{result.trigger} hook {result.label} for {device} failed: {result.error}"
+            with self._cv:
+                actions = self.machine.on_hook_done(
+                    result.trigger, device, failure, on_failure is OnFailure.ABORT
                 )
-            with self._changed:
-                self._changed.notify_all()
+                finished = self.machine.pending(device) == 0
+                self._cv.notify_all()
+            if finished:
+                self.journal.record_device_action(
+                    self.id, device, result.trigger.value, "failed" if failure else "done", self.clock.time()
+                )
+            self._execute(actions)
 
         return done
 
-    def _values(self, device: str = "", qom_path: str = "", state: str = "") -> dict[str, str]:
-        return {
-            "domain": self.request.domain,
-            "device_id": device,
-            "qom_path": qom_path,
-            "state": state,
-            "migration_id": self.id,
-            "source": self.request.source_uri,
-            "destination": self.request.destination_uri,
-        }
+    def _abort_job(self, reason: str) -> None:
+        dom, first = self._dom, not self._abort_sent
+        self._abort_sent = True
+        if dom is None:
+            return
+        try:
+            dom.abort_job()
+        except OrchestratorError as exc:
+            if first:
+                self._note(f"could not abort the job: {exc.message}")
 
-    # --- records ------------------------------------------------------------------------------
-    def _entry(self, at: float, host: str, kind: str, text: str) -> None:
-        entry = TimelineEntry(at, host, kind, text)
-        with self._lock:
-            self.report.timeline.append(entry)
-        if self.on_entry is not None:
-            self.on_entry(entry)
-
-    def _note(self, text: str) -> None:
-        with self._lock:
-            self.report.notes.append(text)
-        self._entry(time.time(), "orchestrator", "note", text)
+    def _set_downtime(self, action: SetDowntime) -> None:
+        dom = self._dom
+        if dom is None:
+            return
+        with self._downtime_lock:
+            try:
+                dom.set_max_downtime(action.ms)
+            except OrchestratorError as exc:
+                self._note(f"could not set the downtime limit to {action.ms} ms: {exc.message}")
+                return
+        self._entry(self.clock.time(), "orchestrator", "decision", action.why)
         self.journal.record_event(
-            self.id, "orchestrator", None, "note", text, None, None, None, time.time(), None
+            self.id, "orchestrator", None, "note", action.why, None, None, None, self.clock.time(), None
         )
-
-    def _record_vfio(self, event: VfioEvent, decision: Decision | None) -> None:
-        self.journal.record_event(
-            self.id,
-            event.host,
-            event.role.value,
-            "vfio",
-            "VFIO_MIGRATION",
-            event.device_id,
-            event.state.value,
-            event.qemu_time,
-            event.received,
-            {"qom_path": event.qom_path, "late": decision.late} if decision else {"qom_path": event.qom_path},
-        )
-        self._entry(event.qemu_time, event.host, "event", f"{event.device_id} -> {event.state.value}")
-        with self._changed:
-            self._changed.notify_all()
-
-    def _record_qemu(
-        self, host: str, role: Role, name: str, qemu_time: float, received: float, data: dict[str, Any] | None
-    ) -> None:
-        self.journal.record_event(
-            self.id, host, role.value, "qemu", name, None, None, qemu_time, received, data
-        )
-        status = (data or {}).get("status")
-        self._entry(qemu_time, host, "event", f"{name} {status}" if status else name)
-
-    def _device_entry(self, decision: Decision) -> None:
-        now = time.time()
-        with self._lock:
-            record = self.report.devices.setdefault(decision.device_id, {})
-            if decision.action is Action.DRAIN:
-                record.update(drained_at=now, late=decision.late, drain_reason=decision.reason)
-            else:
-                record.update(undrained_at=now, undrain_reason=decision.reason)
-        late = " (late: no prepare state)" if decision.late else ""
-        self._entry(now, "orchestrator", "decision", f"{decision.action.value} {decision.device_id}{late}")
 
     # --- control --------------------------------------------------------------------------------
     def abort(self, reason: str, outcome: Outcome = Outcome.ROLLED_BACK) -> None:
-        """Abort the migration job (from any thread); the first reason wins."""
-        with self._lock:
-            if self._abort_reason is not None:
-                return
-            self._abort_reason = reason
-            self._abort_outcome = outcome
-            dom, running = self._dom, self._job_running
-            self._changed.notify_all()
-        self._note(f"aborting: {reason}")
-        if dom is not None and running:
-            try:
-                abort_job(dom)
-            except OrchestratorError as exc:
-                self._note(f"could not abort the job: {exc.message}")
+        """Abort the migration (from any thread); the first reason wins."""
+        self._feed(lambda: self.machine.request_abort(reason, outcome))
 
     def interrupt(self, signal_name: str) -> None:
-        """Ctrl-C or SIGTERM: abort the job, undrain, then the caller exits."""
+        """Ctrl-C or SIGTERM: abort the job, undrain, then the caller exits. Call it from a thread of
+        its own, not from a signal handler (it takes the migration's lock)."""
         self.abort(f"{signal_name} received", Outcome.INTERRUPTED)
+
+    def _feed(self, decide: Callable[[], list[Action]]) -> None:
+        with self._cv:
+            actions = decide()
+            self._cv.notify_all()
+        self._execute(actions)
+
+    def _advance(self, phase: Phase) -> None:
+        with self._cv:
+            self.machine.advance(phase)
+        at = self.clock.time()
+        self.journal.record_phase(self.id, phase.value, at)
 
     # --- the flow -----------------------------------------------------------------------------
     def run(self) -> Report:
         """Pre-flight, then migrate; returns the report (never raises for a failed migration)."""
         report = self.report
         dom = self._preflight()
-        if report.outcome is Outcome.UNCHANGED or self.request.dry_run:
-            report.ended = time.time()
+        if dom is None or self.request.dry_run:
+            self._advance(Phase.DONE)
+            report.ended = self.clock.time()
             return report
-        self.journal.begin_migration(
-            self.id,
-            "evacuate-item" if self.parent else "migrate",
-            self.request.domain,
-            self.request.source_uri,
-            self.request.destination_uri,
-            self.request.policy.name,
-            report.started,
-            parent=self.parent,
-        )
-        report.changed = True
+        self._begin()
+        location: Location | None = None
         try:
+            self._advance(Phase.SUBSCRIBED)
             self._subscribe(dom)
-            if self._run_before_hooks():
+            self._advance(Phase.BEFORE_HOOKS)
+            if self._run_before_hooks() and self.request.switchover.drain is DrainMode.START:
+                self._advance(Phase.DRAINING)
+                self._drain_ahead()
+            if self.machine.abort_reason is None:
                 self._run_job(dom)
         finally:
+            self._advance(Phase.SETTLING)
             self._settle()
             self._unsubscribe()
+            if self.machine.job is not JobState.NOT_STARTED:
+                location = self._where()
+            self._conclude(location)
+            self._advance(Phase.AFTER_HOOKS)
             self._run_after_hooks()
-            report.ended = time.time()
+            self._advance(Phase.DONE)
+            report.ended = self.clock.time()
             self.journal.finish_migration(
                 self.id,
                 report.outcome.value,
@@ -486,7 +447,25 @@ class Migration:
             )
         return report
 
-    def _preflight(self) -> VirDomain | None:
+    def _begin(self) -> None:
+        policy = self.request.policy
+        text = _policy_text(policy.path)
+        self.journal.begin_migration(
+            self.id,
+            "evacuate-item" if self.parent else "migrate",
+            self.request.domain,
+            self.request.source_uri,
+            self.request.destination_uri,
+            str(policy.path) if policy.path else policy.name,
+            self.report.started,
+            parent=self.parent,
+            drain_mode=self.request.switchover.drain.value,
+            policy_text=text,
+            policy_sha256=hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+        )
+
+    def _preflight(self) -> Guest | None:
+        """Check the request against both hosts; None when there is nothing to do (already there)."""
         request, report = self.request, self.report
         if request.postcopy:
             raise BadInput(
@@ -494,20 +473,17 @@ class Migration:
                 "with postcopy migration')",
                 "drop --postcopy",
             )
-        if (
-            request.source_uri == request.destination_uri
-            or self.source.host_uuid() == self.destination.host_uuid()
-        ):
+        if request.source_uri == request.destination_uri:
             raise BadInput(
                 f"source and destination are the same host ({request.destination_uri})",
                 "give a different destination URI",
             )
         dom = self.source.find_domain(request.domain)
         there = self.destination.find_domain(request.domain)
-        there_running = there is not None and domain_state(there) in ("running", "paused")
-        if dom is None or domain_state(dom) in ("shut off", "gone"):
+        there_running = there is not None and there.state() in ACTIVE_STATES
+        if dom is None or dom.state() in (SHUT_OFF, GONE):
             if there_running:
-                report.outcome, report.changed = Outcome.UNCHANGED, False
+                report.outcome = Outcome.UNCHANGED
                 report.plan = [f"{request.domain} already runs on {request.destination_uri}: nothing to do"]
                 return None
             if dom is None:
@@ -517,54 +493,68 @@ class Migration:
                 )
             raise BadInput(
                 f"domain {request.domain!r} is not running on {request.source_uri}",
-                "start it first (only running VMs are live-migrated)",
+                f"start it first (only running VMs are live-migrated): virsh -c '{request.source_uri}' "
+                f"start {request.domain}",
             )
         if there_running:
             raise BadInput(
-                f"domain {request.domain!r} runs on both {request.source_uri} and {request.destination_uri}",
-                "stop the copy that should not run, then retry",
+                f"domain {request.domain!r} runs on both {request.source_uri} and {request.destination_uri} "
+                "(two URIs of the same host, or two copies of the VM)",
+                "give the URI of another host, or stop the copy that should not run",
+            )
+        if dom.job_stats() is not None:
+            raise BadInput(
+                f"domain {request.domain!r} already has a libvirt job running on {request.source_uri} "
+                "(another migration?)",
+                f"wait for it, or see: virsh -c '{request.source_uri}' domjobinfo {request.domain}",
             )
         problems = preflight(request.policy.all_hooks())
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise BadInput(f"{problems[0]}{more}", f"fix the hooks of policy {request.policy.name}")
+            raise BadInput(
+                f"{problems[0]}{more}",
+                f"fix the hooks of policy {request.policy.name} (for {request.domain})",
+            )
         devices, events_note = self._check_events(dom)
+        self.machine.learn_devices(devices)
         report.plan = plan_lines(request, devices, events_note)
         if request.dry_run:
             report.outcome = Outcome.PLANNED
         return dom
 
-    def _check_events(self, dom: VirDomain) -> tuple[list[str], str]:
+    def _check_events(self, dom: Guest) -> tuple[list[str], str]:
         """Covered VFIO devices from the live XML, and whether their events are on."""
         policy = self.request.policy
-        status = domxml.events_status(self.source.xml(dom))
+        status = domxml.events_status(dom.xml())
         covered = [
             d
             for d in (*status.devices, *status.commandline_devices)
             if d.alias and policy.devices.covers(d.alias, d.host_address if d.kind == "pci" else None)
         ]
+        names = [d.alias or "?" for d in covered]
         off = [d.alias or "?" for d in covered if not status.device_enabled(d)]
         if off:
             if policy.when_events_off is WhenEventsOff.REFUSE:
                 raise BadInput(
                     f"VFIO device(s) {', '.join(off)} of {self.request.domain} run without migration-events, "
                     "so no drain could be triggered",
-                    f"run 'orchestrator events enable {self.request.domain}' and cold-boot the VM, or set "
-                    f'events.when_off = "proceed" in policy {policy.name}',
+                    f"run: orchestrator events enable -c '{self.request.source_uri}' {self.request.domain}; "
+                    'then cold-boot the VM (or set events.when_off = "proceed" in a copy of policy '
+                    f"{policy.name})",
                 )
-            self._device_hooks_enabled = False
+            self.machine.disable_hooks()
             note = f"events off for {', '.join(off)}: migrating WITHOUT device hooks (policy says proceed)"
             self.report.notes.append(note)
-            return [d.alias or "?" for d in covered], note
+            return names, note
         if status.global_on:
             note = "events: -global vfio-pci.migration-events=on (every vfio-pci device emits)"
         elif covered:
             note = "events: on for every covered device"
         else:
             note = "events: no VFIO hostdev in the XML; any device that emits is followed"
-        return [d.alias or "?" for d in covered], note
+        return names, note
 
-    def _subscribe(self, dom: VirDomain) -> None:
+    def _subscribe(self, dom: Guest) -> None:
         events = sorted(_FOLLOWED_EVENTS)
         self._subs.append(
             self.source.subscribe_monitor_events(self._listener(Role.SOURCE), events=events, dom=dom)
@@ -584,15 +574,63 @@ class Migration:
     def _run_before_hooks(self) -> bool:
         for hook in self.request.policy.hooks_for(Trigger.BEFORE):
             result = self.runner.run(hook, self._values(state="before"))
-            self._hook_done(OnFailure.CONTINUE)(result)
+            self._record_hook(result)
             if not result.ok and hook.on_failure is OnFailure.ABORT:
-                self.report.outcome = Outcome.ABORTED
-                self.report.changed = False
-                self.report.error = f"before hook {result.label} failed: {result.error}"
+                self.abort(f"before hook {result.label} failed: {result.error}", Outcome.ABORTED)
                 return False
-        return True
+            if self.machine.abort_reason is not None:
+                return False
+        return self.machine.abort_reason is None
 
-    def _run_job(self, dom: VirDomain) -> None:
+    def _drain_ahead(self) -> None:
+        """drain=start: drain every covered device and wait for the hooks (bounded by their deadlines)."""
+        self._feed(self.machine.drain_ahead)
+        with self._cv:
+            while self.machine.drains_running():
+                self.clock.wait(self._cv, 0.5)
+
+    def _run_job(self, dom: Guest) -> None:
+        request = self._migrate_request(dom)
+        self._dom = dom
+        # Before the job: libvirt keeps the limit for the job and restores the old one after it.
+        dom.set_max_downtime(self.machine.initial_downtime())
+        with self._cv:
+            if self.machine.abort_reason is not None:  # interrupted just now
+                return
+            self.machine.advance(Phase.JOB_RUNNING)
+            self.machine.job_started()
+        self.journal.record_phase(self.id, Phase.JOB_RUNNING.value, self.clock.time())
+        began = self.clock.monotonic()
+        self.source.start_migration(dom, request, self.destination, self._job_ended)
+        progress = Progress()
+        while True:
+            with self._cv:
+                if not self._job_done:
+                    self.clock.wait(self._cv, POLL_S)
+                if self._job_done:
+                    break
+            try:
+                stats = dom.job_stats()
+            except OrchestratorError as exc:
+                self._note(f"could not read the job's statistics: {exc.message}")
+                stats = None
+            if stats is not None and self.on_progress is not None:
+                progress = progress.advance(stats)
+                self.on_progress(progress)
+            self._feed(functools.partial(self.machine.on_tick, stats))
+        self.report.job_s = self.clock.monotonic() - began
+        if self.machine.job is JobState.SUCCEEDED and self.on_progress is not None:
+            self.on_progress(replace(progress, fraction=1.0))
+
+    def _job_ended(self, error: OrchestratorError | None) -> None:
+        """The job's thread: the migration call returned."""
+        with self._cv:
+            actions = self.machine.on_job_end(None if error is None else error.message)
+            self._job_done = True
+            self._cv.notify_all()
+        self._execute(actions)
+
+    def _migrate_request(self, dom: Guest) -> MigrateRequest:
         settings = self.request.migration
         request = MigrateRequest(
             destination_uri=self.request.destination_uri,
@@ -605,97 +643,133 @@ class Migration:
             else None,
             listen_address=self.request.listen_address,
             bandwidth_mib=settings.bandwidth_mib or None,
-            max_downtime_ms=settings.max_downtime_ms,
             compressed=settings.compressed,
             auto_converge=settings.auto_converge,
         )
-        request = self._with_destination_xml(dom, request)
-        failure: list[BaseException] = []
-        finished = threading.Event()
+        # Carry the events property into the destination's live and persistent definitions.
+        from orchestrator.domxml_edit import destination_xml
 
-        def job() -> None:
-            try:
-                migrate(self.source, dom, request, self.destination)
-            except BaseException as exc:  # handed to the main thread, which reports it
-                failure.append(exc)
-            finally:
-                finished.set()
-                with self._changed:
-                    self._changed.notify_all()
-
-        with self._lock:
-            if self._abort_reason is not None:  # interrupted before the job started
-                self.report.outcome = self._abort_outcome
-                self.report.error = self._abort_reason
-                self.report.changed = False
-                return
-            self._dom, self._job_running = dom, True
-        began = time.monotonic()
-        threading.Thread(target=job, name=f"migrate-{self.request.domain}", daemon=True).start()
-        progress = Progress()
-        timeout = settings.completion_timeout_s
-        while not finished.wait(0.25):
-            if self.on_progress is not None:
-                progress = progress.advance(job_stats(dom))
-                self.on_progress(progress)
-            if timeout and time.monotonic() - began > timeout:
-                self.abort(f"completion timeout of {timeout:g} s exceeded")
-        with self._lock:
-            self._job_running = False
-        self.report.job_s = time.monotonic() - began
-        if failure:
-            exc = failure[0]
-            with self._lock:
-                reason, outcome = self._abort_reason, self._abort_outcome
-            self.report.outcome = outcome if reason else Outcome.ROLLED_BACK
-            self.report.error = reason or (exc.message if isinstance(exc, OrchestratorError) else repr(exc))
-            if not isinstance(exc, MigrationError | OrchestratorError):
-                self._note(f"unexpected error from the migration job: {exc!r}")
-        else:
-            self.report.outcome = Outcome.SUCCEEDED
-            if self.on_progress is not None:
-                self.on_progress(replace(progress, fraction=1.0))
-            there = self.destination.find_domain(self.request.domain)
-            if there is not None:
-                stats = completed_job_stats(there)
-                if "downtime" in stats:
-                    self.report.downtime_ms = int(stats["downtime"])
-
-    def _with_destination_xml(self, dom: VirDomain, request: MigrateRequest) -> MigrateRequest:
-        """Carry the events property into the destination's live and persistent definitions."""
-        migratable = self.source.xml(dom, migratable=True)
-        dest = domxml_edit.destination_xml(migratable)
+        migratable = dom.xml(migratable=True)
+        dest = destination_xml(migratable)
         if dest == migratable:
             return request
         return replace(request, dest_xml=dest, persist_xml=dest if request.persist else None)
 
     def _settle(self) -> None:
-        """Wait (bounded) for the events that undrain; then undrain whatever is still drained."""
-        deadline = time.monotonic() + SETTLE_S
-        with self._changed:
-            while self.tracker.still_drained() and time.monotonic() < deadline:
-                self._changed.wait(max(0.0, min(0.5, deadline - time.monotonic())))
-        for device in self.tracker.still_drained():
-            if self.tracker.mark_undrained(device):
-                self._note(f"no 'running' event for {device} after the job ended: undraining it anyway")
-                self._act(Decision(Action.UNDRAIN, device, None, False, "forced at the end of the migration"))
-        # Until none is pending: an undrain that waited for its drains starts hooks of its own.
-        while True:
-            with self._lock:
-                pending = [h for h in self._all_hooks if not h.done.is_set()]
-            if not pending:
-                break
-            for hook in pending:
-                hook.wait()
+        """Wait (bounded) for the events that undrain; then undrain whatever is still drained, and wait
+        for every hook to end."""
+        deadline = self.clock.monotonic() + SETTLE_S
+        with self._cv:
+            while self.machine.busy() and (left := deadline - self.clock.monotonic()) > 0:
+                self.clock.wait(self._cv, min(0.5, left))
+            actions = self.machine.force_undrain()
+        self._execute(actions)
+        with self._cv:
+            while self.machine.busy():
+                self.clock.wait(self._cv, 0.5)
+
+    def _where(self) -> Location:
+        """Where the VM runs now, asked of both hosts (a failure to ask counts as not running there)."""
+        running = []
+        for host in (self.source, self.destination):
+            try:
+                dom = host.find_domain(self.request.domain)
+                running.append(dom is not None and dom.state() in ACTIVE_STATES)
+            except OrchestratorError as exc:
+                self._note(f"could not ask {host.uri} where {self.request.domain} runs: {exc.message}")
+                running.append(False)
+        on_source, on_destination = running
+        if on_source and on_destination:
+            return Location.BOTH
+        if on_source:
+            return Location.SOURCE
+        return Location.DESTINATION if on_destination else Location.NEITHER
+
+    def _conclude(self, location: Location | None) -> None:
+        report, machine = self.report, self.machine
+        with self._cv:
+            report.outcome, report.error = machine.conclude(location)
+            report.devices = machine.devices()
+            report.undrain_failed = machine.undrain_failed
+            report.gate = machine.gate.value if machine.gate is not None else None
+        if report.outcome is Outcome.SUCCEEDED:
+            there = self.destination.find_domain(self.request.domain)
+            stats = there.completed_job_stats() if there is not None else None
+            if stats is not None and stats.expected_downtime_ms is not None:
+                report.downtime_ms = stats.expected_downtime_ms
+        if (
+            location is not None
+            and location is not Location.SOURCE
+            and report.outcome is not Outcome.SUCCEEDED
+        ):
+            self._note(f"after the job the VM runs on: {location.value}")
 
     def _run_after_hooks(self) -> None:
         outcome = self.report.outcome
-        if outcome in (Outcome.UNCHANGED, Outcome.PLANNED):
-            return
         trigger = Trigger.AFTER_SUCCESS if outcome is Outcome.SUCCEEDED else Trigger.AFTER_FAILURE
         for hook in self.request.policy.hooks_for(trigger):
-            result = self.runner.run(hook, self._values(state=outcome.value))
-            self._hook_done(OnFailure.CONTINUE)(result)
+            self._record_hook(self.runner.run(hook, self._values(state=outcome.value)))
+
+    # --- records --------------------------------------------------------------------------------
+    def _values(self, device: str = "", qom_path: str = "", state: str = "") -> dict[str, str]:
+        return {
+            "domain": self.request.domain,
+            "device_id": device,
+            "qom_path": qom_path,
+            "state": state,
+            "migration_id": self.id,
+            "source": self.request.source_uri,
+            "destination": self.request.destination_uri,
+        }
+
+    def _record_hook(self, result: HookResult) -> None:
+        self.journal.record_hook(self.id, result.to_json())
+        self._entry(result.started, "orchestrator", "hook", _hook_text(result))
+        with self._lock:
+            self.report.hooks.append(result)
+
+    def _entry(self, at: float, host: str, kind: str, text: str) -> None:
+        entry = TimelineEntry(at, host, kind, text)
+        with self._lock:
+            self.report.timeline.append(entry)
+        if self.on_entry is not None:
+            self.on_entry(entry)
+
+    def _note(self, text: str) -> None:
+        now = self.clock.time()
+        with self._lock:
+            self.report.notes.append(text)
+        self._entry(now, "orchestrator", "note", text)
+        self.journal.record_event(self.id, "orchestrator", None, "note", text, None, None, None, now, None)
+
+    def _journal_failed(self, error: str) -> None:
+        with self._lock:
+            self.report.journal_error = self.report.journal_error or error
+        self._note(error)
+
+    def _record_vfio(self, event: VfioEvent) -> None:
+        self.journal.record_event(
+            self.id,
+            event.host,
+            event.role.value,
+            "vfio",
+            "VFIO_MIGRATION",
+            event.device_id,
+            str(event.state),
+            event.qemu_time,
+            event.received,
+            {"qom_path": event.qom_path},
+        )
+        self._entry(event.qemu_time, event.host, "event", f"{event.device_id} -> {event.state}")
+
+    def _record_qemu(
+        self, host: str, role: Role, name: str, qemu_time: float, received: float, data: dict[str, Any] | None
+    ) -> None:
+        self.journal.record_event(
+            self.id, host, role.value, "qemu", name, None, None, qemu_time, received, data
+        )
+        status = (data or {}).get("status")
+        self._entry(qemu_time, host, "event", f"{name} {status}" if status else name)
 
 
 def _hook_text(result: HookResult) -> str:
@@ -704,17 +778,11 @@ def _hook_text(result: HookResult) -> str:
     return f"{result.trigger}{device}: {result.label} ({result.duration_ms:.0f} ms, {status})"
 
 
-@contextlib.contextmanager
-def opened(source_uri: str, destination_uri: str) -> Any:
-    """Both connections, closed on the way out."""
-    source = Host.open(source_uri)
+def _policy_text(path: Path | None) -> str | None:
+    """The policy file's text, journaled so that `recover` runs the very hooks the migration used."""
+    if path is None:
+        return None
     try:
-        destination = Host.open(destination_uri)
-    except BaseException:
-        source.close()
-        raise
-    try:
-        yield source, destination
-    finally:
-        destination.close()
-        source.close()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

@@ -1,20 +1,27 @@
-"""The VFIO migration model: device states, their legal sequences, and drain/undrain decisions.
+"""The VFIO migration model: device states, their legal sequences, and what each event signals.
 
 Pure logic: no libvirt, no I/O, no clock. The libvirt edge turns each VFIO_MIGRATION monitor event into
-a `VfioEvent` (`VfioEvent.from_qmp`) and feeds it to a `MigrationTracker`, which answers at once with
-"drain now", "undrain now" or nothing. The sequences follow QEMU's hw/vfio/migration.c:
+a `VfioEvent` (`VfioEvent.from_qmp`) and feeds it to a `MigrationTracker`, which follows every device
+on both ends and answers with what the event means for the device's workloads: it is about to go quiet
+(a prepare state), it went quiet with no warning (QEMU < 11.0), or it runs again. Whether that drains or
+undrains anything is the migration's decision (`orchestrator.phases`). The sequences follow QEMU's
+hw/vfio/migration.c:
 
 - source, precopy + P2P device: running -> pre-copy -> pre-copy-p2p-prepare (QEMU >= 11.0) -> pre-copy-p2p
   -> stop-copy -> stop; QEMU 9.1-10.x is the same without the prepare state.
 - source, no precopy: running -> running-p2p -> stop-copy -> stop; no P2P: ... -> stop-copy -> stop.
 - source, migration failed or cancelled (or a failed transition): back to running.
 - destination: resuming -> running-p2p (P2P devices) -> running when the guest resumes.
+
+QEMU's QAPI documents prepare states in general ("states with a 'prepare' suffix ... the device is just
+about to transition to the corresponding state"), so any `X-prepare` whose X is a P2P state is the
+prepare for X, and a state this model does not know is kept (and noted), never dropped.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -42,23 +49,50 @@ class Role(StrEnum):
     DESTINATION = "destination"
 
 
-class Action(StrEnum):
-    """What the orchestrator must do for a device's dependent workloads."""
+class Signal(StrEnum):
+    """What an event means for a device's dependent workloads."""
 
-    DRAIN = "drain"
-    UNDRAIN = "undrain"
+    QUIESCING = "quiescing"  # a prepare state on the source: the device is about to stop answering
+    QUIESCED = "quiesced"  # the source device reached a quiet state (P2P or stop-copy) for the first time
+    RUNNING = "running"  # the device runs again: on the destination, or on the source after a failure
+
+
+# The states in which a device no longer answers its peers (the P2P states and stop-copy).
+P2P_STATES = frozenset({DeviceState.PRE_COPY_P2P, DeviceState.RUNNING_P2P})
+QUIET_STATES = P2P_STATES | {DeviceState.STOP_COPY}
+_PREPARE_SUFFIX = "-prepare"
+_STATE_WORD = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def prepared_state(state: str) -> DeviceState | None:
+    """The P2P state that a prepare state announces (`pre-copy-p2p-prepare` -> pre-copy-p2p), else None."""
+    if not state.endswith(_PREPARE_SUFFIX):
+        return None
+    target = state[: -len(_PREPARE_SUFFIX)]
+    return DeviceState(target) if target in P2P_STATES else None
+
+
+def known_state(state: str) -> DeviceState | None:
+    """The DeviceState for `state`, None for a state this model does not know."""
+    try:
+        return DeviceState(state)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class VfioEvent:
-    """One VFIO_MIGRATION event: which device, where, in which state, and when."""
+    """One VFIO_MIGRATION event: which device, where, in which state, and when.
+
+    `state` is a `DeviceState` member when the state is known, else QEMU's text as it came.
+    """
 
     host: str  # a label for the host ("source", a host name, a URI), for reports
     role: Role
     domain: str
     device_id: str  # QEMU's device id, which is the libvirt alias
     qom_path: str
-    state: DeviceState
+    state: str
     qemu_time: float  # epoch seconds, QEMU's own timestamp of the event
     received: float  # epoch seconds, when the orchestrator got it
 
@@ -77,7 +111,8 @@ class VfioEvent:
 
         `details` is the event's `data`: the JSON text libvirt hands the callback, or already a mapping.
         An empty `device-id` (a device added without an id) is replaced by the last component of the
-        `qom-path`. Raises `ValueError`, naming the host, domain and problem, on malformed data.
+        `qom-path`. A state this model does not know is kept as text. Raises `ValueError`, naming the
+        host, domain and problem, on malformed data.
         """
 
         def malformed(problem: str) -> ValueError:
@@ -101,11 +136,13 @@ class VfioEvent:
             if not isinstance(value, str):
                 raise malformed(f"{key!r} is {value!r}, expected a string")
             fields[key] = value
-        try:
-            state = DeviceState(fields["device-state"])
-        except ValueError:
+        raw_state = fields["device-state"]
+        state: str | None = known_state(raw_state)
+        if state is None and _STATE_WORD.match(raw_state):
+            state = raw_state  # a newer QEMU's state: kept, and noted by the tracker
+        if state is None:
             known = ", ".join(s.value for s in DeviceState)
-            raise malformed(f"unknown device-state {fields['device-state']!r} (known: {known})") from None
+            raise malformed(f"unusable device-state {raw_state[:80]!r} (known: {known})")
         qom_path = fields["qom-path"]
         device_id = fields["device-id"] or qom_path.rstrip("/").rsplit("/", 1)[-1]
         if not device_id:
@@ -131,19 +168,17 @@ class VfioEvent:
             "domain": self.domain,
             "device_id": self.device_id,
             "qom_path": self.qom_path,
-            "state": self.state.value,
+            "state": str(self.state),
         }
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    """Drain or undrain one device's workloads now, and why."""
+class DeviceSignal:
+    """What one event means for its device: `late` when it went quiet with no prepare before it."""
 
-    action: Action
-    device_id: str
-    event: VfioEvent | None  # None when the migration code decided on its own (a forced undrain)
-    late: bool  # drained on a state after the point where prepare would have been
-    reason: str
+    signal: Signal
+    event: VfioEvent
+    late: bool = False
 
 
 _S = DeviceState
@@ -198,118 +233,100 @@ LEGAL_TRANSITIONS: Mapping[Role, Mapping[DeviceState | None, frozenset[DeviceSta
     ),
 }
 
-# Source states that mean the P2P quiesce has begun or is over: drain now if prepare never came
-# (QEMU < 11.0, a device without precopy, which goes to running-p2p, or without P2P, to stop-copy).
-_LATE_DRAIN_REASONS: Mapping[DeviceState, str] = {
-    state: f"{state} on the source with no pre-copy-p2p-prepare before it (late drain)"
-    for state in (_S.PRE_COPY_P2P, _S.RUNNING_P2P, _S.STOP_COPY)
-}
-_PREPARE_REASON = "pre-copy-p2p-prepare on the source"
-_UNDRAIN_REASONS: Mapping[Role, str] = {
-    Role.DESTINATION: "running on the destination",
-    Role.SOURCE: "running again on the source (migration failed or cancelled, or a transition failed)",
-}
+
+def is_legal(role: Role, previous: str | None, state: str) -> bool:
+    """Whether `previous -> state` is in QEMU's sequence for this end (prepare states generalised)."""
+    if previous is not None and prepared_state(previous) is not None:
+        return True  # a prepare promises nothing: the transition may end anywhere
+    edges = LEGAL_TRANSITIONS[role][known_state(previous) if previous is not None else None]
+    target = prepared_state(state)
+    if target is not None and role is Role.SOURCE:
+        return state in edges or target in edges
+    known = known_state(state)
+    return known is not None and known in edges
 
 
 class DeviceTracker:
-    """Follows one device id on both ends of a migration and decides when to drain and undrain it.
+    """Follows one device id on both ends of a migration and says what each of its events signals.
 
-    Drain: on the source's pre-copy-p2p-prepare, or, if none came in this attempt, on the first of
-    pre-copy-p2p / running-p2p / stop-copy (late). Undrain, exactly once per drain: when the device runs
-    again, on the destination (success) or on the source (failure). The source returning to running
-    ends an attempt; after an undrain a new prepare (a second attempt followed by the same tracker)
-    drains again. Not thread-safe: `MigrationTracker` serialises access.
+    QUIESCING on a source prepare state; QUIESCED the first time the source reaches a quiet state
+    (late when no prepare came before it); RUNNING when the device runs again, on the destination or
+    on the source after it had left running. The source returning to running starts over.
     """
 
-    __slots__ = ("_attempt_drained", "_destination", "_drained", "_history", "_last", "_source", "device_id")
+    __slots__ = ("_destination", "_history", "_last", "_prepared", "_quiesced", "_source", "device_id")
 
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
-        self._source: DeviceState = DeviceState.RUNNING
-        self._destination: DeviceState | None = None
-        self._last: DeviceState = DeviceState.RUNNING
-        self._drained = False
-        # Set on drain, cleared when the source runs again: stops a late-delivered source event
-        # (events of the two hosts arrive on different connections) from draining a finished attempt.
-        self._attempt_drained = False
+        self._source: str = DeviceState.RUNNING
+        self._destination: str | None = None
+        self._last: str = DeviceState.RUNNING
+        self._prepared = False  # a prepare state came since the source last ran
+        self._quiesced = False  # the source reached a quiet state since it last ran
         self._history: list[VfioEvent] = []
 
     @property
-    def state(self) -> DeviceState:
+    def state(self) -> str:
         """The state in the latest event, from either end (running before any event)."""
         return self._last
 
     @property
-    def source_state(self) -> DeviceState:
+    def source_state(self) -> str:
         """The device's state on the source."""
         return self._source
 
     @property
-    def destination_state(self) -> DeviceState | None:
+    def destination_state(self) -> str | None:
         """The device's state on the destination, None until it appears there."""
         return self._destination
-
-    @property
-    def drained(self) -> bool:
-        """True between a drain decision and its undrain."""
-        return self._drained
 
     @property
     def history(self) -> tuple[VfioEvent, ...]:
         """Every event fed, in order."""
         return tuple(self._history)
 
-    def feed(self, event: VfioEvent) -> tuple[Decision | None, str | None]:
-        """Take one event of this device: return (decision or None, unexpected-transition note or None)."""
+    def feed(self, event: VfioEvent) -> tuple[DeviceSignal | None, str | None]:
+        """Take one event of this device: (what it signals or None, a note on an unexpected step or None)."""
         if event.device_id != self.device_id:
             raise ValueError(f"event for device {event.device_id!r} fed to the tracker of {self.device_id!r}")
         self._history.append(event)
-        return self._decide(event), self._advance(event)
-
-    def mark_undrained(self) -> bool:
-        """Record an undrain made outside the tracker; True if the device was drained until now."""
-        was_drained = self._drained
-        self._drained = False
-        return was_drained
+        return self._signal(event), self._advance(event)
 
     def _advance(self, event: VfioEvent) -> str | None:
-        """Move to the event's state; return a note if the step is not in the legal table."""
-        previous: DeviceState | None
+        """Move to the event's state; return a note if the step is not in QEMU's sequence."""
+        previous: str | None
         if event.role is Role.SOURCE:
             previous, self._source = self._source, event.state
         else:
             previous, self._destination = self._destination, event.state
         self._last = event.state
-        if event.state in LEGAL_TRANSITIONS[event.role][previous]:
+        if is_legal(event.role, previous, event.state):
             return None
         # Only the unusual path builds a string.
+        unknown = "" if known_state(event.state) or prepared_state(event.state) else " (a state unknown here)"
         return (
             f"unexpected VFIO transition of {self.device_id} on the {event.role} ({event.host}): "
-            f"{previous or '(none)'} -> {event.state}"
+            f"{previous or '(none)'} -> {event.state}{unknown}"
         )
 
-    def _decide(self, event: VfioEvent) -> Decision | None:
+    def _signal(self, event: VfioEvent) -> DeviceSignal | None:
         state = event.state
-        if state is DeviceState.RUNNING:
-            if event.role is Role.SOURCE:
-                self._attempt_drained = False
-            if not self._drained:
-                return None
-            self._drained = False
-            return Decision(Action.UNDRAIN, self.device_id, event, False, _UNDRAIN_REASONS[event.role])
-        if event.role is not Role.SOURCE or self._drained:
+        if state == DeviceState.RUNNING:
+            if event.role is Role.DESTINATION:
+                return DeviceSignal(Signal.RUNNING, event)
+            if self._source == DeviceState.RUNNING:
+                return None  # it never left running: nothing resumed
+            self._prepared = self._quiesced = False
+            return DeviceSignal(Signal.RUNNING, event)
+        if event.role is not Role.SOURCE:
             return None
-        if state is DeviceState.PRE_COPY_P2P_PREPARE:
-            return self._drain(event, late=False, reason=_PREPARE_REASON)
-        late_reason = _LATE_DRAIN_REASONS.get(state)
-        if late_reason is not None and not self._attempt_drained:
-            return self._drain(event, late=True, reason=late_reason)
+        if prepared_state(state) is not None:
+            self._prepared = True
+            return DeviceSignal(Signal.QUIESCING, event)
+        if state in QUIET_STATES and not self._quiesced:
+            self._quiesced = True
+            return DeviceSignal(Signal.QUIESCED, event, late=not self._prepared)
         return None
-
-    def _drain(self, event: VfioEvent, *, late: bool, reason: str) -> Decision:
-        self._drained = True
-        self._attempt_drained = True
-        return Decision(Action.DRAIN, self.device_id, event, late, reason)
 
 
 def _covers_all(_device_id: str) -> bool:
@@ -317,21 +334,20 @@ def _covers_all(_device_id: str) -> bool:
 
 
 class MigrationTracker:
-    """Follows every device id that appears in one migration's events, both ends, and decides.
+    """Follows every device id that appears in one migration's events, both ends.
 
     `covers(device_id)` says which devices the policy acts on; it is asked once per device id. Devices
     are learnt from the events themselves (a vfio-pci added on the QEMU command line has no hostdev).
-    `feed` is on the hot path (event -> hook): O(1), no logging, nothing allocated but the decision.
-    Thread-safe: the event thread feeds while the migration code may undrain on a failure path.
+    `feed` is on the hot path (event -> hook): O(1), no logging, nothing allocated but the signal.
+    Not thread-safe: the migration serialises access.
     """
 
-    __slots__ = ("_covers", "_devices", "_ignored", "_lock", "notes")
+    __slots__ = ("_covers", "_devices", "_ignored", "notes")
 
     def __init__(self, covers: Callable[[str], bool] = _covers_all) -> None:
         self._covers = covers
         self._devices: dict[str, DeviceTracker] = {}
         self._ignored: set[str] = set()
-        self._lock = threading.Lock()
         self.notes: list[str] = []  # unexpected transitions, for the journal and the report
 
     @property
@@ -339,36 +355,26 @@ class MigrationTracker:
         """The tracker of every covered device seen so far, by device id."""
         return self._devices
 
-    def feed(self, event: VfioEvent) -> Decision | None:
-        """Take one event; return what to do now for its device, if anything."""
-        with self._lock:
-            tracker = self._devices.get(event.device_id)
-            if tracker is None:
-                if event.device_id in self._ignored:
-                    return None
-                if not self._covers(event.device_id):
-                    self._ignored.add(event.device_id)
-                    return None
-                tracker = self._devices[event.device_id] = DeviceTracker(event.device_id)
-            decision, note = tracker.feed(event)
-            if note is not None:
-                self.notes.append(note)
-            return decision
+    def covers(self, device_id: str) -> bool:
+        """Whether the policy acts on this device (asked of the policy once per id)."""
+        if device_id in self._devices:
+            return True
+        if device_id in self._ignored:
+            return False
+        if self._covers(device_id):
+            self._devices[device_id] = DeviceTracker(device_id)
+            return True
+        self._ignored.add(device_id)
+        return False
 
-    def still_drained(self) -> list[str]:
-        """Device ids drained and not yet undrained: a failure path must undrain these itself."""
-        with self._lock:
-            return [device_id for device_id, tracker in self._devices.items() if tracker.drained]
-
-    def mark_undrained(self, device_id: str) -> bool:
-        """Record that the migration code undrained `device_id`, so no later event undrains it again.
-
-        Returns True if it was drained until now: the caller that gets True owns the undrain, which
-        keeps "exactly one undrain per drain" when an event and a failure path race. Raises KeyError
-        for a device never seen.
-        """
-        with self._lock:
-            return self._devices[device_id].mark_undrained()
+    def feed(self, event: VfioEvent) -> DeviceSignal | None:
+        """Take one event; return what it signals for its device, if anything."""
+        if not self.covers(event.device_id):
+            return None
+        signal, note = self._devices[event.device_id].feed(event)
+        if note is not None:
+            self.notes.append(note)
+        return signal
 
 
 def schema_support(schema: object) -> tuple[bool, bool]:

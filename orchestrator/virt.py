@@ -2,7 +2,8 @@
 
 Nothing else in the project imports `libvirt`. Everything here is a small wrapper that turns
 libvirt's objects and exceptions into the project's own types, so that the rest of the code can be
-reasoned about (and unit-tested) without a daemon.
+reasoned about (and unit-tested) without a daemon. `Host` and `Domain` implement the narrow interface
+a migration needs (`orchestrator.hypervisor.Hypervisor` and `Guest`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ import contextlib
 import json
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from xml.etree import ElementTree
 
 import libvirt
 import libvirt_qemu
 
-from orchestrator.errors import BadInput, ConnectError, ExitCode, OrchestratorError
+from orchestrator.errors import BadInput, ConnectError, MigrationError, OrchestratorError
+from orchestrator.hypervisor import (
+    GONE,
+    Guest,
+    Hypervisor,
+    JobEnded,
+    JobStats,
+    MigrateRequest,
+    MonitorCallback,
+)
 
 VirDomain = Any  # libvirt.virDomain; libvirt-python ships no type information
 
@@ -79,10 +88,6 @@ class DomainInfo:
     memory_kib: int
 
 
-MonitorCallback = Callable[[str, str, int, int, dict[str, Any] | None], None]
-"""(domain name, event name, seconds, microseconds, data) -> None; runs on libvirt's event thread."""
-
-
 class Subscription:
     """A registered QEMU monitor event callback; `cancel()` deregisters it (idempotent)."""
 
@@ -100,8 +105,96 @@ class Subscription:
             libvirt_qemu.qemuMonitorEventDeregister(self._host.conn, callback_id)
 
 
+class Domain:
+    """One libvirt domain on one host (implements `orchestrator.hypervisor.Guest`)."""
+
+    def __init__(self, host: Host, raw: VirDomain) -> None:
+        self.host = host
+        self.raw = raw  # the libvirt.virDomain
+        self._name: str = raw.name()
+
+    def name(self) -> str:
+        """The domain's name."""
+        return self._name
+
+    def uuid(self) -> str:
+        """The domain's UUID."""
+        return str(self.raw.UUIDString())
+
+    def state(self) -> str:
+        """The state in virsh's words ("running", "paused", "shut off", ...; "gone" if it vanished)."""
+        try:
+            state, _reason = self.raw.state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return GONE
+            raise translate(exc, f"reading the state of {self._name!r} on {self.host.uri}") from None
+        return STATE_NAMES.get(state, str(state))
+
+    def is_persistent(self) -> bool:
+        """Whether the domain has a persistent definition."""
+        return bool(self.raw.isPersistent())
+
+    def xml(self, *, inactive: bool = False, migratable: bool = False, secure: bool = False) -> str:
+        """The domain's XML: live by default, or the persistent definition, optionally migratable.
+
+        `secure` includes secrets (e.g. graphics passwords): needed when the XML is defined back.
+        """
+        flags = libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
+        if inactive:
+            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+        if migratable:
+            flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
+        try:
+            return str(self.raw.XMLDesc(flags))
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"reading the XML of {self._name!r} on {self.host.uri}") from None
+
+    def job_stats(self) -> JobStats | None:
+        """The active job's statistics; None when no job runs (or the domain is gone)."""
+        try:
+            stats = self.raw.jobStats(0)
+        except libvirt.libvirtError:
+            return None
+        if not stats or stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
+        return JobStats.from_params(stats)
+
+    def completed_job_stats(self) -> JobStats | None:
+        """The last completed job's statistics (after a migration, on the destination)."""
+        try:
+            stats = self.raw.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            return None
+        return JobStats.from_params(stats, active=False) if stats else None
+
+    def abort_job(self) -> bool:
+        """Abort the running job (a migration); False if there was none to abort."""
+        try:
+            self.raw.abortJob()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                return False  # no job: finished or never started
+            raise translate(exc, f"aborting the job of {self._name!r}") from None
+        return True
+
+    def set_max_downtime(self, ms: int) -> None:
+        """Set QEMU's downtime limit (0 is passed on: QEMU then switches over only with nothing pending)."""
+        try:
+            self.raw.migrateSetMaxDowntime(ms, 0)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"setting the downtime limit of {self._name!r} to {ms} ms") from None
+
+    def max_downtime(self) -> int:
+        """QEMU's downtime limit now, in ms."""
+        try:
+            return int(self.raw.migrateGetMaxDowntime(0))
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"reading the downtime limit of {self._name!r}") from None
+
+
 class Host:
-    """One libvirt connection (a host), opened with events enabled."""
+    """One libvirt connection (a host), opened with events enabled (implements `Hypervisor`)."""
 
     def __init__(self, conn: Any, uri: str) -> None:
         self.conn = conn
@@ -155,10 +248,14 @@ class Host:
         )
 
     # --- facts ------------------------------------------------------------------------------
-    def host_uuid(self) -> str:
-        """The host UUID libvirt uses to tell hosts apart (equal on both ends = same host)."""
-        caps = ElementTree.fromstring(self.conn.getCapabilities())  # noqa: S314 - trusted daemon output
-        return caps.findtext("host/uuid", default="")
+    def identity(self) -> frozenset[tuple[str, int]]:
+        """The (UUID, ID) of every running domain. Domain IDs are counted per daemon, so two connections
+        showing the same non-empty set reach the same daemon. Costs one call, where the host UUID
+        (getCapabilities) makes a fresh daemon probe every QEMU binary first (~16 s)."""
+        try:
+            return frozenset((dom.UUIDString(), dom.ID()) for dom in self.conn.listAllDomains(1))
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"listing the domains of {self.uri}") from None
 
     def hostname(self) -> str:
         """The host's name as libvirt reports it."""
@@ -176,28 +273,25 @@ class Host:
             raise translate(exc, f"reading the node information of {self.uri}") from None
 
     # --- domains ----------------------------------------------------------------------------
-    def domain(self, name: str) -> VirDomain:
+    def domain(self, name: str) -> Domain:
         """Look a domain up by name (or UUID), or raise BadInput naming it and the host."""
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise translate(exc, f"looking up domain {name!r} on {self.uri}") from None
-        try:
-            return self.conn.lookupByUUIDString(name)
-        except libvirt.libvirtError:
+        found = self.find_domain(name)
+        if found is None:
             raise BadInput(
-                f"no domain {name!r} on {self.uri}", f"list the domains with: virsh -c {self.uri} list --all"
-            ) from None
+                f"no domain {name!r} on {self.uri}",
+                f"list the domains with: virsh -c '{self.uri}' list --all",
+            )
+        return found
 
-    def find_domain(self, name: str) -> VirDomain | None:
-        """The domain named `name`, or None if this host has none."""
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise translate(exc, f"looking up domain {name!r} on {self.uri}") from None
+    def find_domain(self, name: str) -> Domain | None:
+        """The domain named `name` (or with that UUID), or None if this host has none."""
+        for lookup in (self.conn.lookupByName, self.conn.lookupByUUIDString):
+            try:
+                return Domain(self, lookup(name))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_INVALID_ARG):
+                    raise translate(exc, f"looking up domain {name!r} on {self.uri}") from None
+        return None
 
     def domains(self) -> list[DomainInfo]:
         """Every domain of the host, active or defined."""
@@ -221,30 +315,30 @@ class Host:
                     raise  # vanished between listing and asking is fine; anything else is not
         return sorted(result, key=lambda d: d.name)
 
-    def is_persistent(self, dom: VirDomain) -> bool:
+    def is_persistent(self, dom: Domain) -> bool:
         """Whether the domain has a persistent definition."""
-        return bool(dom.isPersistent())
+        return dom.is_persistent()
 
-    def undefine(self, dom: VirDomain) -> None:
+    def undefine(self, dom: Domain) -> None:
         """Remove a (shut off) domain's persistent definition."""
         try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            dom.raw.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         except libvirt.libvirtError as exc:
             raise translate(exc, f"undefining {dom.name()!r} on {self.uri}") from None
 
-    def define(self, xml: str) -> VirDomain:
+    def define(self, xml: str) -> Domain:
         """Define (persist) a domain from XML, translating libvirt's refusal."""
         try:
-            return self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            return Domain(self, self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE))
         except libvirt.libvirtError as exc:
             raise BadInput(
                 f"libvirt refused the domain definition: {error_text(exc)}", "fix the XML"
             ) from None
 
-    def start(self, dom: VirDomain) -> None:
+    def start(self, dom: Domain) -> None:
         """Start a defined domain."""
         try:
-            dom.create()
+            dom.raw.create()
         except libvirt.libvirtError as exc:
             raise OrchestratorError(
                 f"cannot start domain {dom.name()!r} on {self.uri}: {error_text(exc)}",
@@ -253,9 +347,10 @@ class Host:
 
     def destroy_and_undefine(self, name: str) -> bool:
         """Stop (hard) and undefine a domain; False if there was none."""
-        dom = self.find_domain(name)
-        if dom is None:
+        found = self.find_domain(name)
+        if found is None:
             return False
+        dom = found.raw
         try:
             if dom.isActive():
                 dom.destroy()
@@ -267,18 +362,10 @@ class Host:
         return True
 
     def xml(
-        self, dom: VirDomain, *, inactive: bool = False, migratable: bool = False, secure: bool = False
+        self, dom: Domain, *, inactive: bool = False, migratable: bool = False, secure: bool = False
     ) -> str:
-        """A domain's XML: live by default, or the persistent definition, optionally migratable.
-
-        `secure` includes secrets (e.g. graphics passwords): needed when the XML is defined back.
-        """
-        flags = libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
-        if inactive:
-            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
-        if migratable:
-            flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
-        return str(dom.XMLDesc(flags))
+        """A domain's XML (see `Domain.xml`)."""
+        return dom.xml(inactive=inactive, migratable=migratable, secure=secure)
 
     # --- QEMU monitor -----------------------------------------------------------------------
     def subscribe_monitor_events(
@@ -287,7 +374,7 @@ class Host:
         *,
         events: Sequence[str] | None = None,
         domain: str | None = None,
-        dom: VirDomain | None = None,
+        dom: Guest | None = None,
     ) -> Subscription:
         """Deliver QEMU monitor events to `callback`, filtered by the daemon where it can be.
 
@@ -310,7 +397,7 @@ class Host:
         try:
             callback_id = libvirt_qemu.qemuMonitorEventRegister(
                 self.conn,
-                dom,
+                _raw(dom),
                 pattern,
                 relay,
                 None,
@@ -320,126 +407,87 @@ class Host:
             raise translate(exc, f"subscribing to QEMU monitor events on {self.uri}") from None
         return Subscription(self, int(callback_id))
 
-    def monitor_command(self, dom: VirDomain, command: dict[str, Any]) -> Any:
+    def monitor_command(self, dom: Domain, command: dict[str, Any]) -> Any:
         """Run one QMP command through libvirt (read-only queries only: libvirt taints otherwise)."""
         try:
-            reply = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(command), 0)
+            reply = libvirt_qemu.qemuMonitorCommand(dom.raw, json.dumps(command), 0)
         except libvirt.libvirtError as exc:
             raise translate(exc, f"asking QEMU of {dom.name()!r}") from None
         return json.loads(reply).get("return")
 
+    # --- migration --------------------------------------------------------------------------
+    def migrate(self, dom: Domain, request: MigrateRequest, destination: Host | None = None) -> None:
+        """Run one live migration to completion (blocks); raises MigrationError on failure.
 
-@dataclass(frozen=True)
-class MigrateRequest:
-    """What to ask libvirt for one live migration (precopy only: VFIO forbids postcopy)."""
+        Peer-to-peer: the source daemon talks to the destination itself. Otherwise this process drives
+        it through both connections (virDomainMigrate3), so `destination` must be open.
+        """
+        flags, params = _flags_and_params(request)
+        try:
+            if request.peer2peer:
+                dom.raw.migrateToURI3(request.destination_uri, params, flags)
+            else:
+                if destination is None:
+                    raise ValueError("client-driven migration needs the destination connection")
+                dom.raw.migrate3(destination.conn, params, flags)
+        except libvirt.libvirtError as exc:
+            raise MigrationError(
+                f"migration to {request.destination_uri} failed: {error_text(exc)}"
+            ) from None
 
-    destination_uri: str
-    peer2peer: bool = True
-    persist: bool = True
-    undefine_source: bool = True
-    data_uri: str | None = None
-    listen_address: str | None = None
-    dest_xml: str | None = None
-    persist_xml: str | None = None
-    bandwidth_mib: int | None = None
-    max_downtime_ms: int | None = None
-    compressed: bool = False
-    auto_converge: bool = False
+    def start_migration(
+        self, dom: Guest, request: MigrateRequest, destination: Hypervisor, on_end: JobEnded
+    ) -> None:
+        """Start the live migration of `dom` on a thread of its own; `on_end` is called when it ends."""
+        if not isinstance(destination, Host) or not isinstance(dom, Domain):
+            raise TypeError("a libvirt migration needs a libvirt destination and domain")
 
-    def params(self) -> dict[str, Any]:
-        """virDomainMigrate3 typed parameters."""
-        params: dict[str, Any] = {}
-        if self.data_uri:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = self.data_uri
-        if self.listen_address:
-            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = self.listen_address
-        if self.dest_xml:
-            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = self.dest_xml
-        if self.persist_xml:
-            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = self.persist_xml
-        if self.bandwidth_mib:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = self.bandwidth_mib
-        return params
+        def job() -> None:
+            error: OrchestratorError | None = None
+            try:
+                self.migrate(dom, request, destination)
+            except OrchestratorError as exc:
+                error = exc
+            except Exception as exc:  # handed over: the migration reports it, never a silent thread death
+                error = OrchestratorError(f"unexpected error from the migration job: {exc!r}")
+            on_end(error)
 
-    def flags(self) -> int:
-        """virDomainMigrate3 flags."""
-        flags = int(libvirt.VIR_MIGRATE_LIVE)
-        if self.peer2peer:
-            flags |= libvirt.VIR_MIGRATE_PEER2PEER
-        if self.persist:
-            flags |= libvirt.VIR_MIGRATE_PERSIST_DEST
-        if self.undefine_source:
-            flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-        if self.compressed:
-            flags |= libvirt.VIR_MIGRATE_COMPRESSED
-        if self.auto_converge:
-            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-        return flags
+        threading.Thread(target=job, name=f"migrate-{dom.name()}", daemon=True).start()
 
 
-def migrate(source: Host, dom: VirDomain, request: MigrateRequest, destination: Host | None = None) -> None:
-    """Run one live migration to completion (blocks); raises MigrationError on failure.
-
-    Peer-to-peer: the source daemon talks to the destination itself. Otherwise this process drives
-    it through both connections (virDomainMigrate3), so `destination` must be open.
-    """
-    try:
-        if request.max_downtime_ms:
-            dom.migrateSetMaxDowntime(request.max_downtime_ms, 0)
-        if request.peer2peer:
-            dom.migrateToURI3(request.destination_uri, request.params(), request.flags())
-        else:
-            if destination is None:
-                raise ValueError("client-driven migration needs the destination connection")
-            dom.migrate3(destination.conn, request.params(), request.flags())
-    except libvirt.libvirtError as exc:
-        raise MigrationError(f"migration to {request.destination_uri} failed: {error_text(exc)}") from None
+def _raw(dom: Guest | None) -> VirDomain:
+    """The libvirt object behind a domain of this module (None stays None)."""
+    if dom is None:
+        return None
+    if not isinstance(dom, Domain):
+        raise TypeError(f"not a libvirt domain: {dom!r}")
+    return dom.raw
 
 
-class MigrationError(OrchestratorError):
-    """libvirt reported the migration failed (the VM stays on the source)."""
-
-    code = ExitCode.MIGRATION_FAILED
-
-
-def abort_job(dom: VirDomain) -> bool:
-    """Abort the domain's running job (a migration); False if there was none to abort."""
-    try:
-        dom.abortJob()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
-            return False  # no job: finished or never started
-        raise translate(exc, f"aborting the job of {dom.name()!r}") from None
-    return True
-
-
-def job_stats(dom: VirDomain) -> dict[str, Any]:
-    """The domain's current job statistics (libvirt's typed parameters), {} when there is no job."""
-    try:
-        stats = dom.jobStats(0)
-    except libvirt.libvirtError:
-        return {}
-    return dict(stats) if stats else {}
-
-
-def completed_job_stats(dom: VirDomain) -> dict[str, Any]:
-    """Statistics of the domain's last completed job (after a migration, on the destination)."""
-    try:
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError:
-        return {}
-    return dict(stats) if stats else {}
-
-
-def domain_state(dom: VirDomain) -> str:
-    """The domain's state in virsh's words ("running", "paused", "shut off", ...)."""
-    try:
-        state, _reason = dom.state()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return "gone"
-        raise translate(exc, "reading the domain's state") from None
-    return STATE_NAMES.get(state, str(state))
+def _flags_and_params(request: MigrateRequest) -> tuple[int, dict[str, Any]]:
+    """virDomainMigrate3's flags and typed parameters for a request."""
+    params: dict[str, Any] = {}
+    if request.data_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = request.data_uri
+    if request.listen_address:
+        params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = request.listen_address
+    if request.dest_xml:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = request.dest_xml
+    if request.persist_xml:
+        params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = request.persist_xml
+    if request.bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = request.bandwidth_mib
+    flags = int(libvirt.VIR_MIGRATE_LIVE)
+    for wanted, flag in (
+        (request.peer2peer, libvirt.VIR_MIGRATE_PEER2PEER),
+        (request.persist, libvirt.VIR_MIGRATE_PERSIST_DEST),
+        (request.undefine_source, libvirt.VIR_MIGRATE_UNDEFINE_SOURCE),
+        (request.compressed, libvirt.VIR_MIGRATE_COMPRESSED),
+        (request.auto_converge, libvirt.VIR_MIGRATE_AUTO_CONVERGE),
+    ):
+        if wanted:
+            flags |= flag
+    return flags, params
 
 
 def translate(exc: BaseException, doing: str) -> OrchestratorError:
@@ -452,3 +500,19 @@ def translate(exc: BaseException, doing: str) -> OrchestratorError:
     ):
         return ConnectError(f"{doing}: {text}", "check that libvirtd runs on that host")
     return OrchestratorError(f"{doing}: {text}", "see the host's libvirtd log")
+
+
+@contextlib.contextmanager
+def open_hosts(source_uri: str, destination_uri: str) -> Iterator[tuple[Host, Host]]:
+    """Both connections of a migration, closed on the way out."""
+    source = Host.open(source_uri)
+    try:
+        destination = Host.open(destination_uri)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        yield source, destination
+    finally:
+        destination.close()
+        source.close()

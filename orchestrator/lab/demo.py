@@ -17,8 +17,9 @@ from typing import Any, TextIO
 
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab
-from orchestrator.migration import Migration, Report, Request, TimelineEntry
+from orchestrator.migration import Migration, Request
 from orchestrator.policy import resolve_policy
+from orchestrator.report import Report, TimelineEntry
 from orchestrator.virt import Host
 
 DEVICES = 2

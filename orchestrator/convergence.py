@@ -1,0 +1,103 @@
+"""The convergence schedule: when QEMU may switch over, as data read by small pure functions.
+
+Like Nova's downtime steps and VDSM's convergence schedule. QEMU switches over when the data still to
+send fits in (bandwidth x downtime limit), so the downtime limit is the orchestrator's lever on *when*:
+held at its floor, QEMU keeps iterating in pre-copy; raised, it stops the vCPUs at its next check.
+The policy's `switchover.steps` say which limit applies from when (after N seconds or N passes); the
+stall detector ends a migration whose remaining data stopped shrinking; `would_converge` reads QEMU's
+own estimate to tell when a gated migration may be released. Nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from orchestrator.hypervisor import JobStats
+from orchestrator.policy import DowntimeStep, MigrationSettings, Switchover
+
+# The gate: QEMU switches over only when nothing at all is pending (libvirt passes 0 to QEMU, which
+# accepts it; `virsh migrate-setmaxdowntime` alone refuses 0).
+GATE_FLOOR_MS = 0
+QEMU_DEFAULT_DOWNTIME_MS = 300  # QEMU's own default downtime-limit
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The downtime limits of one migration and when each applies; never empty."""
+
+    steps: tuple[DowntimeStep, ...]
+    stall_timeout_s: float | None = None
+    completion_timeout_s: float | None = None
+
+    @classmethod
+    def of(cls, switchover: Switchover, settings: MigrationSettings) -> Schedule:
+        """The schedule of a policy with its CLI overrides.
+
+        `settings.max_downtime_ms` caps every step (a `--max-downtime` below the policy's steps clips
+        them); no steps means one, at that cap or at QEMU's default 300 ms.
+        """
+        cap = settings.max_downtime_ms
+        steps = switchover.steps or (DowntimeStep(cap or QEMU_DEFAULT_DOWNTIME_MS),)
+        if cap:
+            clipped: list[DowntimeStep] = []
+            for step in steps:
+                capped = replace(step, downtime_ms=min(step.downtime_ms, cap))
+                if not clipped or capped.downtime_ms > clipped[-1].downtime_ms:
+                    clipped.append(capped)
+            steps = tuple(clipped)
+        return cls(steps, switchover.stall_timeout_s, settings.completion_timeout_s)
+
+    def step_at(self, elapsed_s: float, iteration: int) -> int:
+        """The index of the step in force after `elapsed_s` seconds of the job and `iteration` passes."""
+        index = 0
+        for number, step in enumerate(self.steps[1:], 1):
+            by_time = step.after_s is not None and elapsed_s >= step.after_s
+            by_passes = step.after_iterations is not None and iteration >= step.after_iterations
+            if by_time or by_passes:
+                index = number
+        return index
+
+    def describe(self, index: int) -> str:
+        """A step in words, for the timeline."""
+        step = self.steps[index]
+        when = []
+        if step.after_s is not None:
+            when.append(f"after {step.after_s:g} s")
+        if step.after_iterations is not None:
+            when.append(f"after {step.after_iterations} passes")
+        return f"step {index + 1}/{len(self.steps)}" + (f" ({' or '.join(when)})" if when else "")
+
+
+def would_converge(stats: JobStats, downtime_ms: int) -> bool:
+    """Whether QEMU would switch over now if its downtime limit were `downtime_ms`.
+
+    QEMU's expected downtime (the data dirtied since its last pass over the bandwidth) is only
+    meaningful once the first full pass is done (two dirty-bitmap syncs); before that it echoes the limit.
+    """
+    return (
+        stats.iteration >= 2
+        and stats.expected_downtime_ms is not None
+        and stats.expected_downtime_ms <= downtime_ms
+    )
+
+
+@dataclass
+class StallDetector:
+    """Remaining data that stopped shrinking (Nova's progress timeout, VDSM's stalling).
+
+    Progress is a new low of `memory_remaining`: within a pass it falls, at each pass it jumps back up
+    by what was dirtied, so only a new minimum says the migration is getting anywhere.
+    """
+
+    timeout_s: float
+    lowest: int | None = None
+    since: float | None = None  # when the lowest was seen (job seconds)
+
+    def stalled(self, elapsed_s: float, remaining: int | None) -> bool:
+        """Feed one reading; True once no new low came for `timeout_s` seconds."""
+        if remaining is None:
+            return False
+        if self.lowest is None or remaining < self.lowest:
+            self.lowest, self.since = remaining, elapsed_s
+            return False
+        return self.since is not None and elapsed_s - self.since > self.timeout_s

@@ -1,0 +1,494 @@
+"""One migration as an explicit phase machine: what to do next, decided without any I/O.
+
+`MigrationMachine` takes every input a migration gets (VFIO events, hook results, job statistics, the
+job's end, interrupts) and answers with `Action`s for the driver (`orchestrator.migration`) to carry
+out: run a device's drain or undrain hooks, abort the job, change QEMU's downtime limit. It owns the
+invariant:
+
+    every device that was drained is undrained exactly once, never before its drain hooks ended,
+    and never drained twice in one migration.
+
+Ordering for crash safety (the driver's half of the invariant): a device action is journaled as
+"starting" before its hooks start, and "done"/"failed" after they end, so that whenever the
+orchestrator dies, `recover` can tell from the journal which devices may be drained.
+
+Phases and their undo (Proxmox-style):
+  subscribed    <-> unsubscribed at settling
+  before hooks  <-> after-failure hooks
+  draining      <-> undrain (drain=start: every covered device, before the job)
+  job running   <-> abort the job (hook failure, timeout, stall, interrupt)
+  drains        <-> undrains (events, the job's end, else forced at the end of settling)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from orchestrator.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
+from orchestrator.hooks import Trigger
+from orchestrator.hypervisor import Clock, JobStats
+from orchestrator.policy import DrainMode
+from orchestrator.report import DeviceRecord, Outcome
+from orchestrator.vfio import DeviceState, MigrationTracker, Role, Signal, VfioEvent
+
+
+class Phase(StrEnum):
+    """Where one migration is."""
+
+    PREFLIGHT = "pre-flight"  # checking the request against both hosts; nothing changed yet
+    SUBSCRIBED = "subscribed"  # following QEMU's events on both hosts
+    BEFORE_HOOKS = "before-hooks"
+    DRAINING = "draining"  # drain=start: draining every covered device before the job
+    JOB_RUNNING = "job-running"  # the libvirt job copies memory (pre-copy)
+    SWITCHING_OVER = "switching-over"  # the devices started to quiesce: vCPUs are paused
+    SETTLING = "settling"  # the job is over: waiting for devices to run again, undraining the rest
+    AFTER_HOOKS = "after-hooks"
+    DONE = "done"
+
+
+# The one table of phase changes; SETTLING is the way out of every phase that may have changed the world.
+NEXT_PHASES: Mapping[Phase, frozenset[Phase]] = {
+    Phase.PREFLIGHT: frozenset({Phase.SUBSCRIBED, Phase.SETTLING, Phase.DONE}),
+    Phase.SUBSCRIBED: frozenset({Phase.BEFORE_HOOKS, Phase.SETTLING}),
+    Phase.BEFORE_HOOKS: frozenset({Phase.DRAINING, Phase.JOB_RUNNING, Phase.SETTLING}),
+    Phase.DRAINING: frozenset({Phase.JOB_RUNNING, Phase.SETTLING}),
+    Phase.JOB_RUNNING: frozenset({Phase.SWITCHING_OVER, Phase.SETTLING}),
+    Phase.SWITCHING_OVER: frozenset({Phase.SETTLING}),
+    Phase.SETTLING: frozenset({Phase.AFTER_HOOKS}),
+    Phase.AFTER_HOOKS: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+}
+# Phases in which VFIO events belong to our own job (issue: a second run must not act on another's events).
+_FOLLOWING = frozenset({Phase.JOB_RUNNING, Phase.SWITCHING_OVER, Phase.SETTLING})
+
+
+class DrainStatus(StrEnum):
+    """A device's drain, from the workloads' point of view."""
+
+    IDLE = "idle"
+    DRAINING = "draining"  # drain hooks running
+    DRAINED = "drained"
+    UNDRAINING = "undraining"  # undrain hooks running
+    UNDRAINED = "undrained"
+
+
+class Gate(StrEnum):
+    """drain=gated: the switchover QEMU may not make until every covered device is drained."""
+
+    CLOSED = "closed"  # downtime limit at the floor: QEMU keeps iterating
+    DRAINING = "draining"  # QEMU would converge: the devices are being drained
+    OPEN = "opened"  # every device drained, the limit raised: QEMU may switch over
+    PASSED_EARLY = "passed early"  # QEMU switched over before the gate opened (the prepare event drained)
+
+
+class JobState(StrEnum):
+    """The libvirt job, as far as the migration knows."""
+
+    NOT_STARTED = "not-started"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Location(StrEnum):
+    """Where the VM runs, asked of both hosts after the job."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+    BOTH = "both"
+    NEITHER = "neither"
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Run the drain or undrain hooks of one device now."""
+
+    trigger: Trigger
+    device_id: str
+    state: str  # the {state} placeholder: the device state that triggered it
+    qom_path: str
+    qemu_time: float | None  # QEMU's timestamp of that event, None when the orchestrator decided alone
+    reason: str
+
+
+@dataclass(frozen=True)
+class AbortJob:
+    """Abort the running libvirt job."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetDowntime:
+    """Set QEMU's downtime limit."""
+
+    ms: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A remark for the timeline, the report and the journal."""
+
+    text: str
+
+
+Action = RunHooks | AbortJob | SetDowntime | Note
+
+
+def decide_outcome(
+    job: JobState, job_error: str | None, abort: tuple[str, Outcome] | None, location: Location | None
+) -> tuple[Outcome, str | None]:
+    """The outcome of a migration and its error, from the facts; the one place an outcome is decided.
+
+    `abort` is the first abort decided (reason and the outcome it stands for); `location` is where the
+    VM runs after the job (None when the job never started: then it is where it was).
+    """
+    reason = abort[0] if abort else None
+    stopped = abort[1] if abort else Outcome.ROLLED_BACK
+    if job is JobState.NOT_STARTED:
+        return (stopped, reason) if abort else (Outcome.ROLLED_BACK, job_error)
+    if location is Location.DESTINATION:
+        if job is JobState.SUCCEEDED:
+            return Outcome.SUCCEEDED, None
+        # libvirt reported a failure after the destination took over (its finish or confirm phase).
+        return Outcome.SUCCEEDED, f"the VM runs on the destination, although libvirt said: {job_error}"
+    if location is Location.SOURCE and job is JobState.FAILED:
+        return stopped, reason or job_error
+    where = {
+        Location.SOURCE: "the job reported success but the VM runs on the source",
+        Location.BOTH: "the VM runs on both hosts",
+        Location.NEITHER: "the VM runs on neither host",
+        None: "the job has not ended",
+    }[location]
+    detail = reason or job_error
+    return Outcome.FAILED, f"{where}" + (f" ({detail})" if detail else "")
+
+
+@dataclass
+class _Device:
+    """The machine's bookkeeping for one covered device."""
+
+    record: DeviceRecord
+    status: DrainStatus = DrainStatus.IDLE
+    pending: int = 0  # hooks of the current drain or undrain still running
+    qom_path: str = ""
+    # An undrain decided while the drain hooks still ran: (reason, the event or None), done when they end.
+    undrain_wanted: tuple[str, VfioEvent | None] | None = field(default=None)
+
+
+class MigrationMachine:
+    """The decisions of one migration; not thread-safe (the driver holds its lock around every call).
+
+    `drain_hooks` and `undrain_hooks` are how many hooks one device's drain and undrain start; each
+    reports back through `on_hook_done`. With `hooks_enabled` False (events off and the policy says
+    proceed) devices are followed but never drained.
+    """
+
+    def __init__(
+        self,
+        mode: DrainMode,
+        schedule: Schedule,
+        clock: Clock,
+        *,
+        drain_hooks: int,
+        undrain_hooks: int,
+        covers: Callable[[str], bool] | None = None,
+        hooks_enabled: bool = True,
+    ) -> None:
+        self.mode = mode
+        self.schedule = schedule
+        self.clock = clock
+        self.tracker = MigrationTracker(covers) if covers else MigrationTracker()
+        self.phase = Phase.PREFLIGHT
+        self.job = JobState.NOT_STARTED
+        self.job_error: str | None = None
+        self.gate: Gate | None = Gate.CLOSED if mode is DrainMode.GATED else None
+        self.undrain_failed = False
+        self._drain_hooks = drain_hooks
+        self._undrain_hooks = undrain_hooks
+        self._hooks_enabled = hooks_enabled
+        self._devices: dict[str, _Device] = {}
+        self._abort: tuple[str, Outcome] | None = None
+        self._job_started: float | None = None
+        self._step = 0
+        self._stall = StallDetector(schedule.stall_timeout_s) if schedule.stall_timeout_s else None
+
+    # --- phases -----------------------------------------------------------------------------------
+    def advance(self, phase: Phase) -> None:
+        """Move to `phase`: the one place phases change; refuses a change not in NEXT_PHASES."""
+        if phase not in NEXT_PHASES[self.phase]:
+            raise RuntimeError(f"illegal phase change {self.phase} -> {phase}")
+        self.phase = phase
+
+    @property
+    def following(self) -> bool:
+        """Whether VFIO events are our own job's now (before the job starts they are someone else's)."""
+        return self.phase in _FOLLOWING
+
+    # --- facts ------------------------------------------------------------------------------------
+    @property
+    def abort_reason(self) -> str | None:
+        """The first abort decided, None if none."""
+        return self._abort[0] if self._abort else None
+
+    def learn_devices(self, device_ids: Iterable[str]) -> None:
+        """Devices known before any event (from the domain XML), so that start and gated modes drain them."""
+        for device_id in device_ids:
+            if self.tracker.covers(device_id):
+                self._device(device_id)
+
+    def devices(self) -> dict[str, DeviceRecord]:
+        """Every covered device's record."""
+        return {device_id: device.record for device_id, device in self._devices.items()}
+
+    def initial_downtime(self) -> int:
+        """The downtime limit the job starts with: the floor when gated, else the first step's."""
+        return GATE_FLOOR_MS if self.gate is not None else self.schedule.steps[0].downtime_ms
+
+    def drains_running(self) -> bool:
+        """Whether any drain hook still runs."""
+        return any(d.status is DrainStatus.DRAINING for d in self._devices.values())
+
+    def busy(self) -> bool:
+        """Whether a device is still drained or a hook still runs: settling waits while this holds."""
+        return any(
+            d.status is not DrainStatus.IDLE and d.status is not DrainStatus.UNDRAINED
+            for d in self._devices.values()
+        )
+
+    def hooks_running(self) -> bool:
+        """Whether any drain or undrain hook still runs."""
+        return any(d.pending for d in self._devices.values())
+
+    def pending(self, device_id: str) -> int:
+        """How many hooks of the device's current drain or undrain still run."""
+        return self._devices[device_id].pending
+
+    def disable_hooks(self) -> None:
+        """Events are off and the policy says proceed: follow the devices, never drain them."""
+        self._hooks_enabled = False
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def drain_ahead(self) -> list[Action]:
+        """drain=start: drain every covered device now, before the job."""
+        actions: list[Action] = []
+        for device in self._devices.values():
+            if device.status is DrainStatus.IDLE:
+                actions += self._drain(device, "start", None)
+        return actions
+
+    def job_started(self) -> list[Action]:
+        """The libvirt job was started."""
+        self.job = JobState.RUNNING
+        self._job_started = self.clock.monotonic()
+        return []
+
+    def on_vfio(self, event: VfioEvent) -> list[Action]:
+        """A VFIO_MIGRATION event of our job (the driver feeds only while `following`)."""
+        signal = self.tracker.feed(event)
+        if signal is None:
+            return []
+        device = self._device(event.device_id)
+        device.qom_path = event.qom_path or device.qom_path
+        if signal.signal is Signal.RUNNING:
+            where = "destination" if event.role is Role.DESTINATION else "source (the migration failed)"
+            return self._resumed(device, f"running on the {where}", event)
+        if self.phase is Phase.JOB_RUNNING:
+            self.advance(Phase.SWITCHING_OVER)
+        if device.record.quiet_at is None:
+            device.record.quiet_at = event.qemu_time
+        if device.status is not DrainStatus.IDLE:
+            return []  # drained ahead (gate, start) or already draining: this is the confirmation
+        if not self._hooks_enabled:
+            return []
+        if self._abort is not None:
+            return [Note(f"{event.device_id} not drained: the migration is being aborted ({self._abort[0]})")]
+        trigger = "late" if signal.late else "prepare"
+        if self.gate in (Gate.CLOSED, Gate.DRAINING):
+            self.gate = Gate.PASSED_EARLY
+            trigger += " (gate passed early)"
+        return self._drain(device, trigger, event, late=signal.late)
+
+    def on_hook_done(
+        self, trigger: Trigger, device_id: str, failure: str | None, abort_on_failure: bool
+    ) -> list[Action]:
+        """One drain or undrain hook of a device ended; `failure` says why it failed (None: it did not)."""
+        device = self._devices[device_id]
+        device.pending -= 1
+        actions: list[Action] = []
+        now = self.clock.time()
+        if trigger is Trigger.DRAIN:
+            if failure is not None:
+                device.record.drain_ok = False
+                if abort_on_failure:
+                    actions += self.request_abort(failure, Outcome.ABORTED)
+            if device.pending == 0:
+                device.status = DrainStatus.DRAINED
+                device.record.drain_finished = now
+                if device.record.drain_ok is None:
+                    device.record.drain_ok = True
+                if device.undrain_wanted is not None:
+                    reason, event = device.undrain_wanted
+                    device.undrain_wanted = None
+                    actions += self._undrain(device, reason, event)
+                actions += self._release_gate()
+        else:
+            if failure is not None:
+                self.undrain_failed = True
+            if device.pending == 0:
+                device.status = DrainStatus.UNDRAINED
+                device.record.undrain_finished = now
+        return actions
+
+    def on_tick(self, stats: JobStats | None) -> list[Action]:
+        """A reading of the job's statistics (None when it has none): the schedule, the gate, timeouts."""
+        if self.job is not JobState.RUNNING or self._job_started is None:
+            return []
+        if self._abort is not None:
+            # Again at every reading while the job runs: an abort sent as the job started can miss it.
+            return [AbortJob(self._abort[0])]
+        elapsed = self.clock.monotonic() - self._job_started
+        timeout = self.schedule.completion_timeout_s
+        if timeout and elapsed > timeout:
+            return self.request_abort(f"completion timeout of {timeout:g} s exceeded", Outcome.ROLLED_BACK)
+        if stats is None or self.phase is not Phase.JOB_RUNNING:
+            return []
+        if self._stall is not None and self._stall.stalled(elapsed, stats.memory_remaining):
+            return self.request_abort(
+                f"stalled: the remaining data has not shrunk for {self._stall.timeout_s:g} s",
+                Outcome.ROLLED_BACK,
+            )
+        actions: list[Action] = []
+        index = self.schedule.step_at(elapsed, stats.iteration)
+        if index > self._step:
+            self._step = index
+            downtime = self.schedule.steps[index].downtime_ms
+            what = f"downtime limit {downtime} ms ({self.schedule.describe(index)})"
+            if self.gate in (None, Gate.OPEN, Gate.PASSED_EARLY):
+                actions.append(SetDowntime(downtime, what))
+            else:
+                actions.append(Note(f"schedule: {what} once the gate opens"))
+        if self.gate is Gate.CLOSED and self._abort is None and would_converge(stats, self._downtime()):
+            actions += self._open_gate(stats)
+        return actions
+
+    def on_job_end(self, error: str | None) -> list[Action]:
+        """The libvirt job ended (error None: it succeeded)."""
+        self.job = JobState.SUCCEEDED if error is None else JobState.FAILED
+        self.job_error = error
+        if error is None:
+            return []
+        actions: list[Action] = []
+        for device in self._devices.values():
+            tracked = self.tracker.devices.get(device.record.device_id)
+            if tracked is None or tracked.source_state == DeviceState.RUNNING:
+                # It never left running, so no 'running' event will come to say it runs again.
+                actions += self._resumed(device, "the job failed before the device left running", None)
+        return actions
+
+    def request_abort(self, reason: str, outcome: Outcome) -> list[Action]:
+        """Abort the migration (a hook failed, a timeout, an interrupt); the first reason wins."""
+        if self._abort is not None:
+            return []
+        self._abort = (reason, outcome)
+        actions: list[Action] = [Note(f"aborting: {reason}")]
+        if self.job is JobState.RUNNING:
+            actions.append(AbortJob(reason))
+        return actions
+
+    def force_undrain(self) -> list[Action]:
+        """Settling is over: undrain every device still drained (no 'running' event came for it)."""
+        actions: list[Action] = []
+        reason = "forced at the end of the migration"
+        for device in self._devices.values():
+            if device.status is DrainStatus.DRAINED:
+                name = device.record.device_id
+                actions.append(
+                    Note(f"no 'running' event for {name} after the job ended: undraining it anyway")
+                )
+                actions += self._undrain(device, reason, None)
+            elif device.status is DrainStatus.DRAINING and device.undrain_wanted is None:
+                device.undrain_wanted = (reason, None)
+        return actions
+
+    def conclude(self, location: Location | None) -> tuple[Outcome, str | None]:
+        """The migration's outcome (see `decide_outcome`)."""
+        return decide_outcome(self.job, self.job_error, self._abort, location)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _device(self, device_id: str) -> _Device:
+        device = self._devices.get(device_id)
+        if device is None:
+            device = self._devices[device_id] = _Device(DeviceRecord(device_id, self.mode.value))
+        return device
+
+    def _downtime(self) -> int:
+        return self.schedule.steps[self._step].downtime_ms
+
+    def _drain(
+        self, device: _Device, trigger: str, event: VfioEvent | None, *, late: bool = False
+    ) -> list[Action]:
+        record = device.record
+        record.trigger, record.late = trigger, late
+        record.drain_started = self.clock.time()
+        device.status, device.pending = DrainStatus.DRAINING, self._drain_hooks
+        if not self._drain_hooks:
+            device.status, record.drain_finished, record.drain_ok = (
+                DrainStatus.DRAINED,
+                record.drain_started,
+                True,
+            )
+            return []
+        state = event.state if event else trigger
+        when = event.qemu_time if event else None
+        return [RunHooks(Trigger.DRAIN, record.device_id, str(state), device.qom_path, when, trigger)]
+
+    def _resumed(self, device: _Device, reason: str, event: VfioEvent | None) -> list[Action]:
+        if device.status is DrainStatus.DRAINING:
+            device.undrain_wanted = (reason, event)  # never restore a workload while its drain still runs
+            return []
+        if device.status is DrainStatus.DRAINED:
+            return self._undrain(device, reason, event)
+        return []
+
+    def _undrain(self, device: _Device, reason: str, event: VfioEvent | None) -> list[Action]:
+        record = device.record
+        record.undrain_reason = reason
+        record.undrain_started = self.clock.time()
+        device.status, device.pending = DrainStatus.UNDRAINING, self._undrain_hooks
+        if not self._undrain_hooks:
+            device.status, record.undrain_finished = DrainStatus.UNDRAINED, record.undrain_started
+            return []
+        state = event.state if event else DeviceState.RUNNING
+        when = event.qemu_time if event else None
+        return [RunHooks(Trigger.UNDRAIN, record.device_id, str(state), device.qom_path, when, reason)]
+
+    def _open_gate(self, stats: JobStats) -> list[Action]:
+        self.gate = Gate.DRAINING
+        devices = [d for d in self._devices.values() if d.status is DrainStatus.IDLE]
+        actions: list[Action] = [
+            Note(
+                f"gate: QEMU would switch over within {self._downtime()} ms (expected downtime "
+                f"{stats.expected_downtime_ms} ms after {stats.iteration} passes): draining "
+                f"{len(devices)} device(s) before releasing it"
+            )
+        ]
+        if self._hooks_enabled:
+            for device in devices:
+                actions += self._drain(device, "gate", None)
+        return actions + self._release_gate()
+
+    def _release_gate(self) -> list[Action]:
+        """Open the gate once no drain runs any more, unless the migration is being aborted."""
+        if self.gate is not Gate.DRAINING or self.drains_running() or self._abort is not None:
+            return []
+        self.gate = Gate.OPEN
+        return [
+            SetDowntime(
+                self._downtime(),
+                f"gate open: every covered device drained; downtime limit {self._downtime()} ms",
+            )
+        ]
