@@ -14,6 +14,7 @@ Start-up cost (measured by bench/startup.py) is kept down three ways:
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from orchestrator.errors import ExitCode, OrchestratorError
+from orchestrator.errors import ExitCode, NothingToDo, OrchestratorError
 
 # Click's default_map for a group's context: its own help flag is False unless given (see above).
 HELP_DEFAULTS: dict[str, Any] = {"help": False}
@@ -54,9 +55,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdo
 LabDirOpt = Annotated[
     Path | None,
     typer.Option(
-        "--lab-dir", envvar="ORCH_LAB_DIR", help="Lab directory [default: /var/lib/orchestrator/lab]."
+        "--lab-dir",
+        envvar="ORCH_LAB_DIR",
+        metavar="PATH",
+        help="Lab directory [default: /var/lib/orchestrator/lab].",
     ),
 ]
+
+
+class EventsMode(enum.StrEnum):
+    """`events enable --mode`: how the property gets into the definition."""
+
+    OVERRIDE = "override"
+    GLOBAL = "global"
+
+
+class QemuBehaviour(enum.StrEnum):
+    """`lab guest --qemu-behaviour`: which QEMU's event sequence the simulated devices follow."""
+
+    V11_0 = "11.0"
+    V10_0 = "10.0"
 
 
 def emit_json(document: Any) -> None:
@@ -108,9 +126,7 @@ def _show_version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
-        ),
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Options of `orchestrator` itself (the help text is the app's)."""
@@ -121,7 +137,7 @@ def _root(
 
 @lab_app.command("up")
 def lab_up(
-    hosts: Annotated[int, typer.Option("--hosts", "-n", help="How many hosts (1-8).")] = 2,
+    hosts: Annotated[int, typer.Option("--hosts", "-n", metavar="N", help="How many hosts (1-8).")] = 2,
     lab_dir: LabDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -181,32 +197,36 @@ def lab_down(lab_dir: LabDirOpt = None, as_json: JsonOpt = False) -> None:
 
 @lab_app.command("guest")
 def lab_guest(
-    name: Annotated[str, typer.Argument(help="Guest (domain) name.")],
-    host: Annotated[str, typer.Option("--host", help="Lab host to define it on, e.g. lab-a.")],
+    name: Annotated[str, typer.Argument(metavar="DOMAIN", help="Guest (domain) name.")],
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="Lab host to define it on, e.g. lab-a.")
+    ],
     devices: Annotated[
-        int, typer.Option("--devices", help="Simulated VFIO devices (ids nic0, nic1, ...).")
+        int, typer.Option("--devices", metavar="N", help="Simulated VFIO devices (ids nic0, nic1, ...).")
     ] = 1,
     qemu_behaviour: Annotated[
-        str,
+        QemuBehaviour,
         typer.Option(
             "--qemu-behaviour", help="11.0 (emits pre-copy-p2p-prepare) or 10.0 (no prepare state)."
         ),
-    ] = "11.0",
+    ] = QemuBehaviour.V11_0,
     precopy: Annotated[bool, typer.Option("--precopy/--no-precopy", help="Devices support precopy.")] = True,
     p2p: Annotated[bool, typer.Option("--p2p/--no-p2p", help="Devices support the P2P states.")] = True,
     transition_ms: Annotated[
-        int, typer.Option("--transition-ms", help="Duration of the transition into P2P.")
+        int, typer.Option("--transition-ms", metavar="MS", help="Duration of the transition into P2P.")
     ] = 300,
     fail_transition: Annotated[
         str | None,
         typer.Option(
-            "--fail-transition", help="Make the P2P transition fail into this state (e.g. running)."
+            "--fail-transition",
+            metavar="STATE",
+            help="Make the P2P transition fail into this state (e.g. running).",
         ),
     ] = None,
     events: Annotated[
         bool, typer.Option("--events/--no-events", help="Add -global vfio-pci.migration-events=on.")
     ] = True,
-    memory: Annotated[int, typer.Option("--memory", help="Guest memory in MiB.")] = 64,
+    memory: Annotated[int, typer.Option("--memory", metavar="MIB", help="Guest memory in MiB.")] = 64,
     start: Annotated[bool, typer.Option("--start/--no-start", help="Start it after defining it.")] = True,
     lab_dir: LabDirOpt = None,
     as_json: JsonOpt = False,
@@ -218,7 +238,7 @@ def lab_guest(
     spec = lab_guest_mod.GuestSpec(
         name=name,
         devices=devices,
-        behaviour=qemu_behaviour,
+        behaviour=qemu_behaviour.value,
         precopy=precopy,
         p2p=p2p,
         transition_ms=transition_ms,
@@ -237,12 +257,18 @@ def lab_guest(
 
 @lab_app.command("peer")
 def lab_peer(
-    domain: Annotated[str, typer.Argument(help="The guest whose device the peer talks to.")],
-    device: Annotated[str, typer.Option("--device", help="Device id.")] = "nic0",
-    interval_ms: Annotated[float, typer.Option("--interval-ms", help="Request every this many ms.")] = 5.0,
-    timeout_ms: Annotated[float, typer.Option("--timeout-ms", help="The peers' RDMA timeout.")] = 30.0,
+    domain: Annotated[
+        str, typer.Argument(metavar="DOMAIN", help="The guest whose device the peer talks to.")
+    ],
+    device: Annotated[str, typer.Option("--device", metavar="ID", help="Device id.")] = "nic0",
+    interval_ms: Annotated[
+        float, typer.Option("--interval-ms", metavar="MS", help="Request every this many ms.")
+    ] = 5.0,
+    timeout_ms: Annotated[
+        float, typer.Option("--timeout-ms", metavar="MS", help="The peers' RDMA timeout.")
+    ] = 30.0,
     duration: Annotated[
-        float | None, typer.Option("--duration", help="Stop after this many seconds.")
+        float | None, typer.Option("--duration", metavar="SECONDS", help="Stop after this many seconds.")
     ] = None,
     lab_dir: LabDirOpt = None,
 ) -> None:
@@ -263,7 +289,7 @@ def lab_peer(
 @lab_app.command("demo")
 def lab_demo(
     lab_dir: LabDirOpt = None,
-    name: Annotated[str, typer.Option("--name", help="Guest name.")] = "demo",
+    name: Annotated[str, typer.Option("--name", metavar="DOMAIN", help="Guest name.")] = "demo",
 ) -> None:
     """Bring up two hosts and live-migrate a guest with simulated VFIO devices back and forth,
     printing every VFIO event seen on both hosts."""
@@ -277,7 +303,11 @@ def lab_demo(
 ConnectOpt = Annotated[
     str | None,
     typer.Option(
-        "--connect", "-c", envvar="LIBVIRT_DEFAULT_URI", help="Source libvirt URI [default: qemu:///system]."
+        "--connect",
+        "-c",
+        envvar="LIBVIRT_DEFAULT_URI",
+        metavar="URI",
+        help="Source libvirt URI [default: qemu:///system].",
     ),
 ]
 JournalOpt = Annotated[
@@ -285,6 +315,7 @@ JournalOpt = Annotated[
     typer.Option(
         "--journal",
         envvar="ORCH_JOURNAL",
+        metavar="PATH",
         help="Journal file [default: /var/lib/orchestrator/journal.sqlite].",
     ),
 ]
@@ -614,9 +645,12 @@ def yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
+DomainArg = Annotated[str, typer.Argument(metavar="DOMAIN", help="Domain name or UUID.")]
+
+
 @events_app.command("status")
 def events_status_cmd(
-    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    domain: DomainArg,
     connect: ConnectOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -638,8 +672,7 @@ def events_status_cmd(
         f"running {yes_no(report.global_running)}\n\n"
     )
     if not report.devices:
-        info(f"{report.domain} has no VFIO device")
-        raise SystemExit(ExitCode.NOTHING_TO_DO)
+        raise events.no_vfio_device(report.domain)
     table(
         ["ALIAS", "KIND", "HOST ADDRESS", "EVENTS DEFINED", "EVENTS RUNNING"],
         [
@@ -667,9 +700,9 @@ def _events_change(
 
 @events_app.command("enable")
 def events_enable_cmd(
-    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    domain: DomainArg,
     mode: Annotated[
-        str | None,
+        EventsMode | None,
         typer.Option(
             "--mode",
             help="override: a <qemu:override> per device (libvirt >= 8.2, the default there); "
@@ -683,14 +716,13 @@ def events_enable_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Make every VFIO device of DOMAIN emit migration events (from its next cold boot)."""
-    if mode is not None and mode not in ("override", "global"):
-        raise_bad(f"--mode must be override or global, not {mode!r}", "pick one")
-    _events_change(domain, connect, enable=True, mode=mode, dry_run=dry_run, as_json=as_json)
+    chosen = None if mode is None else mode.value
+    _events_change(domain, connect, enable=True, mode=chosen, dry_run=dry_run, as_json=as_json)
 
 
 @events_app.command("disable")
 def events_disable_cmd(
-    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    domain: DomainArg,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")
     ] = False,
@@ -729,12 +761,13 @@ def watch_cmd(
 @app.command("history")
 def history_cmd(
     migration_id: Annotated[
-        str | None, typer.Argument(help="A migration id (or unique prefix) to show.")
+        str | None, typer.Argument(metavar="ID", help="A migration id (or unique prefix) to show.")
     ] = None,
     domain: Annotated[
-        str | None, typer.Option("--domain", "-d", help="Only this domain's migrations.")
+        str | None,
+        typer.Option("--domain", "-d", metavar="DOMAIN", help="Only this domain's migrations."),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="How many migrations to list.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", help="How many migrations to list.")] = 50,
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -823,12 +856,50 @@ def _click_exceptions() -> Any:
     return exceptions
 
 
+def _in_our_words(exc: Any) -> None:
+    """Typer converts option values with Pydantic, whose wording ("Input should be a valid integer,
+    unable to parse string as an integer", "Value error, ...") is not ours: say what was wrong with
+    the value given, in the CLI's words. Leaves any other error as it is."""
+    cause = exc.__cause__
+    if type(cause).__name__ != "ValidationError" or not hasattr(exc, "message"):
+        return
+    try:
+        error = cause.errors()[0]
+    except (AttributeError, IndexError, TypeError):  # pragma: no cover - another Pydantic
+        return
+    kind = str(error.get("type", ""))
+    value = error.get("input")
+    limits = error.get("ctx") or {}
+    given = repr(value) if isinstance(value, str) else str(value)
+    bounds = {
+        "greater_than_equal": ("at least", "ge"),
+        "greater_than": ("more than", "gt"),
+        "less_than_equal": ("at most", "le"),
+        "less_than": ("less than", "lt"),
+    }
+    if kind.startswith("int_"):
+        exc.message = f"{given} is not a whole number"
+    elif kind.startswith(("float_", "decimal_")):
+        exc.message = f"{given} is not a number"
+    elif kind in bounds:
+        words, key = bounds[kind]
+        exc.message = f"must be {words} {limits.get(key)}, not {given}"
+    elif kind == "value_error":
+        exc.message = str(error.get("msg", "")).removeprefix("Value error, ").rstrip(".")
+    elif kind.startswith("bool_"):
+        exc.message = f"{given} is not a yes/no value (true, false, 1, 0, yes, no)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning every failure into one line and a documented exit code."""
     command = typer.main.get_command(app)
     click_exc = _click_exceptions()
     try:
         command.main(args=argv, prog_name="orchestrator", standalone_mode=False)
+    except NothingToDo as exc:
+        # Not an error (exit 6 is a success for the systemd unit and Ansible): a notice.
+        sys.stderr.write(f"{_priority(5)}orchestrator: nothing to do: {exc.line()}\n")
+        raise SystemExit(int(exc.code)) from None
     except OrchestratorError as exc:
         fail(exc.line(), int(exc.code))
     except (KeyboardInterrupt, typer.Abort):
@@ -841,6 +912,7 @@ def main(argv: list[str] | None = None) -> None:
             if help_text:
                 sys.stdout.write(help_text.rstrip("\n") + "\n")
             raise SystemExit(ExitCode.OK) from None
+        _in_our_words(exc)
         hint = f"; see: {exc.ctx.command_path} --help" if exc.ctx else ""
         fail(f"{exc.format_message().rstrip('.')}{hint}", ExitCode.BAD_INPUT)
     except click_exc.ClickException as exc:

@@ -7,11 +7,13 @@ never restarted: the property only takes effect when QEMU starts, at the next co
 
 from __future__ import annotations
 
+import copy
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator import domxml, domxml_edit
-from orchestrator.errors import BadInput, OrchestratorError
+from orchestrator.errors import BadInput, NothingToDo, OrchestratorError, shell_uri
 from orchestrator.vfio import schema_support
 from orchestrator.virt import Host, VirDomain, domain_state
 
@@ -20,6 +22,30 @@ COLD_BOOT = (
     "it takes effect at the next cold boot of {name}: shut it down and start it again "
     "(a reboot from inside the guest is not enough); the running VM was not touched"
 )
+NO_VFIO_HINT = (
+    "only VFIO PCI or mdev hostdevs and vfio-pci devices on the QEMU command line "
+    "(-device vfio-pci in <qemu:commandline>) emit migration events"
+)
+
+
+def enable_command(name: str, uri: str, mode: str) -> str:
+    """The `orchestrator events enable` command line for a hint."""
+    return f"orchestrator events enable {shlex.quote(name)} --mode {mode} -c {shell_uri(uri)}"
+
+
+def no_vfio_device(name: str) -> NothingToDo:
+    """Exit 6, nothing to do: the domain has no device that could emit VFIO migration events."""
+    return NothingToDo(f"{name} has no VFIO device", NO_VFIO_HINT)
+
+
+def _naming(exc: OrchestratorError, name: str, uri: str) -> OrchestratorError:
+    """The same error (class, exit code) naming the domain, for the parts that do not know it (the
+    XML edits, libvirt's refusal), with a `virsh edit` hint that works when pasted."""
+    named = copy.copy(exc)
+    named.message = f"{name}: {exc.message}"
+    named.args = (named.message,)
+    named.hint = exc.hint.replace("(virsh edit)", f"(virsh -c {shell_uri(uri)} edit {shlex.quote(name)})")
+    return named
 
 
 def version_text(number: int) -> str:
@@ -147,8 +173,8 @@ def _definition(host: Host, dom: VirDomain) -> str:
     if not host.is_persistent(dom):
         raise BadInput(
             f"domain {dom.name()!r} is transient: it has no persistent definition to edit",
-            f"make it persistent first: virsh -c '{host.uri}' dumpxml {dom.name()} > vm.xml, "
-            "then virsh define vm.xml",
+            f"make it persistent first: virsh -c {shell_uri(host.uri)} dumpxml {shlex.quote(dom.name())} "
+            f"> vm.xml, then virsh -c {shell_uri(host.uri)} define vm.xml",
         )
     return host.xml(dom, inactive=True, secure=True)
 
@@ -159,29 +185,40 @@ def change(host: Host, name: str, *, enable: bool, mode: str | None, dry_run: bo
     state = domain_state(dom)
     before = _definition(host, dom)
     libvirt_version, _ = host.versions()
-    if enable:
-        modes = allowed_modes(libvirt_version)
-        # <qemu:override> cannot reach command-line devices: global is the only default that works.
-        chosen = mode or ("global" if domxml.events_status(before).commandline_devices else modes[0])
-        if chosen not in modes:
-            raise BadInput(
-                f"--mode {chosen} needs libvirt >= 8.2.0, this host runs {version_text(libvirt_version)}",
-                "use --mode global",
+    try:
+        if enable:
+            modes = allowed_modes(libvirt_version)
+            # <qemu:override> cannot reach command-line devices: global is the only default that works.
+            chosen = mode or ("global" if domxml.events_status(before).commandline_devices else modes[0])
+            if chosen not in modes:
+                raise BadInput(
+                    f"--mode {chosen} needs libvirt >= 8.2.0, {host.uri} runs libvirt "
+                    f"{version_text(libvirt_version)}",
+                    f"use: {enable_command(dom.name(), host.uri, 'global')}",
+                )
+            after, changed = domxml_edit.enable_events(
+                before, "override" if chosen == "override" else "global"
             )
-        after, changed = domxml_edit.enable_events(before, "override" if chosen == "override" else "global")
-    else:
-        chosen = None
-        after, changed = domxml_edit.disable_events(before)
+        else:
+            chosen = None
+            after, changed = domxml_edit.disable_events(before)
+    except NothingToDo:
+        raise no_vfio_device(dom.name()) from None
+    except OrchestratorError as exc:
+        raise _naming(exc, dom.name(), host.uri) from None
     diff = domxml_edit.unified_diff(before, after, f"{dom.name()}.xml")
     running = state in ("running", "paused")
     if not changed:
         verb = "on" if enable else "off"
         message = f"migration events are already {verb} in the definition of {dom.name()}: nothing changed"
     elif dry_run:
-        message = "dry run: the definition was not changed"
+        message = f"dry run: the definition of {dom.name()} was not changed"
     else:
-        host.define(after)
-        _verify(host, name, enable)
+        try:
+            host.define(after)
+        except OrchestratorError as exc:
+            raise _naming(exc, dom.name(), host.uri) from None
+        _verify(host, dom.name(), enable)
         done = "enabled" if enable else "disabled"
         message = f"migration events {done} in the definition of {dom.name()}" + (
             "; " + COLD_BOOT.format(name=dom.name()) if running else "; they apply when it starts"
@@ -198,10 +235,12 @@ def _verify(host: Host, name: str, enable: bool) -> None:
     if enable and not result.all_enabled:
         raise OrchestratorError(
             f"libvirt accepted the new definition of {name} but dropped the events property",
-            "check the libvirt version (qemu:override needs >= 8.2.0) or try --mode global",
+            "check the libvirt version (qemu:override needs >= 8.2.0) or try: "
+            + enable_command(name, host.uri, "global"),
         )
     if not enable and any(result.device_enabled(d) for d in everything):
         raise OrchestratorError(
             f"the events property is still on in the definition of {name}",
-            "remove the remaining qemu:commandline or qemu:override entries by hand (virsh edit)",
+            "remove the remaining qemu:commandline or qemu:override entries by hand "
+            f"(virsh -c {shell_uri(host.uri)} edit {shlex.quote(name)})",
         )

@@ -105,7 +105,12 @@ def test_dry_run_prints_a_diff_and_writes_nothing(lab_env: Any) -> None:
 def test_bad_input_one_line_and_nothing_written(lab_env: Any) -> None:
     plain = define(lab_env, devices=False)
     run = events("enable", plain, lab=lab_env)
-    assert run.code == 6 and "no VFIO device" in run.err, run.err
+    assert run.code == 6, run.err
+    expected = f"orchestrator: nothing to do: {plain} has no VFIO device; only VFIO PCI"
+    assert run.err.startswith(expected), run.err
+    assert len(run.err.splitlines()) == 1, run.err
+    status = events("status", plain, lab=lab_env)
+    assert status.code == 6 and f"nothing to do: {plain} has no VFIO device" in status.err, status.err
     conflicting = define(
         lab_env,
         extra="  <qemu:commandline>\n    <qemu:arg value='-global'/>\n"
@@ -114,6 +119,7 @@ def test_bad_input_one_line_and_nothing_written(lab_env: Any) -> None:
     before = definition(lab_env, conflicting)
     run = events("enable", conflicting, lab=lab_env)
     assert run.code == 2 and "migration-events=off" in run.err, run.err
+    assert run.err.startswith(f"orchestrator: error: {conflicting}: "), "the error names the domain"
     assert definition(lab_env, conflicting) == before
     run = events("status", "no-such-domain", lab=lab_env)
     assert run.code == 2 and "no domain 'no-such-domain'" in run.err
