@@ -31,12 +31,6 @@ def shell_uri(uri: str) -> str:
     return "'" + uri.replace("'", "'\\''") + "'"
 
 
-def shell_uri(uri: str) -> str:
-    """A URI single-quoted for a hint the user pastes into a shell (`?`, `&` are common in URIs):
-    every hint naming a virsh or orchestrator command writes its URI as `-c 'URI'`."""
-    return "'" + uri.replace("'", "'\\''") + "'"
-
-
 class OrchestratorError(Exception):
     """A failure with a one-line explanation, a hint and an exit code."""
 
