@@ -69,7 +69,7 @@ class Hook:
     retries: int = 0  # extra attempts; only for before/after-* hooks
     backoff_ms: int = 200  # first retry delay, doubled each time
     name: str = ""  # for reports; defaults to the program's base name
-    armed: bool = False  # started with the migration, woken through its stdin at the event; drain/undrain only
+    armed: bool = False  # started with the migration, woken via stdin at the event; drain/undrain only
 
     @property
     def label(self) -> str:

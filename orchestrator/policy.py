@@ -3,14 +3,22 @@
 Pure: reads files and text, never libvirt. Every error is one line naming the file, the key path and
 what was expected, so that a user can fix a policy from what the CLI prints. `policies/default.toml`
 documents every key.
+
+A policy names commands that run with the orchestrator's privileges (root), so it is treated as code:
+a policy file, and every directory on the way to it, must be owned by root (or by the invoking user
+when not root) and not writable by group or others, as sudo and sshd require of their files; the
+file must be a regular file of at most 1 MiB; and anything that would only fail later (a NUL byte, an
+argument too long for the kernel, a value libvirt or QEMU rejects) is refused when it is loaded.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import math
 import os
 import re
+import shlex
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -34,6 +42,19 @@ DEFAULT_POLICY_NAME = "default"
 MAX_HOOK_TIMEOUT_MS = 600_000
 MAX_HOOK_RETRIES = 10
 DATA_URI_SCHEMES = ("tcp", "rdma", "unix")
+MAX_DOWNTIME_MS = 2_000_000  # QEMU caps downtime-limit at 2000 s
+# libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX (qemu_domain.h) on 64-bit hosts: INT64_MAX / (1024 * 1024) MiB/s.
+MAX_BANDWIDTH_MIB = (2**63 - 1) // (1024 * 1024)
+MAX_DURATION_S = 7 * 24 * 3600  # completion and stall timeouts, step times: a week is more than any migration
+MAX_ARGV_ELEMENTS = 256
+MAX_ARG_BYTES = 4096
+MAX_POLICY_BYTES = 1024 * 1024  # a policy file larger than this is refused unread
+MAX_NESTING = 32  # levels of arrays and tables; a real policy uses 4
+MAX_MESSAGE_CHARS = 300
+# An armed hook serves every device of the VM: these come on its stdin, per event, not in its argv.
+PER_DEVICE_PLACEHOLDERS: tuple[str, ...] = ("device_id", "qom_path", "state")
+_INT64 = range(-(2**63), 2**63)
+_MAX_SYMLINKS = 40  # as the kernel's path walk
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 # `{{` and `}}` are literal braces, `{name}` a placeholder, any other brace is unbalanced.
@@ -42,15 +63,42 @@ _TOML_POSITION = re.compile(
     r"^(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$", re.DOTALL
 )
 _RETRIED_TRIGGERS = (Trigger.BEFORE, Trigger.AFTER_SUCCESS, Trigger.AFTER_FAILURE)
+_ARMED_TRIGGERS = (Trigger.DRAIN, Trigger.UNDRAIN)
+# Control characters (C0, DEL, C1), the Unicode line and paragraph separators and the bidirectional
+# controls, escaped in messages so that a message stays on one line and cannot drive the terminal.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    **{
+        code: f"\\u{code:04x}"
+        for code in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))
+    },
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS, keep_end: float = 1 / 3) -> str:
+    """`text` on one line (control characters escaped), cut in the middle to `limit` characters, keeping
+    `keep_end` of them from its end."""
+    text = text.translate(_ESCAPES)
+    if len(text) <= limit:
+        return text
+    tail = int(limit * keep_end)
+    return f"{text[: limit - tail - 3]}...{text[len(text) - tail :]}"
 
 
 class PolicyError(BadInput):
-    """A policy that cannot be found, parsed or used: `<file>: <where>: <problem>; <remedy>`."""
+    """A policy that cannot be found, parsed or used: `<file>: <where>: <problem>; <remedy>`, one line
+    of at most MAX_MESSAGE_CHARS; when cut, the remedy (up to two thirds of it) is kept whole."""
 
     def __init__(self, source: str, where: str, problem: str, remedy: str) -> None:
-        super().__init__(f"{source}: {where}: {problem}; {remedy}")
+        remedy = one_line(remedy, MAX_MESSAGE_CHARS * 2 // 3)
+        head = one_line(f"{source}: {where}: {problem}", MAX_MESSAGE_CHARS - len(remedy) - 2, 1 / 2)
+        super().__init__(f"{head}; {remedy}")
         self.source = source
-        self.where = where  # a key path such as `hooks.drain[0].timeout_ms`, or a position in the file
+        # a key path such as `hooks.drain[0].timeout_ms`, or a position in the file
+        self.where = one_line(where)
 
 
 class MigrationMode(StrEnum):
@@ -105,6 +153,33 @@ class MigrationSettings:
     auto_converge: bool = False
 
 
+class DrainMode(StrEnum):
+    """When the drain hooks run, relative to the switchover."""
+
+    PREPARE = "prepare"  # drain on the device's pre-copy-p2p-prepare event (late fallback on QEMU < 11.0)
+    GATED = "gated"  # hold the switchover (downtime limit at its floor), drain, then release it
+    START = "start"  # drain before the migration job starts
+
+
+@dataclass(frozen=True)
+class DowntimeStep:
+    """One step of the convergence schedule."""
+
+    downtime_ms: int  # the downtime QEMU may use from this step on
+    after_s: float | None = None  # this step applies after this many seconds of the job ...
+    after_iterations: int | None = None  # ... or after this many memory passes, whichever comes first
+
+
+@dataclass(frozen=True)
+class Switchover:
+    """How the switchover is reached: when to drain, and the downtime allowed over time."""
+
+    drain: DrainMode = DrainMode.PREPARE
+    # The convergence schedule; empty = one step at migration.max_downtime_ms (or QEMU's 300 ms).
+    steps: tuple[DowntimeStep, ...] = ()
+    stall_timeout_s: float | None = None  # abort when the remaining data has not shrunk for this long
+
+
 @dataclass(frozen=True)
 class Policy:
     """A validated policy: the devices it covers, how to migrate, and the hooks to run."""
@@ -116,6 +191,7 @@ class Policy:
     when_events_off: WhenEventsOff
     hooks: Mapping[Trigger, tuple[Hook, ...]]  # every trigger present, in Trigger order
     description: str = ""
+    switchover: Switchover = Switchover()
 
     def hooks_for(self, trigger: Trigger) -> tuple[Hook, ...]:
         """The hooks run on `trigger`, in file order."""
@@ -126,11 +202,13 @@ class Policy:
         return tuple(hook for trigger in Trigger for hook in self.hooks_for(trigger))
 
 
-_TOP_KEYS = ("description", "devices", "migration", "events", "hooks")
+_TOP_KEYS = ("description", "devices", "migration", "switchover", "events", "hooks")
 _DEVICE_KEYS = tuple(field.name for field in fields(DeviceSelector))
 _MIGRATION_KEYS = tuple(field.name for field in fields(MigrationSettings))
+_SWITCHOVER_KEYS = tuple(field.name for field in fields(Switchover))
+_STEP_KEYS = tuple(field.name for field in fields(DowntimeStep))
 _EVENTS_KEYS = ("when_off",)
-_HOOK_KEYS = ("argv", "timeout_ms", "on_failure", "retries", "backoff_ms", "name")
+_HOOK_KEYS = ("argv", "timeout_ms", "on_failure", "retries", "backoff_ms", "name", "armed")
 _DEFAULT_MIGRATION = MigrationSettings()
 _DEFAULT_DEVICES = DeviceSelector()
 
@@ -145,7 +223,10 @@ def _show(value: object) -> str:
     """A value as the user wrote it, shortened, for `got ...`."""
     if isinstance(value, dict):
         return "a table"
-    text = json.dumps(value, default=str, ensure_ascii=False)
+    try:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    except (ValueError, RecursionError):  # an integer of thousands of digits, a deep nesting
+        return "a value too large to show"
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
@@ -192,11 +273,20 @@ class _Table:
             raise self.invalid(name, value, expected)
         return value
 
-    def seconds(self, name: str, expected: str) -> float:
+    def seconds(self, name: str, expected: str, maximum: float = MAX_DURATION_S) -> float:
         value = self.values.get(name, 0)
-        if not (_is_int(value) or isinstance(value, float)) or value < 0 or not math.isfinite(value):
+        if not (_is_int(value) or isinstance(value, float)) or not 0 <= value <= maximum:  # NaN fails too
             raise self.invalid(name, value, expected)
         return float(value)
+
+    def array_of_tables(self, name: str, each: str) -> list[_Table]:
+        """The tables of `[[name]]` blocks, each with its key path `name[index]`; `each` names one."""
+        entries = self.values.get(name, [])
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise self.invalid(name, entries, f"an array of tables, one [[{self.key(name)}]] per {each}")
+        return [
+            _Table(self.source, self.key(f"{name}[{index}]"), entry) for index, entry in enumerate(entries)
+        ]
 
     def string(self, name: str, default: str, expected: str = "a string") -> str:
         value = self.values.get(name, default)
@@ -252,6 +342,19 @@ def _argv(table: _Table) -> tuple[str, ...]:
     argv = table.strings(
         "argv", (), "a non-empty string (no shell: one argument per element)", non_empty=True
     )
+    if len(argv) > MAX_ARGV_ELEMENTS:
+        raise _expected(
+            table.source, table.key("argv"), f"{len(argv)} elements", f"at most {MAX_ARGV_ELEMENTS}"
+        )
+    for index, arg in enumerate(argv):
+        size = len(arg.encode("utf-8", "surrogatepass"))
+        if size > MAX_ARG_BYTES:
+            raise _expected(
+                table.source,
+                table.key(f"argv[{index}]"),
+                f"{size} bytes",
+                f"at most {MAX_ARG_BYTES} bytes per argument",
+            )
     program = argv[0]
     if "{" in program or "}" in program or ("/" in program and not program.startswith("/")):
         raise table.invalid(
@@ -269,6 +372,28 @@ def _argv(table: _Table) -> tuple[str, ...]:
             f"placeholders among {known}, and {{{{ or }}}} for a literal brace",
         )
     return tuple(argv)
+
+
+def _armed(table: _Table, trigger: Trigger, argv: Sequence[str]) -> bool:
+    armed = table.boolean("armed", Hook.armed)
+    if not armed:
+        return False
+    if trigger not in _ARMED_TRIGGERS:
+        raise table.invalid(
+            "armed", armed, f"false: {trigger} hooks are never armed (only drain and undrain)"
+        )
+    for arg in argv:
+        for token in _PLACEHOLDER_TOKEN.finditer(arg):
+            if token[1] in PER_DEVICE_PLACEHOLDERS:
+                per_device = ", ".join(f"{{{name}}}" for name in PER_DEVICE_PLACEHOLDERS)
+                raise _expected(
+                    table.source,
+                    table.key("argv"),
+                    f"{token[0]} in {_show(arg)} with armed = true",
+                    f"none of {per_device}: an armed hook serves every device of the VM "
+                    "and reads them from its stdin",
+                )
+    return True
 
 
 def _hook(table: _Table, trigger: Trigger) -> Hook:
@@ -305,24 +430,19 @@ def _hook(table: _Table, trigger: Trigger) -> Hook:
             MAX_HOOK_TIMEOUT_MS,
         ),
         name=table.string("name", Hook.name),
+        armed=_armed(table, trigger, argv),
     )
 
 
 def _hooks(top: _Table) -> Mapping[Trigger, tuple[Hook, ...]]:
     table = top.table("hooks")
     table.allow_only([trigger.value for trigger in Trigger])
-    hooks: dict[Trigger, tuple[Hook, ...]] = {}
-    for trigger in Trigger:
-        entries = table.values.get(trigger.value, [])
-        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-            raise table.invalid(
-                trigger.value, entries, f"an array of tables, one [[{table.key(trigger.value)}]] per hook"
-            )
-        hooks[trigger] = tuple(
-            _hook(_Table(top.source, table.key(f"{trigger.value}[{index}]"), entry), trigger)
-            for index, entry in enumerate(entries)
-        )
-    return MappingProxyType(hooks)
+    return MappingProxyType(
+        {
+            trigger: tuple(_hook(entry, trigger) for entry in table.array_of_tables(trigger.value, "hook"))
+            for trigger in Trigger
+        }
+    )
 
 
 def _devices(top: _Table) -> DeviceSelector:
@@ -366,15 +486,25 @@ def _migration(top: _Table) -> MigrationSettings:
         persist=table.boolean("persist", defaults.persist),
         undefine_source=table.boolean("undefine_source", defaults.undefine_source),
         bandwidth_mib=table.integer(
-            "bandwidth_mib", defaults.bandwidth_mib, "an integer of MiB/s >= 0 (0 = unlimited)", 0
+            "bandwidth_mib",
+            defaults.bandwidth_mib,
+            f"an integer of MiB/s >= 0 (0 = unlimited), at most {MAX_BANDWIDTH_MIB} (libvirt's maximum)",
+            0,
+            MAX_BANDWIDTH_MIB,
         ),
         data_uri=data_uri or None,
         max_downtime_ms=table.integer(
-            "max_downtime_ms", 0, "an integer of milliseconds >= 0 (0 = the libvirt/QEMU default)", 0
+            "max_downtime_ms",
+            0,
+            "an integer of milliseconds >= 0 (0 = the libvirt/QEMU default), "
+            f"at most {MAX_DOWNTIME_MS} (QEMU's maximum)",
+            0,
+            MAX_DOWNTIME_MS,
         )
         or None,
         completion_timeout_s=table.seconds(
-            "completion_timeout_s", "a number of seconds >= 0 (0 = no timeout)"
+            "completion_timeout_s",
+            f"a number of seconds >= 0 (0 = no timeout), at most {MAX_DURATION_S} (7 days)",
         )
         or None,
         timeout_action=table.choice(
@@ -388,10 +518,120 @@ def _migration(top: _Table) -> MigrationSettings:
     )
 
 
+def _step(table: _Table, earlier: Sequence[tuple[str, DowntimeStep]], cap: int | None) -> DowntimeStep:
+    """One `[[switchover.steps]]` entry, checked against the steps before it (with their key paths)."""
+    table.allow_only(_STEP_KEYS)
+    expected_downtime = f"an integer of milliseconds from 1 to {MAX_DOWNTIME_MS}"
+    if "downtime_ms" not in table.values:
+        raise _expected(
+            table.source,
+            table.key("downtime_ms"),
+            "missing",
+            f"{expected_downtime}: the downtime QEMU may use from this step on",
+        )
+    downtime_ms = table.integer("downtime_ms", 0, expected_downtime, 1, MAX_DOWNTIME_MS)
+    after_s = (
+        table.seconds("after_s", f"a number of seconds of the job >= 0, at most {MAX_DURATION_S} (7 days)")
+        if "after_s" in table.values
+        else None
+    )
+    after_iterations = (
+        table.integer("after_iterations", 0, "an integer of memory passes >= 1", 1)
+        if "after_iterations" in table.values
+        else None
+    )
+    if not earlier:
+        for name in ("after_s", "after_iterations"):
+            if name in table.values:
+                raise table.invalid(
+                    name,
+                    table.values[name],
+                    "no after_s or after_iterations on the first step: it applies from the start "
+                    "(or when the gate opens)",
+                )
+    elif after_s is None and after_iterations is None:
+        raise _expected(
+            table.source,
+            table.path,
+            "neither after_s nor after_iterations",
+            "at least one of them on every step but the first: when the step applies",
+        )
+    if cap is not None and downtime_ms > cap:
+        raise table.invalid(
+            "downtime_ms", downtime_ms, f"at most {cap}, migration.max_downtime_ms, which caps every step"
+        )
+    if earlier:
+        where, previous = earlier[-1]
+        if downtime_ms <= previous.downtime_ms:
+            raise table.invalid(
+                "downtime_ms",
+                downtime_ms,
+                f"more than {previous.downtime_ms}, {where}.downtime_ms: the downtime rises step by step",
+            )
+    for name, value in (("after_s", after_s), ("after_iterations", after_iterations)):
+        if value is None:
+            continue
+        for where, step in reversed(earlier):
+            before = getattr(step, name)
+            if before is None:
+                continue
+            if value < before:
+                raise table.invalid(
+                    name,
+                    table.values[name],
+                    f"at least {_show(before)}, {where}.{name}: steps come in the order they apply",
+                )
+            break
+    return DowntimeStep(downtime_ms=downtime_ms, after_s=after_s, after_iterations=after_iterations)
+
+
+def _switchover(top: _Table, migration: MigrationSettings) -> Switchover:
+    table = top.table("switchover")
+    table.allow_only(_SWITCHOVER_KEYS)
+    drain = table.choice("drain", DrainMode, DrainMode.PREPARE)
+    steps: list[tuple[str, DowntimeStep]] = []
+    for entry in table.array_of_tables("steps", "step"):
+        steps.append((entry.path, _step(entry, steps, migration.max_downtime_ms)))
+    stall_timeout_s = table.seconds(
+        "stall_timeout_s", f"a number of seconds >= 0 (0 = never), at most {MAX_DURATION_S} (7 days)"
+    )
+    return Switchover(
+        drain=drain, steps=tuple(step for _, step in steps), stall_timeout_s=stall_timeout_s or None
+    )
+
+
 def _when_events_off(top: _Table) -> WhenEventsOff:
     table = top.table("events")
     table.allow_only(_EVENTS_KEYS)
     return table.choice("when_off", WhenEventsOff, WhenEventsOff.REFUSE)
+
+
+def _check_document(source: str, document: Mapping[str, object]) -> None:
+    """Refuse, anywhere in the document, what no key accepts and later code would trip on: NUL
+    characters (no program can receive them), integers beyond TOML's 64 bits, deep nesting."""
+    pending: list[tuple[str, object, int]] = [("", document, 0)]  # a stack, next item last
+    while pending:
+        where, value, depth = pending.pop()
+        if depth > MAX_NESTING:
+            raise _expected(
+                source, where, "arrays or tables nested too deeply", f"at most {MAX_NESTING} levels"
+            )
+        if isinstance(value, str) and "\0" in value:
+            raise _expected(source, where, f"got {_show(value)}", "text without NUL characters (\\u0000)")
+        if _is_int(value) and value not in _INT64:
+            raise _expected(source, where, "got an integer beyond 64 bits", "a TOML integer (64-bit)")
+        if isinstance(value, dict):
+            for key in value:
+                if "\0" in key:
+                    raise _expected(
+                        source, where or "top level", f"key {_show(key)}", "keys without NUL characters"
+                    )
+            children = [(f"{where}.{key}" if where else key, item) for key, item in value.items()]
+        elif isinstance(value, list):
+            children = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+        else:
+            continue
+        pending.extend((path, item, depth + 1) for path, item in reversed(children))
 
 
 def _syntax_error(source: str, error: tomllib.TOMLDecodeError) -> PolicyError:
@@ -412,24 +652,169 @@ def parse_policy(text: str, source: str) -> Policy:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise _syntax_error(source, error) from None
+    except RecursionError:
+        raise PolicyError(
+            source, "TOML", "arrays or tables nested too deeply", f"expected at most {MAX_NESTING} levels"
+        ) from None
+    except ValueError as error:  # Python's own limits, e.g. an integer of more than 4300 digits
+        problem = "an integer of thousands of digits" if "digits" in str(error) else str(error)
+        raise PolicyError(source, "TOML", problem, "expected a TOML integer (64-bit)") from None
+    _check_document(source, document)
     top = _Table(source, "", document)
     top.allow_only(_TOP_KEYS)
+    migration = _migration(top)
     return Policy(
         name=Path(source).stem,
         path=None,
         devices=_devices(top),
-        migration=_migration(top),
+        migration=migration,
         when_events_off=_when_events_off(top),
         hooks=_hooks(top),
         description=top.string("description", ""),
+        switchover=_switchover(top, migration),
     )
 
 
+# --- Files: who may have written them, and reading them safely -------------------------------------
+
+
+def _trusted_owners() -> frozenset[int]:
+    """Owners a policy's files and directories may have: root, and the invoking user when not root."""
+    return frozenset({0, os.geteuid()})
+
+
+def _distrust(path: Path, status: os.stat_result) -> tuple[str, str] | None:
+    """How someone other than root (or you) could change `path`, given its lstat `status`, and the
+    command that fixes it; None if no one could. A directory owned by root with the sticky bit (like
+    /tmp) is trusted: in it, others cannot rename or remove entries they do not own."""
+    mode = status.st_mode
+    if stat.S_ISDIR(mode) and mode & stat.S_ISVTX and status.st_uid == 0:
+        return None
+    problems: list[str] = []
+    fixes: list[str] = []
+    quoted = shlex.quote(str(path))
+    if status.st_uid not in _trusted_owners():
+        owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()} (you)"
+        problems.append(f"owned by uid {status.st_uid}, not {owners}")
+        fixes.append(f"chown -h root {quoted}" if stat.S_ISLNK(mode) else f"chown root {quoted}")
+    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if mode & bit]
+    if writers and not stat.S_ISLNK(mode):  # a symlink's own mode is meaningless
+        problems.append(f"writable by {' and '.join(writers)} (mode {stat.S_IMODE(mode):04o})")
+        fixes.append(f"chmod go-w {quoted}")
+    if not problems:
+        return None
+    return " and ".join(problems), " && ".join(fixes)
+
+
+def _check_trust(path: Path, status: os.stat_result) -> None:
+    """Refuse `path` when someone other than root (or you) could change it: the error names it and the fix."""
+    distrust = _distrust(path, status)
+    if distrust is not None:
+        problem, fix = distrust
+        mode = status.st_mode
+        kind = "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
+        raise PolicyError(str(path), kind, f"{problem}, unsafe for a policy", f"fix: {fix}")
+
+
+def _walk(path: Path) -> tuple[Path, os.stat_result]:
+    """Resolve `path` component by component as the kernel does, checking that no one but a trusted
+    owner could change any directory looked into or symlink followed; return the real path and its lstat.
+
+    Raises OSError (missing, not a directory, a symlink loop) and ValueError (a NUL in the path)."""
+    absolute = path if path.is_absolute() else Path.cwd() / path  # Path keeps "..", as the kernel needs
+    pending = list(reversed(absolute.parts[1:]))  # a stack, next component last
+    current = Path("/")
+    checked: set[Path] = set()
+    status = current.lstat()
+    links = 0
+    while pending:
+        name = pending.pop()
+        if not stat.S_ISDIR(status.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(current))
+        if name == "..":  # every ancestor of `current` was looked into on the way to it
+            current = current.parent
+            status = current.lstat()
+            continue
+        if current not in checked:
+            _check_trust(current, status)
+            checked.add(current)
+        candidate = current / name
+        status = candidate.lstat()
+        if stat.S_ISLNK(status.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+            _check_trust(candidate, status)
+            target = candidate.readlink()
+            if target.is_absolute():
+                current = Path("/")
+                pending.extend(reversed(target.parts[1:]))
+            else:
+                pending.extend(reversed(target.parts))
+            status = current.lstat()  # the link is resolved from the directory that holds it
+            continue
+        current = candidate
+    return current, status
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_trusted(source: str, path: Path) -> bytes:
+    """The bytes of the policy file at `path`, after the checks of `_walk` and of the file itself."""
+    real, status = _walk(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise PolicyError(
+            source,
+            "file",
+            f"not a regular file ({_file_kind(status.st_mode)})",
+            "expected a policy TOML file",
+        )
+    # O_NONBLOCK: should the file be swapped for a FIFO after the check, opening it cannot hang.
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino) or not stat.S_ISREG(
+            opened.st_mode
+        ):
+            raise PolicyError(source, "file", "changed while it was read", "expected a policy file at rest")
+        _check_trust(real, opened)
+        too_big = PolicyError(
+            source, "file", "larger than 1 MiB", f"expected a policy of at most {MAX_POLICY_BYTES} bytes"
+        )
+        if opened.st_size > MAX_POLICY_BYTES:
+            raise too_big
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_POLICY_BYTES:
+            chunk = os.read(fd, MAX_POLICY_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_POLICY_BYTES:  # it grew since fstat
+            raise too_big
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load_policy(path: Path) -> Policy:
-    """Read and validate a policy file."""
+    """Read and validate a policy file, refusing one that someone other than root (or you) could change."""
     source = str(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = _read_trusted(source, path)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise PolicyError(
             source,
@@ -445,6 +830,8 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(
             source, f"byte {error.start}", "not UTF-8 text", "expected a UTF-8 TOML file"
         ) from None
+    except ValueError:  # a NUL in the path
+        raise PolicyError(source, "file", "a NUL character in the path", "expected a file path") from None
     return replace(parse_policy(text, source), path=path.absolute())
 
 
@@ -464,17 +851,34 @@ def available_policies(dirs: Iterable[Path] | None = None) -> Mapping[str, Path]
     return dict(sorted(found.items()))
 
 
+def _check_directory(directory: Path) -> bool:
+    """Whether `directory` exists; raises PolicyError when it, or a directory on the way to it, could be
+    changed by someone other than root (or you)."""
+    try:
+        real, status = _walk(directory)
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISDIR(status.st_mode):
+        return False
+    _check_trust(real, status)
+    return True
+
+
 def resolve_policy(name_or_path: str | None = None, dirs: Sequence[Path] | None = None) -> Policy:
     """The policy for `--policy`: None means "default"; a value with "/" or ending in .toml is a path;
-    anything else is a name looked up as `<dir>/<name>.toml` in `dirs` (default: `policy_dirs()`)."""
+    anything else is a name looked up as `<dir>/<name>.toml` in `dirs` (default: `policy_dirs()`).
+
+    Every directory searched up to the one holding the policy must be trusted as the file is."""
     value = DEFAULT_POLICY_NAME if name_or_path is None else name_or_path
     if "/" in value or value.endswith(".toml"):
         return load_policy(Path(value))
     searched = policy_dirs() if dirs is None else tuple(dirs)
-    names = available_policies(searched)
-    if value in names:
-        return load_policy(names[value])
-    choices = ", ".join(names) or "(none)"
+    if value and "\0" not in value:
+        for directory in searched:
+            path = directory / f"{value}.toml"
+            if _check_directory(directory) and (path.exists() or path.is_symlink()):
+                return load_policy(path)
+    choices = ", ".join(available_policies(searched)) or "(none)"
     raise PolicyError(
         value or repr(value),  # an empty name shows as ''
         "policy name",
