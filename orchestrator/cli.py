@@ -226,7 +226,26 @@ def lab_guest(
     events: Annotated[
         bool, typer.Option("--events/--no-events", help="Add -global vfio-pci.migration-events=on.")
     ] = True,
-    memory: Annotated[int, typer.Option("--memory", metavar="MIB", help="Guest memory in MiB.")] = 64,
+    memory: Annotated[
+        int | None,
+        typer.Option("--memory", metavar="MIB", help="Guest memory in MiB [default: 64 idle, 128 dirty]."),
+    ] = None,
+    workload: Annotated[
+        str,
+        typer.Option(
+            "--workload",
+            metavar="idle|dirty",
+            help="idle: firmware only, converges at any downtime limit; dirty: a Linux guest "
+            "rewriting memory at --dirty-rate, so pre-copy iterates as with a loaded VM.",
+        ),
+    ] = "idle",
+    dirty_rate: Annotated[
+        float,
+        typer.Option("--dirty-rate", metavar="MIB_S", help="dirty: MiB of memory rewritten per second."),
+    ] = 64.0,
+    dirty_mib: Annotated[
+        int, typer.Option("--dirty-mib", metavar="SIZE", help="dirty: MiB of memory it cycles through.")
+    ] = 4,
     start: Annotated[bool, typer.Option("--start/--no-start", help="Start it after defining it.")] = True,
     lab_dir: LabDirOpt = None,
     as_json: JsonOpt = False,
@@ -244,15 +263,42 @@ def lab_guest(
         transition_ms=transition_ms,
         fail_transition=fail_transition,
         events=events,
-        memory_mib=memory,
+        memory_mib=memory or 0,
+        workload=workload,
+        dirty_rate=dirty_rate,
+        dirty_mib=dirty_mib,
     )
     target = lab.host_by_name(host, lab_dir)
     lab_guest_mod.create_guest(target, spec, start=start, root=lab_dir)
+    ready_s = None
+    if start and workload != "idle":  # a workload guest is ready when its /init says so
+        ready_s = lab_guest_mod.wait_ready(name, lab_dir)
     if as_json:
-        emit_json({"name": name, "host": target.name, "uri": target.uri, "devices": spec.device_ids})
+        report: dict[str, object] = {
+            "name": name,
+            "host": target.name,
+            "uri": target.uri,
+            "devices": spec.device_ids,
+        }
+        if workload != "idle":
+            report.update(
+                workload=workload,
+                memory_mib=spec.memory_mib,
+                dirty_rate_mib_s=dirty_rate,
+                dirty_mib=dirty_mib,
+                console_log=str(lab_guest_mod.console_log(name, lab_dir)),
+                ready_s=ready_s,
+            )
+        emit_json(report)
     else:
         devices_text = ", ".join(spec.device_ids) or "none"
         info(f"{name} {'running' if start else 'defined'} on {target.name} with devices: {devices_text}")
+        if workload != "idle":
+            ready = f", ready after {ready_s:.1f} s" if ready_s is not None else ""
+            info(
+                f"workload {workload}: {dirty_rate:g} MiB/s over {dirty_mib} MiB{ready}; "
+                f"console log {lab_guest_mod.console_log(name, lab_dir)}"
+            )
 
 
 @lab_app.command("peer")

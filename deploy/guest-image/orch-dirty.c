@@ -1,9 +1,9 @@
 /* orch-dirty: the lab guest's memory-dirtying workload (built static by deploy/setup.sh).
  *
- *   orch-dirty RATE_MIB_S SIZE_MIB [REPORT_S]
+ *   orch-dirty RATE_MIB_S SIZE_MIB [REPORT_S [TICK_MS]]
  *
- * Allocates SIZE_MIB MiB and, every 10 ms, writes one word into each page of the next
- * RATE_MIB_S x 10 ms worth of that memory, cycling through it, so that the guest dirties
+ * Allocates SIZE_MIB MiB and, every TICK_MS (default 1 ms), writes one word into each page of the
+ * next RATE_MIB_S x TICK_MS worth of that memory, cycling through it, so that the guest dirties
  * RATE_MIB_S MiB/s of distinct pages (as long as SIZE_MIB >= RATE_MIB_S x the observer's
  * interval). The rate is paced by CLOCK_MONOTONIC, not by counting ticks: a late tick is
  * caught up, but a stall longer than 100 ms (e.g. the switchover of a migration) is skipped,
@@ -20,7 +20,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TICK_NS 10000000L /* 10 ms */
 #define MIB (1024.0 * 1024.0)
 
 static double now(void)
@@ -33,13 +32,14 @@ static double now(void)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: orch-dirty RATE_MIB_S SIZE_MIB [REPORT_S]\n");
+        fprintf(stderr, "usage: orch-dirty RATE_MIB_S SIZE_MIB [REPORT_S [TICK_MS]]\n");
         return 2;
     }
     double rate = strtod(argv[1], NULL);
     long size_mib = strtol(argv[2], NULL, 10);
     double report_s = argc > 3 ? strtod(argv[3], NULL) : 5.0;
-    if (!(rate > 0) || size_mib <= 0 || !(report_s > 0)) {
+    double tick_ms = argc > 4 ? strtod(argv[4], NULL) : 1.0;
+    if (!(rate > 0) || size_mib <= 0 || !(report_s > 0) || !(tick_ms >= 0.01 && tick_ms <= 1000)) {
         fprintf(stderr, "orch-dirty: bad arguments: rate %s MiB/s, size %s MiB\n", argv[1], argv[2]);
         return 2;
     }
@@ -57,7 +57,9 @@ int main(int argc, char **argv)
 
     double pages_per_s = rate * MIB / (double)page;
     uint64_t cap = (uint64_t)(pages_per_s * 0.1) + 1; /* at most 100 ms of catching up */
-    printf("orch-guest: ready workload=dirty rate=%g MiB/s size=%ld MiB pages=%zu\n", rate, size_mib, pages);
+    long tick_ns = (long)(tick_ms * 1e6);
+    printf("orch-guest: ready workload=dirty rate=%g MiB/s size=%ld MiB pages=%zu tick=%g ms\n", rate, size_mib,
+           pages, tick_ms);
     fflush(stdout);
 
     struct timespec next;
@@ -66,8 +68,8 @@ int main(int argc, char **argv)
     uint64_t due_base = 0, written = 0, done = 0, done_mark = 0, skipped = 0, value = 1;
     size_t idx = 0;
     for (;;) {
-        next.tv_nsec += TICK_NS;
-        if (next.tv_nsec >= 1000000000L) {
+        next.tv_nsec += tick_ns;
+        while (next.tv_nsec >= 1000000000L) {
             next.tv_nsec -= 1000000000L;
             next.tv_sec++;
         }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from orchestrator.errors import BadInput, EnvironmentProblem
 from orchestrator.lab.hosts import LabHost, lab_root, status
@@ -16,6 +18,14 @@ from orchestrator.virt import Host
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 SIMULATOR = "orchestrator-vfio-sim"
+# The workload guest's kernel and initramfs, built by deploy/setup.sh (same variable there).
+GUEST_IMAGE_ENV = "ORCH_GUEST_IMAGE"
+DEFAULT_GUEST_IMAGE = Path("/var/lib/orchestrator/guest-image")
+WORKLOADS = ("idle", "dirty")
+DEFAULT_MEMORY_MIB = {"idle": 64, "dirty": 128}
+GUEST_KERNEL_MIB = 64  # what the guest's kernel and initramfs need beside the dirtied memory
+WORKLOAD_MIN_MEMORY_MIB = 96  # the kernel panics "deadlocked on memory" while booting below ~80 MiB
+READY_MARKER = "orch-guest: ready"  # the workload guest's /init prints it on its serial console
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,18 @@ class GuestSpec:
     transition_ms: int = 300
     fail_transition: str | None = None
     events: bool = True  # add -global vfio-pci.migration-events=on
-    memory_mib: int = 64
+    memory_mib: int = 0  # 0: the workload's default (DEFAULT_MEMORY_MIB)
+    # "idle": no OS at all (firmware only), converges at any downtime limit. "dirty": a Linux
+    # kernel whose /init rewrites dirty_mib MiB of memory at dirty_rate MiB/s, as a loaded VM. The
+    # defaults rewrite 4 MiB faster than a 32 MiB/s migration sends it: pre-copy iterates until the
+    # downtime limit reaches 4 MiB / bandwidth (125 ms at 32 MiB/s).
+    workload: str = "idle"
+    dirty_rate: float = 64.0  # MiB/s
+    dirty_mib: int = 4
+
+    def __post_init__(self) -> None:
+        if self.memory_mib == 0:
+            object.__setattr__(self, "memory_mib", DEFAULT_MEMORY_MIB.get(self.workload, 64))
 
     @property
     def device_ids(self) -> list[str]:
@@ -54,6 +75,71 @@ class GuestSpec:
             )
         if not 16 <= self.memory_mib <= 4096:
             raise BadInput(f"--memory must be 16 to 4096 MiB, not {self.memory_mib}", "pick another size")
+        if self.workload not in WORKLOADS:
+            raise BadInput(f"--workload must be {' or '.join(WORKLOADS)}, not {self.workload!r}", "pick one")
+        if self.workload != "idle" and self.memory_mib < WORKLOAD_MIN_MEMORY_MIB:
+            raise BadInput(
+                f"--memory {self.memory_mib} is too small for --workload {self.workload}",
+                f"give it {WORKLOAD_MIN_MEMORY_MIB} MiB or more (its Linux kernel does not boot in less)",
+            )
+        if self.workload == "dirty":
+            if not 0 < self.dirty_rate <= 1024:
+                raise BadInput(
+                    f"--dirty-rate must be above 0 and at most 1024 MiB/s, not {self.dirty_rate:g}",
+                    "pick another rate",
+                )
+            if not 1 <= self.dirty_mib <= 4096:
+                raise BadInput(f"--dirty-mib must be 1 to 4096, not {self.dirty_mib}", "pick another size")
+            if self.dirty_mib + GUEST_KERNEL_MIB > self.memory_mib:
+                raise BadInput(
+                    f"--dirty-mib {self.dirty_mib} does not fit in --memory {self.memory_mib}",
+                    f"give the guest --memory {self.dirty_mib + GUEST_KERNEL_MIB} or more",
+                )
+
+    @property
+    def kernel_cmdline(self) -> str:
+        """The workload guest's kernel command line: its /init reads the orch.* parameters."""
+        return (
+            f"console=ttyS0 quiet panic=0 orch.workload={self.workload}"
+            f" orch.dirty_mib_s={self.dirty_rate:g} orch.dirty_mib={self.dirty_mib}"
+        )
+
+
+def guest_image_dir() -> Path:
+    """Where deploy/setup.sh built the workload guest's vmlinuz and initrd.img."""
+    return Path(os.environ.get(GUEST_IMAGE_ENV) or DEFAULT_GUEST_IMAGE)
+
+
+def guest_image() -> tuple[Path, Path]:
+    """The workload guest's kernel and initramfs; a clear error when they are not built."""
+    image = guest_image_dir()
+    kernel, initrd = image / "vmlinuz", image / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        raise EnvironmentProblem(
+            f"the lab's workload guest image is not built in {image}", "run deploy/setup.sh"
+        )
+    return kernel, initrd
+
+
+def console_log(name: str, root: Path | None = None) -> Path:
+    """The serial console log of a workload guest (written by the virtlogd of whichever lab host runs it)."""
+    return lab_root(root) / "consoles" / f"{name}.log"
+
+
+def wait_ready(name: str, root: Path | None = None, timeout: float = 60.0) -> float:
+    """Wait until a workload guest's console shows READY_MARKER; returns the seconds waited."""
+    log, start = console_log(name, root), time.monotonic()
+    while True:
+        try:
+            if READY_MARKER in log.read_text(errors="replace"):
+                return time.monotonic() - start
+        except FileNotFoundError:
+            pass
+        if time.monotonic() - start > timeout:
+            raise EnvironmentProblem(
+                f"guest {name} did not report ready within {timeout:g} s", f"see its console log {log}"
+            )
+        time.sleep(0.1)
 
 
 def simulator_path() -> str:
@@ -67,8 +153,16 @@ def simulator_path() -> str:
     return found
 
 
-def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
-    """The domain XML of a lab guest."""
+def guest_xml(
+    spec: GuestSpec,
+    emulator: str,
+    fabric: Path | None,
+    *,
+    image: tuple[Path, Path] | None = None,
+    console: Path | None = None,
+) -> str:
+    """The domain XML of a lab guest. A workload guest boots `image` (kernel, initrd) directly and
+    logs its serial console to `console`."""
     env = {
         "ORCH_SIM_BEHAVIOUR": spec.behaviour,
         "ORCH_SIM_PRECOPY": "on" if spec.precopy else "off",
@@ -97,12 +191,21 @@ def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
     commandline = (
         "\n".join(["  <qemu:commandline>", *qemu_lines, "  </qemu:commandline>"]) if qemu_lines else ""
     )
+    boot, serial = "", "<serial type='pty'/>"
+    if spec.workload != "idle":
+        kernel, initrd = image if image is not None else guest_image()
+        boot = (
+            f"\n    <kernel>{escape(str(kernel))}</kernel>\n    <initrd>{escape(str(initrd))}</initrd>"
+            f"\n    <cmdline>{escape(spec.kernel_cmdline)}</cmdline>"
+        )
+        if console is not None:  # the pty stays (virsh console works), virtlogd also writes a file
+            serial = f"<serial type='pty'><log file={quoteattr(str(console))} append='on'/></serial>"
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{spec.name}</name>
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
+    <type arch='x86_64' machine='q35'>hvm</type>{boot}
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
@@ -110,7 +213,7 @@ def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
   <devices>
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
-    <serial type='pty'/>
+    {serial}
     <console type='pty'/>
     <memballoon model='none'/>
   </devices>
@@ -122,13 +225,19 @@ def guest_xml(spec: GuestSpec, emulator: str, fabric: Path | None) -> str:
 def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Path | None = None) -> str:
     """Define (and start) a lab guest on `host`; returns its XML. Refuses a name in use on any lab host."""
     spec.validate()
-    xml = guest_xml(spec, simulator_path(), lab_root(root) / "fabric")
+    console = None
+    if spec.workload != "idle":
+        console = console_log(spec.name, root)
+    xml = guest_xml(spec, simulator_path(), lab_root(root) / "fabric", console=console)
     for other in status(lab_root(root)):  # a name is unique across the lab, so migrations never collide
         if any(guest.name == spec.name for guest in other.guests):
             raise BadInput(
                 f"a guest named {spec.name!r} already exists on {other.name}",
                 f"pick another name or remove it: virsh -c '{other.uri}' undefine {spec.name}",
             )
+    if console is not None:
+        console.parent.mkdir(parents=True, exist_ok=True)
+        console.unlink(missing_ok=True)  # so a ready marker in it is this boot's
     with Host.open(host.uri, keepalive=False) as conn:
         dom = conn.define(xml)
         if start:
