@@ -374,8 +374,16 @@ PolicyOpt = Annotated[
 
 
 def source_uri(uri: str | None) -> str:
-    """The source URI as virsh would pick it."""
-    return uri or "qemu:///system"
+    """The source URI as virsh would pick it (an empty $LIBVIRT_DEFAULT_URI counts as unset).
+
+    An explicit empty one (`-c ''`, or an empty SOURCE_URI in the systemd unit's env file) is bad
+    input, not the default: silently acting on qemu:///system instead could empty the wrong host.
+    """
+    if uri is None:
+        return "qemu:///system"
+    if not uri.strip():
+        raise_bad("the source URI (-c/--connect) is empty", "give a libvirt URI, e.g. -c 'qemu:///system'")
+    return uri
 
 
 @app.command("migrate")
@@ -789,16 +797,25 @@ def watch_cmd(
         typer.Option(
             "--connect",
             "-c",
-            help="A host's libvirt URI; repeat for several [default: $LIBVIRT_DEFAULT_URI].",
+            metavar="URI",
+            help="A host's libvirt URI; repeat for several, each is watched once "
+            "[default: $LIBVIRT_DEFAULT_URI, else qemu:///system].",
         ),
     ] = None,
-    domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
+    domain: Annotated[
+        str | None,
+        typer.Option("--domain", "-d", metavar="DOMAIN", help="Only this domain (it may not exist yet)."),
+    ] = None,
 ) -> None:
-    """Relay every VFIO_MIGRATION event from the given hosts as NDJSON on stdout, until Ctrl-C."""
+    """Relay every VFIO_MIGRATION event from the given hosts as NDJSON on stdout, until Ctrl-C.
+
+    A host unreachable at the start is reported and retried every few seconds while the others are
+    watched; a host that goes away is reported. Exit 3 when no host can be reached.
+    """
     from orchestrator import watch
 
-    uris = connect or [source_uri(os.environ.get("LIBVIRT_DEFAULT_URI"))]
-    watch.run(uris, domain, out=sys.stdout, log=info)
+    default: list[str | None] = [os.environ.get("LIBVIRT_DEFAULT_URI") or None]
+    watch.run([source_uri(uri) for uri in connect or default], domain, out=sys.stdout, log=info)
 
 
 # --- history ---------------------------------------------------------------------------------

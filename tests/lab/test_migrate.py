@@ -321,6 +321,12 @@ def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_pa
     from orchestrator.lab import hosts as lab
 
     extra = lab.up(1, tmp_path / "extra-lab")[0]  # a host this test may kill
+    late_root = tmp_path / "late-lab"  # a host that is not up yet when the watch starts
+    late = lab.LabHost(name=lab.HOST_NAMES[0], dir=late_root / "hosts" / lab.HOST_NAMES[0], index=0)
+    alone = cli("watch", "-c", late.uri, timeout=60)
+    assert alone.code == 3, "no reachable host at all: exit 3"
+    assert alone.err.startswith(f"orchestrator: error: cannot connect to {late.uri}"), alone.err
+    assert len(alone.err.splitlines()) == 1, alone.err
     name = lab_env.guest(0)
     proc = subprocess.Popen(
         [
@@ -333,7 +339,11 @@ def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_pa
             "-c",
             lab_env.hosts[1].uri,
             "-c",
+            lab_env.hosts[0].uri,  # given twice, watched once
+            "-c",
             extra.uri,
+            "-c",
+            late.uri,
             "--domain",
             name,
         ],
@@ -343,11 +353,18 @@ def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_pa
     )
     try:
         assert proc.stderr is not None and proc.stdout is not None
+        unreachable = proc.stderr.readline()
+        assert f"warning: cannot connect to {late.uri}" in unreachable, unreachable
+        assert "retrying every" in unreachable, unreachable
+        # the repeated URI counts once, and the domain exists: no warning about it
         assert "watching 3 host(s)" in proc.stderr.readline()
         daemon = extra.pid("libvirtd")
         assert daemon is not None
         os.kill(daemon, signal.SIGKILL)
         assert "went away" in proc.stderr.readline(), "the lost host is reported"
+        lab.up(1, late_root)
+        connected = proc.stderr.readline()
+        assert f"connected to {late.uri}; watching 3 host(s)" in connected, connected
         lab_env.migrate(name, 0, 1)
         lines = []
         while not lines or lines[-1]["state"] != "running":
@@ -368,4 +385,5 @@ def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_pa
         if proc.poll() is None:
             proc.kill()
         lab.down(tmp_path / "extra-lab")
+        lab.down(late_root)
         lab_env.remove(name)

@@ -101,6 +101,7 @@ def test_version_imports_nothing_heavy() -> None:
         (["events", "enable"], ["{DOMAIN}", "-c, --connect URI", "--mode <override|global>"]),
         (["events", "status"], ["{DOMAIN}", "-c, --connect URI"]),
         (["events", "disable"], ["{DOMAIN}", "-c, --connect URI"]),
+        (["watch"], ["-c, --connect URI", "-d, --domain DOMAIN"]),
         (["history"], ["[ID]", "-d, --domain DOMAIN", "--limit N", "--journal PATH"]),
         (["lab", "up"], ["-n, --hosts N", "--lab-dir PATH"]),
         (

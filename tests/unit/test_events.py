@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 from orchestrator import events
@@ -26,8 +25,8 @@ class FakeDom:
     def name(self) -> str:
         return self._name
 
-    def state(self) -> tuple[int, int]:
-        return libvirt.VIR_DOMAIN_SHUTOFF, 0
+    def state(self) -> str:
+        return "shut off"
 
 
 class FakeHost:
