@@ -174,7 +174,7 @@ def lab_status(lab_dir: LabDirOpt = None, as_json: JsonOpt = False) -> None:
         )
         return
     if not found:
-        info("no lab hosts; start them with: orchestrator lab up")
+        info(f"no lab hosts; start them with: {lab.lab_command('up', lab_dir)}")
         return
     rows = []
     for h in found:

@@ -10,6 +10,7 @@ PID still belongs to the process it started.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import string
@@ -84,6 +85,14 @@ def lab_root(root: Path | None = None) -> Path:
         return root
     env = os.environ.get(ROOT_ENV)
     return Path(env) if env else DEFAULT_ROOT
+
+
+def lab_command(words: str, root: Path | None = None) -> str:
+    """`orchestrator lab WORDS` for a hint, with `--lab-dir` when the lab is not the default one, so
+    that the hint works when pasted."""
+    path = lab_root(root)
+    where = "" if path == DEFAULT_ROOT else f" --lab-dir {shlex.quote(str(path))}"
+    return f"orchestrator lab {words}{where}"
 
 
 @dataclass
@@ -323,10 +332,18 @@ def host_by_name(name: str, root: Path | None = None) -> LabHost:
     for host in hosts:
         if host.name == name:
             if not host.running:
-                raise BadInput(f"lab host {name} is not running", "start the lab with: orchestrator lab up")
+                raise BadInput(
+                    f"lab host {name} is not running",
+                    f"start the lab with: {lab_command(f'up --hosts {host.index + 1}', root)}",
+                )
             return host
     known = ", ".join(h.name for h in hosts) or "none"
-    raise BadInput(f"no lab host named {name!r} (lab hosts: {known})", "see: orchestrator lab status")
+    hint = (
+        f"start the lab with: {lab_command('up', root)}"
+        if not hosts
+        else f"see: {lab_command('status', root)}"
+    )
+    raise BadInput(f"no lab host named {name!r} (lab hosts: {known})", hint)
 
 
 def _qemu_pids(host: LabHost) -> list[int]:

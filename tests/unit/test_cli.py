@@ -155,3 +155,23 @@ def test_a_bad_value_is_one_line_in_our_words(
     assert err == f"orchestrator: error: {message}; see: {command} --help\n"
     for pydantic_words in ("Input should", "Value error", "unable to parse"):
         assert pydantic_words not in err
+
+
+# --- hints that work when pasted ---------------------------------------------------------------------
+
+
+def test_lab_hints_name_the_lab_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "my lab"
+    code, _, err = run(["lab", "guest", "vm1", "--host", "lab-b", "--lab-dir", str(root)], capsys)
+    assert code == 2
+    assert err.endswith(f"; start the lab with: orchestrator lab up --lab-dir '{root}'\n")
+    code, _, err = run(["lab", "status", "--lab-dir", str(root)], capsys)
+    assert (code, err) == (0, f"no lab hosts; start them with: orchestrator lab up --lab-dir '{root}'\n")
+
+
+def test_lab_hints_for_the_default_lab_need_no_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.lab import hosts
+
+    monkeypatch.delenv("ORCH_LAB_DIR", raising=False)
+    assert hosts.lab_command("status") == "orchestrator lab status"
+    assert hosts.lab_command("up --hosts 3", hosts.DEFAULT_ROOT) == "orchestrator lab up --hosts 3"
