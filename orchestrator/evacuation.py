@@ -212,8 +212,18 @@ class EvacuationRequest:
 
     def validate(self) -> None:
         """One clear line for each bad option."""
+        if not self.source_uri.strip():
+            raise BadInput(
+                "the source URI (-c/--connect) is empty", "give the libvirt URI of the host to empty"
+            )
         if not self.destination_uris:
             raise BadInput("no destination given", "add --to URI (repeat it for several destinations)")
+        empty = [index for index, uri in enumerate(self.destination_uris, 1) if not uri.strip()]
+        if empty:
+            raise BadInput(
+                f"--to is empty (destination {empty[0]} of {len(self.destination_uris)})",
+                "give a libvirt URI after each --to, e.g. --to 'qemu+ssh://HOST/system'",
+            )
         if self.source_uri in self.destination_uris:
             raise BadInput(f"destination {self.source_uri} is the source itself", "drop it from --to")
         if len(set(self.destination_uris)) != len(self.destination_uris):

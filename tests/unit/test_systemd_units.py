@@ -267,6 +267,67 @@ def test_missing_destinations_are_bad_input(service: Unit, capsys: pytest.Captur
     assert "--to" in capsys.readouterr().err
 
 
+def systemd_unescape(command: str) -> list[str]:
+    """An Exec line as systemd hands it over when it holds no variable: `$$` is a literal `$`."""
+    assert re.search(r"(?<!\$)\$(?!\$)", command.replace("$$", "")) is None, "a variable systemd would expand"
+    return shlex.split(command.replace("$$", "$"))
+
+
+@pytest.mark.parametrize("empty", ["SOURCE_URI", "CONCURRENCY", "POLICY"])
+def test_an_empty_single_word_setting_is_named_before_the_orchestrator_runs(
+    service: Unit, empty: str
+) -> None:
+    """`SOURCE_URI=` in the env file: ExecStartPre says which setting, in one line, and exits 2."""
+    (check,) = values(service, "Service", "ExecStartPre")
+    argv = systemd_unescape(check)
+    assert argv[0] == "/bin/sh"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        **unit_environment(service),
+        **env_file(ENV_EXAMPLE),
+    }
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), "the shipped example passes"
+    done = subprocess.run(
+        argv, env={**env, empty: ""}, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"<3>orchestrator: error: {empty} is empty in /etc/orchestrator/evacuate.env; "
+        "set it, or delete the line to use the default\n"
+    )
+
+
+def test_an_empty_source_uri_reaching_the_cli_is_bad_input(
+    service: Unit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the unit's check (a drop-in replacing it, or by hand): `-c ''` is not qemu:///system."""
+    (command,) = values(service, "Service", "ExecStart")
+    argv = expand(command, unit_environment(service) | env_file(ENV_EXAMPLE) | {"SOURCE_URI": ""})
+    assert argv[2:4] == ["-c", ""]
+    with pytest.raises(SystemExit) as exc:
+        main(argv[1:])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: error: the source URI (-c/--connect) is empty; ")
+    assert len(err.splitlines()) == 1
+
+
+def test_an_empty_destination_is_bad_input_naming_to(
+    service: Unit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TO_ARGS=--to '' (or a --to whose value went missing) reaches the CLI as an empty --to."""
+    (command,) = values(service, "Service", "ExecStart")
+    env = unit_environment(service) | env_file(ENV_EXAMPLE) | {"TO_ARGS": "--to qemu+ssh://b/system --to ''"}
+    argv = expand(command, env)
+    with pytest.raises(SystemExit) as exc:
+        main(argv[1:])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: error: --to is empty (destination 2 of 2); ")
+    assert len(err.splitlines()) == 1
+
+
 def test_readme_documents_install_logs_and_exit_codes() -> None:
     text = README.read_text()
     for needle in (
