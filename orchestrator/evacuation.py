@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenacity
 
@@ -27,7 +27,9 @@ from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, O
 from orchestrator.migration import JournalLike, Migration, Request
 from orchestrator.policy import Policy
 from orchestrator.report import Outcome, Report
-from orchestrator.virt import Host
+
+if TYPE_CHECKING:
+    from orchestrator.virt import Host
 
 # libvirt errors worth another try: the destination or a connection was busy, not the VM broken.
 TRANSIENT = re.compile(
@@ -281,6 +283,10 @@ class Evacuation:
     def run(self) -> EvacuationReport:
         """Plan, then move; always returns the report (bad input and no source raise)."""
         self.request.validate()
+        from orchestrator.virt import (
+            Host,  # here, not at import: the planning logic is tested without libvirt
+        )
+
         source = Host.open(self.request.source_uri)
         destinations: dict[str, Host] = {}
         try:

@@ -28,6 +28,18 @@ ACTIVE_STATES = frozenset({RUNNING, PAUSED})
 
 
 @dataclass(frozen=True)
+class DomainInfo:
+    """What `lab status` and evacuation planning need to know of a domain."""
+
+    name: str
+    uuid: str
+    state: str
+    active: bool
+    persistent: bool
+    memory_kib: int
+
+
+@dataclass(frozen=True)
 class JobStats:
     """One reading of a migration job's statistics, normalised (like Nova's JobInfo).
 

@@ -496,17 +496,17 @@ class Migration:
                 f"start it first (only running VMs are live-migrated): virsh -c '{request.source_uri}' "
                 f"start {request.domain}",
             )
-        if there_running:
-            raise BadInput(
-                f"domain {request.domain!r} runs on both {request.source_uri} and {request.destination_uri} "
-                "(two URIs of the same host, or two copies of the VM)",
-                "give the URI of another host, or stop the copy that should not run",
-            )
         if dom.job_stats() is not None:
             raise BadInput(
                 f"domain {request.domain!r} already has a libvirt job running on {request.source_uri} "
                 "(another migration?)",
                 f"wait for it, or see: virsh -c '{request.source_uri}' domjobinfo {request.domain}",
+            )
+        if there_running:
+            raise BadInput(
+                f"domain {request.domain!r} runs on both {request.source_uri} and {request.destination_uri} "
+                "(two URIs of the same host, or two copies of the VM)",
+                "give the URI of another host, or stop the copy that should not run",
             )
         problems = preflight(request.policy.all_hooks())
         if problems:

@@ -300,16 +300,16 @@ class MigrationMachine:
             self.advance(Phase.SWITCHING_OVER)
         if device.record.quiet_at is None:
             device.record.quiet_at = event.qemu_time
+        early = self.gate in (Gate.CLOSED, Gate.DRAINING)
+        if early:
+            self.gate = Gate.PASSED_EARLY  # QEMU switched over before every drain had finished
         if device.status is not DrainStatus.IDLE:
             return []  # drained ahead (gate, start) or already draining: this is the confirmation
         if not self._hooks_enabled:
             return []
         if self._abort is not None:
             return [Note(f"{event.device_id} not drained: the migration is being aborted ({self._abort[0]})")]
-        trigger = "late" if signal.late else "prepare"
-        if self.gate in (Gate.CLOSED, Gate.DRAINING):
-            self.gate = Gate.PASSED_EARLY
-            trigger += " (gate passed early)"
+        trigger = ("late" if signal.late else "prepare") + (" (gate passed early)" if early else "")
         return self._drain(device, trigger, event, late=signal.late)
 
     def on_hook_done(

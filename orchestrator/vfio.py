@@ -236,8 +236,8 @@ LEGAL_TRANSITIONS: Mapping[Role, Mapping[DeviceState | None, frozenset[DeviceSta
 
 def is_legal(role: Role, previous: str | None, state: str) -> bool:
     """Whether `previous -> state` is in QEMU's sequence for this end (prepare states generalised)."""
-    if previous is not None and prepared_state(previous) is not None:
-        return True  # a prepare promises nothing: the transition may end anywhere
+    if previous is not None and (prepared_state(previous) is not None or known_state(previous) is None):
+        return True  # a prepare promises nothing, and after a state unknown here nothing can be judged
     edges = LEGAL_TRANSITIONS[role][known_state(previous) if previous is not None else None]
     target = prepared_state(state)
     if target is not None and role is Role.SOURCE:

@@ -13,7 +13,6 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -22,6 +21,7 @@ import libvirt_qemu
 from orchestrator.errors import BadInput, ConnectError, MigrationError, OrchestratorError
 from orchestrator.hypervisor import (
     GONE,
+    DomainInfo,
     Guest,
     Hypervisor,
     JobEnded,
@@ -74,18 +74,6 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    """What `lab status` and evacuation planning need to know of a domain."""
-
-    name: str
-    uuid: str
-    state: str
-    active: bool
-    persistent: bool
-    memory_kib: int
 
 
 class Subscription:

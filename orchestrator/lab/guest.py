@@ -12,8 +12,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from orchestrator.errors import BadInput, EnvironmentProblem
-from orchestrator.lab.hosts import LabHost, lab_root, status
-from orchestrator.virt import Host
+from orchestrator.lab.hosts import LabHost, connect, lab_root, status
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
@@ -238,7 +237,7 @@ def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Pa
     if console is not None:
         console.parent.mkdir(parents=True, exist_ok=True)
         console.unlink(missing_ok=True)  # so a ready marker in it is this boot's
-    with Host.open(host.uri, keepalive=False) as conn:
+    with connect(host) as conn:
         dom = conn.define(xml)
         if start:
             try:

@@ -20,9 +20,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import BadInput, EnvironmentProblem
-from orchestrator.virt import DomainInfo, Host
+from orchestrator.hypervisor import DomainInfo
+
+if TYPE_CHECKING:
+    from orchestrator.virt import Host
 
 DEFAULT_ROOT = Path("/var/lib/orchestrator/lab")
 ROOT_ENV = "ORCH_LAB_DIR"
@@ -146,6 +150,13 @@ def _is_ours(pid: int, daemon: str, host_dir: Path) -> bool:
     )
 
 
+def connect(host: LabHost) -> Host:
+    """A connection to a lab host (libvirt is imported only here: the lab's pure parts load without it)."""
+    from orchestrator.virt import Host
+
+    return Host.open(host.uri, keepalive=False)
+
+
 def _hosts(root: Path) -> Iterator[LabHost]:
     hosts_dir = root / "hosts"
     if not hosts_dir.is_dir():
@@ -217,7 +228,7 @@ def _start(host: LabHost, timeout: float) -> None:
             )
         if host.socket.exists() and host.pid("libvirtd") == proc.pid:
             try:
-                Host.open(host.uri, keepalive=False).close()
+                connect(host).close()
                 return
             except Exception:  # noqa: S110 - not accepting yet; retry until the deadline
                 pass
@@ -321,7 +332,7 @@ def status(root: Path | None = None, with_guests: bool = True) -> list[LabHost]:
     if with_guests:
         for host in hosts:
             if host.running:
-                with Host.open(host.uri, keepalive=False) as conn:
+                with connect(host) as conn:
                     host.guests = conn.domains()
     return hosts
 
@@ -363,7 +374,7 @@ def _qemu_pids(host: LabHost) -> list[int]:
 def _stop(host: LabHost) -> None:
     if host.running:
         try:
-            with Host.open(host.uri, keepalive=False) as conn:
+            with connect(host) as conn:
                 for guest in conn.domains():
                     conn.destroy_and_undefine(guest.name)
         except Exception:  # noqa: S110 - a wedged daemon still gets stopped below, by PID

@@ -323,21 +323,32 @@ def test_an_ambiguous_prefix_lists_the_candidates(journal: Journal) -> None:
 # --- failures -------------------------------------------------------------------------------------
 
 
+def failing_write(journal: Journal) -> None:
+    """A record the writer thread cannot insert (a NOT NULL column left empty); the caller does not fail."""
+    journal.record_event("m-1", "src", None, EventKind.NOTE, "x", None, None, None, None)  # type: ignore[arg-type]
+
+
 def test_a_failed_write_is_reported_once_by_flush_and_later_writes_still_land(journal: Journal) -> None:
     begin(journal, "m-1")
-    begin(journal, "m-1")  # duplicate id: the writer's insert fails, the caller does not
+    failing_write(journal)
     vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
-    with pytest.raises(OrchestratorError, match="did not record the start of migration m-1"):
+    with pytest.raises(OrchestratorError, match="did not record event 1 of migration m-1"):
         journal.flush()
     journal.flush()  # reported once
     assert len(journal.get_migration("m-1").events) == 1
 
 
+def test_a_start_that_cannot_be_recorded_is_an_error_at_once(journal: Journal) -> None:
+    begin(journal, "m-1")
+    with pytest.raises(OrchestratorError, match="UNIQUE constraint failed"):
+        begin(journal, "m-1")  # committed before it returns: nothing of a migration happens unrecorded
+
+
 def test_a_failed_write_is_reported_by_close(path: Path) -> None:
     journal = Journal.open(path)
     begin(journal, "m-1")
-    begin(journal, "m-1")
-    with pytest.raises(OrchestratorError, match="UNIQUE constraint failed"):
+    failing_write(journal)
+    with pytest.raises(OrchestratorError, match="NOT NULL constraint failed"):
         journal.close()
     journal.close()  # idempotent, nothing left to report
 

@@ -1,0 +1,12 @@
+"""Unit tests: no root, no libvirt. Hypothesis runs 250 examples per property by default; set
+HYPOTHESIS_PROFILE=thorough for 5,000."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("default", max_examples=250, deadline=None)
+settings.register_profile("thorough", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

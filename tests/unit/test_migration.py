@@ -1,0 +1,588 @@
+"""Every path of one migration, on the scripted libvirt (tests/unit/scripted.py): no root, no libvirt.
+
+Each test checks the three facts every path must end with: no device left drained (from the hook
+runner's own record), the VM running on exactly one host, and the report/journal telling the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unit.scripted import (
+    Behaviour,
+    FakeClock,
+    FakeDevice,
+    FakeHost,
+    FakeRunner,
+    Model,
+    assert_invariant,
+)
+
+from orchestrator import migration as migration_module
+from orchestrator.errors import BadInput
+from orchestrator.hooks import Trigger
+from orchestrator.hypervisor import RUNNING
+from orchestrator.journal import ActionStatus, DeviceAction, Journal, still_drained
+from orchestrator.migration import Migration, Request
+from orchestrator.phases import Phase
+from orchestrator.policy import DrainMode, parse_policy
+from orchestrator.report import Outcome, Report
+
+SRC, DST = "qemu+unix:///system?socket=/src", "qemu+unix:///system?socket=/dst"
+
+
+def domain_xml(devices: list[str], events: bool = True) -> str:
+    args = "".join(
+        f"<qemu:arg value='-device'/><qemu:arg value='vfio-pci,id={d},host=0000:5e:00.{i}'/>"
+        for i, d in enumerate(devices)
+    )
+    if events:
+        args += "<qemu:arg value='-global'/><qemu:arg value='vfio-pci.migration-events=on'/>"
+    return (
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm1</name>"
+        f"<devices/><qemu:commandline>{args}</qemu:commandline></domain>"
+    )
+
+
+def policy_text(
+    drain: str = "prepare", on_failure: str = "abort", extra: str = "", hooks: str = "", drain_hooks: int = 1
+) -> str:
+    drains = "".join(
+        f'[[hooks.drain]]\nname = "drain{i}"\nargv = ["/bin/true", "{{device_id}}"]\n'
+        f'timeout_ms = 250\non_failure = "{on_failure}"\n'
+        for i in range(drain_hooks)
+    )
+    return (
+        f'[switchover]\ndrain = "{drain}"\n{extra}\n{drains}'
+        '[[hooks.undrain]]\nargv = ["/bin/true", "{device_id}"]\non_failure = "continue"\n' + hooks
+    )
+
+
+@dataclass
+class World:
+    """Two fake hosts, a fake clock, fake hooks and a real journal."""
+
+    clock: FakeClock
+    source: FakeHost
+    destination: FakeHost
+    runner: FakeRunner
+    journal: Journal
+    migration: Migration | None = None
+
+    def run(
+        self,
+        policy: str = "",
+        model: Model | None = None,
+        drain: DrainMode | None = None,
+        *,
+        place: bool = True,
+        **request: Any,
+    ) -> Report:
+        self.source.model = model or Model()
+        devices = [d.device_id for d in self.source.model.devices]
+        if place and "vm1" not in self.source.domains:
+            self.source.add("vm1", domain_xml(devices))
+        req = Request(
+            "vm1", SRC, DST, parse_policy(policy or policy_text(), "test.toml"), drain=drain, **request
+        )
+        self.migration = Migration(
+            req, self.source, self.destination, runner=self.runner, clock=self.clock, journal=self.journal
+        )
+        report = self.migration.run()
+        self.journal.flush()
+        return report
+
+    def where(self) -> list[str]:
+        return [
+            host.uri
+            for host in (self.source, self.destination)
+            if host.domains.get("vm1") is not None and host.domains["vm1"].state() == RUNNING
+        ]
+
+    def record(self, report: Report) -> Any:
+        return self.journal.get_migration(report.migration_id)
+
+    def three_facts(self, report: Report, where: str, drain_hooks: int = 1) -> None:
+        """No device left drained, the VM on exactly one host, the journal true."""
+        assert_invariant(self.runner, drain_hooks=drain_hooks)
+        assert self.where() == [where], self.where()
+        record = self.record(report)
+        assert record.migration.outcome is report.outcome
+        assert still_drained(record.device_actions) == {}
+        assert record.migration.phase == Phase.DONE.value
+        drained = {r.device_id for r in self.runner.of(Trigger.DRAIN)}
+        journaled = {a.device_id for a in record.device_actions if a.action is DeviceAction.DRAIN}
+        assert drained == journaled
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    clock = FakeClock()
+    with Journal.open(tmp_path / "journal.sqlite") as journal:
+        yield World(clock, FakeHost(SRC, clock), FakeHost(DST, clock), FakeRunner(clock), journal)
+
+
+# --- prepare mode -------------------------------------------------------------------------------
+
+
+def test_success_drains_on_prepare_and_undrains_when_the_destination_runs(world: World) -> None:
+    report = world.run()
+    assert report.outcome is Outcome.SUCCEEDED and report.changed and report.exit_code == 0
+    world.three_facts(report, DST)
+    (drain,) = world.runner.of(Trigger.DRAIN)
+    (undrain,) = world.runner.of(Trigger.UNDRAIN)
+    qemu = world.source.migrations[0]
+    assert drain.started == qemu.model.devices[0].quiet_at, "drained at the prepare event itself"
+    assert drain.values["state"] == "pre-copy-p2p-prepare" and undrain.values["state"] == "running"
+    device = report.devices["nic0"]
+    assert device.trigger == "prepare" and not device.late
+    assert device.margin_ms is not None and device.margin_ms < 0, "a prepare drain races the device"
+    record = world.record(report)
+    steps = [(a.action, a.status) for a in record.device_actions]
+    assert steps == [
+        (DeviceAction.DRAIN, ActionStatus.STARTING),
+        (DeviceAction.DRAIN, ActionStatus.DONE),
+        (DeviceAction.UNDRAIN, ActionStatus.STARTING),
+        (DeviceAction.UNDRAIN, ActionStatus.DONE),
+    ]
+    assert record.migration.policy_sha256 is None  # parsed from text: no file to hash
+
+
+def test_qemu_10_drains_late_on_the_first_p2p_state(world: World) -> None:
+    report = world.run(model=Model(devices=[FakeDevice("nic0", prepare=False)]))
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    assert report.devices["nic0"].late and report.devices["nic0"].trigger == "late"
+    (drain,) = world.runner.of(Trigger.DRAIN)
+    assert drain.values["state"] == "pre-copy-p2p"
+
+
+def test_a_failed_transition_rolls_back_and_undrains_on_the_source(world: World) -> None:
+    report = world.run(model=Model(fail_transition="running"))
+    assert report.outcome is Outcome.ROLLED_BACK and report.exit_code == 4 and not report.changed
+    world.three_facts(report, SRC)
+    (undrain,) = world.runner.of(Trigger.UNDRAIN)
+    assert report.devices["nic0"].undrain_reason.startswith("running on the source")
+    assert undrain.values["state"] == "running"
+
+
+def test_the_destination_dying_at_switchover_rolls_back(world: World) -> None:
+    report = world.run(model=Model(destination_dies=True))
+    assert report.outcome is Outcome.ROLLED_BACK
+    world.three_facts(report, SRC)
+
+
+def test_a_completion_timeout_aborts_before_any_drain(world: World) -> None:
+    policy = policy_text(extra="") + "[migration]\ncompletion_timeout_s = 2\n"
+    report = world.run(policy, model=Model(dirty_ms=10_000))
+    assert report.outcome is Outcome.ROLLED_BACK and "completion timeout" in (report.error or "")
+    world.three_facts(report, SRC)
+    assert world.runner.of(Trigger.DRAIN) == []
+    assert world.clock.now < 3.0
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "on_failure", "outcome", "where"),
+    [
+        (Behaviour(error="exited with status 1"), "abort", Outcome.ABORTED, SRC),
+        (Behaviour(timed_out=True, duration_s=0.25), "abort", Outcome.ABORTED, SRC),
+        (Behaviour(error="exited with status 1"), "continue", Outcome.SUCCEEDED, DST),
+    ],
+    ids=["fails-abort", "times-out-abort", "fails-continue"],
+)
+def test_a_failing_drain_hook(
+    world: World, behaviour: Behaviour, on_failure: str, outcome: Outcome, where: str
+) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, None)] = behaviour
+    report = world.run(
+        policy_text(on_failure=on_failure), model=Model(devices=[FakeDevice("nic0", transition_s=1.0)])
+    )
+    assert report.outcome is outcome, report.error
+    world.three_facts(report, where)
+    assert report.devices["nic0"].drain_ok is False
+    if outcome is Outcome.ABORTED:
+        assert report.exit_code == 5 and "drain hook drain0 for nic0 failed" in (report.error or "")
+
+
+def test_a_missing_hook_program_is_refused_before_anything_changes(world: World) -> None:
+    policy = '[[hooks.drain]]\nargv = ["/no/such/drain-hook"]\n'
+    with pytest.raises(BadInput, match="/no/such/drain-hook"):
+        world.run(policy)
+    assert world.runner.runs == [] and world.source.migrations == []
+    assert world.where() == [SRC]
+
+
+def test_a_running_event_that_never_comes_is_a_forced_undrain(world: World) -> None:
+    report = world.run(model=Model(never_resumes={"nic0"}))
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    assert report.devices["nic0"].undrain_reason == "forced at the end of the migration"
+    assert any("no 'running' event for nic0" in note for note in report.notes)
+
+
+def test_two_devices_transition_in_turn_and_are_tracked_apart(world: World) -> None:
+    model = Model(devices=[FakeDevice("nic0", transition_s=0.2), FakeDevice("nic1", transition_s=0.2)])
+    report = world.run(model=model)
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    drains = {r.device_id: r.started for r in world.runner.of(Trigger.DRAIN)}
+    assert drains["nic1"] - drains["nic0"] == pytest.approx(0.2)
+
+
+def test_two_drain_hooks_per_device_undrain_after_both(world: World) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(duration_s=0.05)
+    report = world.run(policy_text(drain_hooks=2))
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST, drain_hooks=2)
+
+
+def test_an_undrain_waits_for_a_slow_drain(world: World) -> None:
+    # The drain outlasts the whole switchover: the destination runs before the drain hook ends.
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(duration_s=0.2)
+    model = Model(devices=[FakeDevice("nic0", transition_s=0.01)], complete_s=0.01)
+    report = world.run(model=model)
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+
+
+def test_a_failing_undrain_needs_an_admin(world: World) -> None:
+    world.runner.behaviours[(Trigger.UNDRAIN, None)] = Behaviour(error="exited with status 3")
+    report = world.run()
+    assert report.outcome is Outcome.SUCCEEDED and report.undrain_failed and report.exit_code == 9
+    assert_invariant(world.runner)
+
+
+# --- interrupts at each phase -------------------------------------------------------------------
+
+
+def interrupt_when(world: World, predicate: Any) -> None:
+    """Interrupt the migration (as SIGTERM's thread would) the first time a hook starts that matches."""
+    fired: list[bool] = []
+
+    def on_start(run: Any) -> None:
+        if not fired and predicate(run):
+            fired.append(True)
+            assert world.migration is not None
+            world.migration.interrupt("SIGTERM")
+
+    world.runner.on_start = on_start
+
+
+BEFORE = '[[hooks.before]]\nargv = ["/bin/true"]\n'
+
+
+@pytest.mark.parametrize(
+    ("drain", "phase_trigger", "drained"),
+    [
+        ("prepare", Trigger.BEFORE, False),
+        ("start", Trigger.DRAIN, True),
+        ("prepare", Trigger.DRAIN, True),
+        ("prepare", Trigger.UNDRAIN, True),
+    ],
+    ids=["before-hooks", "draining-ahead", "switching-over", "settling"],
+)
+def test_sigterm_at_each_phase_leaves_nothing_drained(
+    world: World, drain: str, phase_trigger: Trigger, drained: bool
+) -> None:
+    interrupt_when(world, lambda run: run.trigger is phase_trigger)
+    report = world.run(
+        policy_text(drain=drain, hooks=BEFORE), model=Model(devices=[FakeDevice("nic0", transition_s=1.0)])
+    )
+    assert_invariant(world.runner)
+    assert bool(world.runner.of(Trigger.DRAIN)) is drained
+    if phase_trigger is Trigger.UNDRAIN:  # too late to stop it: the VM moved
+        assert report.outcome is Outcome.SUCCEEDED
+        world.three_facts(report, DST)
+    else:
+        assert report.outcome is Outcome.INTERRUPTED and report.exit_code == 130
+        world.three_facts(report, SRC)
+
+
+def test_sigterm_in_pre_copy_aborts_the_job_before_any_drain(world: World) -> None:
+    world.clock.at(1.2, lambda: world.migration.interrupt("SIGINT") if world.migration else None)
+    report = world.run(model=Model(dirty_ms=10_000))
+    assert report.outcome is Outcome.INTERRUPTED
+    world.three_facts(report, SRC)
+    assert world.runner.of(Trigger.DRAIN) == []
+    assert world.source.migrations[0].cancelled
+
+
+def test_a_storm_of_interrupts_is_one_abort(world: World) -> None:
+    for at in (1.0, 1.01, 1.02, 1.5):
+        world.clock.at(at, lambda: world.migration.interrupt("SIGTERM") if world.migration else None)
+    report = world.run(model=Model(dirty_ms=10_000))
+    assert report.outcome is Outcome.INTERRUPTED
+    assert sum("aborting" in note for note in report.notes) == 1
+    world.three_facts(report, SRC)
+
+
+# --- unexpected orders, duplicates, events of others --------------------------------------------
+
+SCRIPTS: dict[str, tuple[list[tuple[float, tuple[Any, ...]]], Outcome, str]] = {
+    "duplicate prepare drains once": (
+        [
+            (0.1, ("vfio", "src", "nic0", "pre-copy")),
+            (0.2, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+            (0.0, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+            (0.3, ("vfio", "src", "nic0", "pre-copy-p2p")),
+            (0.1, ("end", None)),
+            (0.0, ("vfio", "dst", "nic0", "running")),
+            (0.0, ("vfio", "dst", "nic0", "running")),
+        ],
+        Outcome.SUCCEEDED,
+        DST,
+    ),
+    "a late prepare after the undrain never drains again": (
+        [
+            (0.1, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+            (0.3, ("vfio", "src", "nic0", "running")),
+            (0.1, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+            (0.1, ("end", "operation failed: migration failed")),
+        ],
+        Outcome.ROLLED_BACK,
+        SRC,
+    ),
+    "destination running before the source's prepare (events on two connections)": (
+        [
+            (0.1, ("vfio", "dst", "nic0", "resuming")),
+            (0.2, ("vfio", "dst", "nic0", "running")),
+            (0.0, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+            (0.0, ("end", None)),
+        ],
+        Outcome.SUCCEEDED,
+        DST,
+    ),
+    "a newer QEMU's running-p2p-prepare drains like any prepare": (
+        [
+            (0.1, ("vfio", "src", "nic0", "running-p2p-prepare")),
+            (0.3, ("vfio", "src", "nic0", "running-p2p")),
+            (0.0, ("vfio", "src", "nic0", "some-future-state")),
+            (0.1, ("end", None)),
+            (0.0, ("vfio", "dst", "nic0", "running")),
+        ],
+        Outcome.SUCCEEDED,
+        DST,
+    ),
+    "interleaved devices": (
+        [
+            (0.1, ("vfio", "src", "nic1", "pre-copy")),
+            (0.0, ("vfio", "src", "nic0", "pre-copy")),
+            (0.1, ("vfio", "src", "nic1", "pre-copy-p2p-prepare")),
+            (0.0, ("vfio", "src", "nic0", "stop-copy")),
+            (0.1, ("vfio", "dst", "nic0", "running")),
+            (0.1, ("vfio", "src", "nic1", "pre-copy-p2p")),
+            (0.1, ("end", None)),
+            (0.0, ("vfio", "dst", "nic1", "running")),
+        ],
+        Outcome.SUCCEEDED,
+        DST,
+    ),
+    "the job fails before any device left running: nothing to undrain": (
+        [(0.3, ("end", "unable to connect to the destination"))],
+        Outcome.ROLLED_BACK,
+        SRC,
+    ),
+}
+
+
+@pytest.mark.parametrize(("script", "outcome", "where"), SCRIPTS.values(), ids=SCRIPTS.keys())
+def test_scripted_event_orders(world: World, script: Any, outcome: Outcome, where: str) -> None:
+    devices = [FakeDevice("nic0"), FakeDevice("nic1")]
+    report = world.run(model=Model(devices=devices, script=script))
+    assert report.outcome is outcome, report.error
+    world.three_facts(report, where)
+
+
+def test_events_before_our_job_starts_are_not_ours(world: World) -> None:
+    # Another migration's events (a second run of the same VM) arrive while our before hook runs.
+    def foreign(run: Any) -> None:
+        if run.trigger is Trigger.BEFORE:
+            world.source.emit(
+                "vm1", "VFIO_MIGRATION", {"device-id": "nic0", "device-state": "pre-copy-p2p-prepare"}
+            )
+
+    world.runner.on_start = foreign
+    report = world.run(policy_text(hooks=BEFORE), model=Model(dirty_ms=10, devices=[FakeDevice("nic0")]))
+    assert report.outcome is Outcome.SUCCEEDED
+    (drain,) = world.runner.of(Trigger.DRAIN)
+    assert (
+        drain.values["state"] == "pre-copy-p2p-prepare" and drain.started > world.source.migrations[0].started
+    )
+    world.three_facts(report, DST)
+
+
+# --- gated and start modes ----------------------------------------------------------------------
+
+
+def test_gated_drains_every_device_before_releasing_the_switchover(world: World) -> None:
+    model = Model(devices=[FakeDevice("nic0"), FakeDevice("nic1")], dirty_ms=20)
+    report = world.run(policy_text(drain="gated"), model=model)
+    assert report.outcome is Outcome.SUCCEEDED and report.gate == "opened"
+    world.three_facts(report, DST)
+    dom_log = world.source.migrations[0].dom.downtime_log
+    assert dom_log[0][1] == 0, "the job starts with the downtime limit at its floor"
+    released_at = next(t for t, ms in dom_log if ms == 300)
+    for run in world.runner.of(Trigger.DRAIN):
+        assert run.ended is not None and run.ended <= released_at
+        assert run.values["state"] == "gate"
+    for device in model.devices:
+        assert device.quiet_at is not None and device.quiet_at > released_at
+        record = report.devices[device.device_id]
+        assert record.trigger == "gate" and record.margin_ms is not None and record.margin_ms > 0
+
+
+def test_gated_on_qemu_10_still_drains_ahead(world: World) -> None:
+    model = Model(devices=[FakeDevice("nic0", prepare=False)])
+    report = world.run(policy_text(drain="gated"), model=model)
+    assert report.outcome is Outcome.SUCCEEDED and report.gate == "opened"
+    assert report.devices["nic0"].trigger == "gate" and not report.devices["nic0"].late
+    world.three_facts(report, DST)
+
+
+def test_gated_idle_guest_passes_the_gate_early_and_drains_on_prepare(world: World) -> None:
+    report = world.run(policy_text(drain="gated"), model=Model(dirty_ms=0))
+    assert report.outcome is Outcome.SUCCEEDED and report.gate == "passed early"
+    assert report.devices["nic0"].trigger == "prepare (gate passed early)"
+    world.three_facts(report, DST)
+
+
+def test_gated_failing_drain_aborts_before_any_device_goes_quiet(world: World) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, "nic1")] = Behaviour(error="exited with status 1")
+    model = Model(devices=[FakeDevice("nic0"), FakeDevice("nic1")], dirty_ms=20)
+    report = world.run(policy_text(drain="gated"), model=model)
+    assert report.outcome is Outcome.ABORTED, report.error
+    assert all(device.quiet_at is None for device in model.devices), "nothing went quiet"
+    assert [ms for _t, ms in world.source.migrations[0].dom.downtime_log] == [0], "never released"
+    world.three_facts(report, SRC)
+
+
+def test_gated_drain_timing_out_with_continue_still_opens(world: World) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(timed_out=True, duration_s=0.25)
+    report = world.run(policy_text(drain="gated", on_failure="continue"), model=Model(dirty_ms=20))
+    assert report.outcome is Outcome.SUCCEEDED and report.gate == "opened"
+    world.three_facts(report, DST)
+
+
+def test_start_mode_drains_before_the_job_and_undrains_when_the_device_runs(world: World) -> None:
+    report = world.run(policy_text(drain="start"))
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    (drain,) = world.runner.of(Trigger.DRAIN)
+    assert drain.ended is not None and drain.ended <= world.source.migrations[0].started
+    assert report.devices["nic0"].drained_ms is not None and report.devices["nic0"].drained_ms > 0
+
+
+def test_start_mode_failing_drain_never_starts_the_job(world: World) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(error="exited with status 2")
+    report = world.run(policy_text(drain="start"))
+    assert report.outcome is Outcome.ABORTED and world.source.migrations == []
+    world.three_facts(report, SRC)
+
+
+def test_start_mode_job_failing_at_once_undrains_without_waiting(world: World) -> None:
+    report = world.run(policy_text(drain="start"), model=Model(script=[(0.2, ("end", "unable to connect"))]))
+    assert report.outcome is Outcome.ROLLED_BACK
+    world.three_facts(report, SRC)
+    assert world.clock.now < 2.0, "no settle wait for an event that cannot come"
+
+
+def test_the_cli_drain_option_overrides_the_policy(world: World) -> None:
+    report = world.run(policy_text(drain="prepare"), model=Model(dirty_ms=20), drain=DrainMode.GATED)
+    assert report.drain_mode == "gated" and report.gate == "opened"
+    world.three_facts(report, DST)
+
+
+# --- the convergence schedule -------------------------------------------------------------------
+
+
+def test_downtime_steps_apply_at_their_times_and_passes(world: World) -> None:
+    steps = (
+        "[[switchover.steps]]\ndowntime_ms = 50\n"
+        "[[switchover.steps]]\nafter_s = 2\ndowntime_ms = 100\n"
+        "[[switchover.steps]]\nafter_iterations = 8\ndowntime_ms = 400\n"
+    )
+    report = world.run(policy_text(extra=steps), model=Model(dirty_ms=300, pass_s=0.5))
+    assert report.outcome is Outcome.SUCCEEDED
+    log = world.source.migrations[0].dom.downtime_log
+    started = world.source.migrations[0].started
+    assert [ms for _t, ms in log] == [50, 100, 400]
+    assert log[1][0] - started == pytest.approx(2.0, abs=0.11)
+    assert log[2][0] - started == pytest.approx(3.5, abs=0.11), "8 passes of 0.5 s, counting from 1"
+    assert any("downtime limit 400 ms (step 3/3 (after 8 passes))" in e.text for e in report.timeline)
+    world.three_facts(report, DST)
+
+
+def test_max_downtime_caps_every_step(world: World) -> None:
+    from dataclasses import replace
+
+    policy = parse_policy(policy_text(extra="[[switchover.steps]]\ndowntime_ms = 500\n"), "t.toml")
+    settings = replace(policy.migration, max_downtime_ms=100)
+    world.source.model = Model(dirty_ms=50)
+    world.source.add("vm1", domain_xml(["nic0"]))
+    world.migration = Migration(
+        Request("vm1", SRC, DST, policy, settings=settings),
+        world.source,
+        world.destination,
+        runner=world.runner,
+        clock=world.clock,
+        journal=world.journal,
+    )
+    report = world.migration.run()
+    assert report.outcome is Outcome.SUCCEEDED
+    assert [ms for _t, ms in world.source.migrations[0].dom.downtime_log] == [100]
+
+
+def test_a_stalled_migration_is_aborted(world: World) -> None:
+    policy = policy_text(extra="stall_timeout_s = 3\n")
+    # The fake's remaining data reaches 0 after the first pass and never gets lower: a stall.
+    report = world.run(policy, model=Model(dirty_ms=10_000))
+    assert report.outcome is Outcome.ROLLED_BACK and "stalled" in (report.error or "")
+    world.three_facts(report, SRC)
+
+
+# --- where the VM runs decides the outcome ------------------------------------------------------
+
+
+def test_a_failed_job_with_the_vm_gone_from_both_hosts_is_failed_not_rolled_back(world: World) -> None:
+    def vanish() -> None:
+        world.source.domains.pop("vm1", None)
+
+    model = Model(script=[(0.5, ("end", "Unable to read from monitor: Connection reset by peer"))])
+    world.clock.at(0.4, vanish)
+    report = world.run(model=model)
+    assert report.outcome is Outcome.FAILED and report.exit_code == 9
+    assert "neither host" in (report.error or "")
+
+
+def test_already_on_the_destination_is_unchanged(world: World) -> None:
+    world.destination.add("vm1", domain_xml(["nic0"]))
+    report = world.run(place=False)
+    assert report.outcome is Outcome.UNCHANGED and not report.changed and report.exit_code == 0
+    assert world.runner.runs == []
+
+
+def test_dry_run_plans_and_changes_nothing(world: World) -> None:
+    report = world.run(policy_text(drain="gated"), dry_run=True)
+    assert report.outcome is Outcome.PLANNED and world.source.migrations == [] and world.runner.runs == []
+    assert any(line.startswith("drain gated:") for line in report.plan)
+
+
+def test_an_active_libvirt_job_is_refused(world: World) -> None:
+    world.source.model = Model(dirty_ms=10_000)
+    guest = world.source.add("vm1", domain_xml(["nic0"]))
+    from orchestrator.hypervisor import MigrateRequest
+
+    world.source.start_migration(guest, MigrateRequest(DST), world.destination, lambda _e: None)
+    with pytest.raises(BadInput, match="already has a libvirt job"):
+        world.run()
+
+
+def test_settle_is_bounded(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(migration_module, "SETTLE_S", 2.0)
+    report = world.run(model=Model(never_resumes={"nic0"}))
+    assert report.devices["nic0"].undrain_reason == "forced at the end of the migration"
+    assert world.clock.now < 10
