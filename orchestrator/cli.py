@@ -254,6 +254,8 @@ def lab_guest(
     from orchestrator.lab import guest as lab_guest_mod
     from orchestrator.lab import hosts as lab
 
+    if memory is not None and memory <= 0:  # to GuestSpec, 0 means "the workload's default"
+        raise_bad(f"--memory must be 16 to 4096 MiB, not {memory}", "pick another size")
     spec = lab_guest_mod.GuestSpec(
         name=name,
         devices=devices,
@@ -263,7 +265,7 @@ def lab_guest(
         transition_ms=transition_ms,
         fail_transition=fail_transition,
         events=events,
-        memory_mib=memory or 0,
+        memory_mib=memory if memory is not None else 0,  # 0: the workload's default
         workload=workload,
         dirty_rate=dirty_rate,
         dirty_mib=dirty_mib,
