@@ -117,6 +117,65 @@ def run(
     return result
 
 
+# The drain hook of the latency benchmarks: its first statement takes the time (CLOCK_REALTIME), then
+# it appends "<argv[2]> <argv[3]> <seconds.nanoseconds>" to the file argv[1] with one write.
+HOOK_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    if (argc < 4)
+        return 2;
+    char line[512];
+    int len = snprintf(line, sizeof line, "%s %s %lld.%09ld\n", argv[2], argv[3], (long long)now.tv_sec,
+                       now.tv_nsec);
+    if (len < 0 || len >= (int)sizeof line)
+        return 3;
+    int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return 4;
+    ssize_t written = write(fd, line, (size_t)len);
+    close(fd);
+    return written == len ? 0 : 5;
+}
+"""
+
+
+def compile_hook(workdir: Path, *, static: bool = False) -> Path:
+    """Compile HOOK_C with gcc into `workdir` (`static`: linked statically, no dynamic loader at start);
+    returns the program's path."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BenchError("gcc is not installed (the hook is compiled at run time): apt-get install gcc")
+    source = workdir / "drain_hook.c"
+    source.write_text(HOOK_C)
+    program = workdir / ("drain_hook_static" if static else "drain_hook")
+    result = subprocess.run(
+        [
+            gcc,
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            *(["-static"] if static else []),
+            "-o",
+            str(program),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BenchError(f"gcc failed to compile the hook: {result.stderr.strip()}")
+    return program
+
+
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(143)  # unwinds through the finally blocks: children stopped, the lab torn down
 

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 from common import (
     BenchError,
     check_no_lab,
+    compile_hook,
     exit_on_sigterm,
     in_work_dir,
     lab_root,
@@ -79,33 +79,6 @@ VIRSH_READY_PER_VM_S = 0.05  # more pipelines starting at once on a small machin
 MIGRATE_TIMEOUT_S = 180.0
 
 Key = tuple[str, str]  # (domain, device id)
-
-# The hook. Its first statement takes the time; everything else comes after, on purpose.
-HOOK_C = r"""
-#include <fcntl.h>
-#include <stdio.h>
-#include <time.h>
-#include <unistd.h>
-
-int main(int argc, char **argv)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    if (argc < 4)
-        return 2;
-    char line[512];
-    int len = snprintf(line, sizeof line, "%s %s %lld.%09ld\n", argv[2], argv[3], (long long)now.tv_sec,
-                       now.tv_nsec);
-    if (len < 0 || len >= (int)sizeof line)
-        return 3;
-    int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return 4;
-    ssize_t written = write(fd, line, (size_t)len);
-    close(fd);
-    return written == len ? 0 : 5;
-}
-"""
 
 # The admin's baseline: virsh's event loop piped into a shell loop that runs the hook on each prepare
 # event. Every line is also copied to the loop's stdout (a file) after the hook, for QEMU's timestamp.
@@ -363,25 +336,6 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
 
 
 # --- measuring ----------------------------------------------------------------------------------------
-
-
-def compile_hook(workdir: Path) -> Path:
-    """Compile HOOK_C with gcc into `workdir`; returns the program's path."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc is not installed (the hook is compiled at run time): apt-get install gcc")
-    source = workdir / "drain_hook.c"
-    source.write_text(HOOK_C)
-    program = workdir / "drain_hook"
-    result = subprocess.run(
-        [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(program), str(source)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise BenchError(f"gcc failed to compile the hook: {result.stderr.strip()}")
-    return program
 
 
 class ExactTimes:
@@ -880,7 +834,7 @@ def _warm_up(conns: Sequence[Host]) -> None:
 
     def probe(conn: Host) -> None:
         with contextlib.suppress(Exception):  # a real problem shows on first real use, with its message
-            conn.host_uuid()
+            conn.conn.getCapabilities()
 
     threads = [threading.Thread(target=probe, args=(conn,), daemon=True) for conn in conns]
     for thread in threads:
