@@ -290,9 +290,9 @@ def own_lab(lab_dir: Path | None, count: int = 2) -> Iterator[OwnLab]:
             conns = [Host.open(host.uri) for host in hosts]
             for conn in conns:
                 # A lab daemon with an empty cache probes every installed QEMU binary (seconds each)
-                # the first time it is asked for its capabilities, which the orchestrator's pre-flight
-                # does (host UUIDs): pay that here, not in the first measured migration.
-                conn.host_uuid()
+                # the first time it is asked for its capabilities: pay that here, not in the first
+                # measured migration.
+                conn.conn.getCapabilities()
             yield OwnLab(root, hosts, conns)
         finally:
             for conn in conns:

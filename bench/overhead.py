@@ -49,7 +49,6 @@ from common import (
 )
 
 from orchestrator.lab import guest as lab_guest
-from orchestrator.virt import domain_state
 
 DEFAULT_JSON = RESULTS / "overhead.json"
 METHODS = ("orchestrator", "virsh")
@@ -111,7 +110,7 @@ class Bench:
         result = run(command, f"{method} migration {self.count}", env=self.lab.env)
         wall = time.monotonic() - began
         # Checked after the clock stopped: the guest runs on the destination and is gone from the source.
-        state = domain_state(self.lab.conns[dst].domain(self.domain))
+        state = self.lab.conns[dst].domain(self.domain).state()
         if state != "running" or self.lab.conns[src].find_domain(self.domain) is not None:
             raise BenchError(f"{method} migration {self.count}: the guest is {state!r} on the destination")
         self.where = dst

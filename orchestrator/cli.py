@@ -17,12 +17,23 @@ import contextlib
 import enum
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
 from orchestrator.errors import ExitCode, NothingToDo, OrchestratorError
+from orchestrator.render import (
+    emit_json,
+    info,
+    priority,
+    show_evacuation,
+    show_record,
+    show_report,
+    table,
+    time_text,
+)
 
 # Click's default_map for a group's context: its own help flag is False unless given (see above).
 HELP_DEFAULTS: dict[str, Any] = {"help": False}
@@ -70,38 +81,19 @@ class EventsMode(enum.StrEnum):
     GLOBAL = "global"
 
 
+class DrainChoice(enum.StrEnum):
+    """`--drain`: when to drain (the policy's `switchover.drain`)."""
+
+    PREPARE = "prepare"
+    GATED = "gated"
+    START = "start"
+
+
 class QemuBehaviour(enum.StrEnum):
     """`lab guest --qemu-behaviour`: which QEMU's event sequence the simulated devices follow."""
 
     V11_0 = "11.0"
     V10_0 = "10.0"
-
-
-def emit_json(document: Any) -> None:
-    """Write one JSON document to stdout."""
-    import json
-
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-
-
-def table(headers: list[str], rows: list[list[str]]) -> None:
-    """A plain aligned table on stdout (no colour: output is often piped)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    for line in [headers, *rows]:
-        sys.stdout.write(
-            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() + "\n"
-        )
-
-
-def _priority(level: int) -> str:
-    """A syslog priority prefix when stderr is connected to journald (systemd sets JOURNAL_STREAM),
-    so `journalctl -p err` finds our errors; nothing on a terminal or in a pipe."""
-    return f"<{level}>" if os.environ.get("JOURNAL_STREAM") else ""
-
-
-def info(message: str) -> None:
-    """A progress line on stderr (stdout stays for results)."""
-    sys.stderr.write(_priority(6) + message + "\n")
 
 
 def package_version() -> str:
@@ -388,12 +380,82 @@ def source_uri(uri: str | None) -> str:
     return uri
 
 
+DrainOpt = Annotated[
+    DrainChoice | None,
+    typer.Option(
+        "--drain",
+        help="When to drain: prepare (on the device's prepare event), gated (hold the switchover until "
+        "every device is drained) or start (before the job) [default: the policy's].",
+    ),
+]
+MaxDowntimeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-downtime", metavar="MS", help="The most downtime QEMU may use; caps the policy's steps."
+    ),
+]
+BandwidthOpt = Annotated[int | None, typer.Option("--bandwidth", metavar="MIB/S", help="Bandwidth limit.")]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", metavar="SECONDS", help="Abort a job that runs longer than this."),
+]
+AutoConvergeOpt = Annotated[
+    bool | None, typer.Option("--auto-converge", help="Throttle the vCPUs of a guest that does not converge.")
+]
+CompressedOpt = Annotated[bool | None, typer.Option("--compressed", help="Compress the migration data.")]
+CompMethodsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--comp-methods", metavar="LIST", help="Compression methods, comma-separated: mt,xbzrle,zlib,zstd."
+    ),
+]
+ParallelOpt = Annotated[bool, typer.Option("--parallel", help="Several connections for the data (multifd).")]
+ParallelConnectionsOpt = Annotated[
+    int | None, typer.Option("--parallel-connections", metavar="N", help="How many (implies --parallel).")
+]
+TlsOpt = Annotated[bool, typer.Option("--tls", help="Encrypt the migration data with TLS.")]
+
+
+def job_options(
+    *,
+    tls: bool,
+    parallel: bool,
+    parallel_connections: int | None,
+    comp_methods: str | None,
+    copy_storage_all: bool = False,
+    migrate_disks: str | None = None,
+    dname: str | None = None,
+    xml: Path | None = None,
+) -> Any:
+    """The per-run options of the libvirt job (migration.JobOptions), checked."""
+    from orchestrator.migration import JobOptions
+
+    dest_xml = None
+    if xml is not None:
+        try:
+            dest_xml = xml.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise_bad(f"cannot read --xml {xml}: {exc}", "give a readable domain XML file")
+    options = JobOptions(
+        tls=tls,
+        parallel_connections=parallel_connections or (2 if parallel else None),
+        compression_methods=tuple(m.strip() for m in comp_methods.split(",")) if comp_methods else (),
+        copy_storage_all=copy_storage_all,
+        migrate_disks=tuple(d.strip() for d in migrate_disks.split(",")) if migrate_disks else (),
+        dest_name=dname,
+        dest_xml=dest_xml,
+    )
+    options.validate()
+    return options
+
+
 @app.command("migrate")
 def migrate_cmd(
-    domain: Annotated[str, typer.Argument(help="Domain name or UUID.")],
+    domain: Annotated[str, typer.Argument(metavar="DOMAIN", help="Domain name or UUID.")],
     dest_uri: Annotated[str, typer.Argument(metavar="DESTURI", help="Destination libvirt URI.")],
     connect: ConnectOpt = None,
     policy: PolicyOpt = None,
+    drain: DrainOpt = None,
     p2p: Annotated[
         bool | None,
         typer.Option("--p2p/--direct", help="Peer-to-peer or client-driven [default: the policy's]."),
@@ -406,15 +468,38 @@ def migrate_cmd(
         typer.Option("--undefinesource/--keep-source", help="Undefine the VM on the source after success."),
     ] = None,
     migrateuri: Annotated[
-        str | None, typer.Option("--migrateuri", help="Migration data URI (tcp://HOST:PORT, unix:///PATH).")
+        str | None,
+        typer.Option(
+            "--migrateuri", metavar="URI", help="Migration data URI (tcp://HOST:PORT, unix:///PATH)."
+        ),
     ] = None,
     listen_address: Annotated[
-        str | None, typer.Option("--listen-address", help="Address the destination listens on for the data.")
+        str | None,
+        typer.Option(
+            "--listen-address", metavar="ADDRESS", help="Address the destination listens on for the data."
+        ),
     ] = None,
-    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="Bandwidth limit in MiB/s.")] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option("--timeout", help="Abort the job when it runs longer than this many seconds."),
+    bandwidth: BandwidthOpt = None,
+    max_downtime: MaxDowntimeOpt = None,
+    timeout: TimeoutOpt = None,
+    auto_converge: AutoConvergeOpt = None,
+    compressed: CompressedOpt = None,
+    comp_methods: CompMethodsOpt = None,
+    parallel: ParallelOpt = False,
+    parallel_connections: ParallelConnectionsOpt = None,
+    tls: TlsOpt = False,
+    copy_storage_all: Annotated[
+        bool, typer.Option("--copy-storage-all", help="Copy the VM's non-shared disks too.")
+    ] = False,
+    migrate_disks: Annotated[
+        str | None,
+        typer.Option("--migrate-disks", metavar="LIST", help="Copy only these disks (targets: vda,vdb)."),
+    ] = None,
+    dname: Annotated[
+        str | None, typer.Option("--dname", metavar="NAME", help="The domain's name on the destination.")
+    ] = None,
+    xml: Annotated[
+        Path | None, typer.Option("--xml", metavar="FILE", help="The domain XML for the destination.")
     ] = None,
     postcopy: Annotated[bool, typer.Option("--postcopy", help="Refused: VFIO forbids post-copy.")] = False,
     dry_run: Annotated[
@@ -423,65 +508,85 @@ def migrate_cmd(
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Live-migrate DOMAIN to DESTURI, draining dependent workloads on the VFIO prepare event."""
+    """Live-migrate DOMAIN to DESTURI, draining the workloads of its VFIO devices around the switchover."""
     import signal
-    from dataclasses import replace
 
     from orchestrator import migration as mig
-    from orchestrator.policy import MigrationMode, resolve_policy
+    from orchestrator.policy import DrainMode, resolve_policy
+    from orchestrator.render import LiveMigration, failure_line
+    from orchestrator.virt import open_hosts
 
     chosen = resolve_policy(policy)
-    overrides: dict[str, Any] = {}
-    if p2p is not None:
-        overrides["mode"] = MigrationMode.P2P if p2p else MigrationMode.DIRECT
-    if persistent is not None:
-        overrides["persist"] = persistent
-    if undefinesource is not None:
-        overrides["undefine_source"] = undefinesource
-    if migrateuri is not None:
-        overrides["data_uri"] = migrateuri
-    if bandwidth is not None:
-        if bandwidth < 0:
-            raise_bad("--bandwidth must be >= 0 MiB/s", "drop it or give a positive number")
-        overrides["bandwidth_mib"] = bandwidth
-    if timeout is not None:
-        if timeout <= 0:
-            raise_bad("--timeout must be > 0 seconds", "drop it or give a positive number")
-        overrides["completion_timeout_s"] = timeout
+    settings = chosen.migration.overridden(
+        p2p=p2p,
+        persist=persistent,
+        undefine_source=undefinesource,
+        data_uri=migrateuri,
+        bandwidth_mib=bandwidth,
+        max_downtime_ms=max_downtime,
+        completion_timeout_s=timeout,
+        compressed=compressed,
+        auto_converge=auto_converge,
+    )
     request = mig.Request(
         domain=domain,
         source_uri=source_uri(connect),
         destination_uri=dest_uri,
         policy=chosen,
-        settings=replace(chosen.migration, **overrides),
+        settings=settings,
+        drain=DrainMode(drain.value) if drain else None,
         listen_address=listen_address,
         postcopy=postcopy,
         dry_run=dry_run,
+        job=job_options(
+            tls=tls,
+            parallel=parallel,
+            parallel_connections=parallel_connections,
+            comp_methods=comp_methods,
+            copy_storage_all=copy_storage_all,
+            migrate_disks=migrate_disks,
+            dname=dname,
+            xml=xml,
+        ),
     )
     if request.source_uri == request.destination_uri:
         raise_bad(f"source and destination are the same URI ({dest_uri})", "give a different destination")
-    render = MigrationRenderer(enabled=not as_json and sys.stderr.isatty())
+    live = LiveMigration()
     with (
         open_journal(journal, dry_run) as jour,
-        mig.opened(request.source_uri, request.destination_uri) as (src, dst),
+        open_hosts(request.source_uri, request.destination_uri) as (src, dst),
     ):
-        migration = mig.Migration(request, src, dst, journal=jour, on_progress=render.progress)
-        previous = {
-            sig: signal.signal(sig, lambda signum, _frame: migration.interrupt(signal.Signals(signum).name))
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        migration = mig.Migration(
+            request, src, dst, journal=jour, on_progress=live.progress, on_entry=live.entry, on_plan=live.plan
+        )
+        previous = on_signals(migration.interrupt)
         try:
             report = migration.run()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            render.close()
+            live.close()
     if as_json:
         emit_json(report.to_json())
     else:
         show_report(report)
+    line = failure_line(report)
+    if line is not None:
+        sys.stderr.write(f"{priority(3)}orchestrator: error: {line}\n")
     if report.exit_code:
         raise SystemExit(int(report.exit_code))
+
+
+def on_signals(handler: Callable[[str], None]) -> dict[int, Any]:
+    """Call `handler(signal name)` on SIGINT and SIGTERM, on a thread of its own: the handler takes
+    locks that the interrupted main thread may hold. Returns the previous handlers."""
+    import _thread
+    import signal
+
+    def handle(signum: int, _frame: object) -> None:
+        _thread.start_new_thread(handler, (signal.Signals(signum).name,))
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def raise_bad(message: str, hint: str) -> NoReturn:
@@ -489,72 +594,6 @@ def raise_bad(message: str, hint: str) -> NoReturn:
     from orchestrator.errors import BadInput
 
     raise BadInput(message, hint)
-
-
-class MigrationRenderer:
-    """A progress bar on stderr while a migration runs (only on a terminal)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.shown = False
-
-    def progress(self, progress: Any) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        done = int(progress.fraction * width)
-        mib = progress.memory_processed / 2**20
-        total = progress.memory_total / 2**20
-        vfio = progress.vfio_transferred / 2**20
-        sys.stderr.write(
-            f"\r[{'#' * done}{'.' * (width - done)}] {progress.fraction * 100:5.1f}%  "
-            f"memory {mib:7.1f}/{total:.1f} MiB  vfio {vfio:6.1f} MiB  {progress.elapsed_ms / 1000:5.1f} s"
-        )
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-
-
-def show_report(report: Any) -> None:
-    """The human rendering of a migration report: plan, timeline, hooks, outcome."""
-    doc = report.to_json()
-    if doc["plan"] and doc["outcome"] in ("planned", "unchanged"):
-        for line in doc["plan"]:
-            sys.stdout.write(f"  {line}\n")
-    if doc["timeline"]:
-        table(
-            ["+TIME", "HOST", "WHAT"],
-            [[f"{e['t']:.3f}s", e["host"], e["text"]] for e in doc["timeline"] if e["kind"] != "hook"],
-        )
-    if doc["hooks"]:
-        sys.stdout.write("\n")
-        table(
-            ["HOOK", "DEVICE", "START", "DURATION", "RESULT"],
-            [
-                [
-                    f"{h['trigger']} {h['label']}",
-                    h["device_id"] or "-",
-                    f"{h['started'] - report.started:.3f}s",
-                    f"{h['duration_ms']:.0f} ms",
-                    "ok" if h["ok"] else (h["error"] or "failed"),
-                ]
-                for h in doc["hooks"]
-            ],
-        )
-    timings = doc["timings"]
-    parts = [f"{doc['outcome']}"]
-    if timings["total_s"] is not None:
-        parts.append(f"total {timings['total_s']:.2f} s")
-    if timings["downtime_ms"] is not None:
-        parts.append(f"downtime {timings['downtime_ms']} ms")
-    if doc["error"]:
-        parts.append(doc["error"])
-    sys.stdout.write(f"\nmigration {doc['migration_id']}: " + ", ".join(parts) + "\n")
-    for note in doc["notes"]:
-        sys.stdout.write(f"note: {note}\n")
 
 
 @contextlib.contextmanager
@@ -581,27 +620,44 @@ def open_journal(path: Path | None, dry_run: bool) -> Any:
 
 @app.command("evacuate")
 def evacuate_cmd(
-    to: Annotated[list[str], typer.Option("--to", help="A destination URI; repeat for several.")],
+    to: Annotated[
+        list[str], typer.Option("--to", metavar="URI", help="A destination URI; repeat for several.")
+    ],
     connect: ConnectOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", help="Migrations at once.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", metavar="N", help="Migrations at once.")] = 2,
     per_destination: Annotated[
-        int, typer.Option("--per-destination", help="Incoming migrations at once per destination.")
+        int,
+        typer.Option("--per-destination", metavar="N", help="Incoming migrations at once per destination."),
     ] = 2,
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="Only VMs matching this glob.")
+        list[str] | None, typer.Option("--include", metavar="GLOB", help="Only VMs matching this glob.")
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Not the VMs matching this glob.")
+        list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Not the VMs matching this glob.")
     ] = None,
     policy: PolicyOpt = None,
+    drain: DrainOpt = None,
+    bandwidth: BandwidthOpt = None,
+    max_downtime: MaxDowntimeOpt = None,
+    timeout: TimeoutOpt = None,
+    auto_converge: AutoConvergeOpt = None,
+    compressed: CompressedOpt = None,
+    comp_methods: CompMethodsOpt = None,
+    parallel: ParallelOpt = False,
+    parallel_connections: ParallelConnectionsOpt = None,
+    tls: TlsOpt = False,
     inactive: Annotated[
         bool, typer.Option("--inactive", help="Also move persistent shut-off VMs (by definition only).")
     ] = False,
-    reserve: Annotated[int, typer.Option("--reserve", help="MiB to keep free on every destination.")] = 0,
+    reserve: Annotated[
+        int, typer.Option("--reserve", metavar="MIB", help="MiB to keep free on every destination.")
+    ] = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Move what fits even if some VMs fit nowhere.")
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; move nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan and run each VM's pre-flight; move nothing.")
+    ] = False,
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -609,12 +665,14 @@ def evacuate_cmd(
     import signal
 
     from orchestrator.evacuation import Evacuation, EvacuationRequest
-    from orchestrator.policy import resolve_policy
+    from orchestrator.policy import DrainMode, resolve_policy
+    from orchestrator.render import LiveEvacuation
 
+    chosen = resolve_policy(policy)
     request = EvacuationRequest(
         source_uri=source_uri(connect),
         destination_uris=tuple(to),
-        policy=resolve_policy(policy),
+        policy=chosen,
         concurrency=concurrency,
         per_destination=per_destination,
         include=tuple(include or ()),
@@ -623,74 +681,40 @@ def evacuate_cmd(
         force=force,
         reserve_mib=reserve,
         dry_run=dry_run,
+        settings=chosen.migration.overridden(
+            bandwidth_mib=bandwidth,
+            max_downtime_ms=max_downtime,
+            completion_timeout_s=timeout,
+            compressed=compressed,
+            auto_converge=auto_converge,
+        ),
+        drain=DrainMode(drain.value) if drain else None,
+        job=job_options(
+            tls=tls, parallel=parallel, parallel_connections=parallel_connections, comp_methods=comp_methods
+        ),
     )
     request.validate()
-    live = not as_json and sys.stderr.isatty()
-
-    def status(counts: dict[str, int], progress: dict[str, float]) -> None:
-        if live:
-            running = " ".join(f"{name} {fraction * 100:.0f}%" for name, fraction in sorted(progress.items()))
-            sys.stderr.write(
-                f"\rdone {counts['done']}  running {counts['running']}  queued {counts['queued']}  "
-                f"failed {counts['failed']}  {running}\033[K"
-            )
-            sys.stderr.flush()
-
+    live = LiveEvacuation()
     with open_journal(journal, dry_run) as jour:
-        evacuation = Evacuation(request, journal=jour, on_status=status)
-        previous = {
-            sig: signal.signal(sig, lambda _s, _f: evacuation.stop())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        evacuation = Evacuation(request, journal=jour, on_status=live.status, on_line=live.line)
+        previous = on_signals(lambda _name: evacuation.stop())
         try:
             report = evacuation.run()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if live:
-                sys.stderr.write("\n")
+            live.close()
     if as_json:
         emit_json(report.to_json())
     else:
         show_evacuation(report)
     if report.exit_code:
+        state = "interrupted" if report.interrupted else ("not empty: " + ", ".join(report.left))
+        sys.stderr.write(
+            f"{priority(3)}orchestrator: error: evacuation {report.evacuation_id} of {report.source}: {state}"
+            f"{'; ' + report.message if report.message else ''}; re-run the same command to move the rest\n"
+        )
         raise SystemExit(int(report.exit_code))
-
-
-def show_evacuation(report: Any) -> None:
-    """The plan and the outcome per VM, as tables."""
-    doc = report.to_json()
-    if doc["plan"]:
-        table(
-            ["ORDER", "VM", "MIB", "DESTINATION", "WHY"],
-            [
-                [str(p["order"]), p["domain"], str(p["memory_mib"]), p["destination"], p["reason"]]
-                for p in doc["plan"]
-            ],
-        )
-    for u in doc["unplaced"]:
-        sys.stdout.write(f"does not fit: {u['domain']} ({u['memory_mib']} MiB): {u['reason']}\n")
-    for u in doc["unreachable"]:
-        sys.stdout.write(f"unreachable: {u['uri']}: {u['error']}\n")
-    if doc["results"]:
-        sys.stdout.write("\n")
-        table(
-            ["VM", "DESTINATION", "OUTCOME", "SECONDS", "TRIES", "ERROR"],
-            [
-                [
-                    r["domain"],
-                    r["destination"],
-                    r["outcome"],
-                    f"{r['seconds']:.1f}",
-                    str(r["attempts"]),
-                    r["error"] or "",
-                ]
-                for r in sorted(doc["results"], key=lambda r: r["domain"])
-            ],
-        )
-    state = "empty" if doc["empty"] else f"not empty: {', '.join(doc['left'])}"
-    sys.stdout.write(f"\nevacuation {doc['evacuation_id']}: {doc['source']} is {state}")
-    sys.stdout.write(f" ({doc['message']})\n" if doc["message"] else "\n")
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -874,41 +898,12 @@ def history_cmd(
         jour.close()
 
 
-def time_text(epoch: float) -> str:
-    """Local time, to the second."""
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def show_record(record: Any) -> None:
-    """One journaled migration as tables."""
-    doc = record.to_json()
-    m = doc
-    sys.stdout.write(
-        f"migration {m['id']}: {m['domain']} {m['source_uri']} -> {m['destination_uri']} "
-        f"policy {m['policy']}, {m['outcome']}" + (f": {m['error']}" if m.get("error") else "") + "\n\n"
-    )
-    start = m["started"]
-    rows = []
-    for e in doc.get("events", []):
-        when = e.get("qemu_time") or e.get("received")
-        what = f"{e['device_id']} -> {e['state']}" if e.get("kind") == "vfio" else e["name"]
-        rows.append((when, [f"{when - start:.3f}s", e.get("host") or "-", what]))
-    for h in doc.get("hook_runs", []):
-        status = "ok" if h.get("exit_code") == 0 and not h.get("error") else (h.get("error") or "failed")
-        device = h.get("device_id") or ""
-        label = f"{h['trigger']} {device} {h['label']} ({h.get('duration_ms') or 0:.0f} ms, {status})"
-        rows.append((h["started"], [f"{h['started'] - start:.3f}s", "hook", label]))
-    table(["+TIME", "HOST", "WHAT"], [row for _t, row in sorted(rows, key=lambda r: r[0])])
-
-
 # --- entry point -----------------------------------------------------------------------------
 
 
 def fail(message: str, code: int) -> NoReturn:
     """One line on stderr and the exit code; never a traceback."""
-    sys.stderr.write(f"{_priority(3)}orchestrator: error: {message}\n")
+    sys.stderr.write(f"{priority(3)}orchestrator: error: {message}\n")
     raise SystemExit(code)
 
 
@@ -963,7 +958,7 @@ def main(argv: list[str] | None = None) -> None:
         command.main(args=argv, prog_name="orchestrator", standalone_mode=False)
     except NothingToDo as exc:
         # Not an error (exit 6 is a success for the systemd unit and Ansible): a notice.
-        sys.stderr.write(f"{_priority(5)}orchestrator: nothing to do: {exc.line()}\n")
+        sys.stderr.write(f"{priority(5)}orchestrator: nothing to do: {exc.line()}\n")
         raise SystemExit(int(exc.code)) from None
     except OrchestratorError as exc:
         fail(exc.line(), int(exc.code))

@@ -24,8 +24,9 @@ import tenacity
 
 from orchestrator import domxml_edit
 from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
-from orchestrator.migration import JournalLike, Migration, Request
-from orchestrator.policy import Policy
+from orchestrator.migration import JobOptions, JournalLike, Migration, Request
+from orchestrator.policy import DrainMode, MigrationSettings, Policy
+from orchestrator.render import hook_failure
 from orchestrator.report import Outcome, Report
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ class EvacuationReport:
         if self.interrupted:
             return ExitCode.INTERRUPTED
         if self.dry_run:
-            return ExitCode.OK if not self.unplaced else ExitCode.PARTIAL
+            refused = any(r.outcome == "refused" for r in self.results)
+            return ExitCode.PARTIAL if self.unplaced or refused else ExitCode.OK
         return ExitCode.OK if self.empty else ExitCode.PARTIAL
 
     def to_json(self) -> dict[str, Any]:
@@ -211,6 +213,9 @@ class EvacuationRequest:
     force: bool = False
     reserve_mib: int = 0
     dry_run: bool = False
+    settings: MigrationSettings | None = None  # the policy's, with the command line's overrides
+    drain: DrainMode | None = None
+    job: JobOptions = field(default_factory=JobOptions)
 
     def validate(self) -> None:
         """One clear line for each bad option."""
@@ -243,6 +248,7 @@ class EvacuationRequest:
 
 
 StatusCallback = Callable[[dict[str, int], dict[str, float]], None]
+LineCallback = Callable[[str], None]
 
 
 class Evacuation:
@@ -254,10 +260,12 @@ class Evacuation:
         *,
         journal: JournalLike | None = None,
         on_status: StatusCallback | None = None,
+        on_line: LineCallback | None = None,
     ) -> None:
         self.request = request
         self.journal = journal
         self.on_status = on_status
+        self.on_line = on_line
         self.id = uuid.uuid4().hex[:12]
         self.report = EvacuationReport(
             self.id, request.source_uri, list(request.destination_uris), request.dry_run
@@ -311,6 +319,10 @@ class Evacuation:
             targets = [Target(uri, self._free_mib(host)) for uri, host in destinations.items()]
             plan = place(candidates, targets, self.request.reserve_mib)
             self.report.plan, self.report.unplaced = list(plan.placements), list(plan.unplaced)
+            for p in plan.placements:
+                self._say(f"plan: {p.order}. {p.domain} ({p.memory_mib} MiB) -> {p.destination}: {p.reason}")
+            for u in plan.unplaced:
+                self._say(f"plan: {u.domain} ({u.memory_mib} MiB) fits nowhere: {u.reason}")
             if not candidates:
                 self.report.message = f"nothing to move: {self.request.source_uri} has no selected VM"
             elif plan.unplaced and not self.request.force:
@@ -323,8 +335,12 @@ class Evacuation:
                 self._execute(source, destinations, plan.placements)
                 self.report.left = [c.name for c in self._candidates(source, planning=False)]
             else:
+                self._preflight(source, destinations, plan.placements)
                 self.report.left = [c.name for c in candidates]
-                self.report.message = "dry run: nothing moved"
+                refused = [r.domain for r in self.report.results if r.outcome == "refused"]
+                self.report.message = "dry run: nothing moved" + (
+                    f"; refused by their pre-flight: {', '.join(refused)}" if refused else ""
+                )
         finally:
             for host in destinations.values():
                 host.close()
@@ -400,6 +416,7 @@ class Evacuation:
     ) -> None:
         began = time.monotonic()
         result = Result(item.domain, item.destination, "failed", False)
+        self._say(f"{item.domain}: started -> {item.destination}")
         try:
             if item.running:
                 self._migrate_with_retries(item, source, destination, result)
@@ -410,6 +427,10 @@ class Evacuation:
         except Exception as exc:  # one VM's bug must not stop the others
             result.error = f"internal error: {exc!r}"
         result.seconds = round(time.monotonic() - began, 3)
+        self._say(
+            f"{item.domain}: {result.outcome} in {result.seconds:.1f} s"
+            + (f": {result.error}" if result.error else "")
+        )
         with self._lock:
             self.report.results.append(result)
             incoming[item.destination] -= 1
@@ -418,13 +439,45 @@ class Evacuation:
             self._progress.pop(item.domain, None)
             self._lock.notify_all()
 
-    def _migrate_with_retries(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
-        request = Request(
+    def _say(self, line: str) -> None:
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def _request(self, item: Placement, *, dry_run: bool = False) -> Request:
+        return Request(
             domain=item.domain,
             source_uri=self.request.source_uri,
             destination_uri=item.destination,
             policy=self.request.policy,
+            settings=self.request.settings,
+            drain=self.request.drain,
+            job=self.request.job,
+            dry_run=dry_run,
         )
+
+    def _preflight(
+        self, source: Host, destinations: dict[str, Host], placements: Sequence[Placement]
+    ) -> None:
+        """--dry-run (Ansible's check mode): each running VM's own pre-flight (events on, hooks there,
+        no job running, not already on the destination), so that the plan promises only what would work."""
+        for item in placements:
+            result = Result(item.domain, item.destination, "planned", False, attempts=0)
+            if item.running and item.destination in destinations:
+                try:
+                    report = Migration(
+                        self._request(item, dry_run=True),
+                        source,
+                        destinations[item.destination],
+                        parent=self.id,
+                    ).run()
+                    result.outcome = report.outcome.value
+                except OrchestratorError as exc:
+                    result.outcome, result.error = "refused", exc.line()
+            self.report.results.append(result)
+            self._say(f"{item.domain}: {result.outcome}" + (f": {result.error}" if result.error else ""))
+
+    def _migrate_with_retries(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
+        request = self._request(item)
 
         def attempt() -> Report:
             migration = Migration(
@@ -434,6 +487,7 @@ class Evacuation:
                 journal=self.journal,
                 parent=self.id,
                 on_progress=lambda p: self._progress.__setitem__(item.domain, p.fraction),
+                on_entry=lambda entry: self._say(f"{item.domain}: {entry.text}"),
             )
             with self._lock:
                 if self._stopping:
@@ -461,6 +515,9 @@ class Evacuation:
         result.changed = report.changed
         result.migration_id = report.migration_id
         result.error = report.error
+        failures = [hook_failure(hook) for hook in report.failed_hooks()]
+        if failures:
+            result.error = "; ".join([result.error or report.outcome.value, *failures])
 
     def _move_definition(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
         """A persistent inactive VM: define it on the destination, then undefine it on the source."""

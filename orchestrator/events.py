@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator import domxml, domxml_edit
 from orchestrator.errors import BadInput, NothingToDo, OrchestratorError, shell_uri
 from orchestrator.vfio import schema_support
-from orchestrator.virt import Host, VirDomain, domain_state
+from orchestrator.virt import Domain, Host
 
 OVERRIDE_MIN_LIBVIRT = 8_002_000  # <qemu:override> exists since libvirt 8.2.0
 COLD_BOOT = (
@@ -116,7 +116,7 @@ def _key(device: domxml.VfioDevice) -> tuple[str, str | None]:
 def status(host: Host, name: str) -> StatusReport:
     """Every VFIO device of the domain, with events on in the definition and in the running VM."""
     dom = host.domain(name)
-    state = domain_state(dom)
+    state = dom.state()
     running = state in ("running", "paused")
     libvirt_version, qemu_version = host.versions()
     defined = domxml.events_status(host.xml(dom, inactive=True)) if host.is_persistent(dom) else None
@@ -169,7 +169,7 @@ def _enabled(status: domxml.EventsStatus | None, key: tuple[str, str | None]) ->
     return status.device_enabled(device)
 
 
-def _definition(host: Host, dom: VirDomain) -> str:
+def _definition(host: Host, dom: Domain) -> str:
     if not host.is_persistent(dom):
         raise BadInput(
             f"domain {dom.name()!r} is transient: it has no persistent definition to edit",
@@ -182,7 +182,7 @@ def _definition(host: Host, dom: VirDomain) -> str:
 def change(host: Host, name: str, *, enable: bool, mode: str | None, dry_run: bool) -> ChangeReport:
     """Enable or disable the events in the persistent definition (or show the diff with dry_run)."""
     dom = host.domain(name)
-    state = domain_state(dom)
+    state = dom.state()
     before = _definition(host, dom)
     libvirt_version, _ = host.versions()
     try:

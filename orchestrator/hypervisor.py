@@ -98,7 +98,13 @@ class MigrateRequest:
     persist_xml: str | None = None
     bandwidth_mib: int | None = None
     compressed: bool = False
+    compression_methods: tuple[str, ...] = ()  # e.g. ("zstd",); implies compressed
     auto_converge: bool = False
+    tls: bool = False
+    parallel_connections: int | None = None  # multifd: this many connections (None: one stream)
+    copy_storage_all: bool = False  # non-shared disks, copied over NBD
+    migrate_disks: tuple[str, ...] = ()  # only these disks (targets such as "vda"); implies copying
+    dest_name: str | None = None  # rename the domain on the destination
 
 
 class Subscription(Protocol):

@@ -21,7 +21,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,6 +144,45 @@ class NullJournal:
         """Dropped."""
 
 
+COMPRESSION_METHODS = ("mt", "xbzrle", "zlib", "zstd")  # what libvirt accepts for QEMU
+MAX_PARALLEL_CONNECTIONS = 255  # QEMU's multifd-channels limit
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Per-run options of the libvirt job, as `virsh migrate` names them (not part of a policy)."""
+
+    tls: bool = False
+    parallel_connections: int | None = None  # --parallel-connections N (--parallel alone: QEMU's 2)
+    compression_methods: tuple[str, ...] = ()  # --comp-methods
+    copy_storage_all: bool = False
+    migrate_disks: tuple[str, ...] = ()
+    dest_name: str | None = None  # --dname
+    dest_xml: str | None = None  # the text of --xml FILE
+
+    def validate(self) -> None:
+        """One clear line for each bad option."""
+        if (
+            self.parallel_connections is not None
+            and not 1 <= self.parallel_connections <= MAX_PARALLEL_CONNECTIONS
+        ):
+            raise BadInput(
+                f"--parallel-connections must be between 1 and {MAX_PARALLEL_CONNECTIONS}, "
+                f"not {self.parallel_connections}",
+                "fix --parallel-connections",
+            )
+        unknown = [m for m in self.compression_methods if m not in COMPRESSION_METHODS]
+        if unknown:
+            raise BadInput(
+                f"--comp-methods {','.join(unknown)}: not a compression method",
+                f"use some of {','.join(COMPRESSION_METHODS)}",
+            )
+        if any(not disk.strip() for disk in self.migrate_disks):
+            raise BadInput("--migrate-disks has an empty disk name", "name disks by target, e.g. vda,vdb")
+        if self.dest_name is not None and not self.dest_name.strip():
+            raise BadInput("--dname is empty", "give the name the domain takes on the destination")
+
+
 @dataclass(frozen=True)
 class Request:
     """What the user asked for."""
@@ -157,6 +196,12 @@ class Request:
     listen_address: str | None = None
     postcopy: bool = False
     dry_run: bool = False
+    job: JobOptions = field(default_factory=JobOptions)
+
+    @property
+    def destination_domain(self) -> str:
+        """The domain's name on the destination (--dname renames it)."""
+        return self.job.dest_name or self.domain
 
     @property
     def migration(self) -> MigrationSettings:
@@ -240,6 +285,7 @@ class Migration:
         clock: Clock | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         on_entry: Callable[[TimelineEntry], None] | None = None,
+        on_plan: Callable[[Sequence[str]], None] | None = None,
         migration_id: str | None = None,
         parent: str | None = None,
     ) -> None:
@@ -251,6 +297,7 @@ class Migration:
         self.clock: Clock = clock or SystemClock()
         self.on_progress = on_progress
         self.on_entry = on_entry
+        self.on_plan = on_plan
         self.parent = parent
         self.id = migration_id or uuid.uuid4().hex[:12]
         policy = request.policy
@@ -316,7 +363,7 @@ class Migration:
             elif isinstance(action, SetDowntime):
                 self._set_downtime(action)
             elif isinstance(action, Note):
-                self._note(action.text)
+                self._note(action.text, report=not action.timeline_only)
 
     def _run_device_hooks(self, action: RunHooks) -> None:
         device, trigger = action.device_id, action.trigger
@@ -402,14 +449,21 @@ class Migration:
     def _advance(self, phase: Phase) -> None:
         with self._cv:
             self.machine.advance(phase)
+        self._phase_recorded(phase)
+
+    def _phase_recorded(self, phase: Phase) -> None:
         at = self.clock.time()
         self.journal.record_phase(self.id, phase.value, at)
+        if phase is not Phase.DONE:
+            self._entry(at, "orchestrator", "phase", f"phase {phase.value}")
 
     # --- the flow -----------------------------------------------------------------------------
     def run(self) -> Report:
         """Pre-flight, then migrate; returns the report (never raises for a failed migration)."""
         report = self.report
         dom = self._preflight()
+        if self.on_plan is not None:
+            self.on_plan(report.plan)
         if dom is None or self.request.dry_run:
             self._advance(Phase.DONE)
             report.ended = self.clock.time()
@@ -479,7 +533,7 @@ class Migration:
                 "give a different destination URI",
             )
         dom = self.source.find_domain(request.domain)
-        there = self.destination.find_domain(request.domain)
+        there = self.destination.find_domain(request.destination_domain)
         there_running = there is not None and there.state() in ACTIVE_STATES
         if dom is None or dom.state() in (SHUT_OFF, GONE):
             if there_running:
@@ -562,7 +616,7 @@ class Migration:
         # The incoming domain does not exist yet on the destination: filtered by name, not object.
         self._subs.append(
             self.destination.subscribe_monitor_events(
-                self._listener(Role.DESTINATION), events=events, domain=self.request.domain
+                self._listener(Role.DESTINATION), events=events, domain=self.request.destination_domain
             )
         )
 
@@ -599,7 +653,7 @@ class Migration:
                 return
             self.machine.advance(Phase.JOB_RUNNING)
             self.machine.job_started()
-        self.journal.record_phase(self.id, Phase.JOB_RUNNING.value, self.clock.time())
+        self._phase_recorded(Phase.JOB_RUNNING)
         began = self.clock.monotonic()
         self.source.start_migration(dom, request, self.destination, self._job_ended)
         progress = Progress()
@@ -631,7 +685,7 @@ class Migration:
         self._execute(actions)
 
     def _migrate_request(self, dom: Guest) -> MigrateRequest:
-        settings = self.request.migration
+        settings, job = self.request.migration, self.request.job
         request = MigrateRequest(
             destination_uri=self.request.destination_uri,
             peer2peer=settings.mode is MigrationMode.P2P,
@@ -644,14 +698,22 @@ class Migration:
             listen_address=self.request.listen_address,
             bandwidth_mib=settings.bandwidth_mib or None,
             compressed=settings.compressed,
+            compression_methods=job.compression_methods,
             auto_converge=settings.auto_converge,
+            tls=job.tls,
+            parallel_connections=job.parallel_connections,
+            copy_storage_all=job.copy_storage_all,
+            migrate_disks=job.migrate_disks,
+            dest_name=job.dest_name,
         )
-        # Carry the events property into the destination's live and persistent definitions.
+        # Carry the events property into the destination's live and persistent definitions (into the
+        # user's own --xml when given).
         from orchestrator.domxml_edit import destination_xml
 
-        migratable = dom.xml(migratable=True)
+        given = job.dest_xml
+        migratable = given if given is not None else dom.xml(migratable=True)
         dest = destination_xml(migratable)
-        if dest == migratable:
+        if dest == migratable and given is None:
             return request
         return replace(request, dest_xml=dest, persist_xml=dest if request.persist else None)
 
@@ -671,9 +733,12 @@ class Migration:
     def _where(self) -> Location:
         """Where the VM runs now, asked of both hosts (a failure to ask counts as not running there)."""
         running = []
-        for host in (self.source, self.destination):
+        for host, name in (
+            (self.source, self.request.domain),
+            (self.destination, self.request.destination_domain),
+        ):
             try:
-                dom = host.find_domain(self.request.domain)
+                dom = host.find_domain(name)
                 running.append(dom is not None and dom.state() in ACTIVE_STATES)
             except OrchestratorError as exc:
                 self._note(f"could not ask {host.uri} where {self.request.domain} runs: {exc.message}")
@@ -693,7 +758,7 @@ class Migration:
             report.undrain_failed = machine.undrain_failed
             report.gate = machine.gate.value if machine.gate is not None else None
         if report.outcome is Outcome.SUCCEEDED:
-            there = self.destination.find_domain(self.request.domain)
+            there = self.destination.find_domain(self.request.destination_domain)
             stats = there.completed_job_stats() if there is not None else None
             if stats is not None and stats.expected_downtime_ms is not None:
                 report.downtime_ms = stats.expected_downtime_ms
@@ -735,10 +800,11 @@ class Migration:
         if self.on_entry is not None:
             self.on_entry(entry)
 
-    def _note(self, text: str) -> None:
+    def _note(self, text: str, *, report: bool = True) -> None:
         now = self.clock.time()
-        with self._lock:
-            self.report.notes.append(text)
+        if report:
+            with self._lock:
+                self.report.notes.append(text)
         self._entry(now, "orchestrator", "note", text)
         self.journal.record_event(self.id, "orchestrator", None, "note", text, None, None, None, now, None)
 

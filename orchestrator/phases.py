@@ -130,9 +130,11 @@ class SetDowntime:
 
 @dataclass(frozen=True)
 class Note:
-    """A remark for the timeline, the report and the journal."""
+    """A remark for the timeline, the report and the journal (only the timeline and the journal when
+    the report says it anyway, as its error)."""
 
     text: str
+    timeline_only: bool = False
 
 
 Action = RunHooks | AbortJob | SetDowntime | Note
@@ -394,7 +396,7 @@ class MigrationMachine:
         if self._abort is not None:
             return []
         self._abort = (reason, outcome)
-        actions: list[Action] = [Note(f"aborting: {reason}")]
+        actions: list[Action] = [Note(f"aborting: {reason}", timeline_only=True)]
         if self.job is JobState.RUNNING:
             actions.append(AbortJob(reason))
         return actions

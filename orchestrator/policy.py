@@ -152,6 +152,54 @@ class MigrationSettings:
     compressed: bool = False
     auto_converge: bool = False
 
+    def overridden(
+        self,
+        *,
+        p2p: bool | None = None,
+        persist: bool | None = None,
+        undefine_source: bool | None = None,
+        data_uri: str | None = None,
+        bandwidth_mib: int | None = None,
+        max_downtime_ms: int | None = None,
+        completion_timeout_s: float | None = None,
+        compressed: bool | None = None,
+        auto_converge: bool | None = None,
+    ) -> MigrationSettings:
+        """These settings with the command line's options applied (None: keep the policy's), checked
+        against the same limits as a policy file, each error one line naming the option."""
+        changes: dict[str, object] = {}
+        if p2p is not None:
+            changes["mode"] = MigrationMode.P2P if p2p else MigrationMode.DIRECT
+        if data_uri is not None:
+            if not _data_uri_is_valid(data_uri):
+                raise BadInput(
+                    f"--migrateuri {data_uri!r} is not a migration URI",
+                    "give tcp://HOST[:PORT], rdma://HOST[:PORT] or unix:///PATH",
+                )
+            changes["data_uri"] = data_uri
+        numbers: tuple[tuple[str, str, float | None, float, float], ...] = (
+            ("bandwidth_mib", "--bandwidth", bandwidth_mib, 0, MAX_BANDWIDTH_MIB),
+            ("max_downtime_ms", "--max-downtime", max_downtime_ms, 1, MAX_DOWNTIME_MS),
+            ("completion_timeout_s", "--timeout", completion_timeout_s, 0.001, MAX_DURATION_S),
+        )
+        for field, option, value, low, high in numbers:
+            if value is None:
+                continue
+            if not low <= value <= high:
+                raise BadInput(
+                    f"{option} must be between {low:g} and {high:g}, not {value:g}", f"fix {option}"
+                )
+            changes[field] = value
+        for field, flag in (
+            ("persist", persist),
+            ("undefine_source", undefine_source),
+            ("compressed", compressed),
+            ("auto_converge", auto_converge),
+        ):
+            if flag is not None:
+                changes[field] = flag
+        return replace(self, **changes)  # type: ignore[arg-type]
+
 
 class DrainMode(StrEnum):
     """When the drain hooks run, relative to the switchover."""

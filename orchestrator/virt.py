@@ -465,13 +465,24 @@ def _flags_and_params(request: MigrateRequest) -> tuple[int, dict[str, Any]]:
         params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = request.persist_xml
     if request.bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = request.bandwidth_mib
+    if request.compression_methods:
+        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = list(request.compression_methods)
+    if request.parallel_connections:
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = request.parallel_connections
+    if request.migrate_disks:
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(request.migrate_disks)
+    if request.dest_name:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_NAME] = request.dest_name
     flags = int(libvirt.VIR_MIGRATE_LIVE)
     for wanted, flag in (
         (request.peer2peer, libvirt.VIR_MIGRATE_PEER2PEER),
         (request.persist, libvirt.VIR_MIGRATE_PERSIST_DEST),
         (request.undefine_source, libvirt.VIR_MIGRATE_UNDEFINE_SOURCE),
-        (request.compressed, libvirt.VIR_MIGRATE_COMPRESSED),
+        (request.compressed or bool(request.compression_methods), libvirt.VIR_MIGRATE_COMPRESSED),
         (request.auto_converge, libvirt.VIR_MIGRATE_AUTO_CONVERGE),
+        (request.tls, libvirt.VIR_MIGRATE_TLS),
+        (bool(request.parallel_connections), libvirt.VIR_MIGRATE_PARALLEL),
+        (request.copy_storage_all or bool(request.migrate_disks), libvirt.VIR_MIGRATE_NON_SHARED_DISK),
     ):
         if wanted:
             flags |= flag

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from orchestrator.hypervisor import MigrateRequest
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab
-from orchestrator.hypervisor import MigrateRequest
 from orchestrator.virt import Host, Subscription
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

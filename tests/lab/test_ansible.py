@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from orchestrator import domxml
-from orchestrator.virt import domain_state
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "deploy" / "ansible"
@@ -87,7 +86,7 @@ def where(lab: Any, name: str) -> list[str]:
     running = []
     for host, conn in zip(lab.hosts, lab.conns, strict=True):
         dom = conn.find_domain(name)
-        if dom is not None and domain_state(dom) in ("running", "paused"):
+        if dom is not None and dom.state() in ("running", "paused"):
             running.append(host.name)
     return running
 
@@ -205,4 +204,78 @@ def test_vfio_events_module_is_idempotent_and_skips_a_domain_without_vfio(
     status, result, played = events_task(lab_env, ansible, tmp_path, plain)
     assert status == "SUCCESS" and result["changed"] is False, str(played)
     assert result["rc"] == 6 and result["skipped_reason"] == result["msg"], str(played)
+    assert result["msg"].startswith(f"nothing to do: {plain} has no VFIO device; only VFIO PCI"), str(played)
     assert not result.get("failed"), str(played)
+
+
+def adhoc(
+    ansible: Path, tmp: Path, module: str, args: dict[str, Any], *flags: str
+) -> tuple[str, dict[str, Any]]:
+    """Run one module ad hoc; its status (SUCCESS, CHANGED, FAILED) and its result."""
+    played = run_ansible(
+        ansible / "ansible", ["localhost", "-m", module, "-a", json.dumps(args), *flags], tmp, timeout=300
+    )
+    found = ADHOC.search(played.out)
+    assert found, str(played)
+    return found["status"], json.loads(found["result"])
+
+
+def test_vfio_evacuate_check_mode_returns_the_plan_as_objects(
+    lab_env: Any, ansible: Path, guests: list[str], tmp_path: Path
+) -> None:
+    name = lab_env.guest(0, name=f"ansplan-{uuid.uuid4().hex[:6]}")
+    guests.append(name)
+    args = {
+        "source_uri": lab_env.hosts[0].uri,
+        "destinations": [lab_env.hosts[1].uri],
+        "include": [name],
+        "orchestrator": ORCHESTRATOR,
+    }
+    status, result = adhoc(ansible, tmp_path, "vfio.orchestrator.vfio_evacuate", args, "--check")
+    assert status == "CHANGED", result
+    (entry,) = result["plan"]
+    assert set(entry) == {"domain", "destination", "memory_mib", "order", "reason", "running"}, entry
+    assert (entry["domain"], entry["destination"], entry["order"], entry["running"]) == (
+        name,
+        lab_env.hosts[1].uri,
+        1,
+        True,
+    )
+    assert isinstance(entry["memory_mib"], int) and entry["reason"], entry
+    assert where(lab_env, name) == ["lab-a"], "check mode moved the VM"
+
+
+def test_vfio_migrate_failure_lists_the_failed_hook_and_is_not_a_change(
+    lab_env: Any, ansible: Path, guests: list[str], tmp_path: Path
+) -> None:
+    name = lab_env.guest(0, name=f"ansfail-{uuid.uuid4().hex[:6]}")
+    guests.append(name)
+    policy = tmp_path / "failing.toml"
+    policy.write_text(
+        f'[migration]\ndata_uri = "unix://{lab_env.root}/migrations/{{domain}}.sock"\n'
+        "[[hooks.drain]]\n"
+        'name = "disarm-peers"\n'
+        'argv = ["/bin/sh", "-c", "echo disarming {device_id}; echo peer 10.0.0.7 refused >&2; exit 3"]\n'
+        "timeout_ms = 2000\n"
+        'on_failure = "abort"\n'
+    )
+    args = {
+        "domain": name,
+        "source_uri": lab_env.hosts[0].uri,
+        "dest_uri": lab_env.hosts[1].uri,
+        "policy": str(policy),
+        "journal": str(tmp_path / "journal.sqlite"),
+        "orchestrator": ORCHESTRATOR,
+    }
+    status, result = adhoc(ansible, tmp_path, "vfio.orchestrator.vfio_migrate", args)
+    assert status == "FAILED", result
+    assert result["changed"] is False, "an aborted migration leaves the VM where it was: no change"
+    assert where(lab_env, name) == ["lab-a"], result
+    hook_lines = [
+        line for line in result["msg"].splitlines() if line.startswith("drain hook disarm-peers on nic0")
+    ]
+    assert len(hook_lines) == 1, result["msg"]
+    assert "peer 10.0.0.7 refused" in hook_lines[0] and "disarming nic0" in hook_lines[0], result["msg"]
+    assert "note:" not in result["msg"], result["msg"]
+    lines = result["msg"].splitlines()
+    assert len(lines) == len(set(lines)), result["msg"]

@@ -154,8 +154,8 @@ def test_lab_guest_emits_only_after_enable_and_a_cold_boot(
 
     conn = lab_env.conn(0)
     dom = conn.domain(name)
-    dom.destroy()
-    dom.create()
+    dom.raw.destroy()
+    dom.raw.create()
     rec3 = recorder(name)
     lab_env.migrate(name, 0, 1)
     rec3.wait_for(lambda evs: any(e.host == 1 and e.vfio == ("nic0", "running") for e in evs))

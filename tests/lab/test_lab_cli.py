@@ -19,7 +19,6 @@ import pytest
 
 from orchestrator.errors import ExitCode
 from orchestrator.lab import hosts as lab
-from orchestrator.virt import domain_state
 
 LAB_HOSTS = ["lab-a", "lab-b", "lab-c"]
 
@@ -128,7 +127,7 @@ def test_guest_runs_where_asked(lab_env: Any, guest_name: str) -> None:
         "uri": lab_env.hosts[1].uri,
         "devices": ["nic0", "nic1"],
     }
-    assert domain_state(lab_env.conn(1).domain(guest_name)) == "running"
+    assert lab_env.conn(1).domain(guest_name).state() == "running"
     assert lab_env.conn(0).find_domain(guest_name) is None
     assert lab_env.conn(2).find_domain(guest_name) is None
     status = orchestrator("lab", "status", "--json", "--lab-dir", lab_env.root).json()
@@ -143,7 +142,7 @@ def test_guest_runs_where_asked(lab_env: Any, guest_name: str) -> None:
     again = orchestrator("lab", "guest", guest_name, "--host", "lab-b", "--lab-dir", lab_env.root)
     line = again.one_line_error(ExitCode.BAD_INPUT)
     assert f"{guest_name!r} already exists on lab-b" in line
-    assert domain_state(lab_env.conn(1).domain(guest_name)) == "running"
+    assert lab_env.conn(1).domain(guest_name).state() == "running"
 
 
 def test_guest_name_in_use_on_another_host_is_refused(lab_env: Any, guest_name: str) -> None:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.virt import abort_job, domain_state
-
 RECORD_HOOK = Path(__file__).resolve().parent.parent / "hooks" / "record-hook"
 
 
@@ -126,7 +124,7 @@ on_failure = "continue"
 
     def running_on(self, index: int) -> bool:
         dom = self.lab.conn(index).find_domain(self.name)
-        return dom is not None and domain_state(dom) == "running"
+        return dom is not None and dom.state() == "running"
 
     def remove(self) -> None:
         self.lab.remove(self.name)
@@ -211,7 +209,7 @@ def test_cancelled_migration_undrains_on_source(lab_env: Any, tmp_path: Path, re
     thread = threading.Thread(target=lambda: result.append(sc.migrate()))
     thread.start()
     rec.wait_for(lambda evs: any(e.host == 0 and e.vfio == ("nic0", "pre-copy-p2p-prepare") for e in evs))
-    assert abort_job(lab_env.conn(0).domain(sc.name))
+    assert lab_env.conn(0).domain(sc.name).abort_job()
     thread.join(120)
     (run,) = result
     assert run.code == 4, run.err
@@ -301,7 +299,7 @@ def test_bad_input_is_one_line_with_its_exit_code(lab_env: Any, tmp_path: Path) 
         assert len(lines) == 1 and lines[0].startswith("orchestrator: error:"), run.err
         assert text in lines[0], (text, lines[0])
         assert "Traceback" not in run.err
-    assert domain_state(lab_env.conn(0).domain(name)) == "running", "bad input never stops the VM"
+    assert lab_env.conn(0).domain(name).state() == "running", "bad input never stops the VM"
     lab_env.remove(name)
 
 
