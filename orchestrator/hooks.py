@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import ctypes
-import errno
-import functools
-import io
 import itertools
 import logging
-import math
 import os
-import select
 import selectors
 import shutil
 import signal
-import stat
 import string
 import subprocess
 import sys
@@ -32,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, Protocol
 
 import tenacity
 
@@ -219,7 +211,7 @@ class RunningHook:
         self,
         hook: Hook,
         result: HookResult,
-        process: _Process | None,
+        process: subprocess.Popen[bytes] | None,
         on_done: Callable[[HookResult], None] | None,
     ) -> None:
         self.hook = hook
@@ -259,7 +251,7 @@ class RunningHook:
         finally:
             self._finish()
 
-    def _collect(self, process: _Process) -> None:
+    def _collect(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None  # spawned with stdout=PIPE
         fd = process.stdout.fileno()
         tail = bytearray()
@@ -316,24 +308,7 @@ def _read_into(tail: bytearray, fd: int) -> bool:
     return bool(chunk)
 
 
-class _Process(Protocol):
-    """A started hook, as the runner uses it: `subprocess.Popen` or `_SpawnedHook`."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | Any: ...  # None until reaped (typeshed types Popen's as `int | Any`)
-
-    @property
-    def stdout(self) -> IO[bytes] | None: ...
-
-    def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
-def _kill_group(process: _Process) -> None:
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the hook's whole process group, SIGKILL what is left after the grace, reap the leader."""
     _signal_group(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -348,217 +323,20 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-# Starting a hook. Where the C library is glibc >= 2.34 (Linux), through its posix_spawn(3), called
-# with ctypes: a vfork-style clone (the parent's page tables are not copied, however big this process),
-# the hook in a new session, its stdout and stderr on one pipe, stdin on /dev/null, and, the reason
-# for ctypes, posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor above 2
-# before exec, as Popen's close_fds=True does, so no libvirt socket, journal file or other hook's pipe
-# reaches a hook, not even one opened without O_CLOEXEC. os.posix_spawn has no such action, and listing
-# /proc/self/fd to close them one by one costs more than the switch saves. bench/spawn_latency.py
-# measures the variants: this one reaches the hook's first instruction ~0.03 ms sooner than Popen
-# (p50 ~0.62 ms; Popen's own Python code is the difference). Most of the rest is the hook's start-up
-# after exec (its dynamic loader, libc's initialisation), not how it was spawned. Elsewhere: Popen.
-
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-# Room for glibc's posix_spawnattr_t (336 bytes), posix_spawn_file_actions_t (80) and sigset_t (128).
-_Opaque = ctypes.c_uint64 * 64
-_SPAWN_SETSIGDEF, _SPAWN_SETSIGMASK, _SPAWN_SETSID = 0x04, 0x08, 0x80  # glibc's <spawn.h>
-_KERNEL_SIGRTMIN = 32  # glibc keeps 32 and 33 for itself: its SIGRTMIN is 34
-
-
-def _check(err: int, filename: str | None = None) -> None:
-    """Raise the OSError (FileNotFoundError, PermissionError, ...) for a posix_spawn* error number."""
-    if err:
-        raise OSError(err, os.strerror(err), filename)
-
-
-def _c_string(text: str) -> bytes:
-    """`text` for C, as os.fsencode; ValueError for a NUL byte (C would silently cut there)."""
-    if "\0" in text:
-        raise ValueError("embedded null byte")
-    return text.encode(_FS_ENCODING, _FS_ERRORS)
-
-
-def _c_strings(items: list[str]) -> ctypes.Array[ctypes.c_char_p]:
-    """A NULL-terminated array of C strings (see `_c_string`)."""
-    if "\0" in "".join(items):
-        raise ValueError("embedded null byte")
-    encoded = [item.encode(_FS_ENCODING, _FS_ERRORS) for item in items]
-    return (ctypes.c_char_p * (len(encoded) + 1))(*encoded)
-
-
-def _find_program(program: str, env: Mapping[str, str]) -> str:
-    """The file to execute for argv[0], found as Popen finds it: a name with a slash as it is, else in
-    the directories of the hook's PATH (`env`'s, not ours) in order, the first executable file.
-
-    A name found only as something that is not an executable file is returned anyway (starting it
-    fails with EACCES, as with Popen); one found nowhere raises FileNotFoundError.
-    """
-    if "/" in program:
-        return program
-    candidates = [prefix + program for prefix in _path_prefixes(env.get("PATH", os.defpath))]
-    for candidate in candidates:
-        if _is_executable_file(candidate):
-            return candidate
-    for candidate in candidates:  # only on the way to an error: what Popen's exec would have reported
-        if os.access(candidate, os.F_OK):
-            return candidate
-    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-
-
-@functools.lru_cache(maxsize=16)
-def _path_prefixes(path: str) -> tuple[str, ...]:
-    """PATH's directories as prefixes for a program's name (an empty entry is the current directory)."""
-    return tuple(f"{directory}/" if directory else "" for directory in path.split(os.pathsep))
-
-
-def _is_executable_file(path: str) -> bool:
-    # access() first: one system call and no exception for the usual miss (stat's costs ~2x as much).
-    try:
-        return os.access(path, os.X_OK) and stat.S_ISREG(os.stat(path).st_mode)  # noqa: PTH116 - hot path
-    except OSError:  # gone in between
-        return False
-
-
-class _SpawnedHook:
-    """A hook started by `_PosixSpawn`, with the members of `subprocess.Popen` the runner uses."""
-
-    def __init__(self, pid: int, args: list[str], stdout: IO[bytes]) -> None:
-        self.pid = pid
-        self.args = args
-        self.stdout: IO[bytes] | None = stdout
-        self.returncode: int | None = None
-        self._lock = threading.Lock()
-
-    def poll(self) -> int | None:
-        """The exit code (negative: the signal) if the hook has ended, else None."""
-        return self._reap(os.WNOHANG)
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the hook to end and return its exit code; subprocess.TimeoutExpired after `timeout`."""
-        if timeout is not None and self.returncode is None and not self._ends_within(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        code = self._reap(0)
-        assert code is not None  # waitpid without WNOHANG returns only once it has ended
-        return code
-
-    def _ends_within(self, timeout: float) -> bool:
-        # A pidfd turns readable when the process ends: an exact wait, not Popen's polling loop.
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:  # already reaped behind our back: `_reap` says so
-            return True
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            return bool(poller.poll(math.ceil(max(timeout, 0.0) * 1000)))
-        finally:
-            os.close(pidfd)
-
-    def _reap(self, options: int) -> int | None:
-        with self._lock:  # one waitpid at a time: the pid must never be reaped twice
-            if self.returncode is None:
-                try:
-                    pid, status = os.waitpid(self.pid, options)
-                except ChildProcessError:  # reaped behind our back (SIGCHLD ignored): 0, as Popen says
-                    pid, status = self.pid, 0
-                if pid == self.pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-            return self.returncode
-
-
-class _PosixSpawn:
-    """glibc's posix_spawn through ctypes, set up once; calling it starts one hook (see above)."""
-
-    def __init__(self, libc: ctypes.CDLL) -> None:
-        self._spawn = libc.posix_spawn
-        self._init = libc.posix_spawn_file_actions_init
-        self._destroy = libc.posix_spawn_file_actions_destroy
-        self._adddup2 = libc.posix_spawn_file_actions_adddup2
-        self._addopen = libc.posix_spawn_file_actions_addopen
-        self._addclosefrom = libc.posix_spawn_file_actions_addclosefrom_np  # glibc >= 2.34
-        # Shared by every start (posix_spawn only reads it): a new session, nothing blocked, and SIGPIPE
-        # and SIGXFSZ back to their defaults (Python ignores both; Popen's restore_signals does this).
-        # So are glibc's two internal signals (32 and 33, below its SIGRTMIN), which its posix_spawn
-        # would otherwise leave ignored in the hook; sigaddset refuses them, hence the bits by hand
-        # (glibc's sigset_t, like the kernel's: bit n-1 of an array of 64-bit words is signal n).
-        self._attr = _Opaque()
-        defaults, nothing = _Opaque(), _Opaque()  # zeroed: empty sets
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, *range(_KERNEL_SIGRTMIN, signal.SIGRTMIN)):
-            defaults[(signum - 1) // 64] |= 1 << ((signum - 1) % 64)
-        _check(libc.posix_spawnattr_init(self._attr))
-        _check(libc.posix_spawnattr_setsigdefault(self._attr, defaults))
-        _check(libc.posix_spawnattr_setsigmask(self._attr, nothing))
-        flags = _SPAWN_SETSID | _SPAWN_SETSIGDEF | _SPAWN_SETSIGMASK
-        _check(libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(flags)))
-
-    def __call__(self, argv: list[str], env: Mapping[str, str]) -> _SpawnedHook:
-        """Start `argv` with environment `env`; raises OSError or ValueError as Popen would."""
-        if "=" in "".join(env):
-            raise ValueError("illegal environment variable name")
-        path = _c_string(_find_program(argv[0], env))
-        args = _c_strings(argv)
-        envp = _c_strings([f"{key}={value}" for key, value in env.items()])
-        read_end, write_end = os.pipe()  # both close-on-exec
-        try:
-            actions = _Opaque()
-            _check(self._init(actions))
-            try:
-                # In this order: the pipe onto stdout and stderr, /dev/null onto stdin (also right if
-                # the pipe got descriptor 0), then everything from 3 up closed (the pipe's end too).
-                _check(self._adddup2(actions, write_end, 1))
-                _check(self._adddup2(actions, write_end, 2))
-                _check(self._addopen(actions, 0, b"/dev/null", os.O_RDONLY, 0))
-                _check(self._addclosefrom(actions, 3))
-                pid = ctypes.c_int()
-                # glibc reports a failed exec here (and reaps that child) before returning.
-                _check(self._spawn(ctypes.byref(pid), path, actions, self._attr, args, envp), argv[0])
-            finally:
-                self._destroy(actions)
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        return _SpawnedHook(pid.value, argv, io.FileIO(read_end, "r"))
-
-
-def _load_posix_spawn() -> _PosixSpawn | None:
-    """The posix_spawn starter if this is Linux with glibc >= 2.34 and pidfds, else None (use Popen)."""
-    if sys.platform != "linux":
-        return None
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc "):
-            return None  # the flags, sizes and signals above are glibc's
-        os.close(os.pidfd_open(os.getpid()))  # Linux >= 5.3
-        # PyDLL: the GIL is held through the call, as Popen and os.posix_spawn hold it.
-        return _PosixSpawn(ctypes.PyDLL(None))
-    except (OSError, ValueError, AttributeError):  # AttributeError: no addclosefrom_np (glibc < 2.34)
-        return None
-
-
-_POSIX_SPAWN = _load_posix_spawn()
-
-
-def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """The portable way, with the same guarantees (Popen's child uses vfork here too)."""
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        close_fds=True,
-        start_new_session=True,  # its own process group, so a timeout kills its children too
-    )
-
-
-def _spawn(argv: list[str], env: dict[str, str]) -> tuple[_Process | None, str | None]:
+def _spawn(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes] | None, str | None]:
     """Start the program; return the process, or None and why it could not start."""
     if not argv:
         return None, "empty argv"
     try:
-        process: _Process = _popen(argv, env) if _POSIX_SPAWN is None else _POSIX_SPAWN(argv, env)
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            close_fds=True,
+            start_new_session=True,  # its own process group, so a timeout kills its children too
+        )
     except FileNotFoundError:
         return None, f"program not found: {argv[0]}"
     except PermissionError:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import hooks
 from orchestrator.hooks import (
     OUTPUT_TAIL_BYTES,
     Hook,
@@ -385,190 +382,22 @@ def test_preflight(tmp_path: Path) -> None:
     ]
 
 
-# --- starting hooks: glibc's posix_spawn, and Popen where it is missing ------------------------------
-
-WAIT_SCRIPT = 'touch "$2"; while [ ! -e "$1" ]; do sleep 0.01; done'  # ready, then wait for the release
-
-
-@pytest.fixture(params=["posix_spawn", "popen"])
-def spawner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test with this fixture runs once per way of starting hooks."""
-    if request.param == "popen":
-        monkeypatch.setattr(hooks, "_POSIX_SPAWN", None)
-    elif hooks._POSIX_SPAWN is None:
-        pytest.skip("no glibc >= 2.34 with pidfds here: hooks start through Popen")
-    return str(request.param)
-
-
-def glibc_version() -> tuple[int, ...]:
-    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
-    return tuple(int(part) for part in libc.split()[1].split(".")[:2]) if libc.startswith("glibc ") else ()
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
-
-
-def test_posix_spawn_is_the_way_here() -> None:
-    if glibc_version() < (2, 34):
-        pytest.skip("glibc < 2.34: no posix_spawn_file_actions_addclosefrom_np")
-    assert hooks._POSIX_SPAWN is not None
-    process, error = hooks._spawn(["/bin/sh", "-c", "echo hi"], {"PATH": "/bin"})
-    assert error is None
-    assert isinstance(process, hooks._SpawnedHook)
-    assert process.stdout is not None
-    assert process.stdout.read() == b"hi\n"
-    assert process.wait() == 0
-    process.stdout.close()
-
-
-def test_no_descriptor_of_ours_reaches_a_hook(tmp_path: Path, spawner: str) -> None:
-    # Descriptors that are NOT close-on-exec (only closing them in the child keeps them out): a pipe,
-    # a socket pair, a file; plus the pipe of another hook that is running.
-    a, b = socket.socketpair()
-    ours = [*os.pipe(), a.detach(), b.detach(), os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)]
-    release, ready, other_ready = tmp_path / "release", tmp_path / "ready", tmp_path / "other-ready"
+def test_a_hook_gets_no_descriptor_of_ours(tmp_path: Path) -> None:
+    # Even one opened without close-on-exec (a library's careless descriptor): Popen's close_fds.
+    careless = os.open(tmp_path / "careless", os.O_WRONLY | os.O_CREAT)
+    os.set_inheritable(careless, True)
+    read_end, write_end = os.pipe()
     try:
-        for fd in ours:
-            os.set_inheritable(fd, True)
-        runner = HookRunner()
-        other = runner.start(sh(WAIT_SCRIPT, str(release), str(other_ready)), VALUES)
-        assert wait_until(other_ready.exists)
-        running = runner.start(sh(WAIT_SCRIPT, str(release), str(ready)), VALUES)
-        assert running.pid is not None
-        assert wait_until(ready.exists)  # the shell is past its start-up (its loader's files closed)
-        held = {
-            int(n): os.readlink(f"/proc/{running.pid}/fd/{n}") for n in os.listdir(f"/proc/{running.pid}/fd")
-        }
-        assert sorted(held) == [0, 1, 2], held
-        assert held[0] == "/dev/null"
-        assert held[1] == held[2]
-        assert held[1].startswith("pipe:")
-        assert other.pid is not None
-        assert os.readlink(f"/proc/{other.pid}/fd/1") != held[1]
-        # Its own session and process group (a timeout kills the group).
-        assert os.getsid(running.pid) == running.pid
-        assert os.getpgid(running.pid) == running.pid
-        assert all(os.get_inheritable(fd) for fd in ours)  # they were there to leak all along
-        release.touch()
-        assert running.wait().ok
-        assert other.wait().ok
+        hook = sh("ls /proc/self/fd", trigger=Trigger.DRAIN)
+        result = HookRunner().start(hook, VALUES).wait()
     finally:
-        release.touch()
-        for fd in ours:
+        for fd in (careless, read_end, write_end):
             os.close(fd)
+    assert result.ok, result
+    # 0, 1, 2, and the descriptor ls opens to list the directory.
+    assert sorted(int(fd) for fd in result.output_tail.split()) == [0, 1, 2, 3]
 
 
-def test_hook_starts_with_default_signal_dispositions(tmp_path: Path, spawner: str) -> None:
-    release, ready = tmp_path / "release", tmp_path / "ready"
-    # Python ignores SIGPIPE and SIGXFSZ; the hook must not inherit that (glibc's two internal signals,
-    # 32 and 33, neither). Whatever the test process was told to ignore by its parent stays ignored.
-    reset = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1)) | (0b11 << 31)
-    expected_ignored = int(proc_status(os.getpid())["SigIgn"], 16) & ~reset
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        running = HookRunner().start(sh(WAIT_SCRIPT, str(release), str(ready)), VALUES)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    try:
-        assert wait_until(ready.exists)
-        assert running.pid is not None
-        status = proc_status(running.pid)
-        assert int(status["SigIgn"], 16) == expected_ignored
-        if spawner == "posix_spawn":  # Popen's child inherits the calling thread's mask
-            assert int(status["SigBlk"], 16) == 0
-    finally:
-        release.touch()
-    assert running.wait().ok
-
-
-@pytest.mark.parametrize(
-    ("layout", "expected"),
-    [
-        ({"a": "plain", "b": "exec"}, "b"),  # a non-executable file earlier on PATH is passed over
-        ({"a": "exec", "b": "exec"}, "a"),  # the first one wins
-        ({"a": "dir", "b": "exec"}, "b"),
-        ({"a": "plain"}, "program not executable: myhook-xyz"),
-        ({"a": "dir"}, "program not executable: myhook-xyz"),
-        ({}, "program not found: myhook-xyz"),
-    ],
-)
-def test_program_is_found_on_the_hooks_path(
-    tmp_path: Path, spawner: str, layout: dict[str, str], expected: str
-) -> None:
-    directories = []
-    for name in ("a", "b"):
-        directory = tmp_path / name
-        directory.mkdir()
-        directories.append(str(directory))
-        kind = layout.get(name)
-        program = directory / "myhook-xyz"
-        if kind == "dir":
-            program.mkdir()
-        elif kind is not None:
-            program.write_text(f"#!/bin/sh\necho {name}\n")
-            program.chmod(0o755 if kind == "exec" else 0o644)
-    # The hook's PATH is the environment's, not this process's (which has neither directory).
-    env = {"PATH": os.pathsep.join([*directories, "/usr/bin", "/bin"])}
-    process, error = hooks._spawn(["myhook-xyz"], env)
-    if process is None:
-        assert error == expected
-        return
-    assert error is None
-    assert process.stdout is not None
-    assert process.stdout.read().decode() == f"{expected}\n"
-    assert process.wait() == 0
-    process.stdout.close()
-
-
-def test_start_errors_read_the_same_either_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if hooks._POSIX_SPAWN is None:
-        pytest.skip("hooks start through Popen here")
-    garbage = tmp_path / "garbage"
-    garbage.write_bytes(b"not a program")
-    garbage.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin"}
-    cases: list[tuple[list[str], dict[str, str], str]] = [
-        (["/bin/true", "a\0b"], env, "cannot start /bin/true: embedded null byte"),
-        (["/bin/tr\0ue"], env, "cannot start /bin/tr\0ue: embedded null byte"),
-        (["tr\0ue"], env, "cannot start tr\0ue: embedded null byte"),
-        (["/bin/true"], {**env, "A": "x\0y"}, "cannot start /bin/true: embedded null byte"),
-        (["/bin/true"], {**env, "A=B": "x"}, "cannot start /bin/true: illegal environment variable name"),
-        ([str(garbage)], env, f"cannot start {garbage}: [Errno 8] Exec format error: '{garbage}'"),
-        (["/nonexistent/hook"], env, "program not found: /nonexistent/hook"),
-        (["/etc"], env, "program not executable: /etc"),
-        ([], env, "empty argv"),
-    ]
-    fast = [hooks._spawn(argv, environ) for argv, environ, _ in cases]
-    monkeypatch.setattr(hooks, "_POSIX_SPAWN", None)
-    slow = [hooks._spawn(argv, environ) for argv, environ, _ in cases]
-    assert [error for _, error in fast] == [expected for _, _, expected in cases]
-    assert [error for _, error in slow] == [expected for _, _, expected in cases]
-    assert [process for process, _ in fast + slow] == [None] * (2 * len(cases))
-
-
-def test_started_process_poll_wait_and_timeout(spawner: str) -> None:
-    process, error = hooks._spawn(["/bin/sleep", "5"], {"PATH": "/usr/bin:/bin"})
-    assert error is None
-    assert process is not None
-    assert process.poll() is None
-    begin = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):
-        process.wait(0.1)
-    assert 0.09 <= time.monotonic() - begin < 1.0
-    os.killpg(process.pid, signal.SIGKILL)
-    assert process.wait(2) == -signal.SIGKILL
-    assert (process.returncode, process.poll(), process.wait()) == (-9, -9, -9)
-    assert process.stdout is not None
-    assert process.stdout.read() == b""  # end of file: nothing else holds the pipe's write end
-    process.stdout.close()
-
-
-def test_output_and_exit_status_either_way(spawner: str) -> None:
-    result = HookRunner().run(sh('echo "out $1"; echo err >&2; exit 3', "{domain}"), VALUES)
-    assert (result.exit_code, result.error, result.output_tail) == (
-        3,
-        "exited with status 3",
-        "out vm1\nerr\n",
-    )
+def test_a_hook_runs_in_a_session_of_its_own() -> None:
+    result = HookRunner().start(sh('[ "$(ps -o sid= -p $$)" -eq $$ ]'), VALUES).wait()
+    assert result.ok, result.error
