@@ -23,7 +23,9 @@ EXIT_NOTHING_TO_DO = 6
 EXIT_NOT_EMPTY = 8
 EXIT_INTERRUPTED = 130
 
+PROGRAM_PREFIX = "orchestrator: "
 ERROR_PREFIX = "orchestrator: error: "
+NOTHING_TO_DO_PREFIX = "orchestrator: nothing to do: "
 
 # Options every module takes.
 COMMON_ARGUMENT_SPEC = {
@@ -32,12 +34,24 @@ COMMON_ARGUMENT_SPEC = {
 
 
 def error_line(stderr):
-    """The CLI's one error line (without its prefix), else the last line it wrote on stderr."""
-    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    """The CLI's one error line (without its prefix); else its "nothing to do" line (exit 6, as
+    "nothing to do: ..."); else the last line it wrote on stderr that is not a note or a warning."""
+    lines = [_strip_priority(line.strip()) for line in (stderr or "").splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith(ERROR_PREFIX):
             return line[len(ERROR_PREFIX) :]
-    return lines[-1] if lines else ""
+    for line in reversed(lines):
+        if line.startswith(NOTHING_TO_DO_PREFIX):
+            return line[len(PROGRAM_PREFIX) :]
+    plain = [line for line in lines if not line.startswith(("note:", "orchestrator: warning:"))]
+    return (plain or lines or [""])[-1]
+
+
+def _strip_priority(line):
+    """A line without the syslog priority prefix (`<3>`) the CLI adds under journald."""
+    if line.startswith("<") and ">" in line[:4] and line[1 : line.index(">")].isdigit():
+        return line[line.index(">") + 1 :]
+    return line
 
 
 def executable(module):

@@ -28,7 +28,7 @@ description:
     reports C(changed=false) and says why in C(msg) and RV(skipped_reason).
   - An unreachable destination is reported in RV(unreachable) and the others are used.
 author:
-  - vfio-migration-orchestrator maintainers (!UNKNOWN)
+  - VFIO orchestrator maintainers (@vfio-orchestrator)
 requirements:
   - The C(orchestrator) CLI (the vfio-migration-orchestrator package) on the host the task runs on.
 options:
@@ -161,7 +161,8 @@ empty:
   type: bool
   sample: true
 plan:
-  description: Which VM goes where, in what order, and why.
+  description:
+    - Which VM goes where, in what order, and why; one object per VM, biggest first.
   returned: always
   type: list
   elements: dict
@@ -181,8 +182,11 @@ plan:
     reason:
       description: Why that destination.
       type: str
+    running:
+      description: V(true) for a live migration, V(false) for a shut-off VM moved by definition (O(inactive)).
+      type: bool
   sample: [{domain: vm1, destination: qemu+ssh://hv2/system, memory_mib: 4096, order: 1,
-            reason: "most free memory that fits: 60000 MiB free, needs 4096 MiB"}]
+            reason: "most free memory that fits: 60000 MiB free, needs 4096 MiB", running: true}]
 results:
   description: How each VM's move went (empty in check mode).
   returned: always
@@ -220,12 +224,29 @@ unplaced:
   returned: always
   type: list
   elements: dict
+  contains:
+    domain:
+      description: The VM's name.
+      type: str
+    memory_mib:
+      description: The VM's memory in MiB.
+      type: int
+    reason:
+      description: Why it fits nowhere.
+      type: str
   sample: [{domain: big1, memory_mib: 262144, reason: "needs 262144 MiB; the most free is 60000 MiB"}]
 unreachable:
   description: Destinations that could not be reached, with the error.
   returned: always
   type: list
   elements: dict
+  contains:
+    uri:
+      description: The destination's URI.
+      type: str
+    error:
+      description: Why it could not be reached.
+      type: str
   sample: [{uri: qemu+ssh://hv3.example.com/system, error: "cannot connect ..."}]
 left:
   description: The selected VMs still on the source.
@@ -263,6 +284,7 @@ from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli
 
 LIST_FIELDS = ("plan", "results", "unplaced", "unreachable", "left")
 OTHER_FIELDS = ("evacuation_id", "source", "destinations", "message")
+PLAN_KEYS = ("domain", "destination", "memory_mib", "order", "reason", "running")
 
 
 def build_args(params, check_mode):
@@ -289,6 +311,19 @@ def build_args(params, check_mode):
     if check_mode:
         args.append("--dry-run")
     return args
+
+
+def plan_entries(document):
+    """The plan as documented in RETURN: one object per VM with exactly PLAN_KEYS, in queue order.
+
+    Entries that are not objects (an incompatible CLI) are dropped rather than passed on as prose.
+    """
+    plan = [entry for entry in (document or {}).get("plan") or [] if isinstance(entry, dict)]
+    entries = [{key: entry.get(key) for key in PLAN_KEYS} for entry in plan]
+    for entry in entries:
+        if entry["running"] is None:
+            entry["running"] = True  # a CLI before `running` existed moved running VMs only
+    return sorted(entries, key=lambda entry: (entry["order"] is None, entry["order"] or 0))
 
 
 def not_empty_message(document, check_mode):
@@ -321,7 +356,7 @@ def placement_diff(document, check_mode):
     return {
         "before_header": "where the VMs run",
         "after_header": "where the VMs run",
-        "before": "".join(f"{domain}: {source}\n" for domain, _ in moves),
+        "before": "".join(f"{domain}: {source}\n" for domain, _destination in moves),
         "after": "".join(f"{domain}: {destination}\n" for domain, destination in moves),
     }
 
@@ -363,6 +398,7 @@ def main():
 
     doc = document or {}
     result = {key: doc.get(key) or [] for key in LIST_FIELDS}
+    result["plan"] = plan_entries(doc)
     result.update({key: doc.get(key) for key in OTHER_FIELDS if key in doc})
     changed = bool(doc.get("changed"))
     if check_mode:

@@ -24,7 +24,7 @@ description:
   - A domain without any VFIO device is not an error; the task reports C(changed=false) and says why in
     C(msg) and RV(skipped_reason).
 author:
-  - vfio-migration-orchestrator maintainers (!UNKNOWN)
+  - VFIO orchestrator maintainers (@vfio-orchestrator)
 requirements:
   - The C(orchestrator) CLI (the vfio-migration-orchestrator package) on the host the task runs on.
 options:

@@ -20,10 +20,12 @@ description:
     again (exactly once, on every path), and records the migration in its journal.
   - A VM that already runs on the destination is success with C(changed=false), so the task is
     idempotent.
-  - A failed, rolled-back or aborted migration fails the task; the report's fields are returned with it
-    (the VM then runs on the source, its workloads undrained).
+  - A failed, rolled-back or aborted migration fails the task with C(changed=false) (the VM then runs on
+    the source, its workloads undrained); C(changed) is the CLI's own C(changed) field. C(msg) gives the
+    error and, one line each, every hook that failed with its label, device, error and the end of its
+    output; the report's fields are returned with it.
 author:
-  - vfio-migration-orchestrator maintainers (!UNKNOWN)
+  - VFIO orchestrator maintainers (@vfio-orchestrator)
 requirements:
   - The C(orchestrator) CLI (the vfio-migration-orchestrator package) on the host the task runs on.
 options:
@@ -201,11 +203,31 @@ timeline:
   elements: dict
   sample: [{t: 0.412, host: orchestrator, kind: decision, text: "drain nic0"}]
 hooks:
-  description: Every hook run (trigger, device, argv, exit code, duration, error).
+  description: Every hook run, in the order they started (retries are separate runs).
   returned: when the CLI printed its report
   type: list
   elements: dict
-  sample: []
+  contains:
+    trigger:
+      description: When it ran (V(before), V(drain), V(undrain), V(after-success), V(after-failure)).
+      type: str
+    label:
+      description: The hook's name in the policy (its program's base name by default).
+      type: str
+    device_id:
+      description: The VFIO device it ran for, V(null) for before/after hooks.
+      type: str
+    ok:
+      description: Whether it exited with status 0 before its deadline.
+      type: bool
+    error:
+      description: Why it failed, V(null) when it did not.
+      type: str
+    output_tail:
+      description: The end of what it wrote on stdout and stderr.
+      type: str
+  sample: [{trigger: drain, label: rdma-drain, device_id: nic0, ok: false, error: exit status 1,
+            output_tail: "peer 10.0.0.7: connection refused"}]
 notes:
   description: Warnings and remarks of the run.
   returned: when the CLI printed its report
@@ -279,6 +301,46 @@ def build_args(params, check_mode):
     return args
 
 
+def one_line(text, limit=300):
+    """Text on one line (newlines become " / "), at most `limit` characters, its end kept."""
+    joined = " / ".join(line.strip() for line in str(text or "").splitlines() if line.strip())
+    return joined if len(joined) <= limit else "..." + joined[-(limit - 3) :]
+
+
+def failed_hooks(document):
+    """One line per hook whose last run failed: trigger and label, device, error, end of its output.
+
+    Runs of one hook (same trigger, label and device) are retries: only the last one counts.
+    """
+    last = {}
+    for hook in (document or {}).get("hooks") or []:
+        last[(hook.get("trigger"), hook.get("label"), hook.get("device_id"))] = hook
+    lines = []
+    for (trigger, label, device), hook in last.items():
+        if hook.get("ok"):
+            continue
+        line = f"{trigger} hook {label}" + (f" on {device}" if device else "")
+        line += f": {hook.get('error') or 'failed'}"
+        tail = one_line(hook.get("output_tail"))
+        lines.append(f"{line}; output: {tail}" if tail else line)
+    return lines
+
+
+def failure_message(rc, document, error):
+    """The failed task's msg: what went wrong, then one line per failed hook (no repeated line)."""
+    lines = [fail_message(rc, document, error), *failed_hooks(document)]
+    return "\n".join(dict.fromkeys(line for line in lines if line))
+
+
+def is_changed(document, check_mode):
+    """`changed` as the CLI reports it; in check mode, whether the VM would move."""
+    if document is None:
+        return False
+    if check_mode:
+        return bool(document.get("changed")) or document.get("outcome") == "planned"
+    return bool(document.get("changed"))
+
+
 def main():
     module = AnsibleModule(
         argument_spec={
@@ -300,14 +362,11 @@ def main():
     )
     rc, document, error, argv = run(module, build_args(module.params, module.check_mode))
     fields = {key: document.get(key) for key in REPORT_FIELDS} if document else {}
-    if document is not None and module.check_mode:
-        changed = document.get("outcome") == "planned"
-    else:
-        changed = bool(document and document.get("changed"))
+    changed = is_changed(document, module.check_mode)
     result = {"changed": changed, "rc": rc, **fields}
 
     if rc != EXIT_OK or document is None:
-        module.fail_json(msg=fail_message(rc, document, error), cmd=argv, **result)
+        module.fail_json(msg=failure_message(rc, document, error), cmd=argv, **result)
 
     domain = document.get("domain") or module.params["domain"]
     destination = document.get("destination")
