@@ -7,6 +7,32 @@ Reads use a second connection; in WAL mode they see committed records while any 
 A journal left with migrations 'running' by a process that died is corrected on the next open.
 `Journal.open_readonly` (what `orchestrator history` uses) creates nothing and writes nothing: a
 missing journal reads as empty, and such migrations only read as interrupted.
+
+No record is lost silently, and nothing is claimed that was not checked:
+
+- Another process holding the write lock (another orchestrator commits in microseconds; an admin's
+  `sqlite3` shell inside a transaction may hold it for minutes; readers take no lock in WAL mode):
+  the writer thread retries the record with backoff, 5 ms doubling to 1 s, for up to
+  `_RETRY_BUDGET_S` (60 s) in all, in order (the records queued after it wait). An attempt waits at
+  most `_WRITER_BUSY_MS` inside SQLite and holds the connection only that long, so the synchronous
+  `starting` record of a drain (`record_device_action`) still waits at most about `_SYNC_BUSY_MS`
+  more: if it cannot commit, it is queued and its reason returned to the caller. After a give-up,
+  every later record gets one attempt, until one lands (a lock held for an hour must not make the
+  queue wait a minute per record).
+- Every record the writer gives up on, and every other failed write, is a failure: one line in
+  `Journal.failures` (read without raising: the migration puts it into its report and exit code),
+  and the first one since the last report is raised by `flush()` and `close()`. `flush()`'s timeout
+  does not count the time the writer waits for another process's lock (bounded by the budget).
+- A corrupt journal: `Journal.check()` runs `PRAGMA quick_check(1)` and raises EnvironmentProblem
+  (exit 7) in one line naming the file and how to move it aside or salvage it. `Journal.open(path,
+  check=True)` runs it before anything is written (the migrate and evacuate paths open so: no
+  migration runs with a journal that cannot record it); a read-only open does not (it would read the
+  whole file for `history`), but every read turns an SQLite error into the same one-line problem,
+  never a traceback.
+- Crash recovery: `unfinished()` lists this host's migrations whose process died before they ended
+  and that `recover` has not finished (`recovered` NULL); `mark_recovered()` records what `recover`
+  did, and nothing rewrites such a row afterwards (neither the stale marking at open nor a second
+  `mark_recovered`).
 """
 
 from __future__ import annotations
@@ -28,17 +54,42 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple
 
-from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
+from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError, shell_uri
 from orchestrator.report import Outcome
 
 DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
 ENV_VAR: Final = "ORCH_JOURNAL"
 SCHEMA_VERSION: Final = 2
 FLUSH_TIMEOUT_S: Final = 10.0
-_BUSY_TIMEOUT_S: Final = 5.0  # another process holding the write lock (its commits take microseconds)
+# Opening (creating the schema) and reading wait this long for another process's lock.
+_BUSY_TIMEOUT_S: Final = 5.0
 # A record written before a hook starts (`record_device_action(..., "starting")`) waits at most this
 # long for another process's write lock: the hook must not wait on the journal.
 _SYNC_BUSY_MS: Final = 50
+# One attempt of the writer thread waits this long inside SQLite for another process's write lock (and
+# holds the connection, which a `starting` record then waits for, no longer); then it backs off.
+_WRITER_BUSY_MS: Final = 10
+_RETRY_FIRST_S: Final = 0.005
+_RETRY_MAX_S: Final = 1.0
+_RETRY_BUDGET_S = 60.0  # in all, per record, before the writer gives up on it (tests shorten it)
+_WAIT_SLICE_S: Final = 0.05
+_FAILURES_KEPT: Final = 20  # lines kept in Journal.failures; beyond, a count
+_DETAIL_CHARS: Final = 200
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+_BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})  # another connection's lock
+# SQLite result codes that say nothing about the file's contents (permissions, resources, I/O)
+_NOT_CORRUPTION: Final = frozenset(
+    {
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_AUTH,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+    }
+)
 _CHECKPOINT_IDLE_S: Final = 1.0  # the writer checkpoints the WAL when idle this long (not on a hot write)
 _PATH_HINT: Final = f"use --journal PATH (or set {ENV_VAR})"
 _STALE_ERROR: Final = "orchestrator process died"
@@ -164,7 +215,18 @@ _FINISH_MIGRATION: Final = (
     "WHERE id = ?"
 )
 _MARK_INTERRUPTED: Final = (
-    "UPDATE migrations SET outcome = ?, error = ?, ended = ? WHERE id = ? AND outcome = ?"
+    "UPDATE migrations SET outcome = ?, error = ?, ended = ? WHERE id = ? AND outcome = ? "
+    "AND recovered IS NULL"
+)
+_MARK_RECOVERED: Final = (
+    "UPDATE migrations SET outcome = ?, error = ?, ended = coalesce(ended, ?), recovered = ?, "
+    "summary = coalesce(?, summary) WHERE id = ? AND recovered IS NULL"
+)
+_SELECT_UNFINISHED: Final = (
+    "SELECT * FROM migrations WHERE host = ? AND outcome IN (?, ?) AND recovered IS NULL ORDER BY started, id"
+)
+_SELECT_UNFINISHED_V1: Final = (  # a schema-1 journal read as it is: nothing was ever recovered
+    "SELECT * FROM migrations WHERE host = ? AND outcome IN (?, ?) ORDER BY started, id"
 )
 
 
@@ -444,12 +506,22 @@ class MigrationRecord:
         }
 
 
+class _Ticket:
+    """What the writer thread tells the caller waiting for one record: how many rows it changed."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.rowcount = 0
+        self.error: OrchestratorError | None = None
+
+
 class _Write(NamedTuple):
     """One record for the writer: one statement, committed as one transaction."""
 
     what: str  # for the error report: "event 7 of migration 3f2a..."
     sql: str
     params: tuple[object, ...]
+    ticket: _Ticket | None = None  # set for a caller that waits for this very record
 
 
 _Item = _Write | threading.Event | None  # an Event is a flush marker; None stops the writer
@@ -469,6 +541,92 @@ def _process_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc: kill(0) is all we know
     return stat[stat.rfind(")") + 2 :][:1] != "Z"
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of `exc` (SQLITE_BUSY for SQLITE_BUSY_SNAPSHOT...), if any."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """True if `exc` says another connection holds a lock this one needs (retrying may succeed)."""
+    return isinstance(exc, sqlite3.Error) and _sqlite_code(exc) in _BUSY_CODES
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    """True if `path` begins with SQLite's header: a database, damaged or not (not some other file)."""
+    try:
+        with path.open("rb") as file:
+            return file.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def _one_line(text: str) -> str:
+    """SQLite's text as one bounded line (quick_check reports "*** in database main ***\nPage 9: ...")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("***")]
+    joined = "; ".join(lines) or text.strip()
+    return joined if len(joined) <= _DETAIL_CHARS else joined[: _DETAIL_CHARS - 3] + "..."
+
+
+def _corruption_hint(path: Path) -> str:
+    """How to get going again with a corrupt journal: a command to paste, for each way."""
+    aside = f"mv {shell_uri(str(path))} {shell_uri(f'{path}.corrupt')}"
+    wal = Path(f"{path}-wal")
+    with contextlib.suppress(OSError):
+        if wal.stat().st_size > 0:  # records not yet in the file itself: they move with it
+            aside += f" && mv {shell_uri(str(wal))} {shell_uri(f'{path}.corrupt-wal')}"
+    return (
+        f"move it aside: {aside} (a new journal is created on the next run), or salvage it with: "
+        f"sqlite3 {shell_uri(str(path))} .recover | sqlite3 {shell_uri(f'{path}.recovered')}"
+    )
+
+
+class JournalCorrupt(EnvironmentProblem):
+    """The journal's file is damaged: one line naming it and how to move it aside or salvage it."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = _one_line(detail)
+        super().__init__(f"the journal {path} is corrupt: {self.detail}", _corruption_hint(path))
+
+    def again(self) -> JournalCorrupt:
+        """The same error, its hint made anew (after closing: the -wal file may be gone)."""
+        return JournalCorrupt(self.path, self.detail)
+
+
+def _corrupt(path: Path, detail: str) -> JournalCorrupt:
+    """The one-line error for a journal whose file is damaged."""
+    return JournalCorrupt(path, detail)
+
+
+def _is_corruption(path: Path, exc: BaseException, *, reading: bool) -> bool:
+    """True if `exc` says the journal file is damaged: SQLite says so, or an SQLite file cannot be read
+    as a journal (reading), or has a valid header but the rest is not a database."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = _sqlite_code(exc)
+    if code == sqlite3.SQLITE_CORRUPT:
+        return True
+    if code in _NOT_CORRUPTION or _is_busy(exc):
+        return False
+    return (reading or code == sqlite3.SQLITE_NOTADB) and _is_sqlite_file(path)
+
+
+def _db_error(path: Path, exc: BaseException, *, reading: bool = False) -> OrchestratorError:
+    """The one-line error for an SQLite (or OS) error met opening or reading the journal: never a
+    traceback. A damaged file says how to move it aside; a lock names the way to find its holder."""
+    if _is_busy(exc):
+        return EnvironmentProblem(
+            f"the journal {path} is locked by another process: {exc}",
+            f"retry when it is done; see which processes have it open with: fuser -v {shell_uri(str(path))}",
+        )
+    if _is_corruption(path, exc, reading=reading):
+        return _corrupt(path, str(exc))
+    if reading and _sqlite_code(exc) == sqlite3.SQLITE_IOERR:
+        return EnvironmentProblem(f"cannot read the journal {path}: {exc}", "check the disk it is on")
+    return _open_error(path, exc, reading=reading)
 
 
 def _open_error(path: Path, exc: BaseException, *, reading: bool = False) -> OrchestratorError:
@@ -517,9 +675,19 @@ def _upgrade(version: int) -> list[str]:
     return [statement for statement in text.split(";") if statement.strip()]
 
 
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise the one-line EnvironmentProblem if `PRAGMA quick_check(1)` finds damage (and
+    sqlite3.Error if SQLite cannot even run it)."""
+    detail = "; ".join(str(row[0]) for row in conn.execute("PRAGMA quick_check(1)").fetchall())
+    if detail != "ok":
+        raise _corrupt(path, detail)
+
+
 def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable at checkpoints, never corrupt
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return  # nothing to create: no write lock needed (another process may hold it for a while)
     conn.execute("BEGIN IMMEDIATE")  # two processes creating a new journal at once: one waits
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -544,17 +712,27 @@ class Journal:
     read only); use as a context manager or `close()`.
 
     Write methods are thread-safe and never block on disk; call `flush()` to wait until what was
-    written is committed (and to learn of a write that failed). Reads see committed records only.
+    written is committed (and to learn of a write that failed), or read `failures`. Reads see
+    committed records only.
     """
 
     def __init__(
-        self, path: Path, writer: sqlite3.Connection | None, reader: sqlite3.Connection | None
+        self,
+        path: Path,
+        writer: sqlite3.Connection | None,
+        reader: sqlite3.Connection | None,
+        version: int = SCHEMA_VERSION,
     ) -> None:
         """Use `Journal.open` or `Journal.open_readonly` (no writer; no reader: no journal yet)."""
         self.path = path
         self._writer_conn = writer
         self._reader = reader
+        self._version = version  # of the file as it is read (a read-only journal is not upgraded)
         self.readonly = writer is None
+        self._failures_lock = threading.Lock()
+        self._failures: list[str] = []  # every write that failed, one line each (the first few)
+        self._failures_more = 0  # ... and how many more
+        self._blocked = False  # the writer thread is waiting for another process's write lock
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -570,11 +748,13 @@ class Journal:
             self._thread.start()
 
     @classmethod
-    def open(cls, path: Path) -> Journal:
+    def open(cls, path: Path, *, check: bool = False) -> Journal:
         """Open (creating if needed) the journal at `path`, and mark migrations left running by a
-        dead process as interrupted.
+        dead process as interrupted. With `check`, first verify the file (`check()`): what is about
+        to change the world opens so, and learns of a corrupt journal before anything happens.
 
-        Raises BadInput or EnvironmentProblem, naming the path, if it cannot be opened or created.
+        Raises BadInput or EnvironmentProblem, naming the path, if it cannot be opened or created,
+        and EnvironmentProblem if it is corrupt.
         """
         path = path.expanduser().absolute()
         try:
@@ -589,18 +769,28 @@ class Journal:
             _create_schema(writer, path)
             # Checkpoints are the writer thread's, when idle: never inside a write a hook waits for.
             writer.execute("PRAGMA wal_autocheckpoint = 0")
+            # Each attempt of the writer thread is short; it retries (see the module's docstring).
+            writer.execute(f"PRAGMA busy_timeout = {_WRITER_BUSY_MS}")
             reader = _connect(path)
             reader.execute("PRAGMA query_only = ON")
         except (sqlite3.Error, OSError) as exc:
             for conn in (writer, reader):
                 if conn is not None:
                     conn.close()
-            raise _open_error(path, exc) from None
+            error = _db_error(path, exc)
+            raise error.again() if isinstance(error, JournalCorrupt) else error from None
         journal = cls(path, writer, reader)
         try:
+            if check:
+                journal.check()
             journal.mark_stale(time.time())
+        except JournalCorrupt as corrupt:
+            with contextlib.suppress(OrchestratorError):
+                journal.close()
+            raise corrupt.again() from None
         except BaseException:
-            journal.close()
+            with contextlib.suppress(OrchestratorError):  # the error on its way says what matters
+                journal.close()
             raise
         return journal
 
@@ -622,10 +812,14 @@ class Journal:
         try:
             reader = _connect_existing(path)
             version = reader.execute("PRAGMA user_version").fetchone()[0]
-        except (sqlite3.Error, OSError) as exc:
+            if version < 1 and path.stat().st_size > 0:
+                # SQLite reads a damaged header as an empty database: only an intact one is empty
+                _quick_check(reader, path)
+        except (sqlite3.Error, OSError, OrchestratorError) as exc:
             if reader is not None:
                 reader.close()
-            raise _open_error(path, exc, reading=True) from None
+            error = exc if isinstance(exc, OrchestratorError) else _db_error(path, exc, reading=True)
+            raise error.again() if isinstance(error, JournalCorrupt) else error from None
         if version > SCHEMA_VERSION:
             reader.close()
             raise EnvironmentProblem(
@@ -636,7 +830,44 @@ class Journal:
         if version < 1:  # an empty file: no migration was ever recorded in it
             reader.close()
             reader = None
-        return cls(path, None, reader)
+        return cls(path, None, reader, version)
+
+    def check(self) -> None:
+        """Verify the journal's file (`PRAGMA quick_check(1)`: every page, no index contents; reads the
+        whole file once). Nothing to verify in a read-only journal that does not exist.
+
+        Raises EnvironmentProblem, in one line naming the file and how to move it aside or salvage it,
+        if it is damaged.
+        """
+        with self._read_lock:
+            if self._reader is None:
+                return
+            try:
+                _quick_check(self._reader, self.path)
+            except sqlite3.Error as exc:
+                raise _db_error(self.path, exc, reading=True) from None
+
+    @property
+    def failures(self) -> list[str]:
+        """Every write that failed since the journal was opened (a record the writer gave up on, or
+        could not insert), one line each, oldest first: the first 20, then a line counting the others.
+        Reading it raises nothing and reports nothing (`flush()` and `close()` still raise the first).
+        """
+        with self._failures_lock:
+            lines = list(self._failures)
+            if self._failures_more:
+                lines.append(f"the journal {self.path} failed {self._failures_more} more writes")
+        return lines
+
+    def _failed(self, error: OrchestratorError) -> None:
+        """Note a write that failed (the writer thread): in `failures`, and for the next report."""
+        with self._failures_lock:
+            if len(self._failures) < _FAILURES_KEPT:
+                self._failures.append(error.line())
+            else:
+                self._failures_more += 1
+            if self._error is None:
+                self._error = error
 
     def __enter__(self) -> Journal:
         return self
@@ -759,7 +990,7 @@ class Journal:
                 try:
                     conn.execute(write.sql, write.params)
                 finally:
-                    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+                    conn.execute(f"PRAGMA busy_timeout = {_WRITER_BUSY_MS}")
             except sqlite3.Error as exc:
                 failure = (
                     f"the journal {self.path} could not record {write.what} before its hooks started: {exc}"
@@ -870,11 +1101,12 @@ class Journal:
         'interrupted', ended at `now`; return their ids. Waits until the marks are committed.
 
         A PID reused since by an unrelated process keeps its migration 'running' until that process ends.
+        A migration `recover` has finished (`recovered` set) is never touched.
         """
         if self.readonly:
             raise OrchestratorError(f"the journal {self.path} is open read-only: nothing can be marked")
         running = self._select(
-            "SELECT id, pid FROM migrations WHERE outcome = ? AND host = ?",
+            "SELECT id, pid FROM migrations WHERE outcome = ? AND host = ? AND recovered IS NULL",
             (Outcome.RUNNING.value, self._host),
         )
         stale = [row["id"] for row in running if not _process_alive(row["pid"])]
@@ -890,21 +1122,84 @@ class Journal:
             self.flush()
         return stale
 
+    def unfinished(self, host: str | None = None) -> list[MigrationRow]:
+        """Migrations of `host` (default: this host) that `recover` has to finish: 'running' or
+        'interrupted', not recovered yet, and whose process is gone (its PID is looked up on this
+        machine; a migration whose process still lives is not unfinished). Oldest first.
+
+        An interrupted migration that cleaned up before it ended is listed too: its device actions
+        (`device_actions`, `still_drained`) say there is nothing left to undo.
+        """
+        sql = _SELECT_UNFINISHED if self._version >= SCHEMA_VERSION else _SELECT_UNFINISHED_V1
+        rows = self._select(
+            sql, (self._host if host is None else host, Outcome.RUNNING.value, Outcome.INTERRUPTED.value)
+        )
+        migrations = [MigrationRow._from_row(row) for row in rows]
+        return [self._as_read(row) for row in migrations if not _process_alive(row.pid)]
+
+    def mark_recovered(
+        self,
+        migration_id: str,
+        outcome: Outcome | str,
+        error: str | None,
+        at: float,
+        summary: Mapping[str, object] | None = None,
+    ) -> bool:
+        """Record that `recover` finished what a migration's process left undone: its outcome and
+        error, `ended` (if it was not set), `recovered` = `at`, and `summary` if given. Committed
+        before it returns.
+
+        Returns False, changing nothing, if the migration does not exist or was already recovered.
+        Raises OrchestratorError if it cannot be recorded.
+        """
+        outcome = Outcome(outcome)
+        if outcome is Outcome.RUNNING:
+            raise ValueError("a recovered migration cannot be 'running'")
+        ticket = _Ticket()
+        self._put(
+            _Write(
+                f"the recovery of migration {migration_id}",
+                _MARK_RECOVERED,
+                (outcome.value, error, at, at, None if summary is None else _json(summary), migration_id),
+                ticket,
+            )
+        )
+        self._wait(ticket.done, FLUSH_TIMEOUT_S)
+        if ticket.error is not None:
+            with self._failures_lock:
+                if self._error is ticket.error:  # reported here, not again by flush()
+                    self._error = None
+            raise ticket.error
+        return ticket.rowcount > 0
+
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
         """Wait until everything written so far is committed.
 
-        Raises OrchestratorError if the writer does not catch up within `timeout` seconds, or if a
-        write failed since the last report (the first failure; it is then reported).
+        Raises OrchestratorError if the writer does not catch up within `timeout` seconds (not
+        counting the time it waits for another process's write lock: at most `_RETRY_BUDGET_S` per
+        record), or if a write failed since the last report (the first failure; it is then reported).
         """
         if not self._closed and not self.readonly:
             done = threading.Event()
             self._queue.put(done)
-            if not done.wait(timeout):
+            self._wait(done, timeout)
+        self._report_error()
+
+    def _wait(self, done: threading.Event, timeout: float) -> None:
+        """Wait for the writer thread to reach `done`: up to `timeout` seconds, plus the time it spends
+        waiting for another process's write lock (bounded by its retry budget)."""
+        waited = 0.0
+        while True:
+            start = time.monotonic()
+            if done.wait(min(_WAIT_SLICE_S, max(timeout - waited, 0.0))):
+                return
+            if not self._blocked:
+                waited += time.monotonic() - start
+            if waited >= timeout:
                 raise EnvironmentProblem(
                     f"the journal {self.path} did not commit within {timeout:g} s",
                     "check the disk it is on, or whether another process holds it locked",
                 )
-        self._report_error()
 
     def close(self) -> None:
         """Commit everything written, stop the writer and close the journal (idempotent).
@@ -924,7 +1219,8 @@ class Journal:
         self._report_error()
 
     def _report_error(self) -> None:
-        error, self._error = self._error, None
+        with self._failures_lock:
+            error, self._error = self._error, None
         if error is not None:
             raise error
 
@@ -933,6 +1229,7 @@ class Journal:
         assert conn is not None  # the thread only runs for a writable journal
         logged = False
         dirty = False  # written since the last checkpoint
+        patient = True  # False after giving up on another process's lock: one attempt until one lands
         while True:
             try:
                 item = self._queue.get(timeout=_CHECKPOINT_IDLE_S if dirty else None)
@@ -947,32 +1244,86 @@ class Journal:
                 item.set()
                 continue
             dirty = True
-            try:
-                with self._write_lock:
-                    conn.execute(item.sql, item.params)
-            except Exception as exc:  # a failed write must not stop the ones after it
-                error = EnvironmentProblem(
-                    f"the journal {self.path} did not record {item.what}: {exc}",
-                    "check the free space and permissions of its directory",
-                )
-                if self._error is None:
-                    self._error = error
+            error, locked_out = self._commit(conn, item, patient=patient)
+            patient = error is None or not locked_out
+            if error is not None:  # a failed write must not stop the ones after it
+                self._failed(error)
+                if item.ticket is not None:
+                    item.ticket.error = error
                 if not logged:
                     logged = True
                     _log.error("%s", error.line())
+            if item.ticket is not None:
+                item.ticket.done.set()
+
+    def _commit(
+        self, conn: sqlite3.Connection, write: _Write, *, patient: bool
+    ) -> tuple[OrchestratorError | None, bool]:
+        """Commit one record, retrying while another process holds the write lock (if `patient`: with
+        backoff, up to the budget; else once). Returns the failure, if any, and whether it was that lock.
+        """
+        start = time.monotonic()
+        delay = _RETRY_FIRST_S
+        try:
+            while True:
+                try:
+                    with self._write_lock:  # held for one attempt: a `starting` record waits no longer
+                        cursor = conn.execute(write.sql, write.params)
+                except sqlite3.Error as exc:
+                    waited, budget = time.monotonic() - start, _RETRY_BUDGET_S
+                    if not _is_busy(exc):
+                        raise
+                    if not patient or waited >= budget:
+                        return self._locked_out(write, exc, waited if patient else None), True
+                    self._blocked = True
+                    time.sleep(min(delay, budget - waited))
+                    delay = min(2 * delay, _RETRY_MAX_S)
+                else:
+                    if write.ticket is not None:
+                        write.ticket.rowcount = cursor.rowcount
+                    return None, False
+        except Exception as exc:  # anything else: this record is lost, the next ones are tried
+            hint = (
+                _corruption_hint(self.path)
+                if _is_corruption(self.path, exc, reading=False)
+                else "check the free space and permissions of its directory"
+            )
+            lost = EnvironmentProblem(f"the journal {self.path} did not record {write.what}: {exc}", hint)
+            return lost, False
+        finally:
+            self._blocked = False
+
+    def _locked_out(self, write: _Write, exc: sqlite3.Error, waited: float | None) -> EnvironmentProblem:
+        """The failure of a record the writer gave up on: another process held the lock too long
+        (`waited` seconds), or still holds it after an earlier give-up (`waited` None)."""
+        how = (
+            f"another process held its write lock for {waited:.1f} s"
+            if waited is not None
+            else "another process still holds its write lock"
+        )
+        return EnvironmentProblem(
+            f"the journal {self.path} did not record {write.what}: {how} ({exc})",
+            f"see which processes have it open with: fuser -v {shell_uri(str(self.path))}",
+        )
 
     # Reads: on their own connection, committed records only.
 
-    def _select(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def _select(
+        self, sql: str, params: tuple[object, ...] = (), *, table_may_be_missing: bool = False
+    ) -> list[sqlite3.Row]:
+        """The rows of a query; any SQLite error is a one-line OrchestratorError naming the journal."""
         with self._read_lock:
+            if self._closed:
+                raise OrchestratorError(f"the journal {self.path} is closed; it cannot be read")
             if self._reader is None:  # a read-only journal that does not exist (yet): no rows
                 return []
             try:
                 return self._reader.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                if not self.readonly:
-                    raise
-                raise _open_error(self.path, exc, reading=True) from None
+                missing = isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such table")
+                if table_may_be_missing and missing:
+                    return []
+                raise _db_error(self.path, exc, reading=True) from None
 
     def _as_read(self, row: MigrationRow) -> MigrationRow:
         """The row as `open` would have left it: read-only, a dead process's migration is not marked
@@ -980,6 +1331,7 @@ class Journal:
         if (
             self.readonly
             and row.outcome is Outcome.RUNNING
+            and row.recovered is None
             and row.host == self._host
             and not _process_alive(row.pid)
         ):
@@ -1027,7 +1379,7 @@ class Journal:
         migration = self._as_read(MigrationRow._from_row(rows[0]))
         events = self._select("SELECT * FROM events WHERE migration_id = ? ORDER BY seq", (migration.id,))
         runs = self._select("SELECT * FROM hook_runs WHERE migration_id = ? ORDER BY seq", (migration.id,))
-        actions = self._device_actions(migration.id)
+        actions = self.device_actions(migration.id)
         return MigrationRecord(
             migration,
             tuple(EventRow._from_row(row) for row in events),
@@ -1035,11 +1387,12 @@ class Journal:
             actions,
         )
 
-    def _device_actions(self, migration_id: str) -> tuple[DeviceActionRow, ...]:
-        try:
-            rows = self._select(
-                "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq", (migration_id,)
-            )
-        except OrchestratorError:
-            return ()  # a schema-1 journal read as it is: no device actions were recorded then
+    def device_actions(self, migration_id: str) -> tuple[DeviceActionRow, ...]:
+        """A migration's drain and undrain steps in sequence order (committed ones; none for an unknown
+        id, or in a schema-1 journal read as it is: none were recorded then)."""
+        rows = self._select(
+            "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq",
+            (migration_id,),
+            table_may_be_missing=True,
+        )
         return tuple(DeviceActionRow._from_row(row) for row in rows)
