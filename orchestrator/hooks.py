@@ -89,6 +89,7 @@ KILL_GRACE_S = 0.2  # between SIGTERM and SIGKILL of a timed-out hook's process 
 _IDLE_POLL_S = 0.05  # how often a quiet hook is checked for exit (its pipe may be held by a grandchild)
 _READ_CHUNK = 65536
 _FINAL_READS = 16  # chunks read after the hook ended
+ARM_TIMEOUT_S = 10.0  # an armed hook must print `ready` within this long of its start
 _KNOWN = frozenset(PLACEHOLDERS)
 _FORMATTER = string.Formatter()
 
@@ -323,14 +324,16 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-def _spawn(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+def _spawn(
+    argv: list[str], env: dict[str, str], *, stdin: int = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[bytes] | None, str | None]:
     """Start the program; return the process, or None and why it could not start."""
     if not argv:
         return None, "empty argv"
     try:
         process = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -346,8 +349,250 @@ def _spawn(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes
     return process, None
 
 
+class ArmedHook:
+    """A drain or undrain hook started when the migration starts, woken through its stdin at the event.
+
+    The protocol (the README's "Armed hooks"; policies/default.toml points there):
+
+    - it is started once per migration, with its argv and environment (no per-device placeholders:
+      one process serves every device of the VM), and prints `ready` on a line of its own once armed;
+    - at each event the orchestrator writes one line to its stdin, `ACTION DEVICE STATE QEMU_TIME`
+      (`drain` or `undrain`, the device id, the device state, QEMU's timestamp in epoch seconds or `-`
+      when the orchestrator decided alone), and the hook acts at once;
+    - it answers `ok DEVICE`, or `fail DEVICE REASON`, on a line of its own, within its timeout_ms;
+    - when the migration ends its stdin is closed: it exits, status 0, without acting.
+
+    Any other output is kept as output (its tail is reported). A hook that dies, or does not answer in
+    time (it is then killed, with its process group), fails the action, and every later one at once.
+    The hot path is `fire`: one write to a pipe, no process started.
+    """
+
+    def __init__(self, hook: Hook, values: Mapping[str, str]) -> None:
+        self.hook = hook
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._pending: dict[str, tuple[HookResult, Callable[[HookResult], None] | None, float]] = {}
+        self._tail = bytearray()
+        self._dead: str | None = None  # why it can no longer act
+        self._process: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._wakeup_r = self._wakeup_w = -1  # a pipe that tells the reader a new deadline exists
+        self.arming = self._result(None, started=time.time(), start_monotonic=time.monotonic())
+        try:
+            argv = fill_argv(hook.argv, values)
+        except ValueError as exc:
+            self._dead = f"bad argv: {exc}"
+            return
+        self._process, error = _spawn(argv, hook_env(values), stdin=subprocess.PIPE)
+        if self._process is None:
+            self._dead = error
+            return
+        self.arming.pid = self._process.pid
+        assert self._process.stdin is not None
+        os.set_blocking(self._process.stdin.fileno(), False)  # a hook that stops reading never blocks us
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        _thread.start_new_thread(self._read, ())
+
+    @property
+    def pid(self) -> int | None:
+        """The armed process's id (and process group id), None if it could not start."""
+        return self._process.pid if self._process is not None else None
+
+    def wait_ready(self, timeout_s: float = ARM_TIMEOUT_S) -> HookResult:
+        """Wait until the hook says `ready` (or dies, or `timeout_s` passes); the arming's result."""
+        result = self.arming
+        if self._dead is None and not self._ready.wait(timeout_s) and self._dead is None:
+            self._kill(f"not ready within {timeout_s:g} s")
+        with self._lock:
+            result.ended = time.time()
+            result.duration_ms = (time.monotonic() - result.start_monotonic) * 1000
+            if self._ready.is_set():
+                result.exit_code = 0
+            else:
+                result.error = f"armed hook did not arm: {self._dead}"
+                result.output_tail = self._tail.decode(errors="replace")
+        return result
+
+    def fire(
+        self,
+        device_id: str,
+        state: str,
+        qemu_time: float | None,
+        on_done: Callable[[HookResult], None] | None = None,
+    ) -> HookResult:
+        """Tell the hook to act for `device_id` now; `on_done` gets the result (its answer, or why not)."""
+        started, start_monotonic = time.time(), time.monotonic()
+        result = self._result(device_id, started=started, start_monotonic=start_monotonic)
+        action = "drain" if self.hook.trigger is Trigger.DRAIN else "undrain"
+        when = "-" if qemu_time is None else f"{qemu_time:.6f}"
+        line = f"{action} {device_id} {state} {when}\n".encode()
+        failure = None
+        with self._lock:
+            if self._dead is not None:
+                failure = f"the armed hook cannot act: {self._dead}"
+            elif device_id in self._pending:
+                failure = f"the armed hook is still acting for {device_id}"
+            else:
+                process = self._process
+                assert process is not None and process.stdin is not None
+                try:
+                    written = os.write(process.stdin.fileno(), line)
+                except OSError as exc:  # BrokenPipe: it died; EAGAIN: it stopped reading
+                    failure = f"the armed hook cannot be told: {exc.strerror or exc}"
+                else:
+                    if written != len(line):
+                        failure = "the armed hook stopped reading its stdin"
+                    else:
+                        deadline = start_monotonic + self.hook.timeout_ms / 1000
+                        self._pending[device_id] = (result, on_done, deadline)
+        if failure is None:
+            os.write(self._wakeup_w, b"x")  # the reader now has a deadline to watch
+        else:
+            self._finish(result, on_done, error=failure)
+        return result
+
+    def close(self) -> HookResult | None:
+        """The migration is over: close its stdin, let it exit (kill it after the grace); a result only
+        when it did not exit cleanly."""
+        process = self._process
+        if process is None:
+            return None
+        with contextlib.suppress(OSError):
+            assert process.stdin is not None
+            process.stdin.close()
+        try:
+            code = process.wait(max(KILL_GRACE_S * 5, 1.0))
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            code = process.returncode
+        with contextlib.suppress(OSError):
+            os.close(self._wakeup_w)
+        if code == 0:
+            return None
+        result = self._result(None, started=time.time(), start_monotonic=time.monotonic())
+        result.exit_code = code if code >= 0 else None
+        result.error = (
+            f"armed hook exited with status {code}" if code > 0 else f"armed hook killed by signal {-code}"
+        )
+        result.output_tail = self._tail.decode(errors="replace")
+        return result
+
+    # --- internals ------------------------------------------------------------------------------
+    def _result(self, device_id: str | None, *, started: float, start_monotonic: float) -> HookResult:
+        return HookResult(
+            self.hook.label,
+            self.hook.trigger,
+            device_id,
+            list(self.hook.argv),
+            1,
+            started,
+            start_monotonic,
+            self.pid if self._process is not None else None,
+        )
+
+    def _read(self) -> None:
+        """The reader thread: answers, output, the hook's end, and the deadlines of pending actions."""
+        process = self._process
+        assert process is not None and process.stdout is not None
+        fd = process.stdout.fileno()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(fd, selectors.EVENT_READ, "out")
+                selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
+                while True:
+                    for key, _ in selector.select(self._next_deadline()):
+                        if key.data == "wakeup":
+                            os.read(self._wakeup_r, 4096)
+                        elif not self._take(os.read(fd, _READ_CHUNK)):
+                            process.wait()
+                            self._kill(f"exited with status {process.returncode} before the migration ended")
+                            return
+                    self._expire()
+        except Exception as exc:  # a bug here must still fail the pending actions, never hang them
+            _log.exception("following armed hook %s failed", self.hook.label)
+            self._kill(f"internal error following the armed hook: {exc}")
+        finally:
+            process.stdout.close()
+            os.close(self._wakeup_r)
+
+    def _take(self, chunk: bytes) -> bool:
+        """Parse the hook's output; False at its end."""
+        if not chunk:
+            return False
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for raw in lines:
+            words = raw.decode(errors="replace").strip().split(" ", 2)
+            if words == ["ready"]:
+                self._ready.set()
+            elif len(words) >= 2 and words[0] in ("ok", "fail"):
+                self._answer(
+                    words[1], None if words[0] == "ok" else (words[2] if len(words) > 2 else "failed")
+                )
+            else:
+                with self._lock:
+                    self._tail += raw + b"\n"
+                    del self._tail[:-OUTPUT_TAIL_BYTES]
+        return True
+
+    def _answer(self, device_id: str, failure: str | None) -> None:
+        with self._lock:
+            pending = self._pending.pop(device_id, None)
+        if pending is not None:
+            result, on_done, _deadline = pending
+            self._finish(result, on_done, error=None if failure is None else f"answered fail: {failure}")
+
+    def _next_deadline(self) -> float | None:
+        with self._lock:
+            deadlines = [deadline for _r, _d, deadline in self._pending.values()]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [device for device, (_r, _d, deadline) in self._pending.items() if deadline <= now]
+        if late:
+            self._kill(f"timed out after {self.hook.timeout_ms} ms", timed_out=True)
+
+    def _kill(self, why: str, *, timed_out: bool = False) -> None:
+        """It can no longer act: fail what is pending, end its process group."""
+        with self._lock:
+            if self._dead is None:
+                self._dead = why
+            pending, self._pending = self._pending, {}
+            tail = self._tail.decode(errors="replace")
+        for result, on_done, _deadline in pending.values():
+            result.output_tail = tail
+            self._finish(result, on_done, error=why, timed_out=timed_out)
+        process = self._process
+        if process is not None and process.poll() is None:
+            _kill_group(process)
+
+    def _finish(
+        self,
+        result: HookResult,
+        on_done: Callable[[HookResult], None] | None,
+        *,
+        error: str | None,
+        timed_out: bool = False,
+    ) -> None:
+        result.ended = time.time()
+        result.duration_ms = (time.monotonic() - result.start_monotonic) * 1000
+        result.error, result.timed_out = error, timed_out
+        result.exit_code = 0 if error is None else None
+        if on_done is not None:
+            try:
+                on_done(result)
+            except Exception:
+                _log.exception("on_done callback for armed hook %s failed", result.label)
+
+
 class HookRunner:
     """Starts hooks as argv commands (never through a shell) and reports how each run went."""
+
+    def arm(self, hook: Hook, values: Mapping[str, str]) -> ArmedHook:
+        """Start an armed hook (it then waits for its events); see `ArmedHook`."""
+        return ArmedHook(hook, values)
 
     def start(
         self,

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
 from orchestrator.errors import BadInput, OrchestratorError
-from orchestrator.hooks import HookResult, HookRunner, OnFailure, Trigger, preflight
+from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
 from orchestrator.hypervisor import (
     ACTIVE_STATES,
     GONE,
@@ -119,6 +119,44 @@ class JournalLike(Protocol):
         summary: Mapping[str, object] | None = ...,
     ) -> None:
         """Record how a migration ended."""
+
+
+class Armed(Protocol):
+    """An armed hook (orchestrator.hooks.ArmedHook): started with the migration, woken per event."""
+
+    def wait_ready(self) -> HookResult:
+        """Until it is ready (or failed to be); the arming's result."""
+
+    def fire(
+        self,
+        device_id: str,
+        state: str,
+        qemu_time: float | None,
+        on_done: Callable[[HookResult], None] | None,
+    ) -> object:
+        """Act for one device now; `on_done` gets the result."""
+
+    def close(self) -> HookResult | None:
+        """The migration is over; a result only if it did not exit cleanly."""
+
+
+class Hooks(Protocol):
+    """What a migration needs of the hook runner (orchestrator.hooks.HookRunner, or a fake)."""
+
+    def start(
+        self,
+        hook: Hook,
+        values: Mapping[str, str],
+        device_id: str | None = None,
+        on_done: Callable[[HookResult], None] | None = None,
+    ) -> object:
+        """Start one hook now; `on_done` gets its result."""
+
+    def run(self, hook: Hook, values: Mapping[str, str], device_id: str | None = None) -> HookResult:
+        """Run one hook to its end (with its retries)."""
+
+    def arm(self, hook: Hook, values: Mapping[str, str]) -> Armed:
+        """Start an armed hook."""
 
 
 class NullJournal:
@@ -281,7 +319,7 @@ class Migration:
         destination: Hypervisor,
         *,
         journal: JournalLike | None = None,
-        runner: HookRunner | None = None,
+        runner: Hooks | None = None,
         clock: Clock | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         on_entry: Callable[[TimelineEntry], None] | None = None,
@@ -293,7 +331,7 @@ class Migration:
         self.source = source
         self.destination = destination
         self.journal: JournalLike = journal or NullJournal()
-        self.runner = runner or HookRunner()
+        self.runner: Hooks = runner or HookRunner()
         self.clock: Clock = clock or SystemClock()
         self.on_progress = on_progress
         self.on_entry = on_entry
@@ -325,6 +363,7 @@ class Migration:
         self._subs: list[Subscription] = []
         self._job_done = False
         self._abort_sent = False
+        self._armed: dict[int, Armed] = {}  # by id() of the policy's Hook
 
     # --- the hot path: libvirt's event thread ---------------------------------------------------
     def _listener(self, role: Role) -> Callable[[str, str, int, int, dict[str, Any] | None], None]:
@@ -373,7 +412,12 @@ class Migration:
         )
         values = self._values(device, action.qom_path, action.state)
         for hook in self.request.policy.hooks_for(trigger):
-            self.runner.start(hook, values, device, self._device_hook_done(hook.on_failure))
+            done = self._device_hook_done(hook.on_failure)
+            armed = self._armed.get(id(hook))
+            if armed is not None:
+                armed.fire(device, action.state, action.qemu_time, done)
+            else:
+                self.runner.start(hook, values, device, done)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our
             # bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
@@ -474,7 +518,7 @@ class Migration:
             self._advance(Phase.SUBSCRIBED)
             self._subscribe(dom)
             self._advance(Phase.BEFORE_HOOKS)
-            if self._run_before_hooks() and self.request.switchover.drain is DrainMode.START:
+            if self._run_before_hooks() and self._arm() and self.request.switchover.drain is DrainMode.START:
                 self._advance(Phase.DRAINING)
                 self._drain_ahead()
             if self.machine.abort_reason is None:
@@ -482,6 +526,7 @@ class Migration:
         finally:
             self._advance(Phase.SETTLING)
             self._settle()
+            self._disarm()
             self._unsubscribe()
             if self.machine.job is not JobState.NOT_STARTED:
                 location = self._where()
@@ -635,6 +680,29 @@ class Migration:
             if self.machine.abort_reason is not None:
                 return False
         return self.machine.abort_reason is None
+
+    def _arm(self) -> bool:
+        """Start the armed drain and undrain hooks and wait until each is ready; False when one with
+        on_failure=abort could not arm (the migration is then aborted before its job)."""
+        for trigger in (Trigger.DRAIN, Trigger.UNDRAIN):
+            for hook in self.request.policy.hooks_for(trigger):
+                if not hook.armed:
+                    continue
+                armed = self._armed[id(hook)] = self.runner.arm(hook, self._values(state="armed"))
+                result = armed.wait_ready()
+                self._record_hook(result)
+                if not result.ok and hook.on_failure is OnFailure.ABORT:
+                    self.abort(f"{trigger} hook {result.label}: {result.error}", Outcome.ABORTED)
+        return self.machine.abort_reason is None
+
+    def _disarm(self) -> None:
+        """Close the armed hooks (their stdin); report any that did not exit cleanly."""
+        for armed in self._armed.values():
+            result = armed.close()
+            if result is not None:
+                self._record_hook(result)
+                self._note(f"armed hook {result.label}: {result.error}")
+        self._armed.clear()
 
     def _drain_ahead(self) -> None:
         """drain=start: drain every covered device and wait for the hooks (bounded by their deadlines)."""

@@ -1,6 +1,11 @@
 """`orchestrator-rdma-hook drain|undrain --domain D --device X [--state S]`: disarm or re-arm the
 RDMA peers of a device (the lab's peer stand-in, `orchestrator lab peer`).
 
+`orchestrator-rdma-hook serve --domain D` is its armed form (the README's "Armed hooks"): started
+with the migration, it says `ready`, then reads `drain|undrain DEVICE STATE QEMU_TIME` lines on
+stdin, disarms or re-arms that device's peers at once and answers `ok DEVICE` or `fail DEVICE WHY`;
+it exits when stdin closes. No process start, no import at the event: the budget is the peers'.
+
 This runs on the drain path, where the peers' timeout (tens of ms) is the whole budget from QEMU's
 prepare event to the peers being disarmed: it imports nothing but `os`, `socket` and `sys` (starts
 in about 10 ms where the orchestrator's package would take 30 ms). Exit 0 when the peer
@@ -15,7 +20,10 @@ import socket
 import sys
 
 FABRIC_ENV = "ORCH_RDMA_FABRIC"
-USAGE = "usage: orchestrator-rdma-hook drain|undrain --domain DOMAIN --device DEVICE [--state STATE]"
+USAGE = (
+    "usage: orchestrator-rdma-hook drain|undrain --domain DOMAIN --device DEVICE [--state STATE]\n"
+    "       orchestrator-rdma-hook serve --domain DOMAIN   (armed: commands on stdin)"
+)
 
 
 def fabric_dir() -> str:
@@ -46,17 +54,39 @@ def send_command(path: str, command: str, timeout_s: float = 1.0) -> str:
 
 
 def parse(args: list[str]) -> tuple[str, dict[str, str]] | None:
-    """(action, options) or None when the arguments are not `drain|undrain --key value ...`."""
-    if not args or args[0] not in ("drain", "undrain") or len(args) % 2 == 0:
+    """(action, options) or None when the arguments are not `drain|undrain|serve --key value ...`."""
+    if not args or args[0] not in ("drain", "undrain", "serve") or len(args) % 2 == 0:
         return None
     options = {}
     for key, value in zip(args[1::2], args[2::2], strict=True):
         if not key.startswith("--") or key[2:] not in ("domain", "device", "state"):
             return None
         options[key[2:]] = value
-    if "domain" not in options or "device" not in options:
+    if "domain" not in options or ("device" not in options) != (args[0] == "serve"):
         return None
     return args[0], options
+
+
+def serve(domain: str, lines: list[str] | None = None) -> None:
+    """The armed form: answer each `ACTION DEVICE STATE QEMU_TIME` line of stdin until it closes."""
+    fabric = fabric_dir()
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin if lines is None else lines:
+        words = line.split()
+        if len(words) < 2 or words[0] not in ("drain", "undrain"):
+            out.write(f"orchestrator-rdma-hook: ignored {line.strip()!r}\n")
+            out.flush()
+            continue
+        action, device = words[0], words[1]
+        try:
+            send_command(control_path(fabric, domain, device), "disarm" if action == "drain" else "arm")
+        except OSError as exc:
+            out.write(f"fail {device} no RDMA peer answered: {exc}\n")
+        else:
+            out.write(f"ok {device}\n")
+        out.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(USAGE + "\n")
         sys.exit(2)
     action, options = parsed
+    if action == "serve":
+        serve(options["domain"])
+        return
     path = control_path(fabric_dir(), options["domain"], options["device"])
     try:
         send_command(path, "disarm" if action == "drain" else "arm")

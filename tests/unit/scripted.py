@@ -465,6 +465,8 @@ class FakeRunner:
         # (trigger, device id or None for any) -> behaviour; missing: 10 ms, success
         self.behaviours: dict[tuple[Trigger, str | None], Behaviour] = {}
         self.on_start: Callable[[HookRun], None] | None = None
+        self.armed: list[FakeArmed] = []
+        self.arming: Behaviour = Behaviour()  # how arming goes (its error: it never gets ready)
 
     def behaviour(self, trigger: Trigger, device: str | None) -> Behaviour:
         return self.behaviours.get((trigger, device)) or self.behaviours.get((trigger, None)) or Behaviour()
@@ -520,8 +522,67 @@ class FakeRunner:
         self.clock.advance(behaviour.duration_s)
         return self._result(hook, run, behaviour)
 
+    def arm(self, hook: Hook, values: Mapping[str, str]) -> FakeArmed:
+        armed = FakeArmed(self, hook, dict(values))
+        self.armed.append(armed)
+        return armed
+
     def of(self, trigger: Trigger, device: str | None = None) -> list[HookRun]:
         return [r for r in self.runs if r.trigger is trigger and (device is None or r.device_id == device)]
+
+
+class FakeArmed:
+    """An armed hook on the fake clock: ready after the arming behaviour's duration; each `fire` is a
+    run (recorded like a started hook) that ends as the runner's behaviours say."""
+
+    def __init__(self, runner: FakeRunner, hook: Hook, values: dict[str, str]) -> None:
+        self.runner, self.hook, self.values = runner, hook, values
+        self.lines: list[str] = []  # what the orchestrator wrote to its stdin
+        self.closed = False
+        self.ready = runner.arming.error is None
+
+    def wait_ready(self) -> HookResult:
+        run = HookRun(self.hook.trigger, None, self.hook.label, self.values, self.runner.clock.now)
+        self.runner.clock.advance(self.runner.arming.duration_s)
+        return self.runner._result(self.hook, run, self.runner.arming)
+
+    def fire(
+        self,
+        device_id: str,
+        state: str,
+        qemu_time: float | None,
+        on_done: Callable[[HookResult], None] | None = None,
+    ) -> HookRun:
+        self.lines.append(
+            f"{'drain' if self.hook.trigger is Trigger.DRAIN else 'undrain'} {device_id} {state}"
+        )
+        behaviour = (
+            self.runner.behaviour(self.hook.trigger, device_id)
+            if self.ready
+            else Behaviour(duration_s=0.0, error="the armed hook cannot act: it never got ready")
+        )
+        run = HookRun(
+            self.hook.trigger,
+            device_id,
+            self.hook.label,
+            {**self.values, "state": state},
+            self.runner.clock.now,
+        )
+        self.runner.runs.append(run)
+        if self.runner.on_start is not None:
+            self.runner.on_start(run)
+
+        def finish() -> None:
+            result = self.runner._result(self.hook, run, behaviour)
+            if on_done is not None:
+                on_done(result)
+
+        self.runner.clock.after(behaviour.duration_s, finish)
+        return run
+
+    def close(self) -> HookResult | None:
+        self.closed = True
+        return None
 
 
 def assert_invariant(runner: FakeRunner, drain_hooks: int = 1, undrain_hooks: int = 1) -> None:

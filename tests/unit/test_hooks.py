@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.hooks import (
     OUTPUT_TAIL_BYTES,
+    ArmedHook,
     Hook,
     HookResult,
     HookRunner,
@@ -401,3 +402,99 @@ def test_a_hook_gets_no_descriptor_of_ours(tmp_path: Path) -> None:
 def test_a_hook_runs_in_a_session_of_its_own() -> None:
     result = HookRunner().start(sh('[ "$(ps -o sid= -p $$)" -eq $$ ]'), VALUES).wait()
     assert result.ok, result.error
+
+
+# --- armed hooks ------------------------------------------------------------------------------------
+
+# A tiny armed hook speaking the protocol (README "Armed hooks"), in Python for the test.
+ARMED = r"""
+import sys, time
+mode = sys.argv[1]
+if mode == "die-at-once":
+    sys.exit(3)
+if mode == "never-ready":
+    time.sleep(30)
+print("ready", flush=True)
+for line in sys.stdin:
+    action, device, state, when = line.split()
+    print("acting", action, device, state, when, flush=True)  # no braces: argv has placeholders
+    if mode == "slow":
+        time.sleep(5)
+    if mode == "die-on-event":
+        sys.exit(4)
+    print(("fail " + device + " no peer answered") if mode == "fail" else ("ok " + device), flush=True)
+"""
+
+
+def armed(mode: str, timeout_ms: int = 2000) -> ArmedHook:
+    return HookRunner().arm(
+        Hook(Trigger.DRAIN, (sys.executable, "-c", ARMED, mode), timeout_ms=timeout_ms), VALUES
+    )
+
+
+def fire(hook: ArmedHook, device: str = "nic0") -> HookResult:
+    done = threading.Event()
+    results: list[HookResult] = []
+
+    def on_done(result: HookResult) -> None:
+        results.append(result)
+        done.set()
+
+    hook.fire(device, "pre-copy-p2p-prepare", 1700000000.5, on_done)
+    assert done.wait(10)
+    return results[0]
+
+
+def test_an_armed_hook_acts_per_line_and_exits_when_stdin_closes() -> None:
+    hook = armed("ok")
+    ready = hook.wait_ready()
+    assert ready.ok, ready
+    first, second = fire(hook, "nic0"), fire(hook, "nic1")
+    assert first.ok and second.ok and first.device_id == "nic0" and second.device_id == "nic1"
+    assert first.duration_ms < 1000
+    assert hook.close() is None, "a clean exit leaves no result"
+
+
+def test_an_armed_hook_answering_fail_fails_the_action() -> None:
+    hook = armed("fail")
+    hook.wait_ready()
+    result = fire(hook)
+    assert not result.ok and result.error == "answered fail: no peer answered"
+    hook.close()
+
+
+def test_an_armed_hook_that_dies_fails_its_action_and_every_later_one() -> None:
+    hook = armed("die-on-event")
+    hook.wait_ready()
+    result = fire(hook)
+    assert not result.ok and "exited with status 4" in (result.error or "")
+    later = fire(hook, "nic1")
+    assert not later.ok and "cannot act" in (later.error or "")
+    closed = hook.close()
+    assert closed is not None and closed.exit_code == 4
+
+
+def test_an_armed_hook_that_is_late_is_killed_with_its_group() -> None:
+    hook = armed("slow", timeout_ms=300)
+    hook.wait_ready()
+    result = fire(hook)
+    assert result.timed_out and "timed out after 300 ms" in (result.error or "")
+    assert hook.pid is not None and wait_until(lambda: gone(hook.pid or 0))
+    hook.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"), [("die-at-once", "exited with status 3"), ("never-ready", "not ready")]
+)
+def test_an_armed_hook_that_does_not_arm_is_a_failure_before_anything(mode: str, why: str) -> None:
+    hook = armed(mode)
+    result = hook.wait_ready(timeout_s=1.0)
+    assert not result.ok and why in (result.error or "")
+    assert not fire(hook).ok
+    hook.close()
+
+
+def test_an_armed_hook_that_cannot_start() -> None:
+    hook = HookRunner().arm(Hook(Trigger.DRAIN, ("/no/such/armed-hook",)), VALUES)
+    assert "program not found" in (hook.wait_ready().error or "")
+    assert not fire(hook).ok and hook.close() is None

@@ -587,3 +587,42 @@ def test_settle_is_bounded(world: World, monkeypatch: pytest.MonkeyPatch) -> Non
     report = world.run(model=Model(never_resumes={"nic0"}))
     assert report.devices["nic0"].undrain_reason == "forced at the end of the migration"
     assert world.clock.now < 10
+
+
+# --- armed hooks --------------------------------------------------------------------------------
+
+ARMED_POLICY = """
+[switchover]
+drain = "{drain}"
+[[hooks.drain]]
+argv = ["/bin/true", "serve"]
+armed = true
+timeout_ms = 250
+on_failure = "abort"
+[[hooks.undrain]]
+argv = ["/bin/true", "serve"]
+armed = true
+on_failure = "continue"
+"""
+
+
+@pytest.mark.parametrize("drain", ["prepare", "gated"])
+def test_armed_hooks_are_started_with_the_migration_and_woken_per_device(world: World, drain: str) -> None:
+    model = Model(devices=[FakeDevice("nic0"), FakeDevice("nic1")], dirty_ms=20)
+    report = world.run(ARMED_POLICY.format(drain=drain), model=model)
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    drain_hook, undrain_hook = world.runner.armed
+    assert drain_hook.closed and undrain_hook.closed, "stdin closed when the migration ends"
+    assert sorted(line.split()[1] for line in drain_hook.lines) == ["nic0", "nic1"]
+    assert all(line.startswith("undrain ") for line in undrain_hook.lines)
+    arming = [h for h in report.hooks if h.device_id is None]
+    assert len(arming) == 2 and all(h.ok for h in arming)
+
+
+def test_an_armed_hook_that_cannot_arm_aborts_before_the_job(world: World) -> None:
+    world.runner.arming = Behaviour(error="armed hook did not arm: exited with status 1")
+    report = world.run(ARMED_POLICY.format(drain="prepare"))
+    assert report.outcome is Outcome.ABORTED and world.source.migrations == []
+    assert "did not arm" in (report.error or "")
+    world.three_facts(report, SRC)
