@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -15,17 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
+from orchestrator import journal as journal_module
+from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode, OrchestratorError
 from orchestrator.hooks import HookResult, Trigger
 from orchestrator.journal import (
     DEFAULT_PATH,
     ENV_VAR,
     SCHEMA_VERSION,
+    ActionStatus,
+    DeviceAction,
     EventKind,
     Journal,
     MigrationKind,
     Outcome,
     journal_path,
+    still_drained,
 )
 from orchestrator.vfio import Role
 
@@ -558,3 +563,385 @@ def test_a_readonly_open_refuses_what_open_refuses(path: Path, tmp_path: Path) -
     conn.close()
     with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
         Journal.open_readonly(path)
+
+
+# --- another process holding the write lock (issue 10) ----------------------------------------------
+
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")  # the journal's write lock, as an admin's sqlite3 shell would hold it
+    print("locked", flush=True)
+    if sys.argv[2] == "stdin":
+        sys.stdin.readline()
+    else:
+        time.sleep(float(sys.argv[2]))
+    conn.execute("ROLLBACK")
+    """
+)
+
+
+@contextlib.contextmanager
+def write_lock_held_elsewhere(path: Path, hold: str) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding the journal's write lock for `hold` seconds, or until its stdin closes."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(path), hold],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == "locked\n"
+        yield child
+    finally:
+        child.stdin.close()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def test_a_write_lock_held_8_s_by_another_process_delays_records_but_loses_none(
+    path: Path, journal: Journal
+) -> None:
+    begin(journal, "m-1")
+    with write_lock_held_elsewhere(path, "8") as holder:
+        locked_at = time.monotonic()
+        with Journal.open(path) as other:  # opening an existing journal needs no write lock
+            assert [m.id for m in other.list_migrations()] == ["m-1"]
+        assert time.monotonic() - locked_at < 2
+        for index in range(50):
+            vfio_event(journal, "m-1", f"state-{index}", T0 + index)
+        time.sleep(0.3)  # the writer is now retrying event 1
+        start = time.perf_counter()
+        reason = journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 60, "detail")
+        waited = time.perf_counter() - start
+        assert reason is not None
+        assert "before its hooks started" in reason
+        assert waited < 0.25, f"a drain hook would have waited {waited * 1000:.0f} ms for the journal"
+        journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 61))
+        journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 70, {"events": 50})
+        journal.flush()  # waits while the writer waits for the lock: that time is not its timeout's
+        held = time.monotonic() - locked_at
+        assert holder.wait(timeout=5) == 0
+    assert held > 7, "the lock was not held as long as the test needs"
+    assert journal.failures == []
+    record = journal.get_migration("m-1")
+    assert [e.state for e in record.events if e.kind == "vfio"] == [f"state-{i}" for i in range(50)]
+    assert [(a.device_id, a.status) for a in record.device_actions] == [("hostdev0", "starting")]
+    assert len(record.hook_runs) == 1
+    assert (record.migration.outcome, record.migration.summary) == ("succeeded", {"events": 50})
+    seqs = sorted([e.seq for e in record.events] + [h.seq for h in record.hook_runs] + [51])
+    assert seqs == list(range(1, 53))
+
+
+def test_a_write_lock_held_beyond_the_retry_budget_is_a_reported_loss(
+    path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_RETRY_BUDGET_S", 0.5)
+    begin(journal, "m-1")
+    with write_lock_held_elsewhere(path, "stdin") as holder:
+        start = time.monotonic()
+        for index in range(3):
+            vfio_event(journal, "m-1", f"lost-{index}", T0 + index)
+        with pytest.raises(EnvironmentProblem) as caught:
+            journal.flush()
+        elapsed = time.monotonic() - start
+        assert holder.stdin is not None
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=5) == 0
+    # the first record was retried for the budget; the next ones once each, while the lock stayed held
+    assert 0.5 <= elapsed < 3, elapsed
+    line = caught.value.line()
+    assert line.startswith(f"the journal {path} did not record event 1 of migration m-1: another process")
+    assert "held its write lock for 0.5 s (database is locked)" in line
+    assert f"fuser -v '{path}'" in line
+    failures = journal.failures
+    assert len(failures) == 3
+    assert failures[0] == line
+    assert all("still holds its write lock" in f for f in failures[1:])
+    assert [f.split(" did not record ")[1][:10] for f in failures[1:]] == ["event 2 of", "event 3 of"]
+
+    vfio_event(journal, "m-1", "landed", T0 + 10)  # the lock is free: records land again
+    journal.flush()  # the loss was reported once
+    assert [e.state for e in journal.get_migration("m-1").events] == ["landed"]
+    assert len(journal.failures) == 3  # ... and stays listed
+    journal.close()
+
+
+def test_failures_list_every_lost_record_without_raising(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_FAILURES_KEPT", 4)
+    begin(journal, "m-1")
+    assert journal.failures == []
+    for _ in range(6):
+        failing_write(journal)
+    vfio_event(journal, "m-1", "pre-copy", T0)
+    with pytest.raises(OrchestratorError):
+        journal.flush()
+    failures = journal.failures  # reading raises nothing and reports nothing
+    assert len(failures) == 5
+    assert [f.split(" did not record ")[1].split(":")[0] for f in failures[:4]] == [
+        f"event {seq} of migration m-1" for seq in range(1, 5)
+    ]
+    assert all("NOT NULL constraint failed" in f and "\n" not in f for f in failures[:4])
+    assert failures[4] == f"the journal {journal.path} failed 2 more writes"
+    assert journal.failures == failures
+    assert len(journal.get_migration("m-1").events) == 1
+
+
+# --- a corrupt journal (issue 10) -------------------------------------------------------------------
+
+
+def journal_with_data(path: Path) -> bytes:
+    """A closed journal of 30 migrations with events (tens of pages); its bytes."""
+    with Journal.open(path) as writer:
+        for index in range(30):
+            begin(writer, f"m-{index}", started=T0 + index)
+            for event in range(20):
+                vfio_event(writer, f"m-{index}", "x" * 100, T0 + event)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    return path.read_bytes()
+
+
+def _garbage_after_page_1(data: bytes) -> bytes:
+    page = int.from_bytes(data[16:18], "big")
+    assert len(data) > 10 * page
+    return data[:page] + bytes((index * 37 + 11) % 256 for index in range(len(data) - page))
+
+
+CORRUPTIONS = {
+    "garbage from page 2 on": _garbage_after_page_1,
+    "truncated to 2 pages": lambda data: data[: 2 * int.from_bytes(data[16:18], "big")],
+    "truncated inside page 1": lambda data: data[:3000],
+    "truncated inside the header": lambda data: data[:50],
+}
+
+
+def _read(path: Path) -> None:
+    with Journal.open_readonly(path) as journal:
+        journal.list_migrations()
+        journal.get_migration("m-3")
+
+
+OPENINGS: dict[str, Callable[[Path], object]] = {
+    "open(check=True)": lambda path: Journal.open(path, check=True).close(),
+    "open": lambda path: Journal.open(path).close(),
+    "open_readonly and read": _read,
+}
+
+
+def assert_corruption_line(error: OrchestratorError, path: Path) -> None:
+    line = error.line()
+    assert isinstance(error, EnvironmentProblem)
+    assert error.code == ExitCode.ENVIRONMENT
+    assert "\n" not in line
+    assert line.startswith(f"the journal {path} is corrupt: ")
+    assert f"move it aside: mv '{path}' '{path}.corrupt' (a new journal is created on the next run)" in line
+    assert f"salvage it with: sqlite3 '{path}' .recover" in line
+
+
+@pytest.mark.parametrize("opening", OPENINGS)
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_journal_is_one_line_saying_how_to_move_it_aside(
+    path: Path, corruption: str, opening: str
+) -> None:
+    damaged = CORRUPTIONS[corruption](journal_with_data(path))
+    path.write_bytes(damaged)
+    with pytest.raises(OrchestratorError) as caught:
+        OPENINGS[opening](path)
+    assert_corruption_line(caught.value, path)
+    assert path.read_bytes() == damaged, "a corrupt journal was written to"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "side files were left behind"
+
+    # the hint works: moved aside, a new journal is created and used
+    path.rename(f"{path}.corrupt")
+    with Journal.open(path, check=True) as fresh:
+        begin(fresh, "m-new")
+        fresh.flush()
+        assert [m.id for m in fresh.list_migrations()] == ["m-new"]
+
+
+def test_check_finds_damage_that_open_without_it_does_not_read(path: Path) -> None:
+    data = bytearray(journal_with_data(path))
+    with Journal.open(path) as journal:  # which pages the events index lives on
+        conn = sqlite3.connect(path)
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'events_by_migration'"
+        ).fetchone()
+        conn.close()
+        journal.check()  # a sound journal
+    page = int.from_bytes(data[16:18], "big")
+    start = (root - 1) * page
+    data[start : start + page] = bytes(page)  # the index's root page zeroed
+    path.write_bytes(bytes(data))
+    with Journal.open(path) as journal:  # the migrations table is intact: open reads only that
+        assert len(journal.list_migrations()) == 30
+        with pytest.raises(EnvironmentProblem) as caught:
+            journal.check()
+    assert_corruption_line(caught.value, path)
+    with pytest.raises(EnvironmentProblem) as caught:
+        Journal.open(path, check=True)
+    assert_corruption_line(caught.value, path)
+
+
+def test_a_corrupt_journal_names_a_leftover_write_ahead_log_in_the_hint(path: Path) -> None:
+    journal_with_data(path)
+    wal = Path(f"{path}-wal")
+    wal.write_bytes(b"records of a crashed writer")
+    error = journal_module._corrupt(
+        path, "*** in database main ***\nPage 9: btreeInitPage() returns error code 11"
+    )
+    assert error.line().startswith(
+        f"the journal {path} is corrupt: Page 9: btreeInitPage() returns error code 11;"
+    )
+    assert f"mv '{path}' '{path}.corrupt' && mv '{wal}' '{path}.corrupt-wal' (a new" in error.line()
+
+
+def test_a_read_after_close_is_an_error_not_a_traceback(path: Path) -> None:
+    journal = Journal.open(path)
+    journal.close()
+    with pytest.raises(OrchestratorError, match="is closed"):
+        journal.list_migrations()
+
+
+# --- crash recovery (issue 10) ----------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    return int(child.stdout)
+
+
+def raw_update(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute(sql, params)
+    conn.commit()
+    conn.close()
+
+
+def raw_row(path: Path, migration_id: str) -> tuple[object, ...]:
+    conn = sqlite3.connect(path)
+    row = conn.execute(
+        "SELECT outcome, error, ended, recovered, summary FROM migrations WHERE id = ?", (migration_id,)
+    ).fetchone()
+    conn.close()
+    return tuple(row)
+
+
+@pytest.fixture
+def crashed(path: Path, journal: Journal) -> Journal:
+    """Migrations of every kind: only 'dead-running' and 'dead-interrupted' (this host) are unfinished."""
+    ids = ["live", "dead-running", "dead-interrupted", "dead-succeeded", "other-host", "dead-recovered"]
+    for index, migration_id in enumerate(ids):
+        begin(journal, migration_id, started=T0 + index)
+    journal.finish_migration("dead-interrupted", Outcome.INTERRUPTED, None, "SIGTERM", 130, T0 + 100)
+    journal.finish_migration("dead-succeeded", Outcome.SUCCEEDED, True, None, 0, T0 + 100)
+    journal.flush()
+    dead = dead_pid()
+    raw_update(path, "UPDATE migrations SET pid = ? WHERE id != 'live'", (dead,))
+    raw_update(path, "UPDATE migrations SET host = 'elsewhere' WHERE id = 'other-host'")
+    raw_update(path, "UPDATE migrations SET recovered = ? WHERE id = 'dead-recovered'", (T0 + 50,))
+    return journal
+
+
+def test_unfinished_lists_dead_unrecovered_migrations_of_this_host(crashed: Journal) -> None:
+    assert [m.id for m in crashed.unfinished()] == ["dead-running", "dead-interrupted"]
+    assert [m.id for m in crashed.unfinished(os.uname().nodename)] == ["dead-running", "dead-interrupted"]
+    assert [m.id for m in crashed.unfinished("elsewhere")] == ["other-host"]
+    assert crashed.unfinished("nowhere") == []
+
+
+def test_mark_recovered_commits_at_once_and_only_once(path: Path, crashed: Journal) -> None:
+    summary = {"undrained": ["hostdev0"]}
+    assert crashed.mark_recovered(
+        "dead-running", Outcome.ROLLED_BACK, "undrained by recover", T0 + 200, summary
+    )
+    # committed before it returned: another connection sees it
+    assert raw_row(path, "dead-running") == (
+        "rolled-back",
+        "undrained by recover",
+        T0 + 200,
+        T0 + 200,
+        json.dumps(summary, separators=(",", ":")),
+    )
+    # an end already recorded stays; a summary not given is kept
+    assert crashed.mark_recovered("dead-interrupted", "interrupted", "nothing left drained", T0 + 300)
+    assert raw_row(path, "dead-interrupted") == (
+        "interrupted",
+        "nothing left drained",
+        T0 + 100,
+        T0 + 300,
+        None,
+    )
+    assert crashed.unfinished() == []
+    # never twice, never an unknown id
+    assert not crashed.mark_recovered("dead-running", Outcome.FAILED, "again", T0 + 400)
+    assert raw_row(path, "dead-running")[:2] == ("rolled-back", "undrained by recover")
+    assert not crashed.mark_recovered("no-such-id", Outcome.FAILED, None, T0 + 400)
+    with pytest.raises(ValueError, match="cannot be 'running'"):
+        crashed.mark_recovered("dead-running", Outcome.RUNNING, None, T0)
+    assert crashed.failures == []
+    crashed.flush()
+
+
+def test_mark_stale_never_touches_a_recovered_migration(path: Path, crashed: Journal) -> None:
+    # 'dead-recovered' is running (its recover was cut short before writing the outcome, say)
+    before = raw_row(path, "dead-recovered")
+    assert crashed.mark_stale(T0 + 500) == ["dead-running"]
+    assert raw_row(path, "dead-recovered") == before
+    with Journal.open(path):  # every open marks stale migrations
+        pass
+    assert raw_row(path, "dead-recovered") == before
+    with Journal.open_readonly(path) as reader:  # ... and a reader does not read it as interrupted
+        assert reader.get_migration("dead-recovered").migration.outcome == "running"
+        assert [m.id for m in reader.unfinished()] == ["dead-running", "dead-interrupted"]
+    assert raw_row(path, "dead-running")[:3] == ("interrupted", "orchestrator process died", T0 + 500)
+
+
+def test_device_actions_are_public_in_sequence(journal: Journal) -> None:
+    begin(journal, "m-1")
+    assert journal.record_device_action("m-1", "hostdev0", DeviceAction.DRAIN, "starting", T0, "d0") is None
+    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1)
+    journal.record_device_action("m-1", "hostdev0", "drain", ActionStatus.DONE, T0 + 2)
+    journal.record_device_action("m-1", "hostdev1", "drain", "starting", T0 + 3, "d1")
+    journal.record_device_action("m-1", "hostdev0", "undrain", "starting", T0 + 4)
+    journal.record_device_action("m-1", "hostdev0", "undrain", "done", T0 + 5)
+    journal.flush()
+    actions = journal.device_actions("m-1")
+    assert [(a.seq, a.device_id, a.action, a.status) for a in actions] == [
+        (1, "hostdev0", "drain", "starting"),
+        (3, "hostdev0", "drain", "done"),
+        (4, "hostdev1", "drain", "starting"),
+        (5, "hostdev0", "undrain", "starting"),
+        (6, "hostdev0", "undrain", "done"),
+    ]
+    assert actions == journal.get_migration("m-1").device_actions
+    assert still_drained(actions) == {"hostdev1": "d1"}
+    assert journal.device_actions("no-such-id") == ()
+
+
+def test_a_schema_1_journal_reads_for_recovery(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(journal_module._SCHEMA.split(journal_module._V2_MARKER)[0])
+    conn.execute(
+        "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, outcome, "
+        "pid, host) VALUES ('old', 'migrate', 'vm1', 'a', 'b', 'p', ?, 'running', ?, ?)",
+        (T0, dead_pid(), os.uname().nodename),
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Journal.open_readonly(path) as reader:
+        (row,) = reader.unfinished()
+        assert (row.id, row.outcome, row.recovered) == ("old", "interrupted", None)
+        assert reader.device_actions("old") == ()
