@@ -505,6 +505,14 @@ def migrate_cmd(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Pre-flight and print the plan; change nothing.")
     ] = False,
+    lock_wait: Annotated[
+        float,
+        typer.Option(
+            "--lock-wait",
+            metavar="SECONDS",
+            help="When another migration of DOMAIN runs, wait this long for it instead of failing at once.",
+        ),
+    ] = 0.0,
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -512,6 +520,7 @@ def migrate_cmd(
     import signal
 
     from orchestrator import migration as mig
+    from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
     from orchestrator.render import LiveMigration, failure_line
     from orchestrator.virt import open_hosts
@@ -551,13 +560,25 @@ def migrate_cmd(
     )
     if request.source_uri == request.destination_uri:
         raise_bad(f"source and destination are the same URI ({dest_uri})", "give a different destination")
+    if lock_wait < 0:
+        raise_bad(f"--lock-wait must be >= 0 seconds, not {lock_wait:g}", "drop it or give a positive number")
     live = LiveMigration()
     with (
         open_journal(journal, dry_run) as jour,
         open_hosts(request.source_uri, request.destination_uri) as (src, dst),
     ):
+        if jour is not None:
+            reconcile(jour, [src, dst], domain, info)
         migration = mig.Migration(
-            request, src, dst, journal=jour, on_progress=live.progress, on_entry=live.entry, on_plan=live.plan
+            request,
+            src,
+            dst,
+            journal=jour,
+            on_progress=live.progress,
+            on_entry=live.entry,
+            on_plan=live.plan,
+            lock_dir=None if jour is None else lock_dir(jour.path),
+            lock_wait_s=lock_wait,
         )
         previous = on_signals(migration.interrupt)
         try:
@@ -598,21 +619,117 @@ def raise_bad(message: str, hint: str) -> NoReturn:
 
 @contextlib.contextmanager
 def open_journal(path: Path | None, dry_run: bool) -> Any:
-    """The journal (none for a dry run), closed (flushed) on the way out."""
+    """The journal (none for a dry run), verified before anything changes, closed (flushed) on the way
+    out. A record it lost is in the report and its exit code; closing says it once more on stderr."""
     if dry_run:
         yield None
         return
     from orchestrator.journal import Journal, journal_path
 
-    jour = Journal.open(journal_path(path))
+    jour = Journal.open(journal_path(path), check=True)
     try:
         yield jour
     finally:
         try:
             jour.close()
         except OrchestratorError as exc:
-            # The migration's own outcome still stands and is reported; the journal's gap is said once.
             info(f"orchestrator: warning: {exc.line()}")
+
+
+def reconcile(jour: Any, hosts: list[Any], domain: str, say: Callable[[str], None]) -> None:
+    """Finish what a dead orchestrator left undone for this VM, before migrating it again; refuse to
+    migrate it when that needs an admin."""
+    from orchestrator.errors import OrchestratorError as Refused
+    from orchestrator.recovery import recover_before
+
+    report = recover_before(jour, hosts, domain, on_line=say)
+    if int(report.exit_code):
+        problem = report.skipped[0]["error"] if report.skipped else "an undrain failed"
+        raise Refused(
+            f"an earlier migration of {domain} was not finished and could not be recovered: {problem}",
+            "fix that, then run: orchestrator recover (or see: orchestrator history)",
+            ExitCode.NEEDS_ADMIN,
+        )
+
+
+# --- recover ---------------------------------------------------------------------------------
+
+
+class JobChoice(enum.StrEnum):
+    """`recover --job`: what to do with a libvirt job a dead orchestrator left running."""
+
+    WAIT = "wait"
+    ABORT = "abort"
+
+
+@app.command("recover")
+def recover_cmd(
+    domain: Annotated[
+        str | None, typer.Option("--domain", "-d", metavar="DOMAIN", help="Only this domain's migrations.")
+    ] = None,
+    job: Annotated[
+        JobChoice,
+        typer.Option(
+            "--job",
+            help="A libvirt job the dead orchestrator left running: wait for it to end, or abort it "
+            "(a job held at the gate is always aborted: nothing else would release it).",
+        ),
+    ] = JobChoice.WAIT,
+    job_wait: Annotated[
+        float, typer.Option("--job-wait", metavar="SECONDS", help="How long to wait for such a job.")
+    ] = 300.0,
+    journal: JournalOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Finish what an orchestrator that died left undone: undrain what it drained (once, with the policy
+    it used), and record where each VM runs. Safe to run any time; systemd runs it before evacuations."""
+    from orchestrator.journal import Journal, journal_path
+    from orchestrator.recovery import Recovery, open_libvirt_host
+
+    if job_wait <= 0:
+        raise_bad(f"--job-wait must be > 0 seconds, not {job_wait:g}", "give a positive number")
+    path = journal_path(journal)
+    if not path.exists():
+        info(f"nothing to recover: no journal at {path}")
+        if as_json:
+            emit_json({"recovered": [], "skipped": [], "exit_code": 0})
+        return
+    with Journal.open(path, check=True) as jour:
+        recovery = Recovery(jour, open_libvirt_host, job=job.value, job_wait_s=job_wait, on_line=info)
+        try:
+            report = recovery.run(domain)
+        finally:
+            recovery.close()
+    if as_json:
+        emit_json(report.to_json())
+    elif report.recovered or report.skipped:
+        table(
+            ["MIGRATION", "DOMAIN", "OUTCOME", "RUNS ON", "UNDRAINED", "FAILED"],
+            [
+                [
+                    r.migration_id,
+                    r.domain,
+                    r.outcome,
+                    r.location,
+                    ", ".join(r.undrained) or "-",
+                    ", ".join(r.failed) or "-",
+                ]
+                for r in report.recovered
+            ]
+            + [
+                [s["migration_id"], s["domain"], "not recovered", "-", "-", s["error"]]
+                for s in report.skipped
+            ],
+        )
+    else:
+        info("nothing to recover: every migration in the journal finished")
+    if report.exit_code:
+        failed = sum(len(r.failed) for r in report.recovered)
+        sys.stderr.write(
+            f"{priority(3)}orchestrator: error: {len(report.skipped)} migration(s) could not be recovered "
+            f"and {failed} undrain(s) failed; see the table, fix them, then run: orchestrator recover\n"
+        )
+        raise SystemExit(int(report.exit_code))
 
 
 # --- evacuate --------------------------------------------------------------------------------

@@ -81,23 +81,29 @@ def would_converge(stats: JobStats, downtime_ms: int) -> bool:
     )
 
 
+STALL_PROGRESS = 0.9  # progress: what is left after a pass falls below 90% of its lowest so far
+
+
 @dataclass
 class StallDetector:
-    """Remaining data that stopped shrinking (Nova's progress timeout, VDSM's stalling).
+    """A migration whose data left after each pass stopped shrinking (Nova's progress timeout, VDSM's
+    stalling).
 
-    Progress is a new low of `memory_remaining`: within a pass it falls, at each pass it jumps back up
-    by what was dirtied, so only a new minimum says the migration is getting anywhere.
+    What is left after a pass is what the guest dirtied during it: QEMU's expected downtime (that over
+    the bandwidth) measures it from the second pass on. Within a pass the remaining data only falls,
+    so sampling it would see progress where there is none. Progress is a new low, 10% under the old.
     """
 
     timeout_s: float
-    lowest: int | None = None
+    lowest: float | None = None
     since: float | None = None  # when the lowest was seen (job seconds)
 
-    def stalled(self, elapsed_s: float, remaining: int | None) -> bool:
-        """Feed one reading; True once no new low came for `timeout_s` seconds."""
-        if remaining is None:
+    def stalled(self, elapsed_s: float, stats: JobStats) -> bool:
+        """Feed one reading; True once no progress came for `timeout_s` seconds."""
+        if self.since is None:
+            self.since = elapsed_s  # the first pass is progress by itself
+        left = stats.expected_downtime_ms if stats.iteration >= 2 else None
+        if left is not None and (self.lowest is None or left < self.lowest * STALL_PROGRESS):
+            self.lowest, self.since = left, elapsed_s
             return False
-        if self.lowest is None or remaining < self.lowest:
-            self.lowest, self.since = remaining, elapsed_s
-            return False
-        return self.since is not None and elapsed_s - self.since > self.timeout_s
+        return elapsed_s - self.since > self.timeout_s

@@ -15,12 +15,13 @@ up an event.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +121,13 @@ class JournalLike(Protocol):
     ) -> None:
         """Record how a migration ended."""
 
+    def flush(self) -> None:
+        """Wait until every record is written (raises the first failure)."""
+
+    @property
+    def failures(self) -> list[str]:
+        """Every record that could not be written, one line each."""
+
 
 class Armed(Protocol):
     """An armed hook (orchestrator.hooks.ArmedHook): started with the migration, woken per event."""
@@ -180,6 +188,14 @@ class NullJournal:
 
     def finish_migration(self, *args: Any, **kwargs: Any) -> None:
         """Dropped."""
+
+    def flush(self) -> None:
+        """Nothing to wait for."""
+
+    @property
+    def failures(self) -> list[str]:
+        """Nothing was written, so nothing failed."""
+        return []
 
 
 COMPRESSION_METHODS = ("mt", "xbzrle", "zlib", "zstd")  # what libvirt accepts for QEMU
@@ -326,6 +342,8 @@ class Migration:
         on_plan: Callable[[Sequence[str]], None] | None = None,
         migration_id: str | None = None,
         parent: str | None = None,
+        lock_dir: Path | None = None,
+        lock_wait_s: float = 0.0,
     ) -> None:
         self.request = request
         self.source = source
@@ -337,6 +355,8 @@ class Migration:
         self.on_entry = on_entry
         self.on_plan = on_plan
         self.parent = parent
+        self.lock_dir = lock_dir  # None: no lock (a caller that serialises migrations itself, tests)
+        self.lock_wait_s = lock_wait_s
         self.id = migration_id or uuid.uuid4().hex[:12]
         policy = request.policy
         self.report = Report(
@@ -512,6 +532,25 @@ class Migration:
             self._advance(Phase.DONE)
             report.ended = self.clock.time()
             return report
+        with self._locked(dom):
+            self._migrate(dom)
+        return report
+
+    @contextlib.contextmanager
+    def _locked(self, dom: Guest) -> Iterator[None]:
+        """One migration per VM at a time: held from before anything changes until everything is undone."""
+        if self.lock_dir is None:
+            yield
+            return
+        from orchestrator.locks import MigrationLock
+
+        with MigrationLock.acquire(
+            self.lock_dir, self.request.source_uri, dom.uuid(), self.id, wait_s=self.lock_wait_s
+        ):
+            yield
+
+    def _migrate(self, dom: Guest) -> None:
+        report = self.report
         self._begin()
         location: Location | None = None
         try:
@@ -544,7 +583,16 @@ class Migration:
                 report.ended,
                 report.to_json(),
             )
-        return report
+            self._journal_verdict()
+
+    def _journal_verdict(self) -> None:
+        """Wait for the journal; a record it lost is said in the report (and its exit code)."""
+        with contextlib.suppress(OrchestratorError):
+            self.journal.flush()  # the first failure, if any, is also among `failures`
+        lost = self.journal.failures
+        if lost:
+            more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+            self.report.journal_error = lost[0] + more
 
     def _begin(self) -> None:
         policy = self.request.policy

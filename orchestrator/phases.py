@@ -358,9 +358,9 @@ class MigrationMachine:
             return self.request_abort(f"completion timeout of {timeout:g} s exceeded", Outcome.ROLLED_BACK)
         if stats is None or self.phase is not Phase.JOB_RUNNING:
             return []
-        if self._stall is not None and self._stall.stalled(elapsed, stats.memory_remaining):
+        if self._stall is not None and self._stall.stalled(elapsed, stats):
             return self.request_abort(
-                f"stalled: the remaining data has not shrunk for {self._stall.timeout_s:g} s",
+                f"stalled: the data left after each pass has not shrunk for {self._stall.timeout_s:g} s",
                 Outcome.ROLLED_BACK,
             )
         actions: list[Action] = []

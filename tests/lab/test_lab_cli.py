@@ -157,7 +157,7 @@ BAD_GUEST_OPTIONS = {
     "too many devices": (["--host", "lab-a", "--devices", "99"], "--devices must be 0 to 16, not 99"),
     "unknown QEMU behaviour": (
         ["--host", "lab-a", "--qemu-behaviour", "9.0"],
-        "--qemu-behaviour must be 11.0 or 10.0, not '9.0'",
+        "'--qemu-behaviour': '9.0' is not one of '11.0', '10.0'",
     ),
     "negative transition": (["--host", "lab-a", "--transition-ms", "-1"], "--transition-ms must be"),
     "no memory": (["--host", "lab-a", "--memory", "1"], "--memory must be 16 to 4096 MiB"),

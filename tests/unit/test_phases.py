@@ -349,11 +349,24 @@ def test_would_converge(iteration: int, expected: int | None, limit: int, conver
     assert would_converge(JobStats(iteration=iteration, expected_downtime_ms=expected), limit) is converges
 
 
-def test_stall_detector_needs_a_new_low() -> None:
+def test_stall_detector_needs_a_clearly_lower_low_after_each_pass() -> None:
     stall = StallDetector(timeout_s=3)
-    readings = [(0, 100), (1, 50), (2, 80), (3, 60), (4.0, 51), (4.1, 55)]
-    assert [stall.stalled(t, r) for t, r in readings] == [False, False, False, False, False, True]
-    assert stall.stalled(5, 10) is False and stall.stalled(7.9, None) is False
+
+    def after_pass(passes: int, expected: int) -> JobStats:
+        return JobStats(iteration=passes, expected_downtime_ms=expected)
+
+    readings = [
+        (0, after_pass(1, 300)),
+        (1, after_pass(2, 100)),
+        (2, after_pass(3, 80)),
+        (3.5, after_pass(4, 95)),
+    ]
+    assert [stall.stalled(t, s) for t, s in readings] == [False, False, False, False]
+    assert stall.lowest == 80 and stall.since == 2
+    assert stall.stalled(4.9, after_pass(5, 75)) is False, "75 is not 10% under 80"
+    assert stall.stalled(5.1, after_pass(6, 78)) is True
+    fresh = StallDetector(timeout_s=3)
+    assert fresh.stalled(0, after_pass(1, 300)) is False and fresh.stalled(3.5, after_pass(1, 300)) is True
 
 
 def test_gate_opens_when_qemu_would_converge_and_releases_after_the_drains() -> None:
