@@ -20,24 +20,38 @@ from orchestrator.lab.demo import start_peer, stop_peer
 BANDWIDTH = "32"  # MiB/s: slower than the guest dirties its working set
 
 
-def write_policy(tmp: Path, lab: Any, name: str, body: str, drain_hooks: list[list[str]]) -> Path:
+def write_policy(
+    tmp: Path, lab: Any, name: str, body: str, drain_hooks: list[list[str]], *, peers: bool = False
+) -> Path:
+    """A policy recording every hook run; with `peers`, also disarming/re-arming the devices' RDMA peers."""
     log = tmp / "hooks.ndjson"
     drains = "".join(
-        f"[[hooks.drain]]\nargv = {json.dumps(argv)}\ntimeout_ms = 2000\non_failure = \"abort\"\n" for argv in drain_hooks
+        f'[[hooks.drain]]\nargv = {json.dumps(argv)}\ntimeout_ms = 2000\non_failure = "abort"\n'
+        for argv in drain_hooks
     )
     undrain = json.dumps([str(RECORD_HOOK), str(log), "undrain", "{domain}", "{device_id}", "{state}"])
     path = tmp / "policy.toml"
-    path.write_text(
-        f'[migration]\ndata_uri = "unix://{lab.root}/migrations/{name}.sock"\n{body}\n{drains}'
-        f'[[hooks.undrain]]\nargv = {undrain}\non_failure = "continue"\n'
+    rearm = (
         '[[hooks.undrain]]\nargv = ["orchestrator-rdma-hook", "undrain", "--domain", "{domain}", '
         '"--device", "{device_id}"]\non_failure = "continue"\n'
+    )
+    path.write_text(
+        f'[migration]\ndata_uri = "unix://{lab.root}/migrations/{name}.sock"\n{body}\n{drains}'
+        f'[[hooks.undrain]]\nargv = {undrain}\non_failure = "continue"\n' + (rearm if peers else "")
     )
     return path
 
 
 def record(tmp: Path, trigger: str, *options: str) -> list[str]:
-    return [str(RECORD_HOOK), str(tmp / "hooks.ndjson"), trigger, "{domain}", "{device_id}", "{state}", *options]
+    return [
+        str(RECORD_HOOK),
+        str(tmp / "hooks.ndjson"),
+        trigger,
+        "{domain}",
+        "{device_id}",
+        "{state}",
+        *options,
+    ]
 
 
 RDMA_DRAIN = ["orchestrator-rdma-hook", "drain", "--domain", "{domain}", "--device", "{device_id}"]
@@ -82,7 +96,12 @@ def test_gated_switches_over_only_after_a_slow_drain_on_qemu_11_and_10(lab_env: 
         peer = start_peer(name, "nic0", lab_env.root)
         # A drain that takes 200 ms, far more than the peers' 30 ms timeout: gated, nothing races.
         policy = write_policy(
-            tmp, lab_env, name, '[switchover]\ndrain = "gated"', [record(tmp, "drain", "--sleep-ms=200"), RDMA_DRAIN]
+            tmp,
+            lab_env,
+            name,
+            '[switchover]\ndrain = "gated"',
+            [record(tmp, "drain", "--sleep-ms=200"), RDMA_DRAIN],
+            peers=True,
         )
         run = migrate(lab_env, name, policy, tmp)
         stats = stop_peer(peer)
@@ -105,7 +124,12 @@ def test_gated_failing_drain_aborts_before_any_device_goes_quiet(lab_env: Any, t
     name = lab_env.guest(0, workload="dirty", devices=2)
     peers = [start_peer(name, f"nic{i}", lab_env.root) for i in range(2)]
     policy = write_policy(
-        tmp_path, lab_env, name, '[switchover]\ndrain = "gated"', [record(tmp_path, "drain", "--exit=1")]
+        tmp_path,
+        lab_env,
+        name,
+        '[switchover]\ndrain = "gated"',
+        [record(tmp_path, "drain", "--exit=1")],
+        peers=True,
     )
     run = migrate(lab_env, name, policy, tmp_path)
     stats = [stop_peer(peer) for peer in peers]
@@ -119,8 +143,10 @@ def test_gated_failing_drain_aborts_before_any_device_goes_quiet(lab_env: Any, t
 
 
 def test_an_idle_guest_passes_the_gate_early_and_is_drained_on_prepare(lab_env: Any, tmp_path: Path) -> None:
-    name = lab_env.guest(0)  # firmware only: converges even with the limit at 0
-    policy = write_policy(tmp_path, lab_env, name, '[switchover]\ndrain = "gated"', [record(tmp_path, "drain")])
+    name = lab_env.guest(0)  # firmware only: dirties nothing, converges even at the gate's 1 ms
+    policy = write_policy(
+        tmp_path, lab_env, name, '[switchover]\ndrain = "gated"', [record(tmp_path, "drain")]
+    )
     run = migrate(lab_env, name, policy, tmp_path)
     assert run.code == 0, run.err
     assert run.doc["gate"] == "passed early"

@@ -219,7 +219,7 @@ class Model:
 
     Memory: a pass takes `pass_s`; after the first pass QEMU's expected downtime is `dirty_ms` (what the
     guest dirties per pass over the bandwidth); QEMU switches over at a pass boundary when its downtime
-    limit is at least that (an idle guest, `dirty_ms=0`, switches over even at a 0 ms limit).
+    limit is at least that (an idle guest, `dirty_ms=0`, switches over even at the gate's 1 ms).
     `script`: instead of the model, a list of (delay after the previous step, step) where a step is
     ("vfio", role, device, state), ("qemu", role, name, data), ("end", error or None): for the paths a
     model never produces (duplicates, odd orders, events that never come).

@@ -23,6 +23,7 @@ from unit.scripted import (
 )
 
 from orchestrator import migration as migration_module
+from orchestrator.convergence import GATE_FLOOR_MS
 from orchestrator.errors import BadInput
 from orchestrator.hooks import Trigger
 from orchestrator.hypervisor import RUNNING
@@ -425,7 +426,7 @@ def test_gated_drains_every_device_before_releasing_the_switchover(world: World)
     assert report.outcome is Outcome.SUCCEEDED and report.gate == "opened"
     world.three_facts(report, DST)
     dom_log = world.source.migrations[0].dom.downtime_log
-    assert dom_log[0][1] == 0, "the job starts with the downtime limit at its floor"
+    assert dom_log[0][1] == GATE_FLOOR_MS, "the job starts with the downtime limit at its floor"
     released_at = next(t for t, ms in dom_log if ms == 300)
     for run in world.runner.of(Trigger.DRAIN):
         assert run.ended is not None and run.ended <= released_at
@@ -457,7 +458,7 @@ def test_gated_failing_drain_aborts_before_any_device_goes_quiet(world: World) -
     report = world.run(policy_text(drain="gated"), model=model)
     assert report.outcome is Outcome.ABORTED, report.error
     assert all(device.quiet_at is None for device in model.devices), "nothing went quiet"
-    assert [ms for _t, ms in world.source.migrations[0].dom.downtime_log] == [0], "never released"
+    assert [ms for _t, ms in world.source.migrations[0].dom.downtime_log] == [GATE_FLOOR_MS], "never released"
     world.three_facts(report, SRC)
 
 

@@ -20,6 +20,7 @@ import pytest
 from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner, Model
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
+from orchestrator.convergence import GATE_FLOOR_MS
 from orchestrator.hooks import Trigger
 from orchestrator.hypervisor import RUNNING, MigrateRequest
 from orchestrator.journal import Journal, still_drained
@@ -231,7 +232,7 @@ def test_a_job_left_running_is_aborted_when_asked(world: World) -> None:
 
 def test_a_job_held_at_the_gate_is_aborted_even_when_waiting(world: World) -> None:
     # Nothing would ever release it: the orchestrator that held the gate is gone.
-    orphan_job(world, downtime_ms=0)
+    orphan_job(world, downtime_ms=GATE_FLOOR_MS)
     (done,) = world.recover(job="wait").recovered
     assert done.outcome == "rolled-back" and "held at the gate" in done.notes[0]
     assert world.where() == [SRC] and world.undrains("nic0") == 1
