@@ -782,6 +782,7 @@ def evacuate_cmd(
     import signal
 
     from orchestrator.evacuation import Evacuation, EvacuationRequest
+    from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
     from orchestrator.render import LiveEvacuation
 
@@ -813,7 +814,16 @@ def evacuate_cmd(
     request.validate()
     live = LiveEvacuation()
     with open_journal(journal, dry_run) as jour:
-        evacuation = Evacuation(request, journal=jour, on_status=live.status, on_line=live.line)
+        evacuation = Evacuation(
+            request,
+            journal=jour,
+            on_status=live.status,
+            on_line=live.line,
+            lock_dir=None if jour is None else lock_dir(jour.path),
+            reconcile=None
+            if jour is None
+            else (lambda hosts, name: reconcile(jour, list(hosts), name, live.line)),
+        )
         previous = on_signals(lambda _name: evacuation.stop())
         try:
             report = evacuation.run()

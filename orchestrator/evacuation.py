@@ -18,6 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -249,6 +250,7 @@ class EvacuationRequest:
 
 StatusCallback = Callable[[dict[str, int], dict[str, float]], None]
 LineCallback = Callable[[str], None]
+Reconcile = Callable[[Sequence["Host"], str], None]
 
 
 class Evacuation:
@@ -261,11 +263,15 @@ class Evacuation:
         journal: JournalLike | None = None,
         on_status: StatusCallback | None = None,
         on_line: LineCallback | None = None,
+        lock_dir: Path | None = None,
+        reconcile: Reconcile | None = None,
     ) -> None:
         self.request = request
         self.journal = journal
         self.on_status = on_status
         self.on_line = on_line
+        self.lock_dir = lock_dir  # the per-VM migration locks (None: no locking)
+        self.reconcile = reconcile  # finishes what a dead orchestrator left undone for a VM
         self.id = uuid.uuid4().hex[:12]
         self.report = EvacuationReport(
             self.id, request.source_uri, list(request.destination_uris), request.dry_run
@@ -478,6 +484,8 @@ class Evacuation:
 
     def _migrate_with_retries(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
         request = self._request(item)
+        if self.reconcile is not None:
+            self.reconcile([source, destination], item.domain)
 
         def attempt() -> Report:
             migration = Migration(
@@ -488,6 +496,7 @@ class Evacuation:
                 parent=self.id,
                 on_progress=lambda p: self._progress.__setitem__(item.domain, p.fraction),
                 on_entry=lambda entry: self._say(f"{item.domain}: {entry.text}"),
+                lock_dir=self.lock_dir,
             )
             with self._lock:
                 if self._stopping:

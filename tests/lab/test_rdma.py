@@ -1,5 +1,6 @@
 """The product's promise, on the lab: RDMA peers of a device see no timeout when the orchestrator
-drains them on pre-copy-p2p-prepare, and do see them without hooks or with QEMU 10's late signal."""
+drains them (the shipped rdma-drain: gated, armed hooks; an idle guest passes the gate and is drained
+on its prepare event), and do see them without hooks or with QEMU 10's late signal."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lab.test_migrate import cli
 
 
 def migrate_with_peer(
-    lab: Any, tmp_path: Path, policy: str, **guest: Any
+    lab: Any, tmp_path: Path, policy: str, *extra: str, **guest: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     name = lab.guest(0, transition_ms=300, **guest)
     env = {**os.environ, "ORCH_LAB_DIR": str(lab.root)}
@@ -43,6 +44,7 @@ def migrate_with_peer(
             "--journal",
             str(tmp_path / "j.sqlite"),
             "--json",
+            *extra,
             env={"ORCH_LAB_DIR": str(lab.root)},
         )
         assert run.code == 0, run.err
@@ -55,10 +57,12 @@ def migrate_with_peer(
         lab.remove(name)
 
 
-def test_drain_on_prepare_means_zero_peer_timeouts(lab_env: Any, tmp_path: Path) -> None:
+def test_the_shipped_rdma_drain_means_zero_peer_timeouts(lab_env: Any, tmp_path: Path) -> None:
     doc, peer = migrate_with_peer(lab_env, tmp_path, "rdma-drain")
-    assert [h["label"] for h in doc["hooks"]] == ["rdma-drain", "rdma-undrain"]
-    assert all(h["ok"] for h in doc["hooks"])
+    actions = [(h["trigger"], h["label"]) for h in doc["hooks"] if h["device_id"] == "nic0"]
+    assert actions == [("drain", "rdma-drain"), ("undrain", "rdma-undrain")]
+    assert all(h["ok"] for h in doc["hooks"]), "armed (device None) and acted (nic0)"
+    assert doc["drain_mode"] == "gated" and doc["gate"] == "passed early", "an idle guest converges at once"
     assert peer["outages"], "the device did go quiet during its P2P transition"
     assert peer["timeouts"] == 0, json.dumps(peer)
     assert len(peer["disarms"]) == 1 and len(peer["arms"]) == 1
@@ -66,9 +70,11 @@ def test_drain_on_prepare_means_zero_peer_timeouts(lab_env: Any, tmp_path: Path)
 
 
 @pytest.mark.parametrize(("policy", "behaviour"), [("default", "11.0"), ("rdma-drain", "10.0")])
-def test_without_the_prepare_drain_peers_time_out(
+def test_without_hooks_or_with_the_late_qemu_10_signal_peers_time_out(
     lab_env: Any, tmp_path: Path, policy: str, behaviour: str
 ) -> None:
+    # An idle guest is not held by the gate: on QEMU 10 its device is only drained on its first P2P
+    # state, after it went quiet (tests/lab/test_switchover.py holds a dirtying guest: no timeout).
     _doc, peer = migrate_with_peer(lab_env, tmp_path, policy, behaviour=behaviour)
     assert peer["timeouts"] >= 1, peer
 
