@@ -22,6 +22,7 @@ from orchestrator.policy import DowntimeStep, MigrationSettings, Switchover
 # dirties anything is held; an idle one (nothing dirtied at all) still converges: the gate is passed early.
 GATE_FLOOR_MS = 1
 QEMU_DEFAULT_DOWNTIME_MS = 300  # QEMU's own default downtime-limit
+FIRST_ESTIMATE_PASS = 3  # libvirt's memory_iteration from which QEMU's expected downtime is its own
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ class Schedule:
 def would_converge(stats: JobStats, downtime_ms: int) -> bool:
     """Whether QEMU would switch over now if its downtime limit were `downtime_ms`.
 
-    QEMU's expected downtime (the data dirtied since its last pass over the bandwidth) is only
-    meaningful once the first full pass is done (two dirty-bitmap syncs); before that it echoes the limit.
+    QEMU's expected downtime (the data dirtied during its last pass over the bandwidth) is its own
+    estimate from the third dirty-bitmap sync on; until then it echoes the limit (read on the lab: 1 ms
+    through pass 2 at a 1 ms limit, then ~130 ms for a guest rewriting 4 MiB at 32 MiB/s).
     """
     return (
-        stats.iteration >= 2
+        stats.iteration >= FIRST_ESTIMATE_PASS
         and stats.expected_downtime_ms is not None
         and stats.expected_downtime_ms <= downtime_ms
     )
@@ -105,7 +107,7 @@ class StallDetector:
         """Feed one reading; True once no progress came for `timeout_s` seconds."""
         if self.since is None:
             self.since = elapsed_s  # the first pass is progress by itself
-        left = stats.expected_downtime_ms if stats.iteration >= 2 else None
+        left = stats.expected_downtime_ms if stats.iteration >= FIRST_ESTIMATE_PASS else None
         if left is not None and (self.lowest is None or left < self.lowest * STALL_PROGRESS):
             self.lowest, self.since = left, elapsed_s
             return False

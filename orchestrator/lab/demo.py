@@ -23,6 +23,7 @@ from orchestrator.report import Report, TimelineEntry
 from orchestrator.virt import Host
 
 DEVICES = 2
+BANDWIDTH_MIB = 32
 
 
 def run(name: str, root: Path | None, out: TextIO) -> list[Report]:
@@ -37,18 +38,26 @@ def run(name: str, root: Path | None, out: TextIO) -> list[Report]:
     try:
         where = next((i for i, c in enumerate(conns) if c.find_domain(name) is not None), None)
         if where is None:
+            spec = lab_guest.GuestSpec(name=name, devices=DEVICES, workload="dirty")
             out.write(
-                f"creating guest {name} on {hosts[0].name}: {DEVICES} simulated VFIO devices, QEMU 11.0\n"
+                f"creating guest {name} on {hosts[0].name}: {DEVICES} simulated VFIO devices, QEMU 11.0, "
+                f"a Linux guest rewriting {spec.dirty_mib} MiB at {spec.dirty_rate:g} MiB/s (a loaded VM)\n"
             )
-            lab_guest.create_guest(hosts[0], lab_guest.GuestSpec(name=name, devices=DEVICES), root=root)
+            lab_guest.create_guest(hosts[0], spec, root=root)
             where = 0
         # Separate processes, as real peers are: in our process they would share its GIL.
         peers = [start_peer(name, f"nic{i}", root) for i in range(DEVICES)]
         policy = resolve_policy("rdma-drain")
-        settings = replace(policy.migration, data_uri=f"unix://{root}/migrations/{{domain}}.sock")
+        # 32 MiB/s: slower than the guest dirties, so QEMU iterates until the gate lets it switch over.
+        settings = replace(
+            policy.migration,
+            data_uri=f"unix://{root}/migrations/{{domain}}.sock",
+            bandwidth_mib=BANDWIDTH_MIB,
+        )
         for src, dst in itertools.pairwise([where, 1 - where, where]):
             out.write(
-                f"\n--- orchestrator migrate {name}: {hosts[src].name} -> {hosts[dst].name}, rdma-drain\n"
+                f"\n--- orchestrator migrate {name}: {hosts[src].name} -> {hosts[dst].name}, rdma-drain "
+                f"(gated, armed hooks), {BANDWIDTH_MIB} MiB/s\n"
             )
             request = Request(name, hosts[src].uri, hosts[dst].uri, policy, settings=settings)
             start = [0.0]
@@ -63,8 +72,13 @@ def run(name: str, root: Path | None, out: TextIO) -> list[Report]:
             reports.append(report)
             timings = report.to_json()["timings"]
             error = f": {report.error}" if report.error else ""
-            took = f"{timings['total_s']:.2f} s, downtime {timings['downtime_ms']} ms"
+            took = f"{timings['total_s']:.2f} s, downtime {timings['downtime_ms']} ms, gate {report.gate}"
             out.write(f"--- {report.outcome.value}, {took}{error}\n")
+            for device in report.devices.values():
+                margin = (
+                    "-" if device.margin_ms is None else f"{device.margin_ms:.0f} ms before it went quiet"
+                )
+                out.write(f"    {device.device_id}: drained by {device.trigger}, {margin}\n")
         out.write("\n" + summary([stop_peer(p) for p in peers]) + "\n")
     finally:
         for peer in peers:

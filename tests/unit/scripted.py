@@ -296,7 +296,9 @@ class FakeQemu:
 
     def stats(self) -> JobStats:
         elapsed = self.clock.now - self.started
-        expected = self.dom.downtime_ms if self.iteration < 2 else self.model.dirty_ms
+        expected = (
+            self.dom.downtime_ms if self.iteration < 3 else self.model.dirty_ms
+        )  # QEMU echoes the limit
         return JobStats(
             elapsed_ms=int(elapsed * 1000),
             memory_total=64 << 20,

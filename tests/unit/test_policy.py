@@ -740,13 +740,9 @@ def test_shipped_rdma_drain_hooks() -> None:
     policy = load_policy(SHIPPED_POLICY_DIR / "rdma-drain.toml")
     (drain,) = policy.hooks_for(Trigger.DRAIN)
     (undrain,) = policy.hooks_for(Trigger.UNDRAIN)
-    assert drain.argv[:2] == ("orchestrator-rdma-hook", "drain")
-    assert undrain.argv[:2] == ("orchestrator-rdma-hook", "undrain")
-    assert (
-        drain.argv[2:]
-        == undrain.argv[2:]
-        == ("--domain", "{domain}", "--device", "{device_id}", "--state", "{state}")
-    )
+    assert drain.argv == undrain.argv == ("orchestrator-rdma-hook", "serve", "--domain", "{domain}")
+    assert drain.armed and undrain.armed, "one process per migration, woken through its stdin"
+    assert policy.switchover.drain is DrainMode.GATED
     assert (drain.timeout_ms, drain.on_failure, drain.retries) == (250, OnFailure.ABORT, 0)
     assert (undrain.on_failure, undrain.retries) == (OnFailure.CONTINUE, 0)
     assert policy.hooks_for(Trigger.BEFORE) == ()
