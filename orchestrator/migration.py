@@ -15,6 +15,7 @@ up an event.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -384,6 +385,8 @@ class Migration:
         self._job_done = False
         self._abort_sent = False
         self._armed: dict[int, Armed] = {}  # by id() of the policy's Hook
+        self._arrivals: _Arrivals | None = None
+        self._by_name: Subscription | None = None
 
     # --- the hot path: libvirt's event thread ---------------------------------------------------
     def _listener(self, role: Role) -> Callable[[str, str, int, int, dict[str, Any] | None], None]:
@@ -706,12 +709,26 @@ class Migration:
         self._subs.append(
             self.source.subscribe_monitor_events(self._listener(Role.SOURCE), events=events, dom=dom)
         )
-        # The incoming domain does not exist yet on the destination: filtered by name, not object.
-        self._subs.append(
-            self.destination.subscribe_monitor_events(
-                self._listener(Role.DESTINATION), events=events, domain=self.request.destination_domain
-            )
+        # The incoming domain does not exist yet on the destination: filtered by name here, which means
+        # every domain's events cross the connection, until `_narrow_destination` follows the domain.
+        self._arrivals = _Arrivals(self._listener(Role.DESTINATION))
+        self._by_name = self.destination.subscribe_monitor_events(
+            self._arrivals, events=events, domain=self.request.destination_domain
         )
+        self._subs.append(self._by_name)
+
+    def _narrow_destination(self) -> None:
+        """Once the incoming domain exists, follow it by object (libvirt then filters for us) and drop the
+        subscription by name; an event delivered through both in the handover counts once."""
+        if self._by_name is None or self._arrivals is None:
+            return
+        there = self.destination.find_domain(self.request.destination_domain)
+        if there is None:
+            return
+        events = sorted(_FOLLOWED_EVENTS)
+        self._subs.append(self.destination.subscribe_monitor_events(self._arrivals, events=events, dom=there))
+        self._by_name.cancel()
+        self._by_name = None
 
     def _unsubscribe(self) -> None:
         for sub in self._subs:
@@ -781,6 +798,7 @@ class Migration:
                     break
             try:
                 stats = dom.job_stats()
+                self._narrow_destination()
             except OrchestratorError as exc:
                 self._note(f"could not read the job's statistics: {exc.message}")
                 stats = None
@@ -952,6 +970,31 @@ class Migration:
         )
         status = (data or {}).get("status")
         self._entry(qemu_time, host, "event", f"{name} {status}" if status else name)
+
+
+class _Arrivals:
+    """The destination's events, through the subscription by name and then the one by object: while
+    both are registered libvirt delivers an event to each, so one seen already (same event, same
+    QEMU timestamp) is dropped."""
+
+    _REMEMBERED = 64
+
+    def __init__(self, deliver: Callable[[str, str, int, int, dict[str, Any] | None], None]) -> None:
+        self._deliver = deliver
+        self._seen: collections.deque[tuple[str, int, int, str | None]] = collections.deque(
+            maxlen=self._REMEMBERED
+        )
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, domain: str, name: str, seconds: int, micros: int, data: dict[str, Any] | None
+    ) -> None:
+        key = (name, seconds, micros, None if data is None else str(data))
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.append(key)
+        self._deliver(domain, name, seconds, micros, data)
 
 
 def _hook_text(result: HookResult) -> str:

@@ -627,3 +627,34 @@ def test_an_armed_hook_that_cannot_arm_aborts_before_the_job(world: World) -> No
     assert report.outcome is Outcome.ABORTED and world.source.migrations == []
     assert "did not arm" in (report.error or "")
     world.three_facts(report, SRC)
+
+
+def test_the_destination_is_followed_by_object_once_the_incoming_domain_exists(world: World) -> None:
+    kinds: list[str] = []
+    subscribe = world.destination.subscribe_monitor_events
+
+    def spy(callback: Any, *, events: Any = None, domain: Any = None, dom: Any = None) -> Any:
+        kinds.append("by object" if dom is not None else "by name")
+        return subscribe(callback, events=events, domain=domain, dom=dom)
+
+    world.destination.subscribe_monitor_events = spy  # type: ignore[method-assign]
+    report = world.run()
+    assert report.outcome is Outcome.SUCCEEDED
+    assert kinds == ["by name", "by object"]
+    assert len(world.destination.subscribers) == 0, "both cancelled at the end"
+    arrivals = [e.text for e in report.timeline if e.host == "destination" and e.kind == "event"]
+    assert arrivals.count("nic0 -> running") == 1 and arrivals.count("RESUME") == 1
+    world.three_facts(report, DST)
+
+
+def test_an_event_delivered_through_both_destination_subscriptions_counts_once() -> None:
+    from orchestrator.migration import _Arrivals
+
+    delivered: list[tuple[str, int, int]] = []
+    arrivals = _Arrivals(lambda _dom, name, s, us, _data: delivered.append((name, s, us)))
+    running = {"device-id": "nic0", "device-state": "running"}
+    for _subscription in ("by name", "by object"):
+        arrivals("vm1", "VFIO_MIGRATION", 10, 5, running)
+    arrivals("vm1", "VFIO_MIGRATION", 10, 5, {**running, "device-state": "running-p2p"})  # same instant
+    arrivals("vm1", "RESUME", 10, 5, None)
+    assert delivered == [("VFIO_MIGRATION", 10, 5), ("VFIO_MIGRATION", 10, 5), ("RESUME", 10, 5)]
