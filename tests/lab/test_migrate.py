@@ -252,7 +252,9 @@ def test_drain_hook_timeout_with_abort_rolls_back(lab_env: Any, tmp_path: Path) 
 
 
 def test_sigterm_mid_migration_aborts_undrains_and_exits_130(lab_env: Any, tmp_path: Path) -> None:
-    sc = Scenario(lab_env, tmp_path)
+    # The drain hook sends SIGTERM at the prepare event; a 1.5 s transition leaves the abort time to land
+    # (with 300 ms, a loaded host sometimes completed the switchover first: then the VM moved, exit 0).
+    sc = Scenario(lab_env, tmp_path, transition_ms=1500)
     sc.write_policy(drain="--kill-parent=TERM")
     run = sc.migrate()
     assert run.code == 130, run.err
