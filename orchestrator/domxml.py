@@ -38,6 +38,7 @@ _TRUE = frozenset({"on", "yes", "true", "y"})
 _FALSE = frozenset({"off", "no", "false", "n"})
 # QEMU reads -global DRIVER.PROPERTY=VALUE first, and the driver=,property=,value= form otherwise.
 _GLOBAL_SHORT = re.compile(r"([^.=]{1,63})\.([^=]+)=(.*)", re.DOTALL)
+_DETAIL_CHARS = 200  # of a parser message, in its one line
 
 
 class DomainXMLError(BadInput):
@@ -95,9 +96,20 @@ def parse(xml: str) -> etree._Element:
     with a DOCTYPE or entity declaration, which libvirt never emits.
     """
     try:
-        root = etree.fromstring(xml.encode("utf-8"), _parser())
+        data = xml.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no XML parser can read it
+        raise DomainXMLError(
+            f"malformed domain XML: not Unicode text ({exc.reason} at character {exc.start})",
+            hint="fix the XML and retry",
+        ) from None
+    try:
+        root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
-        raise DomainXMLError(f"malformed domain XML: {exc}", hint="fix the XML and retry") from exc
+        # lxml quotes the offending text, line breaks included: one line, as every error is.
+        detail = " ".join(str(exc).split())
+        if len(detail) > _DETAIL_CHARS:
+            detail = detail[: _DETAIL_CHARS - 3] + "..."
+        raise DomainXMLError(f"malformed domain XML: {detail}", hint="fix the XML and retry") from exc
     docinfo = root.getroottree().docinfo
     if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise DomainXMLError(

@@ -229,6 +229,12 @@ def _conflicts(root: etree._Element) -> list[str]:
                 and qemu_bool(properties[EVENTS_PROPERTY]) is not True
             ):
                 found.append(f"<qemu:commandline> has '-device {value}' with {EVENTS_PROPERTY} off")
+    # An option left without its value would take the first argument added after it as its value.
+    commandline = root.find(f"{_Q}commandline")  # the first one: where `-global` goes
+    args = commandline.findall(f"{_Q}arg") if commandline is not None else []
+    last = args[-1].get("value", "") if args else ""
+    if (last[1:] if last.startswith("--") else last) in ("-global", "-set", "-device"):
+        found.append(f"<qemu:commandline> ends with '{last}' without its value")
     return found
 
 
@@ -317,6 +323,11 @@ def _add_overrides(document: _Document, status: EventsStatus) -> None:
         if status.device_enabled(device):
             continue
         alias = device.alias
+        if alias is None and element.find("alias") is not None:
+            raise DomainXMLError(
+                f"{_describe(device)} has an <alias> without a name",
+                hint="give it <alias name='ua-...'/>, or use global mode",
+            )
         if alias is None:
             alias = _derived_alias(device)
             if alias is None:

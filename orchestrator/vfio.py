@@ -125,6 +125,8 @@ class VfioEvent:
                 data: object = json.loads(details)
             except json.JSONDecodeError as exc:
                 raise malformed(f"data is not JSON ({exc})") from None
+            except RecursionError:
+                raise malformed("data is nested too deeply") from None
         else:
             data = details
         if not isinstance(data, Mapping):
