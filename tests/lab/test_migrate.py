@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,8 +322,11 @@ def test_dry_run_changes_nothing(lab_env: Any, tmp_path: Path) -> None:
 def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_path: Path) -> None:
     from orchestrator.lab import hosts as lab
 
-    extra = lab.up(1, tmp_path / "extra-lab")[0]  # a host this test may kill
-    late_root = tmp_path / "late-lab"  # a host that is not up yet when the watch starts
+    # Short roots: a unix socket path (under <root>/hosts/lab-a/sock/) must fit in 108 bytes.
+    roots = Path(tempfile.mkdtemp(prefix="orch-w-", dir="/var/tmp"))
+    extra_root, late_root = roots / "x", roots / "l"
+    extra = lab.up(1, extra_root)[0]  # a host this test may kill
+    # late_root: a host that is not up yet when the watch starts
     late = lab.LabHost(name=lab.HOST_NAMES[0], dir=late_root / "hosts" / lab.HOST_NAMES[0], index=0)
     alone = cli("watch", "-c", late.uri, timeout=60)
     assert alone.code == 3, "no reachable host at all: exit 3"
@@ -384,6 +389,7 @@ def test_watch_relays_ndjson_and_survives_a_host_going_away(lab_env: Any, tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
-        lab.down(tmp_path / "extra-lab")
+        lab.down(extra_root)
         lab.down(late_root)
+        shutil.rmtree(roots, ignore_errors=True)
         lab_env.remove(name)
