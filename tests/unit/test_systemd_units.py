@@ -23,6 +23,7 @@ from orchestrator.cli import app, main
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 SERVICE = SYSTEMD_DIR / "orchestrator-evacuate.service"
+RECOVER = SYSTEMD_DIR / "orchestrator-recover.service"
 TIMER = SYSTEMD_DIR / "orchestrator-evacuate.timer"
 ENV_EXAMPLE = SYSTEMD_DIR / "evacuate.env.example"
 README = SYSTEMD_DIR / "README.md"
@@ -278,7 +279,7 @@ def test_an_empty_single_word_setting_is_named_before_the_orchestrator_runs(
     service: Unit, empty: str
 ) -> None:
     """`SOURCE_URI=` in the env file: ExecStartPre says which setting, in one line, and exits 2."""
-    (check,) = values(service, "Service", "ExecStartPre")
+    check, _recover = values(service, "Service", "ExecStartPre")
     argv = systemd_unescape(check)
     assert argv[0] == "/bin/sh"
     env = {
@@ -365,6 +366,7 @@ def verify(directory: Path) -> tuple[int, list[str]]:
             "--man=no",
             str(directory / SERVICE.name),
             str(directory / TIMER.name),
+            str(directory / RECOVER.name),
         ],
         capture_output=True,
         text=True,
@@ -374,19 +376,35 @@ def verify(directory: Path) -> tuple[int, list[str]]:
     )
     output = (done.stdout + done.stderr).splitlines()
     # Keep what concerns our units; warnings about unrelated system units are not ours to fix.
-    ours = [line for line in output if str(directory) in line or SERVICE.stem in line]
+    ours = [line for line in output if str(directory) in line or "orchestrator-" in line]
     return done.returncode, ours
 
 
 def copy_units(directory: Path) -> None:
     """The units with ExecStart's program replaced by an existing binary (verify checks it exists)."""
     true = shutil.which("true") or "/bin/true"
-    text = SERVICE.read_text()
-    assert text.count("ExecStart=/usr/local/bin/orchestrator ") == 1
-    (directory / SERVICE.name).write_text(
-        text.replace("ExecStart=/usr/local/bin/orchestrator ", f"ExecStart={true} ")
-    )
+    for unit in (SERVICE, RECOVER):
+        text = unit.read_text()
+        assert text.count("ExecStart=/usr/local/bin/orchestrator ") == 1
+        text = text.replace("ExecStart=/usr/local/bin/orchestrator ", f"ExecStart={true} ")
+        (directory / unit.name).write_text(
+            text.replace("ExecStartPre=/usr/local/bin/orchestrator ", f"ExecStartPre={true} ")
+        )
     shutil.copy(TIMER, directory / TIMER.name)
+
+
+def test_evacuations_and_boots_recover_first() -> None:
+    """A scheduled evacuation finishes what a dead orchestrator left undone before moving anything, and
+    so does every boot; both run the real CLI command, which accepts the arguments."""
+    service = parse_unit(SERVICE)
+    pre = values(service, "Service", "ExecStartPre")
+    assert pre[-1] == "/usr/local/bin/orchestrator recover", pre
+    recover = parse_unit(RECOVER)
+    assert value(recover, "Service", "Type") == "oneshot"
+    assert value(recover, "Install", "WantedBy") == "multi-user.target"
+    command = value(recover, "Service", "ExecStart")
+    assert command is not None and command.split()[:2] == ["/usr/local/bin/orchestrator", "recover"]
+    assert "libvirtd.service" in words(recover, "Unit", "After")
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
