@@ -222,6 +222,11 @@ _MARK_RECOVERED: Final = (
     "UPDATE migrations SET outcome = ?, error = ?, ended = coalesce(ended, ?), recovered = ?, "
     "summary = coalesce(?, summary) WHERE id = ? AND recovered IS NULL"
 )
+_SELECT_LAST_SEQ: Final = (
+    "SELECT max(seq) FROM (SELECT seq FROM events WHERE migration_id = ? "
+    "UNION ALL SELECT seq FROM hook_runs WHERE migration_id = ? "
+    "UNION ALL SELECT seq FROM device_actions WHERE migration_id = ?)"
+)
 _SELECT_UNFINISHED: Final = (
     "SELECT * FROM migrations WHERE host = ? AND outcome IN (?, ?) AND recovered IS NULL ORDER BY started, id"
 )
@@ -888,9 +893,19 @@ class Journal:
 
     def _next_seq(self, migration_id: str) -> int:
         with self._seq_lock:
-            seq = self._seqs.get(migration_id, 0) + 1
-            self._seqs[migration_id] = seq
+            last = self._seqs.get(migration_id)
+            if last is None:  # another process's migration (`recover`): go on after its records
+                last = self._last_seq(migration_id)
+            seq = self._seqs[migration_id] = last + 1
         return seq
+
+    def _last_seq(self, migration_id: str) -> int:
+        """The highest sequence number a migration's records have in the file (0: none)."""
+        try:
+            rows = self._select(_SELECT_LAST_SEQ, (migration_id,) * 3, table_may_be_missing=True)
+        except OrchestratorError:
+            return 0  # the write will fail and say why
+        return int(rows[0][0] or 0) if rows else 0
 
     def _put(self, write: _Write) -> None:
         if self.readonly:
@@ -919,6 +934,8 @@ class Journal:
         returns: nothing of the migration happens before its row exists.
         """
         kind = MigrationKind(kind)
+        with self._seq_lock:
+            self._seqs.setdefault(id, 0)  # a new migration: no records to go on after
         self._put(
             _Write(
                 f"the start of migration {id}",
