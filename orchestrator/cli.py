@@ -238,6 +238,15 @@ def lab_guest(
     dirty_mib: Annotated[
         int, typer.Option("--dirty-mib", metavar="SIZE", help="dirty: MiB of memory it cycles through.")
     ] = 4,
+    disk_mib: Annotated[
+        int,
+        typer.Option(
+            "--disk-mib",
+            metavar="MIB",
+            help="A qcow2 disk (vda) of this size, local to the host: "
+            "/var/lib/libvirt/images/DOMAIN.qcow2 in its own images directory [default: no disk].",
+        ),
+    ] = 0,
     start: Annotated[bool, typer.Option("--start/--no-start", help="Start it after defining it.")] = True,
     lab_dir: LabDirOpt = None,
     as_json: JsonOpt = False,
@@ -261,6 +270,7 @@ def lab_guest(
         workload=workload,
         dirty_rate=dirty_rate,
         dirty_mib=dirty_mib,
+        disk_mib=disk_mib,
     )
     target = lab.host_by_name(host, lab_dir)
     lab_guest_mod.create_guest(target, spec, start=start, root=lab_dir)
@@ -274,6 +284,13 @@ def lab_guest(
             "uri": target.uri,
             "devices": spec.device_ids,
         }
+        if disk_mib:
+            report["disk"] = {
+                "target": lab_guest_mod.DISK_TARGET,
+                "path": str(spec.disk),
+                "file": str(lab_guest_mod.host_disk_file(target, name)),
+                "mib": disk_mib,
+            }
         if workload != "idle":
             report.update(
                 workload=workload,
@@ -287,6 +304,11 @@ def lab_guest(
     else:
         devices_text = ", ".join(spec.device_ids) or "none"
         info(f"{name} {'running' if start else 'defined'} on {target.name} with devices: {devices_text}")
+        if disk_mib:
+            info(
+                f"disk {lab_guest_mod.DISK_TARGET}: {disk_mib} MiB qcow2 {spec.disk} "
+                f"(on this machine {lab_guest_mod.host_disk_file(target, name)})"
+            )
         if workload != "idle":
             ready = f", ready after {ready_s:.1f} s" if ready_s is not None else ""
             info(
@@ -564,10 +586,10 @@ def migrate_cmd(
         raise_bad(f"--lock-wait must be >= 0 seconds, not {lock_wait:g}", "drop it or give a positive number")
     live = LiveMigration()
     with (
-        open_journal(journal, dry_run) as jour,
+        open_journal(journal) as jour,
         open_hosts(request.source_uri, request.destination_uri) as (src, dst),
     ):
-        if jour is not None:
+        if not dry_run:  # a dry run changes nothing, undrains included
             reconcile(jour, [src, dst], domain, info)
         migration = mig.Migration(
             request,
@@ -577,7 +599,7 @@ def migrate_cmd(
             on_progress=live.progress,
             on_entry=live.entry,
             on_plan=live.plan,
-            lock_dir=None if jour is None else lock_dir(jour.path),
+            lock_dir=lock_dir(jour.path),
             lock_wait_s=lock_wait,
         )
         previous = on_signals(migration.interrupt)
@@ -618,12 +640,10 @@ def raise_bad(message: str, hint: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def open_journal(path: Path | None, dry_run: bool) -> Any:
-    """The journal (none for a dry run), verified before anything changes, closed (flushed) on the way
-    out. A record it lost is in the report and its exit code; closing says it once more on stderr."""
-    if dry_run:
-        yield None
-        return
+def open_journal(path: Path | None) -> Any:
+    """The journal, verified before anything changes, closed (flushed) on the way out. Dry runs are
+    journaled too (planned or refused: `history` tells the whole story). A record it lost is in the
+    report and its exit code; closing says it once more on stderr."""
     from orchestrator.journal import Journal, journal_path
 
     jour = Journal.open(journal_path(path), check=True)
@@ -813,15 +833,15 @@ def evacuate_cmd(
     )
     request.validate()
     live = LiveEvacuation()
-    with open_journal(journal, dry_run) as jour:
+    with open_journal(journal) as jour:
         evacuation = Evacuation(
             request,
             journal=jour,
             on_status=live.status,
             on_line=live.line,
-            lock_dir=None if jour is None else lock_dir(jour.path),
+            lock_dir=lock_dir(jour.path),
             reconcile=None
-            if jour is None
+            if dry_run
             else (lambda hosts, name: reconcile(jour, list(hosts), name, live.line)),
         )
         previous = on_signals(lambda _name: evacuation.stop())
@@ -1002,10 +1022,12 @@ def history_cmd(
                 info("no migrations recorded")
                 return
             table(
-                ["ID", "STARTED", "DOMAIN", "OUTCOME", "SECONDS", "DESTINATION"],
+                ["ID", "KIND", "STARTED", "DOMAIN", "OUTCOME", "SECONDS", "DESTINATION"],
                 [
                     [
                         row.id,
+                        # An evacuation's VMs show its id: `history EVACUATION_ID` lists them together.
+                        f"item of {row.parent}" if row.parent else row.kind.value,
                         time_text(row.started),
                         row.domain,
                         row.outcome or "running",
@@ -1017,10 +1039,11 @@ def history_cmd(
             )
             return
         record = jour.get_migration(migration_id)
+        items = jour.children(record.migration.id)
         if as_json:
-            emit_json(record.to_json())
+            emit_json({**record.to_json(), "items": [row.to_json() for row in items]})
             return
-        show_record(record)
+        show_record(record, items)
     finally:
         jour.close()
 

@@ -277,6 +277,7 @@ class Evacuation:
             self.id, request.source_uri, list(request.destination_uris), request.dry_run
         )
         self._lock = threading.Condition()
+        self._started: float | None = None  # when its journal row was begun
         self._stopping = False
         self._running: dict[str, Migration] = {}
         self._progress: dict[str, float] = {}
@@ -329,6 +330,7 @@ class Evacuation:
                 self._say(f"plan: {p.order}. {p.domain} ({p.memory_mib} MiB) -> {p.destination}: {p.reason}")
             for u in plan.unplaced:
                 self._say(f"plan: {u.domain} ({u.memory_mib} MiB) fits nowhere: {u.reason}")
+            self._begin()
             if not candidates:
                 self.report.message = f"nothing to move: {self.request.source_uri} has no selected VM"
             elif plan.unplaced and not self.request.force:
@@ -348,10 +350,49 @@ class Evacuation:
                     f"; refused by their pre-flight: {', '.join(refused)}" if refused else ""
                 )
         finally:
+            self._finish()
             for host in destinations.values():
                 host.close()
             source.close()
         return self.report
+
+    def _begin(self) -> None:
+        """The evacuation's own journal row: `history` lists it, and `history ID` shows its VMs."""
+        if self.journal is None:
+            return
+        request = self.request
+        policy = request.policy
+        self._started = time.time()
+        self.journal.begin_migration(
+            self.id,
+            "evacuation",
+            " ".join(request.include) or "*",
+            request.source_uri,
+            ",".join(request.destination_uris),
+            str(policy.path) if policy.path else policy.name,
+            self._started,
+            drain_mode=(request.drain or policy.switchover.drain).value,
+        )
+
+    def _finish(self) -> None:
+        if self.journal is None or self._started is None:
+            return
+        report = self.report
+        if report.dry_run:
+            outcome = Outcome.PLANNED
+        elif report.interrupted:
+            outcome = Outcome.INTERRUPTED
+        else:
+            outcome = Outcome.SUCCEEDED if report.empty else Outcome.PARTIAL
+        self.journal.finish_migration(
+            self.id,
+            outcome.value,
+            report.changed,
+            report.message or None,
+            int(report.exit_code),
+            time.time(),
+            report.to_json(),
+        )
 
     def _candidates(self, source: Host, *, planning: bool = True) -> list[Candidate]:
         """The selected VMs on the source; when planning, an --include matching nothing is an error
@@ -474,6 +515,7 @@ class Evacuation:
                         self._request(item, dry_run=True),
                         source,
                         destinations[item.destination],
+                        journal=self.journal,
                         parent=self.id,
                     ).run()
                     result.outcome = report.outcome.value

@@ -528,16 +528,31 @@ class Migration:
     def run(self) -> Report:
         """Pre-flight, then migrate; returns the report (never raises for a failed migration)."""
         report = self.report
-        dom = self._preflight()
+        try:
+            dom = self._preflight()
+        except OrchestratorError as exc:
+            report.outcome, report.error = Outcome.REFUSED, exc.line()
+            self._record_unmoved(int(exc.code))
+            raise
         if self.on_plan is not None:
             self.on_plan(report.plan)
         if dom is None or self.request.dry_run:
             self._advance(Phase.DONE)
-            report.ended = self.clock.time()
+            self._record_unmoved(int(report.exit_code))
             return report
         with self._locked(dom):
             self._migrate(dom)
         return report
+
+    def _record_unmoved(self, exit_code: int) -> None:
+        """A run that changed nothing (planned, unchanged, refused) is journaled too, so that `history`
+        tells the whole story."""
+        report = self.report
+        report.ended = self.clock.time()
+        self._begin()
+        self.journal.finish_migration(
+            self.id, report.outcome.value, False, report.error, exit_code, report.ended, report.to_json()
+        )
 
     @contextlib.contextmanager
     def _locked(self, dom: Guest) -> Iterator[None]:

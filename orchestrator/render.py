@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from orchestrator.evacuation import EvacuationReport
     from orchestrator.hooks import HookResult
-    from orchestrator.journal import MigrationRecord
+    from orchestrator.journal import MigrationRecord, MigrationRow
     from orchestrator.report import Progress, Report, TimelineEntry
 
 PROGRESS_EVERY_S = 5.0  # a progress line this often when stderr is not a terminal
@@ -315,9 +315,9 @@ def time_text(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def show_record(record: MigrationRecord) -> None:
+def show_record(record: MigrationRecord, items: Sequence[MigrationRow] = ()) -> None:
     """One journaled migration: its line, then its timeline (events with their statuses, phases, device
-    actions and hook runs) in time order."""
+    actions and hook runs) in time order; for an evacuation, first the migration of each of its VMs."""
     m = record.migration
     outcome = m.outcome.value if m.outcome else "running"
     recovered = f", recovered {time_text(m.recovered)}" if m.recovered else ""
@@ -326,6 +326,22 @@ def show_record(record: MigrationRecord) -> None:
         f"{m.source_uri} -> {m.destination_uri}, policy {m.policy}, drain {m.drain_mode or 'prepare'}, "
         f"{outcome}{recovered}" + (f": {m.error}" if m.error else "") + "\n\n"
     )
+    if items:
+        table(
+            ["ID", "DOMAIN", "OUTCOME", "SECONDS", "DESTINATION", "ERROR"],
+            [
+                [
+                    item.id,
+                    item.domain,
+                    item.outcome.value if item.outcome else "running",
+                    f"{item.ended - item.started:.1f}" if item.ended else "-",
+                    item.destination_uri,
+                    item.error or "",
+                ]
+                for item in items
+            ],
+        )
+        sys.stdout.write("\n(each one's timeline: orchestrator history ID)\n\n")
     rows: list[tuple[float, list[str]]] = []
     for event in record.events:
         when = event.qemu_time or event.received

@@ -31,6 +31,8 @@ class Outcome(StrEnum):
     INTERRUPTED = "interrupted"  # Ctrl-C/SIGTERM (or the process died); the VM runs where the journal says
     # The VM does not run where it should (e.g. shut off after its daemon died): an admin must look.
     FAILED = "failed"
+    REFUSED = "refused"  # the pre-flight said no (bad input, events off, a job running): nothing was changed
+    PARTIAL = "partial"  # an evacuation that left selected VMs on the source
 
     @property
     def moved(self) -> bool:
@@ -47,6 +49,8 @@ EXIT_CODES: Mapping[Outcome, ExitCode] = {
     Outcome.ABORTED: ExitCode.HOOK_FAILED,
     Outcome.INTERRUPTED: ExitCode.INTERRUPTED,
     Outcome.FAILED: ExitCode.NEEDS_ADMIN,
+    Outcome.REFUSED: ExitCode.BAD_INPUT,
+    Outcome.PARTIAL: ExitCode.PARTIAL,
 }
 
 
