@@ -59,7 +59,7 @@ from orchestrator.report import Outcome
 
 DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
 ENV_VAR: Final = "ORCH_JOURNAL"
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 FLUSH_TIMEOUT_S: Final = 10.0
 # Opening (creating the schema) and reading wait this long for another process's lock.
 _BUSY_TIMEOUT_S: Final = 5.0
@@ -103,6 +103,7 @@ class MigrationKind(StrEnum):
 
     MIGRATE = "migrate"  # one `orchestrator migrate`
     EVACUATE_ITEM = "evacuate-item"  # one VM of an evacuation; `parent` is the evacuation's id
+    EVACUATION = "evacuation"  # one `orchestrator evacuate`: its items point to it (domain: the selection)
 
 
 class EventKind(StrEnum):
@@ -130,17 +131,19 @@ class ActionStatus(StrEnum):
 
 _EVENT_KINDS: Final = frozenset(EventKind)
 
+# Version 1 as it was (its CHECK lists are frozen: version 3 drops them).
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in MigrationKind)})),
+    kind TEXT NOT NULL CHECK (kind IN ('migrate', 'evacuate-item')),
     domain TEXT NOT NULL,
     source_uri TEXT NOT NULL,
     destination_uri TEXT NOT NULL,
     policy TEXT NOT NULL,
     started REAL NOT NULL,
     ended REAL,
-    outcome TEXT CHECK (outcome IN ({", ".join(f"'{o}'" for o in Outcome)})),
+    outcome TEXT CHECK (outcome IN ('running', 'succeeded', 'failed', 'rolled-back', 'aborted',
+        'interrupted', 'unchanged')),
     changed INTEGER,
     error TEXT,
     exit_code INTEGER,
@@ -197,9 +200,51 @@ CREATE TABLE IF NOT EXISTS device_actions (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS device_actions_by_migration ON device_actions (migration_id, seq);
 """
-# Schema versions: statements of _SCHEMA up to this marker made version 1; the rest upgrade it to 2
-# (outcome and kind values are checked in Python: SQLite cannot change a CHECK without a rebuild).
+# Schema versions: statements of _SCHEMA up to this marker made version 1; the rest upgrade it to 2.
 _V2_MARKER: Final = "ALTER TABLE migrations ADD COLUMN drain_mode TEXT"
+# Version 3 rebuilds `migrations` without its CHECKs (SQLite cannot drop one otherwise): kinds and
+# outcomes are checked in Python, so that new ones (evacuations, planned and refused runs) fit old files.
+_MIGRATION_COLUMNS: Final = (
+    "id, kind, domain, source_uri, destination_uri, policy, started, ended, outcome, changed, error, "
+    "exit_code, summary, parent, pid, host, drain_mode, policy_text, policy_sha256, phase, recovered"
+)
+_V3_COPY: Final = (
+    f"INSERT INTO migrations_v3 ({_MIGRATION_COLUMNS}) SELECT {_MIGRATION_COLUMNS} FROM migrations"  # noqa: S608 - constants
+)
+_V3: Final = (
+    """
+CREATE TABLE migrations_v3 (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    source_uri TEXT NOT NULL,
+    destination_uri TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT,
+    changed INTEGER,
+    error TEXT,
+    exit_code INTEGER,
+    summary TEXT,
+    parent TEXT,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    drain_mode TEXT,
+    policy_text TEXT,
+    policy_sha256 TEXT,
+    phase TEXT,
+    recovered REAL
+);
+"""
+    + _V3_COPY
+    + """;
+DROP TABLE migrations;
+ALTER TABLE migrations_v3 RENAME TO migrations;
+CREATE INDEX IF NOT EXISTS migrations_by_started ON migrations (started);
+CREATE INDEX IF NOT EXISTS migrations_by_parent ON migrations (parent);
+"""
+)
 
 _INSERT_MIGRATION: Final = (
     "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, outcome, "
@@ -676,7 +721,7 @@ def _connect_existing(path: Path) -> sqlite3.Connection:
 def _upgrade(version: int) -> list[str]:
     """The statements that bring a journal of schema `version` (0: a new file) to SCHEMA_VERSION."""
     first, rest = _SCHEMA.split(_V2_MARKER, 1)
-    text = (first if version < 1 else "") + _V2_MARKER + rest
+    text = (first if version < 1 else "") + (_V2_MARKER + rest if version < 2 else "") + _V3
     return [statement for statement in text.split(";") if statement.strip()]
 
 
@@ -1147,7 +1192,7 @@ class Journal:
         An interrupted migration that cleaned up before it ended is listed too: its device actions
         (`device_actions`, `still_drained`) say there is nothing left to undo.
         """
-        sql = _SELECT_UNFINISHED if self._version >= SCHEMA_VERSION else _SELECT_UNFINISHED_V1
+        sql = _SELECT_UNFINISHED if self._version >= 2 else _SELECT_UNFINISHED_V1
         rows = self._select(
             sql, (self._host if host is None else host, Outcome.RUNNING.value, Outcome.INTERRUPTED.value)
         )
@@ -1364,6 +1409,11 @@ class Journal:
                 "SELECT * FROM migrations WHERE domain = ? ORDER BY started DESC, id DESC LIMIT ?",
                 (domain, limit),
             )
+        return [self._as_read(MigrationRow._from_row(row)) for row in rows]
+
+    def children(self, parent: str) -> list[MigrationRow]:
+        """The migrations of an evacuation (its items), in the order they started."""
+        rows = self._select("SELECT * FROM migrations WHERE parent = ? ORDER BY started, id", (parent,))
         return [self._as_read(MigrationRow._from_row(row)) for row in rows]
 
     def get_migration(self, id_or_prefix: str) -> MigrationRecord:

@@ -945,3 +945,39 @@ def test_a_schema_1_journal_reads_for_recovery(tmp_path: Path) -> None:
         (row,) = reader.unfinished()
         assert (row.id, row.outcome, row.recovered) == ("old", "interrupted", None)
         assert reader.device_actions("old") == ()
+
+
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_an_older_journal_is_upgraded_keeping_its_rows_and_taking_new_kinds(
+    tmp_path: Path, old_version: int
+) -> None:
+    path = tmp_path / f"v{old_version}.sqlite"
+    conn = sqlite3.connect(path)
+    first, rest = journal_module._SCHEMA.split(journal_module._V2_MARKER)
+    conn.executescript(first + (journal_module._V2_MARKER + rest if old_version == 2 else ""))
+    conn.execute(
+        "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, ended, "
+        "outcome, pid, host) VALUES ('old', 'migrate', 'vm1', 'a', 'b', 'p', ?, ?, 'succeeded', 1, 'h')",
+        (T0, T0 + 3),
+    )
+    conn.execute(f"PRAGMA user_version = {old_version}")
+    conn.commit()
+    with pytest.raises(sqlite3.IntegrityError):  # the old CHECK: what the upgrade must lift
+        conn.execute(
+            "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, pid, "
+            "host) "
+            "VALUES ('x', 'evacuation', '*', 'a', 'b', 'p', 0, 1, 'h')"
+        )
+    conn.close()
+    with Journal.open(path) as journal:
+        (old,) = journal.list_migrations()
+        assert (old.id, old.outcome, old.ended) == ("old", Outcome.SUCCEEDED, T0 + 3)
+        journal.begin_migration("e-1", MigrationKind.EVACUATION, "*", "a", "b,c", "p", T0 + 10)
+        journal.begin_migration(
+            "m-2", MigrationKind.EVACUATE_ITEM, "vm2", "a", "b", "p", T0 + 11, parent="e-1"
+        )
+        journal.finish_migration("m-2", Outcome.REFUSED, False, "events off", 2, T0 + 12)
+        journal.flush()
+        assert [row.id for row in journal.children("e-1")] == ["m-2"]
+        assert journal.get_migration("m-2").migration.outcome is Outcome.REFUSED
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
