@@ -19,13 +19,16 @@ import collections
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
@@ -268,6 +271,31 @@ class Request:
         """The effective switchover settings."""
         switchover = self.policy.switchover
         return replace(switchover, drain=self.drain) if self.drain else switchover
+
+
+def same_machine(
+    source_uri: str, destination_uri: str, *, p2p: bool, names: Sequence[str] = ()
+) -> str | None:
+    """Why the destination URI names the source's own machine, if it does (None otherwise).
+
+    libvirt refuses such a migration only once the job has started. Peer-to-peer, the source's daemon
+    resolves the destination URI, so a loopback name always means the source itself; and when the
+    source is this machine (a URI without a host), so does this machine's own name. `names` are this
+    machine's host names.
+    """
+    host = urlsplit(destination_uri).hostname
+    if not host:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost" or host.startswith("localhost.")
+    source_is_here = not urlsplit(source_uri).hostname
+    if loopback and p2p:
+        return f"{host} in the destination URI is the source host itself (its daemon resolves the URI)"
+    if source_is_here and (loopback or host in names):
+        return f"{host} in the destination URI is this machine, where the source runs"
+    return None
 
 
 def plan_lines(request: Request, devices: Sequence[str], events_note: str) -> list[str]:
@@ -642,6 +670,18 @@ class Migration:
             raise BadInput(
                 f"source and destination are the same host ({request.destination_uri})",
                 "give a different destination URI",
+            )
+        names = (socket.gethostname(),)  # not getfqdn(): a DNS lookup could stall the pre-flight
+        local = same_machine(
+            request.source_uri,
+            request.destination_uri,
+            p2p=request.migration.mode is MigrationMode.P2P,
+            names=names,
+        )
+        if local is not None:
+            raise BadInput(
+                f"cannot migrate {request.domain} to {request.destination_uri}: {local}",
+                "give the destination's own host name (as the source host resolves it)",
             )
         dom = self.source.find_domain(request.domain)
         there = self.destination.find_domain(request.destination_domain)

@@ -658,3 +658,27 @@ def test_an_event_delivered_through_both_destination_subscriptions_counts_once()
     arrivals("vm1", "VFIO_MIGRATION", 10, 5, {**running, "device-state": "running-p2p"})  # same instant
     arrivals("vm1", "RESUME", 10, 5, None)
     assert delivered == [("VFIO_MIGRATION", 10, 5), ("VFIO_MIGRATION", 10, 5), ("RESUME", 10, 5)]
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "p2p", "why"),
+    [
+        ("qemu:///system", "qemu+ssh://localhost/system", True, "source host itself"),
+        ("qemu+ssh://a/system", "qemu+ssh://127.0.0.1/system", True, "source host itself"),
+        ("qemu+ssh://a/system", "qemu+tcp://[::1]/system", True, "source host itself"),
+        ("qemu:///system", "qemu+ssh://ctl1/system", True, "this machine"),
+        ("qemu:///system", "qemu+ssh://ctl1.example.net/system", False, "this machine"),
+        ("qemu:///system", "qemu+ssh://localhost/system", False, "this machine"),
+        ("qemu+ssh://a/system", "qemu+ssh://localhost/system", False, None),  # direct: localhost is here
+        ("qemu+ssh://a/system", "qemu+ssh://ctl1/system", True, None),  # the source is elsewhere
+        ("qemu:///system", "qemu+ssh://b/system", True, None),
+        ("qemu:///system", "qemu+unix:///system?socket=/run/b/libvirt-sock", True, None),
+    ],
+)
+def test_a_destination_naming_the_source_machine_is_caught_in_pre_flight(
+    source: str, destination: str, p2p: bool, why: str | None
+) -> None:
+    from orchestrator.migration import same_machine
+
+    found = same_machine(source, destination, p2p=p2p, names=("ctl1", "ctl1.example.net"))
+    assert (found is None) if why is None else (found is not None and why in found)
