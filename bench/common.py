@@ -146,15 +146,92 @@ int main(int argc, char **argv)
 """
 
 
-def compile_hook(workdir: Path, *, static: bool = False) -> Path:
-    """Compile HOOK_C with gcc into `workdir` (`static`: linked statically, no dynamic loader at start);
-    returns the program's path."""
+# The armed form of the same hook (the orchestrator's armed-hook protocol, orchestrator/hooks.py
+# ArmedHook): it prints `ready`, then loops on a blocking read of stdin; its first statement after the
+# read returns takes the time (CLOCK_REALTIME), and for each line `ACTION DEVICE STATE QEMU_TIME` it
+# appends "<argv[2]> <DEVICE> <seconds.nanoseconds>" to the file argv[1] with one write and answers
+# `ok DEVICE`. Lines that arrived in one read share that read's time. It exits 0 when stdin closes.
+ARMED_HOOK_C = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static int write_all(int fd, const char *data, size_t len)
+{
+    while (len > 0) {
+        ssize_t done = write(fd, data, len);
+        if (done < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        data += done;
+        len -= (size_t)done;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3)
+        return 2;
+    int log = open(argv[1], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (log < 0)
+        return 4;
+    if (write_all(1, "ready\n", 6) != 0)
+        return 5;
+    char buf[8192];
+    size_t have = 0;
+    for (;;) {
+        ssize_t got = read(0, buf + have, sizeof buf - 1 - have);
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        if (got == 0)
+            return 0;
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return 6;
+        }
+        have += (size_t)got;
+        char *start = buf, *end = buf + have, *newline;
+        while ((newline = memchr(start, '\n', (size_t)(end - start))) != NULL) {
+            *newline = '\0';
+            char action[32], device[256];
+            if (sscanf(start, "%31s %255s", action, device) == 2) {
+                char line[512];
+                int len = snprintf(line, sizeof line, "%s %s %lld.%09ld\n", argv[2], device,
+                                   (long long)now.tv_sec, now.tv_nsec);
+                if (len < 0 || len >= (int)sizeof line || write_all(log, line, (size_t)len) != 0)
+                    return 7;
+                len = snprintf(line, sizeof line, "ok %s\n", device);
+                if (len < 0 || len >= (int)sizeof line || write_all(1, line, (size_t)len) != 0)
+                    return 8;
+            }
+            start = newline + 1;
+        }
+        have = (size_t)(end - start);
+        memmove(buf, start, have);
+        if (have == sizeof buf - 1)
+            have = 0; /* a line longer than the buffer: dropped */
+    }
+}
+"""
+
+
+def compile_hook(workdir: Path, *, static: bool = False, armed: bool = False) -> Path:
+    """Compile HOOK_C (`armed`: ARMED_HOOK_C) with gcc into `workdir` (`static`: linked statically, no
+    dynamic loader at start); returns the program's path."""
     gcc = shutil.which("gcc")
     if gcc is None:
         raise BenchError("gcc is not installed (the hook is compiled at run time): apt-get install gcc")
-    source = workdir / "drain_hook.c"
-    source.write_text(HOOK_C)
-    program = workdir / ("drain_hook_static" if static else "drain_hook")
+    name = "armed_hook" if armed else "drain_hook"
+    source = workdir / f"{name}.c"
+    source.write_text(ARMED_HOOK_C if armed else HOOK_C)
+    program = workdir / (f"{name}_static" if static else name)
     result = subprocess.run(
         [
             gcc,

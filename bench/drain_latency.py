@@ -2,29 +2,36 @@
 """Drain latency: from QEMU's `pre-copy-p2p-prepare` event to the drain hook's own first instruction.
 
 Measured through real libvirt on a lab of its own (two libvirtd daemons, real QEMU, the simulated
-VFIO device: D devices per guest, a 20 ms P2P transition each, 64 MiB guests), for two ways of
-starting a drain hook, in scenarios of 1 VM and of N VMs emitting at once (--vms 1,16): in each
-round every guest of the scenario live-migrates at the same time, each over its own unix migration
-socket.
+VFIO device: D devices per guest, a 20 ms P2P transition each, 64 MiB guests), in scenarios of 1 VM
+and of N VMs emitting at once (--vms 1,16): in each round every guest of the scenario live-migrates
+at the same time, each over its own unix migration socket. The orchestrator drains on each device's
+prepare event (`--drain prepare`): what is measured is the event path, not a drain policy. The rows
+(methods) of a scenario:
 
-- orchestrator: one `orchestrator migrate` per guest, all started together, with a policy whose drain
-  hook is a tiny C program; QEMU's timestamp of each prepare event comes from the orchestrator's
-  journal (`orchestrator history ID --json`).
+- armed: `orchestrator migrate` (one per guest, all started together) with an armed drain hook, a
+  tiny C program started with the migration that says `ready` and is woken by one line on its stdin
+  per device (bench/common.py ARMED_HOOK_C: its first statement after its blocking read returns takes
+  the time);
+- spawned: the same, with a C program started per device and event (bench/common.py HOOK_C: its first
+  statement takes the time);
+- armed evacuate, spawned evacuate (scenarios of more than one VM): the same hooks, the N guests moved
+  by ONE `orchestrator evacuate --concurrency N --per-destination N` process instead of N `migrate`s;
 - baseline: what an admin would otherwise write: per guest, `virsh qemu-monitor-event --domain VM
-  --loop` piped into a POSIX shell loop that runs the same C program on each prepare event, around
-  a plain `virsh migrate` (one per guest, all started together); QEMU's timestamp comes from virsh's
-  own output line. Not `--timestamp`: with it virsh replaces QEMU's timestamp by its own clock at
-  receipt, in milliseconds (see VIRSH_LINE), which would leave libvirt's delivery to virsh out of
-  the baseline's latency.
+  --loop` piped into a POSIX shell loop that runs HOOK_C on each prepare event, around a plain `virsh
+  migrate` (one per guest, all started together).
 
-Both hooks are the same C program, compiled here with gcc into a temporary directory: its first
-statement reads CLOCK_REALTIME, then it appends "<domain> <device_id> <seconds.nanoseconds>" to the
-file named by argv[1] with one write. Each (domain, device) has exactly one prepare event and one
-drain hook run per migration, so every sample pairs the two exactly. Rounds alternate the methods
-(orchestrator, baseline, baseline, orchestrator, ...) so that both see the same machine conditions
-and both directions, until each has at least --events prepare events in the scenario. A libvirt
-subscriber of the benchmark's own records every prepare event's QEMU timestamp independently, as a
-cross-check of the timestamps both methods report.
+QEMU's timestamp of each prepare event comes from the orchestrator's journal, or from virsh's own
+output line for the baseline (not `--timestamp`: with it virsh replaces QEMU's timestamp by its own
+clock at receipt, in milliseconds, see VIRSH_LINE). Each (domain, device) has exactly one prepare event
+and one drain per migration, so every sample pairs the two exactly. A libvirt subscriber of the
+benchmark's own records every prepare event's QEMU timestamp, as a cross-check of the timestamps the
+methods report, and the moment its bare callback received it: the relay floor (QEMU -> libvirtd ->
+a libvirt client's callback) that no method can beat, for the same events, in the same run.
+
+Rounds go through the scenario's methods in order, then in reverse (armed, spawned, baseline,
+baseline, spawned, armed, ...), the direction of the migrations flipping every round, so that every
+method sees the same machine conditions and both directions, until each has at least --events
+prepare events in the scenario. Each row's percentiles are also given as a ratio to the baseline's.
 
 Usage: .venv/bin/python bench/drain_latency.py [--vms 1,16] [--events N] [--devices D] [--json PATH]
        [--svg PATH] [--lab-dir DIR]
@@ -56,14 +63,17 @@ from common import (
     exit_on_sigterm,
     in_work_dir,
     lab_root,
+    machine,
     migrate_command,
     percentile,
+    program,
     svg_start,
     write_json,
     xml,
 )
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.journal import Journal
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab_hosts
 from orchestrator.virt import Host, Subscription
@@ -77,8 +87,54 @@ HOOK_DEADLINE_S = 10.0  # how long to wait for the baseline's hooks after the mi
 VIRSH_READY_S = 0.3  # virsh connects and registers in ~10 ms; checked afterwards (see run_baseline)
 VIRSH_READY_PER_VM_S = 0.05  # more pipelines starting at once on a small machine take longer
 MIGRATE_TIMEOUT_S = 180.0
+EVACUATE_TIMEOUT_S = 600.0  # one evacuation of every guest of the scenario
 
 Key = tuple[str, str]  # (domain, device id)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a scenario: how the drain hook is started."""
+
+    key: str
+    armed: bool  # an armed hook (woken via stdin) rather than one process per device and event
+    evacuate: bool  # one `orchestrator evacuate` for all guests rather than one `migrate` per guest
+    colour: str
+
+    @property
+    def orchestrator(self) -> bool:
+        """False for the virsh | sh baseline."""
+        return self.key != "baseline"
+
+    def label(self, vms: int) -> str:
+        """The row's name in the table and the plot."""
+        if not self.orchestrator:
+            return "virsh | sh"
+        hook = "armed" if self.armed else "spawned"
+        if self.evacuate:
+            return f"{hook}, 1 evacuate"
+        return f"{hook} hook" if vms == 1 else f"{hook}, {vms} migrate"
+
+
+ARMED = Method("armed", armed=True, evacuate=False, colour="#2ca02c")
+SPAWNED = Method("spawned", armed=False, evacuate=False, colour="#1f77b4")
+ARMED_EVACUATE = Method("armed-evacuate", armed=True, evacuate=True, colour="#17becf")
+SPAWNED_EVACUATE = Method("spawned-evacuate", armed=False, evacuate=True, colour="#9467bd")
+BASELINE = Method("baseline", armed=False, evacuate=False, colour="#d62728")
+FLOOR_COLOUR = "#7f7f7f"
+
+
+def methods_for(vms: int) -> list[Method]:
+    """The rows of a scenario of `vms` VMs: evacuate only where there is more than one VM to move."""
+    if vms == 1:
+        return [ARMED, SPAWNED, BASELINE]
+    return [ARMED, SPAWNED, ARMED_EVACUATE, SPAWNED_EVACUATE, BASELINE]
+
+
+def round_order(methods: Sequence[Method], turn: int) -> list[Method]:
+    """The methods of set number `turn` of rounds: in order, then reversed, alternately."""
+    return list(methods) if turn % 2 == 0 else list(reversed(methods))
+
 
 # The admin's baseline: virsh's event loop piped into a shell loop that runs the hook on each prepare
 # event. Every line is also copied to the loop's stdout (a file) after the hook, for QEMU's timestamp.
@@ -96,14 +152,22 @@ while IFS= read -r line; do
 done
 """
 
+# The orchestrator's policy: drain on the prepare event; the C hook (spawned or armed) for both drain
+# and undrain; the lab's unix data sockets (what `orchestrator evacuate` uses, having no --migrateuri).
 POLICY_TOML = """\
 description = "drain latency benchmark: a C hook that records its first instruction's time"
+[migration]
+data_uri = "unix://{root}/migrations/{{domain}}.sock"
+[switchover]
+drain = "prepare"
 [[hooks.drain]]
 argv = {drain}
+armed = {armed}
 timeout_ms = 2000
 on_failure = "abort"
 [[hooks.undrain]]
 argv = {undrain}
+armed = {armed}
 timeout_ms = 2000
 on_failure = "continue"
 """
@@ -129,6 +193,7 @@ class Sample:
     qemu_ns: int  # QEMU's timestamp of the prepare event (µs resolution), as the method reported it
     hook_ns: int  # the hook's own first instruction (CLOCK_REALTIME)
     checked_ns: int | None = None  # the same timestamp from the benchmark's own subscriber, if it saw it
+    bare_ns: int | None = None  # when that subscriber's bare libvirt callback received the event
     received_ns: int | None = None  # orchestrator only: when its event callback got it (the journal's)
 
     @property
@@ -141,12 +206,19 @@ class Sample:
         """Whether the independent subscriber saw the same QEMU timestamp."""
         return self.checked_ns == self.qemu_ns
 
+    @property
+    def floor_ms(self) -> float | None:
+        """The relay floor of this event: the bare callback's receive time minus QEMU's timestamp."""
+        if self.bare_ns is None or self.checked_ns is None:
+            return None
+        return (self.bare_ns - self.checked_ns) / 1e6
+
 
 @dataclass
 class Series:
     """All samples of one method in one scenario."""
 
-    name: str
+    method: Method
     samples: list[Sample] = field(default_factory=list)
     migrations: int = 0
     rounds: int = 0
@@ -156,21 +228,34 @@ class Series:
         """Latencies in ms, in the order measured."""
         return [s.latency_ms for s in self.samples]
 
+    @property
+    def floors(self) -> list[float]:
+        """The relay floor (ms) of this series' events, where the benchmark's subscriber saw them."""
+        return [f for f in (s.floor_ms for s in self.samples) if f is not None]
+
 
 @dataclass
 class Scenario:
-    """N guests migrated together, round after round, by both methods."""
+    """N guests migrated together, round after round, by every method."""
 
     vms: int
     domains: list[str]
-    orchestrator: Series = field(default_factory=lambda: Series("orchestrator"))
-    baseline: Series = field(default_factory=lambda: Series("baseline"))
+    series: dict[str, Series] = field(default_factory=dict)
     elapsed_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.series:
+            self.series = {m.key: Series(m) for m in methods_for(self.vms)}
 
     @property
     def label(self) -> str:
         """'1 VM', '16 VMs'."""
         return f"{self.vms} VM" if self.vms == 1 else f"{self.vms} VMs"
+
+    @property
+    def floors(self) -> list[float]:
+        """The relay floor (ms) of every event of the scenario, all methods."""
+        return [f for one in self.series.values() for f in one.floors]
 
 
 # --- small pure helpers ---------------------------------------------------------------------------
@@ -339,29 +424,33 @@ def render_svg(panels: Sequence[tuple[str, Sequence[Curve]]], title: str) -> str
 
 
 class ExactTimes:
-    """QEMU's timestamps of prepare events, from a libvirt subscriber of the benchmark's own.
+    """QEMU's timestamps of prepare events, and when a bare libvirt callback received them, from a
+    subscriber of the benchmark's own.
 
-    An independent record of what the journal and virsh report: both must show the same timestamps.
+    An independent record of what the journal and virsh report (both must show the same timestamps),
+    and the relay floor: the callback takes the time first thing, on libvirt's event thread.
     """
 
     def __init__(self, conns: Sequence[Host]) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str, str], list[int]] = {}
+        self._seen: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
         self._subs: list[Subscription] = [
             conn.subscribe_monitor_events(self._make(conn.uri), events=["VFIO_MIGRATION"]) for conn in conns
         ]
 
     def _make(self, uri: str) -> Any:
         def record(domain: str, _name: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
+            now = time.time_ns()
             if data and data.get("device-state") == PREPARE:
                 key = (uri, domain, str(data.get("device-id")))
                 with self._lock:
-                    self._seen.setdefault(key, []).append((seconds * 1_000_000 + micros) * 1000)
+                    self._seen.setdefault(key, []).append(((seconds * 1_000_000 + micros) * 1000, now))
 
         return record
 
-    def take(self, uri: str) -> dict[Key, list[int]]:
-        """(domain, device) -> prepare timestamps (ns) seen on `uri` since the last take, and forget them."""
+    def take(self, uri: str) -> dict[Key, list[tuple[int, int]]]:
+        """(domain, device) -> (QEMU timestamp, receive time) in ns of the prepare events seen on `uri`
+        since the last take, and forget them."""
         with self._lock:
             mine = {(dom, dev): times for (host, dom, dev), times in self._seen.items() if host == uri}
             for dom, dev in mine:
@@ -384,7 +473,9 @@ class Done:
     stderr: str
 
 
-def _run_together(commands: Sequence[list[str]], prefix: Path, what: str) -> list[Done]:
+def _run_together(
+    commands: Sequence[list[str]], prefix: Path, what: str, timeout_s: float = MIGRATE_TIMEOUT_S
+) -> list[Done]:
     """Start all `commands` at once (output into files prefix.N.out/.err) and wait for all of them."""
     procs: list[subprocess.Popen[bytes]] = []
     files: list[tuple[Path, Path]] = []
@@ -399,14 +490,12 @@ def _run_together(commands: Sequence[list[str]], prefix: Path, what: str) -> lis
                 procs.append(
                     subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file)
                 )
-        deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         for proc in procs:
             proc.wait(max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         _stop_all(procs)
-        raise BenchError(
-            f"{what} did not finish within {MIGRATE_TIMEOUT_S:g} s (outputs in {prefix}.*)"
-        ) from None
+        raise BenchError(f"{what} did not finish within {timeout_s:g} s (outputs in {prefix}.*)") from None
     except BaseException:
         _stop_all(procs)
         raise
@@ -431,20 +520,22 @@ def _stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 @dataclass
 class Bench:
-    """One benchmark run: the lab, the hook, and the scenarios measured on it."""
+    """One benchmark run: the lab, the hooks, and the scenarios measured on it."""
 
     root: Path
     work: Path
-    hook: Path
+    hook: Path  # HOOK_C: started per device and event (spawned rows, baseline)
+    armed_hook: Path  # ARMED_HOOK_C: started with the migration, woken via stdin (armed rows)
     hosts: list[lab_hosts.LabHost]
     conns: list[Host]
     devices: list[str]
     devices_per_vm: int
     exact: ExactTimes
     journal: Path
+    orchestrator: list[str] = field(default_factory=lambda: program("orchestrator"))
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     where: int = 0  # index of the host the guests run on
-    rounds: int = 0  # rounds so far (both methods, all scenarios)
+    rounds: int = 0  # rounds so far (all methods, all scenarios)
     scenarios: list[Scenario] = field(default_factory=list)
 
     def _next(self) -> tuple[int, int, int]:
@@ -453,6 +544,9 @@ class Bench:
 
     def _data_uri(self, domain: str) -> str:
         return f"unix://{self.root}/migrations/{domain}.sock"
+
+    def _glob(self, vms: int) -> str:
+        return f"bench-{self.tag}-{vms}v*"
 
     def add_guests(self, vms: int) -> Scenario:
         """Define and start `vms` guests on the host the guests are on; a new scenario for them."""
@@ -473,13 +567,20 @@ class Bench:
                 with contextlib.suppress(OrchestratorError):
                     conn.destroy_and_undefine(domain)
 
+    def run(self, scenario: Scenario, method: Method) -> None:
+        """One round of `method`: every guest of the scenario migrates to the other host."""
+        if method.orchestrator:
+            self.run_orchestrator(scenario, method)
+        else:
+            self.run_baseline(scenario)
+
     def _pair(
         self,
         scenario: Scenario,
         index: int,
         events: dict[Key, list[int]],
         hooks: dict[Key, list[int]],
-        exact: dict[Key, list[int]],
+        exact: dict[Key, list[tuple[int, int]]],
         method: str,
     ) -> list[Sample]:
         """One sample per (domain, device): its one prepare event and its one drain hook run."""
@@ -498,37 +599,51 @@ class Bench:
                         f"event(s) and {len(ran)} drain hook run(s), expected one of each"
                     )
                 exact_times = exact.get(key, [])
-                checked = exact_times[0] if len(exact_times) == 1 else None
-                samples.append(Sample(index, domain, device, position, seen[0], ran[0], checked))
+                checked, bare = exact_times[0] if len(exact_times) == 1 else (None, None)
+                samples.append(Sample(index, domain, device, position, seen[0], ran[0], checked, bare))
         return samples
 
-    def run_orchestrator(self, scenario: Scenario) -> None:
-        """One `orchestrator migrate` per guest, all at once, with the C hook as drain and undrain hook."""
-        index, src, dst = self._next()
-        drain_log = self.work / f"orch-{index}-drain.log"
-        undrain_log = self.work / f"orch-{index}-undrain.log"
-        policy = self.work / f"orch-{index}.toml"
+    def _policy(self, index: int, method: Method) -> tuple[Path, Path, Path]:
+        """Write the round's policy; returns (policy, drain log, undrain log)."""
+        drain_log = self.work / f"{method.key}-{index}-drain.log"
+        undrain_log = self.work / f"{method.key}-{index}-undrain.log"
+        policy = self.work / f"{method.key}-{index}.toml"
+
+        def argv(log: Path) -> str:
+            if method.armed:  # one process per migration: the device comes on its stdin
+                return json.dumps([str(self.armed_hook), str(log), "{domain}"])
+            return json.dumps([str(self.hook), str(log), "{domain}", "{device_id}"])
+
         policy.write_text(
             POLICY_TOML.format(
-                drain=json.dumps([str(self.hook), str(drain_log), "{domain}", "{device_id}"]),
-                undrain=json.dumps([str(self.hook), str(undrain_log), "{domain}", "{device_id}"]),
+                root=self.root,
+                drain=argv(drain_log),
+                undrain=argv(undrain_log),
+                armed="true" if method.armed else "false",
             )
         )
-        self.exact.take(self.hosts[src].uri)
-        orchestrator = [sys.executable, "-m", "orchestrator"]
+        return policy, drain_log, undrain_log
+
+    def _migrate_all(self, scenario: Scenario, method: Method, index: int, policy: Path) -> list[str]:
+        """One `orchestrator migrate` per guest, all at once; their migration ids, in domain order."""
+        _index, src, dst = index, self.where, 1 - self.where
         commands = [
-            migrate_command(
-                orchestrator,
-                domain,
-                self.hosts[dst].uri,
-                self.hosts[src].uri,
-                str(policy),
-                self._data_uri(domain),
-                self.journal,
-            )
+            [
+                *migrate_command(
+                    self.orchestrator,
+                    domain,
+                    self.hosts[dst].uri,
+                    self.hosts[src].uri,
+                    str(policy),
+                    self._data_uri(domain),
+                    self.journal,
+                ),
+                "--drain",
+                "prepare",
+            ]
             for domain in scenario.domains
         ]
-        runs = _run_together(commands, self.work / f"orch-{index}-migrate", "orchestrator migrate")
+        runs = _run_together(commands, self.work / f"{method.key}-{index}-migrate", "orchestrator migrate")
         ids: list[str] = []
         for domain, run in zip(scenario.domains, runs, strict=True):
             try:
@@ -536,54 +651,116 @@ class Bench:
             except json.JSONDecodeError:
                 raise BenchError(
                     f"orchestrator migrate {domain} (round {index}) exited {run.returncode}: "
-                    f"{run.stderr.strip()}"
+                    f"{run.stderr.strip()[-2000:]}"
                 ) from None
             if run.returncode != 0 or report.get("outcome") != "succeeded":
                 raise BenchError(
                     f"orchestrator migrate {domain} (round {index}): outcome {report.get('outcome')}: "
-                    f"{run.stderr.strip()}"
+                    f"{run.stderr.strip()[-2000:]}"
                 )
             late = [dev for dev, rec in report.get("devices", {}).items() if rec.get("late")]
             if late:
                 raise BenchError(
-                    f"orchestrator round {index}: {domain}: drains came late (no prepare) for {late}"
+                    f"{method.key} round {index}: {domain}: drains came late (no prepare) for {late}"
                 )
             ids.append(str(report["migration_id"]))
-        self.where = dst
-        histories = _run_together(
-            [[*orchestrator, "history", mid, "--journal", str(self.journal), "--json"] for mid in ids],
-            self.work / f"orch-{index}-history",
-            "orchestrator history",
+        return ids
+
+    def _evacuate(self, scenario: Scenario, method: Method, index: int, policy: Path) -> list[str]:
+        """ONE `orchestrator evacuate` moving every guest of the scenario at once; migration ids."""
+        src, dst, count = self.where, 1 - self.where, str(len(scenario.domains))
+        command = [
+            *self.orchestrator,
+            "evacuate",
+            "-c",
+            self.hosts[src].uri,
+            "--to",
+            self.hosts[dst].uri,
+            "--concurrency",
+            count,
+            "--per-destination",
+            count,
+            "--include",
+            self._glob(scenario.vms),
+            "--policy",
+            str(policy),
+            "--drain",
+            "prepare",
+            "--journal",
+            str(self.journal),
+            "--json",
+        ]
+        (run,) = _run_together(
+            [command],
+            self.work / f"{method.key}-{index}-evacuate",
+            "orchestrator evacuate",
+            EVACUATE_TIMEOUT_S,
         )
+        try:
+            doc = json.loads(run.stdout)
+        except json.JSONDecodeError:
+            raise BenchError(
+                f"orchestrator evacuate (round {index}) exited {run.returncode}: {run.stderr.strip()[-2000:]}"
+            ) from None
+        results = {r["domain"]: r for r in doc.get("results", [])}
+        bad = [
+            f"{d}: {results.get(d, {}).get('outcome')}"
+            for d in scenario.domains
+            if results.get(d, {}).get("outcome") != "succeeded"
+        ]
+        if run.returncode != 0 or bad:
+            raise BenchError(
+                f"orchestrator evacuate (round {index}) exited {run.returncode}: {'; '.join(bad)} "
+                f"{doc.get('message', '')} {run.stderr.strip()[-1000:]}"
+            )
+        return [str(results[domain]["migration_id"]) for domain in scenario.domains]
+
+    def _journal_events(
+        self, scenario: Scenario, ids: Sequence[str]
+    ) -> tuple[dict[Key, list[int]], dict[Key, int]]:
+        """From the journal: (domain, device) -> QEMU timestamps (ns) of its source prepare events, and
+        when the orchestrator's event callback received them (ns)."""
         events: dict[Key, list[int]] = {}
         received: dict[Key, int] = {}
-        for domain, history in zip(scenario.domains, histories, strict=True):
-            if history.returncode != 0:
-                raise BenchError(
-                    f"orchestrator history exited {history.returncode}: {history.stderr.strip()}"
-                )
-            for event in json.loads(history.stdout)["events"]:
-                if event["kind"] == "vfio" and event["role"] == "source" and event["state"] == PREPARE:
-                    key = (domain, str(event["device_id"]))
-                    events.setdefault(key, []).append(qemu_ns(float(event["qemu_time"])))
-                    received[key] = round(float(event["received"]) * 1_000_000) * 1000
+        journal = Journal.open_readonly(self.journal)
+        try:
+            for domain, mid in zip(scenario.domains, ids, strict=True):
+                for event in journal.get_migration(mid).events:
+                    if event.kind == "vfio" and event.role == "source" and event.state == PREPARE:
+                        key = (domain, str(event.device_id))
+                        events.setdefault(key, []).append(qemu_ns(float(event.qemu_time or 0.0)))
+                        received[key] = round(float(event.received) * 1_000_000) * 1000
+        finally:
+            journal.close()
+        return events, received
+
+    def run_orchestrator(self, scenario: Scenario, method: Method) -> None:
+        """One round of an orchestrator method: every guest moves, drained by the C hook (armed or not)."""
+        index, src, dst = self._next()
+        policy, drain_log, undrain_log = self._policy(index, method)
+        self.exact.take(self.hosts[src].uri)
+        if method.evacuate:
+            ids = self._evacuate(scenario, method, index, policy)
+        else:
+            ids = self._migrate_all(scenario, method, index, policy)
+        self.where = dst
+        events, received = self._journal_events(scenario, ids)
         exact = self.exact.take(self.hosts[src].uri)
         samples = [
             replace(sample, received_ns=received.get((sample.domain, sample.device)))
-            for sample in self._pair(
-                scenario, index, events, parse_hook_log(drain_log), exact, "orchestrator"
-            )
+            for sample in self._pair(scenario, index, events, parse_hook_log(drain_log), exact, method.key)
         ]
         undrained = set(parse_hook_log(undrain_log))
         expected = {(domain, device) for domain in scenario.domains for device in self.devices}
         if undrained != expected:
             raise BenchError(
-                f"orchestrator round {index}: undrain hooks missing for {sorted(expected - undrained)}, "
+                f"{method.key} round {index}: undrain hooks missing for {sorted(expected - undrained)}, "
                 f"unexpected for {sorted(undrained - expected)}"
             )
-        scenario.orchestrator.samples += samples
-        scenario.orchestrator.migrations += len(scenario.domains)
-        scenario.orchestrator.rounds += 1
+        series = scenario.series[method.key]
+        series.samples += samples
+        series.migrations += len(scenario.domains)
+        series.rounds += 1
 
     def run_baseline(self, scenario: Scenario) -> None:
         """Per guest, the admin's virsh | sh pipeline on the source around a `virsh migrate`, all at once."""
@@ -673,9 +850,10 @@ class Bench:
         samples = self._pair(
             scenario, index, _virsh_prepares(raw_logs), parse_hook_log(hook_log), exact, "baseline"
         )
-        scenario.baseline.samples += samples
-        scenario.baseline.migrations += len(scenario.domains)
-        scenario.baseline.rounds += 1
+        series = scenario.series[BASELINE.key]
+        series.samples += samples
+        series.migrations += len(scenario.domains)
+        series.rounds += 1
 
 
 def _virsh_prepares(raw_logs: dict[str, Path]) -> dict[Key, list[int]]:
@@ -702,75 +880,83 @@ def _end_group(proc: subprocess.Popen[bytes]) -> None:
 
 # --- reporting ----------------------------------------------------------------------------------------
 
-BASELINE_LABEL = "baseline (virsh | sh)"
+FLOOR_LABEL = "relay floor (bare callback)"
 
 
 def table(doc: dict[str, Any]) -> str:
-    """The results as a fixed-width table: per scenario both methods, then the ratios."""
-    header = f"{'vms':>3} {'method':<24} {'count':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}"
+    """The results as a fixed-width table: per scenario every row, its ratios to the baseline's
+    percentiles, then the relay floor of the same events."""
+    header = (
+        f"{'vms':>3} {'row':<28} {'count':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9} "
+        f"{'p50/virsh':>9} {'p99/virsh':>9}"
+    )
     lines = [header, "-" * len(header)]
     for vms, scenario in doc["scenarios"].items():
-        for name, label in (("orchestrator", "orchestrator"), ("baseline", BASELINE_LABEL)):
-            stats = scenario["series"][name]
+        rows = [(one["label"], one, one["to_baseline"]) for one in scenario["series"].values()]
+        rows.append((FLOOR_LABEL, scenario["relay_floor"], None))
+        for label, stats, ratios in rows:
+            p50 = f"x{ratios['p50']:.2f}" if ratios else ""
+            p99 = f"x{ratios['p99']:.2f}" if ratios else ""
             lines.append(
-                f"{vms:>3} {label:<24} {stats['count']:>6} {stats['p50_ms']:>9.3f} {stats['p90_ms']:>9.3f} "
-                f"{stats['p99_ms']:>9.3f} {stats['max_ms']:>9.3f}"
+                f"{vms:>3} {label:<28} {stats['count']:>6} {stats['p50_ms']:>9.3f} {stats['p90_ms']:>9.3f} "
+                f"{stats['p99_ms']:>9.3f} {stats['max_ms']:>9.3f} {p50:>9} {p99:>9}"
             )
-        ratios = scenario["ratios"]
-        p50, p99 = f"x{ratios['p50']:.2f}", f"x{ratios['p99']:.2f}"
-        lines.append(f"{vms:>3} {'baseline/orchestrator':<24} {'':>6} {p50:>9} {'':>9} {p99:>9} {'':>9}")
     return "\n".join(lines)
 
 
 def scenario_results(scenario: Scenario) -> dict[str, Any]:
     """One scenario's numbers."""
-    orch_stats, base_stats = summary(scenario.orchestrator.latencies), summary(scenario.baseline.latencies)
+    base = summary(scenario.series[BASELINE.key].latencies)
 
-    def series(stats: dict[str, float | int], one: Series) -> dict[str, Any]:
-        return {
+    def series(one: Series) -> dict[str, Any]:
+        stats = summary(one.latencies)
+        doc: dict[str, Any] = {
+            "label": one.method.label(scenario.vms),
+            "armed": one.method.armed,
+            "evacuate": one.method.evacuate,
             **stats,
             "migrations": one.migrations,
             "rounds": one.rounds,
+            "to_baseline": {
+                "p50": ratio(stats["p50_ms"], base["p50_ms"]),
+                "p90": ratio(stats["p90_ms"], base["p90_ms"]),
+                "p99": ratio(stats["p99_ms"], base["p99_ms"]),
+            },
+            # the relay floor of this row's own events
+            "relay_floor": summary(one.floors),
             "latencies_ms": [round(v, 4) for v in one.latencies],
             # [round, domain, device, position of its transition in the switchover, latency ms]
             "samples": [
                 [s.round, s.domain, s.device, s.position, round(s.latency_ms, 4)] for s in one.samples
             ],
         }
+        if one.method.orchestrator:
+            # Where the latency goes, from the journal's receive time of each event: QEMU -> libvirtd
+            # -> the orchestrator's event callback, then the callback -> the hook's first instruction.
+            split = [
+                ((s.received_ns - s.qemu_ns) / 1e6, (s.hook_ns - s.received_ns) / 1e6)
+                for s in one.samples
+                if s.received_ns is not None
+            ]
+            doc["breakdown"] = {
+                "qemu_to_callback": summary([delivery for delivery, _ in split]),
+                "callback_to_hook": summary([start for _, start in split]),
+            }
+        # QEMU timestamps as reported (journal, virsh) vs. the benchmark's own libvirt subscriber.
+        doc["timestamp_cross_check"] = {
+            "confirmed": sum(1 for s in one.samples if s.confirmed),
+            "differing": sum(1 for s in one.samples if s.checked_ns is not None and not s.confirmed),
+            "unseen": sum(1 for s in one.samples if s.checked_ns is None),
+        }
+        return doc
 
-    # (QEMU -> callback, callback -> hook) per orchestrator sample, from the journal's receive times.
-    split = [
-        ((s.received_ns - s.qemu_ns) / 1e6, (s.hook_ns - s.received_ns) / 1e6)
-        for s in scenario.orchestrator.samples
-        if s.received_ns is not None
-    ]
     return {
         "vms": scenario.vms,
         "domains": scenario.domains,
         "elapsed_s": round(scenario.elapsed_s, 1),
-        "series": {
-            "orchestrator": series(orch_stats, scenario.orchestrator),
-            "baseline": series(base_stats, scenario.baseline),
-        },
-        "ratios": {
-            "p50": ratio(base_stats["p50_ms"], orch_stats["p50_ms"]),
-            "p99": ratio(base_stats["p99_ms"], orch_stats["p99_ms"]),
-        },
-        # Where the orchestrator's latency goes, from the journal's receive time of each event:
-        # QEMU -> libvirtd -> the orchestrator's event callback, then the callback -> the hook's start.
-        "orchestrator_breakdown": {
-            "qemu_to_callback": summary([delivery for delivery, _ in split]),
-            "callback_to_hook": summary([spawn for _, spawn in split]),
-        },
-        # QEMU timestamps as reported (journal, virsh) vs. the benchmark's own libvirt subscriber.
-        "timestamp_cross_check": {
-            name: {
-                "confirmed": sum(1 for s in one.samples if s.confirmed),
-                "differing": sum(1 for s in one.samples if s.checked_ns is not None and not s.confirmed),
-                "unseen": sum(1 for s in one.samples if s.checked_ns is None),
-            }
-            for name, one in (("orchestrator", scenario.orchestrator), ("baseline", scenario.baseline))
-        },
+        "series": {key: series(one) for key, one in scenario.series.items()},
+        # QEMU's timestamp -> the benchmark's bare libvirt callback, for every event of the scenario
+        "relay_floor": summary(scenario.floors),
     }
 
 
@@ -784,11 +970,20 @@ def results(bench: Bench, args: argparse.Namespace, elapsed: float) -> dict[str,
             "devices": args.devices,
             "transition_ms": TRANSITION_MS,
             "memory_mib": MEMORY_MIB,
-            "orchestrator": "one `orchestrator migrate` per VM, started together, shared journal",
-            "baseline": "per VM `virsh qemu-monitor-event --domain VM --loop | while read ...` "
-            "around one `virsh migrate` per VM, started together",
-            "python": sys.version.split()[0],
-            "cpus": os.cpu_count(),
+            "drain": "prepare",
+            "methods": {
+                "armed": "one `orchestrator migrate --drain prepare` per VM, started together, an armed C "
+                "hook (started with the migration, woken by a line on its stdin)",
+                "spawned": "the same with a C hook started per device and event",
+                "armed-evacuate": "ONE `orchestrator evacuate --concurrency N --per-destination N --drain "
+                "prepare` for the N VMs, armed C hook",
+                "spawned-evacuate": "the same with the spawned C hook",
+                "baseline": "per VM `virsh qemu-monitor-event --domain VM --loop | while read ...` "
+                "around one `virsh migrate` per VM, started together",
+                "relay_floor": "the benchmark's own libvirt callback: its receive time minus QEMU's "
+                "timestamp, same events",
+            },
+            **machine(),
         },
         "elapsed_s": round(elapsed, 1),
         "scenarios": {str(s.vms): scenario_results(s) for s in bench.scenarios},
@@ -807,7 +1002,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="scenarios: how many VMs migrate (and emit) at once, comma-separated (default 1,16)",
     )
     parser.add_argument(
-        "--events", type=int, default=1000, help="prepare events per method and scenario (default 1000)"
+        "--events", type=int, default=1000, help="prepare events per row and scenario (default 1000)"
     )
     parser.add_argument("--devices", type=int, default=8, help="simulated VFIO devices per VM (default 8)")
     parser.add_argument("--json", type=Path, help="write the numbers as JSON here")
@@ -843,11 +1038,30 @@ def _warm_up(conns: Sequence[Host]) -> None:
         thread.join(120)
 
 
+def measure_scenario(bench: Bench, scenario: Scenario, events: int, began: float) -> None:
+    """Rounds of the scenario's methods, in order then reversed, until every row has `events` samples."""
+    methods = methods_for(scenario.vms)
+    turn = 0
+    while any(len(scenario.series[m.key].samples) < events for m in methods):
+        for method in round_order(methods, turn):
+            if len(scenario.series[method.key].samples) >= events:
+                continue
+            bench.run(scenario, method)
+            counts = ", ".join(f"{key} {len(one.samples)}" for key, one in scenario.series.items())
+            print(
+                f"{scenario.label}, round {bench.rounds} ({method.key}): {counts} events "
+                f"({time.monotonic() - began:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        turn += 1
+
+
 def measure(args: argparse.Namespace, root: Path, work: Path) -> tuple[Bench, float]:
     """Bring up the lab under `root`, measure every scenario, tear the lab down; returns (bench, seconds)."""
     began = time.monotonic()
     check_no_lab(root)
-    hook = compile_hook(work)
+    hook, armed_hook = compile_hook(work), compile_hook(work, armed=True)
     conns: list[Host] = []
     exact: ExactTimes | None = None
     try:
@@ -859,6 +1073,7 @@ def measure(args: argparse.Namespace, root: Path, work: Path) -> tuple[Bench, fl
             root=root,
             work=work,
             hook=hook,
+            armed_hook=armed_hook,
             hosts=hosts,
             conns=conns,
             devices=lab_guest.GuestSpec(name="x", devices=args.devices).device_ids,
@@ -870,24 +1085,7 @@ def measure(args: argparse.Namespace, root: Path, work: Path) -> tuple[Bench, fl
             started = time.monotonic()
             scenario = bench.add_guests(vms)
             try:
-                # orchestrator, baseline, baseline, orchestrator, ...: both methods, both directions.
-                turn = 0
-                orch, base = scenario.orchestrator, scenario.baseline
-                while len(orch.samples) < args.events or len(base.samples) < args.events:
-                    orchestrator_turn = turn % 4 in (0, 3)
-                    turn += 1
-                    if orchestrator_turn and len(orch.samples) < args.events:
-                        bench.run_orchestrator(scenario)
-                    elif not orchestrator_turn and len(base.samples) < args.events:
-                        bench.run_baseline(scenario)
-                    else:
-                        continue
-                    print(
-                        f"{scenario.label}, round {bench.rounds}: orchestrator {len(orch.samples)}, "
-                        f"baseline {len(base.samples)} events ({time.monotonic() - began:.0f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                measure_scenario(bench, scenario, args.events, began)
             finally:
                 bench.remove_guests(scenario)
             scenario.elapsed_s = time.monotonic() - started
@@ -904,19 +1102,21 @@ def report(doc: dict[str, Any], elapsed: float) -> None:
     """The table and the one-line findings, on stdout."""
     print(table(doc))
     for vms, scenario in doc["scenarios"].items():
-        orch, base = scenario["series"]["orchestrator"], scenario["series"]["baseline"]
-        parts = scenario["orchestrator_breakdown"]
-        checks = scenario["timestamp_cross_check"]
+        rounds = " + ".join(f"{one['rounds']}" for one in scenario["series"].values())
+        parts = "; ".join(
+            f"{one['label']}: QEMU -> callback {one['breakdown']['qemu_to_callback']['p50_ms']:.3f} ms, "
+            f"callback -> hook {one['breakdown']['callback_to_hook']['p50_ms']:.3f} ms"
+            for one in scenario["series"].values()
+            if "breakdown" in one
+        )
+        checks = ", ".join(
+            f"{key} {c['confirmed']}/{c['confirmed'] + c['differing'] + c['unseen']}"
+            + (f" ({c['differing']} DIFFERING)" if c["differing"] else "")
+            for key, c in ((key, one["timestamp_cross_check"]) for key, one in scenario["series"].items())
+        )
         print(
-            f"{vms:>3} VM(s): {orch['migrations']} + {base['migrations']} migrations in "
-            f"{orch['rounds']} + {base['rounds']} rounds, {scenario['elapsed_s']:.0f} s; "
-            f"orchestrator p50 split: QEMU -> callback {parts['qemu_to_callback']['p50_ms']:.3f} ms, "
-            f"callback -> hook {parts['callback_to_hook']['p50_ms']:.3f} ms; QEMU timestamps confirmed: "
-            + ", ".join(
-                f"{name} {c['confirmed']}/{c['confirmed'] + c['differing'] + c['unseen']}"
-                + (f" ({c['differing']} DIFFERING)" if c["differing"] else "")
-                for name, c in checks.items()
-            )
+            f"{vms:>3} VM(s): {rounds} rounds, {scenario['elapsed_s']:.0f} s; p50 split: {parts}; "
+            f"QEMU timestamps confirmed: {checks}"
         )
     print(f"total {elapsed:.0f} s")
 
@@ -941,8 +1141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (
                     f"{s.label} migrating at once" if s.vms > 1 else f"{s.label} migrating",
                     [
-                        ("orchestrator", "#1f77b4", s.orchestrator.latencies),
-                        ("baseline: virsh | sh", "#d62728", s.baseline.latencies),
+                        *(
+                            (one.method.label(s.vms), one.method.colour, one.latencies)
+                            for one in s.series.values()
+                        ),
+                        (FLOOR_LABEL, FLOOR_COLOUR, s.floors),
                     ],
                 )
                 for s in bench.scenarios
