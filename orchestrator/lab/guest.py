@@ -1,10 +1,18 @@
-"""Lab guests: tiny diskless TCG VMs whose emulator is the VFIO device simulator."""
+"""Lab guests: tiny TCG VMs whose emulator is the VFIO device simulator, diskless or with one qcow2 disk.
+
+A guest's disk is a local file, as on hosts without shared storage: /var/lib/libvirt/images/NAME.qcow2,
+a path every lab host sees in its own images directory (its `lib/images`, bind-mounted over
+/var/lib/libvirt in its mount namespace). Same path, different files: a migration must copy the disk
+(`migrate --copy-storage-all`) into a file pre-created at that path on the destination
+(`create_disk`), as an admin does with `qemu-img create` on a real destination.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +33,9 @@ DEFAULT_MEMORY_MIB = {"idle": 64, "dirty": 128}
 GUEST_KERNEL_MIB = 64  # what the guest's kernel and initramfs need beside the dirtied memory
 WORKLOAD_MIN_MEMORY_MIB = 96  # the kernel panics "deadlocked on memory" while booting below ~80 MiB
 READY_MARKER = "orch-guest: ready"  # the workload guest's /init prints it on its serial console
+DISK_DIR = Path("/var/lib/libvirt/images")  # as a lab host sees it; each host has its own
+DISK_TARGET = "vda"
+MAX_DISK_MIB = 65536
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class GuestSpec:
     workload: str = "idle"
     dirty_rate: float = 64.0  # MiB/s
     dirty_mib: int = 4
+    disk_mib: int = 0  # a qcow2 disk (vda) of this many MiB on the guest's host; 0: diskless
 
     def __post_init__(self) -> None:
         if self.memory_mib == 0:
@@ -58,10 +70,19 @@ class GuestSpec:
         """The simulated devices' ids (QEMU ids, the aliases policies match)."""
         return [f"{self.device_prefix}{i}" for i in range(self.devices)]
 
+    @property
+    def disk(self) -> Path | None:
+        """The disk's path as the guest's host sees it (None: diskless)."""
+        return disk_path(self.name) if self.disk_mib else None
+
     def validate(self) -> None:
         """One clear line for each bad value."""
         if not _NAME.match(self.name):
             raise BadInput(f"invalid guest name {self.name!r}", "use letters, digits, '.', '_' or '-'")
+        if not 0 <= self.disk_mib <= MAX_DISK_MIB:
+            raise BadInput(
+                f"--disk-mib must be 0 (no disk) to {MAX_DISK_MIB}, not {self.disk_mib}", "pick another size"
+            )
         if not 0 <= self.devices <= 16:
             raise BadInput(f"--devices must be 0 to 16, not {self.devices}", "pick fewer devices")
         if not _DEVICE_ID.match(f"{self.device_prefix}0"):
@@ -102,6 +123,42 @@ class GuestSpec:
             f"console=ttyS0 quiet panic=0 orch.workload={self.workload}"
             f" orch.dirty_mib_s={self.dirty_rate:g} orch.dirty_mib={self.dirty_mib}"
         )
+
+
+def disk_path(name: str) -> Path:
+    """Where guest `name`'s disk is, as every lab host sees it (each in its own images directory)."""
+    return DISK_DIR / f"{name}.qcow2"
+
+
+def host_disk_file(host: LabHost, name: str) -> Path:
+    """The file that is guest `name`'s disk on lab host `host`, as this machine sees it."""
+    return host.dir / "lib" / "images" / f"{name}.qcow2"  # hosts.py binds <host>/lib over /var/lib/libvirt
+
+
+def create_disk(host: LabHost, name: str, mib: int) -> Path:
+    """A fresh, empty qcow2 image of `mib` MiB for guest `name` on `host` (replacing any left there);
+    on a destination, the file a `--copy-storage-all` migration copies the disk into. Returns the
+    file as this machine sees it."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise EnvironmentProblem(
+            "qemu-img is not installed", "apt-get install -t bookworm-backports qemu-utils"
+        )
+    path = host_disk_file(host, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [qemu_img, "create", "-q", "-f", "qcow2", str(path), f"{mib}M"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise EnvironmentProblem(
+            f"qemu-img could not create {path}: {done.stderr.strip() or f'exit {done.returncode}'}",
+            "check the lab directory's disk space and permissions",
+        )
+    return path
 
 
 def guest_image_dir() -> Path:
@@ -190,7 +247,13 @@ def guest_xml(
     commandline = (
         "\n".join(["  <qemu:commandline>", *qemu_lines, "  </qemu:commandline>"]) if qemu_lines else ""
     )
-    boot, serial = "", "<serial type='pty'/>"
+    boot, serial, disk = "", "<serial type='pty'/>", ""
+    if spec.disk is not None:
+        disk = (
+            "\n    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>"
+            f"\n      <source file={quoteattr(str(spec.disk))}/>"
+            f"\n      <target dev='{DISK_TARGET}' bus='virtio'/>\n    </disk>"
+        )
     if spec.workload != "idle":
         kernel, initrd = image if image is not None else guest_image()
         boot = (
@@ -210,7 +273,7 @@ def guest_xml(
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>{emulator}</emulator>
+    <emulator>{emulator}</emulator>{disk}
     <controller type='usb' model='none'/>
     {serial}
     <console type='pty'/>
@@ -237,12 +300,18 @@ def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Pa
     if console is not None:
         console.parent.mkdir(parents=True, exist_ok=True)
         console.unlink(missing_ok=True)  # so a ready marker in it is this boot's
-    with connect(host) as conn:
-        dom = conn.define(xml)
-        if start:
-            try:
-                conn.start(dom)
-            except BaseException:
-                conn.destroy_and_undefine(spec.name)  # nothing half-made left behind
-                raise
+    disk = create_disk(host, spec.name, spec.disk_mib) if spec.disk_mib else None
+    try:
+        with connect(host) as conn:
+            dom = conn.define(xml)
+            if start:
+                try:
+                    conn.start(dom)
+                except BaseException:
+                    conn.destroy_and_undefine(spec.name)  # nothing half-made left behind
+                    raise
+    except BaseException:
+        if disk is not None:
+            disk.unlink(missing_ok=True)
+        raise
     return xml
