@@ -399,6 +399,7 @@ def source_uri(uri: str | None) -> str:
         return "qemu:///system"
     if not uri.strip():
         raise_bad("the source URI (-c/--connect) is empty", "give a libvirt URI, e.g. -c 'qemu:///system'")
+    plain_argument("the source URI (-c/--connect)", uri)
     return uri
 
 
@@ -541,6 +542,11 @@ def migrate_cmd(
     """Live-migrate DOMAIN to DESTURI, draining the workloads of its VFIO devices around the switchover."""
     import signal
 
+    for what, text in (("the domain name", domain), ("the destination URI", dest_uri), ("--dname", dname)):
+        plain_argument(what, text)
+    if not dest_uri.strip():
+        raise_bad("the destination URI is empty", "give a libvirt URI, e.g. 'qemu+ssh://HOST/system'")
+
     from orchestrator import migration as mig
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -630,6 +636,13 @@ def on_signals(handler: Callable[[str], None]) -> dict[int, Any]:
         _thread.start_new_thread(handler, (signal.Signals(signum).name,))
 
     return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def plain_argument(what: str, text: str | None) -> None:
+    """Refuse an argument with a control character (a newline would split our one-line messages and
+    forge log lines; no domain name or URI has one), before anything is opened."""
+    if text is not None and any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+        raise_bad(f"{what} {text[:200]!r} contains a control character", "give it without one")
 
 
 def raise_bad(message: str, hint: str) -> NoReturn:
