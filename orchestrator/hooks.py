@@ -251,6 +251,8 @@ class RunningHook:
                 _kill_group(self._process)
         finally:
             self._finish()
+            if self._process is not None:
+                _forget(self._process.pid)
 
     def _collect(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None  # spawned with stdout=PIPE
@@ -309,19 +311,294 @@ def _read_into(tail: bytearray, fd: int) -> bool:
     return bool(chunk)
 
 
+# --- a hook's whole process tree ---------------------------------------------------------------
+#
+# A hook runs in a session and process group of its own, but what it starts can leave both (`setsid`,
+# a daemon's double fork) and outlive it. The rules:
+#
+# - A hook that ends by itself, whatever its status, keeps what it left running in the background: a
+#   hook may legitimately daemonise something (an agent, a tunnel, a watcher). Nothing of its tree is
+#   signalled. What of it is alive when the hook has ended and became our child (see below) is reaped
+#   by a reaper thread when it exits: a later hook that stops such a daemon and waits for its PID to
+#   vanish (`kill -0`, start-stop-daemon) must not wait on a zombie of ours. (One that became our
+#   child and died while the hook still ran stays a zombie until we exit: by then nothing tells it
+#   from a child of ours that its own code will wait for.)
+# - A hook that is killed (past its deadline; an armed hook that is late, does not arm, or does not
+#   exit once its stdin is closed) has its WHOLE tree killed, `setsid` grandchildren and double-forked
+#   daemons included, and every process of it that becomes our child is reaped: nothing it started
+#   keeps running, holds its output pipe, or stays a zombie of ours.
+#
+# How the tree is found, at the kill, by walking /proc (no cgroup needed, nothing on the hot path but a
+# `prctl` once and one environment variable per hook):
+#
+# - the orchestrator is a child subreaper (Linux; set once, when the first hook runner is made or the
+#   first hook starts): the orphans of a hook's tree are re-parented to us instead of to init, so they
+#   stay reachable by parent links and we reap them. Not in a process that starts a lab
+#   (`forgo_subreaper`): the orphans of ITS descendants would come to us too, and libvirtd waits
+#   for the QEMU it stops to vanish, which a zombie of ours never does;
+# - each hook gets `ORCH_HOOK_RUN=<our pid>.<n>` in its environment: its descendants inherit it, so
+#   one that left the tree (re-parented to us or to init) is still known as this hook's, and never
+#   confused with another hook's leftovers;
+# - the tree is: the hook, its process group, every live process started since the hook that carries
+#   its ORCH_HOOK_RUN, every process seen in the tree at an earlier look (same PID and start time),
+#   and every descendant of those by parent links. Never us, init, or another running hook.
+#   A descendant that both left the tree and cleared its environment (`env -i` after a double fork)
+#   cannot be told from a stranger and is left alone.
+#
+# The kill: SIGTERM to the tree, the KILL_GRACE_S grace for the hook itself, then SIGKILL to the tree,
+# looked at again until nothing of it is alive (a process forking as it dies is caught on the next
+# look), at most _KILL_WAIT_S; then the zombies that are our children are reaped, the hook last.
+# Without the subreaper (not Linux, a lab process) the same tree is found and killed; init reaps it.
+
+HOOK_RUN_ENV = "ORCH_HOOK_RUN"
+_KILL_WAIT_S = 2.0  # after the grace: how long SIGKILLed processes of a tree get to vanish
+_KILL_POLL_S = 0.005
+_REAP_POLL_S = 0.1  # how often the reaper looks at a leftover when it cannot get a pidfd for it
+_PR_SET_CHILD_SUBREAPER = 36
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_run_numbers = itertools.count(1)
+_running: dict[int, tuple[bytes, int]] = {}  # hook pid -> (its ORCH_HOOK_RUN entry, boot tick of its spawn)
+_running_lock = threading.Lock()
+_subreaper: dict[str, bool] = {}  # "on": whether we are one, once tried
+_subreaper_lock = threading.RLock()
+
+
+def _prctl_subreaper(on: bool) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc or no prctl: not Linux as we know it
+        return False
+    if not done:
+        _log.debug("prctl(PR_SET_CHILD_SUBREAPER, %d) failed: %s", on, os.strerror(ctypes.get_errno()))
+    return bool(done)
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux), once; True if it is.
+
+    For the CLI, whose only descendants are hooks, what they start, and libvirt's ssh: what of a hook
+    outlives it is reaped when it exits (see "a hook's whole process tree")."""
+    if "on" not in _subreaper:
+        with _subreaper_lock:
+            if "on" not in _subreaper:
+                _subreaper["on"] = _prctl_subreaper(True)
+    return _subreaper["on"]
+
+
+def forgo_subreaper() -> None:
+    """Never be (or stay) a subreaper in this process: call it before starting daemons that fork and
+    then wait for their own orphans to vanish (libvirtd and its QEMU, in the lab). The kernel hands a
+    subreaper the orphans of ALL its descendants, and propagates the flag to existing ones.
+
+    Hooks are still killed with their whole tree (found by their ORCH_HOOK_RUN); init reaps it."""
+    with _subreaper_lock:
+        if _subreaper.get("on", True):
+            _prctl_subreaper(False)
+        _subreaper["on"] = False
+
+
+class _Reaper:
+    """Waits for the processes finished hooks left running that are our children (we are their
+    subreaper), and reaps each as it exits: nobody else will. One thread, started at the first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._new: list[int] = []
+        self._wakeup_w = -1
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            self._new.append(pid)
+            if self._wakeup_w < 0:
+                wakeup_r, self._wakeup_w = os.pipe()
+                threading.Thread(target=self._run, args=(wakeup_r,), name="hook-reaper", daemon=True).start()
+        os.write(self._wakeup_w, b"x")
+
+    def _run(self, wakeup_r: int) -> None:
+        polled: set[int] = set()  # without pidfds (Linux < 5.3): looked at every _REAP_POLL_S
+        with selectors.DefaultSelector() as selector:
+            selector.register(wakeup_r, selectors.EVENT_READ, None)
+            while True:
+                for key, _ in selector.select(_REAP_POLL_S if polled else None):
+                    if key.data is None:
+                        os.read(wakeup_r, 4096)
+                    else:
+                        selector.unregister(key.fd)
+                        os.close(key.fd)
+                        _reap_child(key.data)
+                with self._lock:
+                    new, self._new = self._new, []
+                for pid in new:
+                    try:
+                        selector.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
+                    except ProcessLookupError:  # already reaped
+                        pass
+                    except (OSError, AttributeError):
+                        polled.add(pid)
+                polled = {pid for pid in polled if not _reap_child(pid)}
+
+
+def _reap_child(pid: int) -> bool:
+    """Reap `pid` if it is our exited child; True once it is no child of ours to wait for."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+_reaper = _Reaper()
+
+
+def _boot_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/PID/stat gives start times in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """What /proc/PID/stat says of one process."""
+
+    ppid: int
+    pgid: int
+    start: int  # clock ticks after boot
+    dead: bool  # a zombie (or being reaped)
+
+
+def _proc(pid: int) -> _Proc | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return _Proc(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] in (b"Z", b"X"))
+    except (OSError, IndexError, ValueError):  # gone, or not a process
+        return None
+
+
+def _processes() -> dict[int, _Proc]:
+    found = {}
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and (proc := _proc(int(entry.name))) is not None:
+                found[int(entry.name)] = proc
+    return found
+
+
+def _carries(pid: int, entry: bytes) -> bool:
+    """True if the process was started with `entry` (NAME=VALUE) in its environment."""
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone, a zombie, or not ours to read
+        return False
+
+
+class _Tree:
+    """The processes of one hook, followed across its death and their re-parenting (see above)."""
+
+    def __init__(self, leader: int) -> None:
+        self.leader = leader
+        with _running_lock:
+            self.entry, since = _running.get(leader, (b"", 0))
+        leader_proc = _proc(leader)
+        # Every descendant started after the hook; a tick of slack for the rounding of both clocks.
+        self.since = leader_proc.start if leader_proc is not None else max(0, since - 1)
+        self.seen: dict[int, int] = {} if leader_proc is None else {leader: leader_proc.start}
+
+    def look(self) -> dict[int, _Proc]:
+        """Every process of the tree now, zombies included."""
+        procs = _processes()
+        me = os.getpid()
+        with _running_lock:
+            others = set(_running) - {self.leader}
+
+        def eligible(pid: int) -> bool:
+            return pid not in (me, 1) and pid not in others and procs[pid].start >= self.since
+
+        roots = {pid for pid, start in self.seen.items() if pid in procs and procs[pid].start == start}
+        for pid, proc in procs.items():
+            if (
+                pid not in roots
+                and eligible(pid)
+                and (proc.pgid == self.leader or (self.entry and not proc.dead and _carries(pid, self.entry)))
+            ):
+                roots.add(pid)
+        children: dict[int, list[int]] = {}
+        for pid, proc in procs.items():
+            children.setdefault(proc.ppid, []).append(pid)
+        tree: dict[int, _Proc] = {}
+        stack = list(roots)
+        while stack:
+            pid = stack.pop()
+            if pid not in tree and eligible(pid):
+                tree[pid] = procs[pid]
+                stack += children.get(pid, [])
+        self.seen.update((pid, proc.start) for pid, proc in tree.items())
+        return tree
+
+    def signal(self, signum: signal.Signals) -> bool:
+        """Send `signum` to every live process of the tree and its group; True if any was alive."""
+        tree = self.look()
+        alive = [pid for pid, proc in tree.items() if not proc.dead]
+        if any(proc.pgid == self.leader for proc in tree.values()):  # the group exists: its id is ours
+            _signal_group(self.leader, signum)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        return bool(alive)
+
+    def reap(self) -> list[int]:
+        """Reap the tree's zombies that are our children (not the hook: its Popen does); the PIDs of
+        the tree's processes still alive."""
+        me = os.getpid()
+        alive = []
+        for pid, proc in self.look().items():
+            if not proc.dead:
+                alive.append(pid)
+            elif proc.ppid == me and pid != self.leader:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        return alive
+
+
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the hook's whole process group, SIGKILL what is left after the grace, reap the leader."""
-    _signal_group(process.pid, signal.SIGTERM)
+    """SIGTERM the hook's whole tree (its process group and every descendant, `setsid` ones included),
+    SIGKILL what is left after the grace, reap what became our child, the hook last (see above)."""
+    tree = _Tree(process.pid)
+    tree.signal(signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(KILL_GRACE_S)
-    # Even if the leader obeyed, children that outlived it are killed: a timed-out hook leaves nothing.
-    _signal_group(process.pid, signal.SIGKILL)
+    # Even if the hook obeyed, what outlived it is killed: a killed hook leaves nothing.
+    deadline = time.monotonic() + _KILL_WAIT_S
+    while tree.signal(signal.SIGKILL) and time.monotonic() < deadline:
+        tree.reap()
+        time.sleep(_KILL_POLL_S)  # SIGKILLed processes take a moment to exit; there is no event for it
     process.wait()
+    left = tree.reap()
+    if left:
+        _log.warning("hook %d: processes of its tree did not die of SIGKILL: %s", process.pid, left)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):  # the group is already empty
         os.killpg(pgid, signum)
+
+
+def _forget(pid: int) -> None:
+    """The hook has been reaped: it is no longer a running hook of ours. What of its tree is alive and
+    became our child is left running, and reaped when it exits (see above). Off the result's path."""
+    with _running_lock:
+        run = _running.pop(pid, None)
+    if run is None or not _subreaper.get("on"):
+        return
+    entry, _since = run
+    me = os.getpid()
+    with _running_lock:
+        hooks = set(_running)
+    for child, proc in _processes().items():
+        if proc.ppid == me and not proc.dead and child not in hooks and _carries(child, entry):
+            _reaper.add(child)
 
 
 def _spawn(
@@ -330,13 +607,16 @@ def _spawn(
     """Start the program; return the process, or None and why it could not start."""
     if not argv:
         return None, "empty argv"
+    become_subreaper()  # once: its orphans come to us (see "a hook's whole process tree")
+    run = f"{os.getpid()}.{next(_run_numbers)}"
+    since = _boot_ticks()
     try:
         process = subprocess.Popen(
             argv,
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, HOOK_RUN_ENV: run},
             close_fds=True,
             start_new_session=True,  # its own process group, so a timeout kills its children too
         )
@@ -346,6 +626,8 @@ def _spawn(
         return None, f"program not executable: {argv[0]}"
     except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
         return None, f"cannot start {argv[0]}: {exc}"
+    with _running_lock:
+        _running[process.pid] = (f"{HOOK_RUN_ENV}={run}".encode(), since)
     return process, None
 
 
@@ -465,6 +747,7 @@ class ArmedHook:
         except subprocess.TimeoutExpired:
             _kill_group(process)
             code = process.returncode
+        _forget(process.pid)
         with contextlib.suppress(OSError):
             os.close(self._wakeup_w)
         if code == 0:
@@ -505,6 +788,7 @@ class ArmedHook:
                             os.read(self._wakeup_r, 4096)
                         elif not self._take(os.read(fd, _READ_CHUNK)):
                             process.wait()
+                            _forget(process.pid)
                             self._kill(f"exited with status {process.returncode} before the migration ended")
                             return
                     self._expire()
@@ -589,6 +873,10 @@ class ArmedHook:
 
 class HookRunner:
     """Starts hooks as argv commands (never through a shell) and reports how each run went."""
+
+    def __init__(self) -> None:
+        # Now rather than at the first hook: that may be a drain hook, racing the device.
+        become_subreaper()
 
     def arm(self, hook: Hook, values: Mapping[str, str]) -> ArmedHook:
         """Start an armed hook (it then waits for its events); see `ArmedHook`."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import BadInput, EnvironmentProblem
+from orchestrator.hooks import forgo_subreaper
 from orchestrator.hypervisor import DomainInfo
 
 if TYPE_CHECKING:
@@ -198,6 +199,9 @@ def _start(host: LabHost, timeout: float) -> None:
     for stale in ("libvirtd.pid", "virtlogd.pid"):
         (host.dir / stale).unlink(missing_ok=True)
     host.socket.unlink(missing_ok=True)
+    # libvirtd daemonises QEMU and waits for it to vanish when it stops it: this process (which may run
+    # hooks too: demo, bench, tests) must not be their subreaper, or an exited QEMU stays our zombie.
+    forgo_subreaper()
     with host.log.open("ab") as log:
         proc = subprocess.Popen(
             [

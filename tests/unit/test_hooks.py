@@ -6,9 +6,12 @@ the runner itself never uses one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.hooks import (
+    KILL_GRACE_S,
     OUTPUT_TAIL_BYTES,
     ArmedHook,
     Hook,
@@ -498,3 +502,152 @@ def test_an_armed_hook_that_cannot_start() -> None:
     hook = HookRunner().arm(Hook(Trigger.DRAIN, ("/no/such/armed-hook",)), VALUES)
     assert "program not found" in (hook.wait_ready().error or "")
     assert not fire(hook).ok and hook.close() is None
+
+
+# --- a killed hook's whole tree -----------------------------------------------------------------------
+
+# Leaves two processes outside the hook's process group, their PIDs in "$1" and "$2": a `setsid`
+# grandchild that keeps the output pipe open, and a double-forked daemon (re-parented to us at once)
+# that ignores SIGTERM.
+SPAWN_TREE = r"""
+setsid sleep 100 & echo $! > "$1"
+(trap "" TERM; setsid sh -c 'echo $$ > "$0"; exec sleep 100' "$2" </dev/null >/dev/null 2>&1 &)
+while [ ! -s "$2" ]; do sleep 0.01; done
+"""
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def pid_files(directory: Path) -> list[str]:
+    directory.mkdir(exist_ok=True)
+    return [str(directory / "setsid.pid"), str(directory / "daemon.pid")]
+
+
+def pids_in(directory: Path) -> list[int]:
+    pids = [int(Path(name).read_text()) for name in pid_files(directory)]
+    assert len(set(pids)) == 2
+    return pids
+
+
+def left_behind(pid: int) -> bool:
+    """Alive, or a zombie of ours: what a killed hook must not leave (init's zombies are init's)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z" or int(fields[1]) == os.getpid()
+
+
+def bury(pids: list[int]) -> None:
+    """Kill what a test left running on purpose, and reap it if it became our child."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def subreaper_flag() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(-1)
+    assert libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0
+    return flag.value
+
+
+def test_a_timed_out_hooks_whole_tree_dies_setsid_and_daemons_included(tmp_path: Path) -> None:
+    hook = sh(SPAWN_TREE + "echo started; sleep 30", *pid_files(tmp_path), timeout_ms=1000)
+    begin = time.monotonic()
+    result = HookRunner().run(hook, VALUES)
+    assert result.timed_out and result.output_tail == "started\n"
+    assert time.monotonic() - begin < 1000 / 1000 + KILL_GRACE_S + 1.0, "the pipe held by a grandchild"
+    survivors = [pid for pid in pids_in(tmp_path) if left_behind(pid)]
+    assert survivors == [], "killed and reaped before the result is final"
+
+
+def test_a_killed_tree_spares_other_hooks_and_what_a_successful_hook_left(tmp_path: Path) -> None:
+    killed_dir, running_dir, finished_dir = tmp_path / "killed", tmp_path / "running", tmp_path / "done"
+    runner = HookRunner()
+    killed = runner.start(sh(SPAWN_TREE + "sleep 30", *pid_files(killed_dir), timeout_ms=800), VALUES)
+    running = runner.start(sh(SPAWN_TREE + "sleep 2", *pid_files(running_dir), timeout_ms=10000), VALUES)
+    # Exits 0 at once, leaving a setsid grandchild and a daemon: a hook may daemonise something.
+    finished = runner.start(sh(SPAWN_TREE + "echo done", *pid_files(finished_dir)), VALUES).wait()
+    spared: list[int] = []
+    try:
+        assert finished.ok, finished
+        spared = pids_in(finished_dir)
+        assert killed.wait().timed_out
+        assert [pid for pid in pids_in(killed_dir) if left_behind(pid)] == []
+        spared += pids_in(running_dir)
+        assert running.result is None and running.pid is not None and not gone(running.pid)
+        assert [pid for pid in spared if gone(pid)] == [], "another hook's tree, or a finished one's"
+        assert running.wait().ok
+        assert [pid for pid in spared if gone(pid)] == []
+    finally:
+        bury(spared)
+
+
+@pytest.mark.parametrize(
+    ("mode", "script"),
+    [
+        ("late", "echo ready; read line; sleep 30"),  # answers no event: killed at its deadline
+        ("deaf", 'echo ready; trap "" TERM; while :; do sleep 0.05; done'),  # ignores its stdin's end
+    ],
+)
+def test_an_armed_hook_that_is_killed_takes_its_whole_tree(tmp_path: Path, mode: str, script: str) -> None:
+    argv = ("/bin/sh", "-c", SPAWN_TREE + script, "sh", *pid_files(tmp_path))
+    hook = HookRunner().arm(Hook(Trigger.DRAIN, argv, timeout_ms=300), VALUES)
+    assert hook.wait_ready().ok
+    pids = pids_in(tmp_path)
+    if mode == "late":
+        assert fire(hook).timed_out
+        assert wait_until(lambda: not any(left_behind(pid) for pid in pids))
+        hook.close()
+    else:
+        closed = hook.close()
+        assert closed is not None and closed.error == f"armed hook killed by signal {signal.SIGKILL.value}"
+        assert [pid for pid in pids if left_behind(pid)] == []
+
+
+# Run in a process of its own: a lab started earlier in this test session made pytest forgo the flag.
+SUBREAPER_PROBE = r"""
+import ctypes, os, sys, time
+from orchestrator.hooks import Hook, HookRunner, Trigger, forgo_subreaper
+
+def flag():
+    value = ctypes.c_int(-1)
+    assert ctypes.CDLL(None).prctl(37, ctypes.byref(value), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    return value.value
+
+def sh(script, timeout_ms=5000):
+    return Hook(Trigger.DRAIN, ("/bin/sh", "-c", script, "sh", sys.argv[1]), timeout_ms=timeout_ms)
+
+runner = HookRunner()
+assert flag() == 1, "orphans of a hook's tree come to us"
+runs = [runner.run(sh('echo "$ORCH_HOOK_RUN"'), {}).output_tail.strip() for _ in range(2)]
+assert runs[0] != runs[1] and all(run.startswith(f"{os.getpid()}.") for run in runs), runs
+# A hook that starts a daemon and ends; a later one stops it and waits for its PID to vanish, as
+# start-stop-daemon does: the daemon, our child now, must be reaped as it exits, not left a zombie.
+started = runner.run(sh('(setsid sh -c \'echo $$ > "$0"; exec sleep 100\' "$1" </dev/null >/dev/null 2>&1 &)'
+                        '; while [ ! -s "$1" ]; do sleep 0.01; done'), {})
+assert started.ok, started
+daemon = int(open(sys.argv[1]).read())
+assert open(f"/proc/{daemon}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+stopped = runner.run(sh('kill $(cat "$1"); while kill -0 $(cat "$1") 2>/dev/null; do sleep 0.01; done',
+                        timeout_ms=3000), {})
+assert stopped.ok, stopped
+assert not os.path.exists(f"/proc/{daemon}")
+forgo_subreaper()
+assert flag() == 0
+assert HookRunner().run(sh("true"), {}).ok and flag() == 0, "forgone for good"
+print("ok")
+"""
+
+
+def test_hooks_make_us_a_subreaper_that_reaps_what_finished_hooks_left(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SUBREAPER_PROBE, str(tmp_path / "daemon.pid")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr

@@ -123,3 +123,40 @@ def test_peer_margins_pair_each_disarm_with_its_nearest_outage(outages, disarm, 
 
     stats = PeerStats("vm", "nic0", 5.0, 30.0, disarms=[disarm], outages=[Outage(s, e) for s, e in outages])
     assert stats.margins_ms() == [pytest.approx(margin, abs=0.01)]
+
+
+def test_a_process_that_starts_a_lab_is_no_subreaper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """libvirtd waits for the QEMU it stops to vanish: a QEMU orphaned to a subreaper that does not reap
+    it (a process that ran hooks and started a lab: demo, bench, tests) would hold each destroy 40 s."""
+    import ctypes
+
+    from orchestrator import hooks
+
+    def flag() -> int:
+        value = ctypes.c_int(-1)
+        assert ctypes.CDLL(None).prctl(37, ctypes.byref(value), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+        return value.value
+
+    seen: list[int] = []
+
+    class Exits:
+        pid = 4242
+
+        def __init__(self, *_args: object, **_kwargs: object) -> None:
+            seen.append(flag())
+
+        def poll(self) -> int:
+            return 1
+
+    was = hooks.become_subreaper()
+    monkeypatch.setattr(hosts.subprocess, "Popen", Exits)
+    host = hosts.LabHost("lab-a", tmp_path / "lab-a", 0)
+    host.dir.mkdir()
+    try:
+        with pytest.raises(EnvironmentProblem, match="lab host lab-a failed to start"):
+            hosts._start(host, timeout=1.0)
+        assert seen == [0]
+        assert not hooks.become_subreaper() and flag() == 0, "for good"
+    finally:  # as it was for the other tests of this session
+        hooks._subreaper["on"] = was
+        hooks._prctl_subreaper(was)
