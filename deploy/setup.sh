@@ -46,11 +46,13 @@ fi
 # --- Debian packages --------------------------------------------------------------------------
 want_qemu() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | grep -q '^1:\(9\.[1-9]\|[1-9][0-9]\)'; }
 want_libvirt() { dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null | grep -q '^\(1[1-9]\|[2-9][0-9]\)\.'; }
-pkgs=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
+# qemu-utils: qemu-img and qemu-io, for lab guests with a disk (storage migration).
+pkgs=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 build=(pkg-config gcc python3-dev sqlite3)
 missing_build=()
 for p in "${build[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_build+=("$p"); done
-if ! want_qemu || ! want_libvirt || [ ${#missing_build[@]} -gt 0 ] || ! dpkg-query -W libvirt-dev >/dev/null 2>&1; then
+have_pkgs() { for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || return 1; done; }
+if ! want_qemu || ! want_libvirt || [ ${#missing_build[@]} -gt 0 ] || ! have_pkgs; then
     log "installing QEMU and libvirt from bookworm-backports (about 25 MB)"
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports "${pkgs[@]}" >/dev/null

@@ -447,6 +447,7 @@ def job_options(
     comp_methods: str | None,
     copy_storage_all: bool = False,
     migrate_disks: str | None = None,
+    disks_uri: str | None = None,
     dname: str | None = None,
     xml: Path | None = None,
 ) -> Any:
@@ -467,6 +468,7 @@ def job_options(
         migrate_disks=tuple(d.strip() for d in migrate_disks.split(",")) if migrate_disks else (),
         dest_name=dname,
         dest_xml=dest_xml,
+        disks_uri=disks_uri,
     )
     options.validate()
     return options
@@ -517,6 +519,15 @@ def migrate_cmd(
     migrate_disks: Annotated[
         str | None,
         typer.Option("--migrate-disks", metavar="LIST", help="Copy only these disks (targets: vda,vdb)."),
+    ] = None,
+    disks_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--disks-uri",
+            metavar="URI",
+            help="Where the destination takes the disks' copy (tcp://HOST:PORT or unix:///PATH); "
+            "needed with a unix:// --migrateuri.",
+        ),
     ] = None,
     dname: Annotated[
         str | None, typer.Option("--dname", metavar="NAME", help="The domain's name on the destination.")
@@ -582,6 +593,7 @@ def migrate_cmd(
             comp_methods=comp_methods,
             copy_storage_all=copy_storage_all,
             migrate_disks=migrate_disks,
+            disks_uri=disks_uri,
             dname=dname,
             xml=xml,
         ),

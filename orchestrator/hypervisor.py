@@ -105,6 +105,7 @@ class MigrateRequest:
     copy_storage_all: bool = False  # non-shared disks, copied over NBD
     migrate_disks: tuple[str, ...] = ()  # only these disks (targets such as "vda"); implies copying
     dest_name: str | None = None  # rename the domain on the destination
+    disks_uri: str | None = None  # where the destination listens for the disks' NBD copy
 
 
 class Subscription(Protocol):

@@ -217,6 +217,7 @@ class JobOptions:
     migrate_disks: tuple[str, ...] = ()
     dest_name: str | None = None  # --dname
     dest_xml: str | None = None  # the text of --xml FILE
+    disks_uri: str | None = None  # --disks-uri: the disks' NBD copy (needed with a unix:// --migrateuri)
 
     def validate(self) -> None:
         """One clear line for each bad option."""
@@ -702,6 +703,11 @@ class Migration:
                 f"start {request.domain}",
             )
         if dom.job_stats() is not None:
+            if self.lock_dir is not None:
+                # Our own kind's job? Then its lock is held: MigrationBusy names that migration.
+                from orchestrator.locks import MigrationLock
+
+                MigrationLock.acquire(self.lock_dir, request.source_uri, dom.uuid(), self.id).release()
             raise BadInput(
                 f"domain {request.domain!r} already has a libvirt job running on {request.source_uri} "
                 "(another migration?)",
@@ -894,6 +900,7 @@ class Migration:
             copy_storage_all=job.copy_storage_all,
             migrate_disks=job.migrate_disks,
             dest_name=job.dest_name,
+            disks_uri=job.disks_uri,
         )
         # Carry the events property into the destination's live and persistent definitions (into the
         # user's own --xml when given).

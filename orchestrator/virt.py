@@ -473,6 +473,8 @@ def _flags_and_params(request: MigrateRequest) -> tuple[int, dict[str, Any]]:
         params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(request.migrate_disks)
     if request.dest_name:
         params[libvirt.VIR_MIGRATE_PARAM_DEST_NAME] = request.dest_name
+    if request.disks_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = request.disks_uri
     flags = int(libvirt.VIR_MIGRATE_LIVE)
     for wanted, flag in (
         (request.peer2peer, libvirt.VIR_MIGRATE_PEER2PEER),

@@ -61,8 +61,8 @@ def expected_content() -> bytes:
 
 class DiskScenario(Scenario):
     """Scenario's guest and recording policy, with a DISK_MIB qcow2 disk holding PATTERN, its empty
-    copy pre-created on the destination, and migration data over loopback TCP: with a unix:// data
-    URI libvirt wants a disks URI for NBD too (virsh's --disks-uri), which migrate does not take."""
+    copy pre-created on the destination, and migration data over loopback TCP (with a unix:// data
+    URI, libvirt wants a disks URI for the NBD copy too: --disks-uri, the last test)."""
 
     def __init__(self, lab: Any, tmp: Path) -> None:
         super().__init__(lab, tmp, disk_mib=DISK_MIB)
@@ -124,6 +124,15 @@ def test_copy_storage_all_copies_the_local_disk(disk_guest: DiskScenario) -> Non
 
 def test_migrate_disks_copies_the_named_disk(disk_guest: DiskScenario) -> None:
     assert_copied(disk_guest, disk_guest.migrate("--migrate-disks", lab_guest.DISK_TARGET))
+
+
+def test_a_unix_data_socket_takes_the_disks_over_a_unix_socket_too(disk_guest: DiskScenario) -> None:
+    sockets = disk_guest.lab.root / "migrations"
+    data, disks = f"unix://{sockets}/{disk_guest.name}.sock", f"unix://{sockets}/{disk_guest.name}.disks.sock"
+    run = super(DiskScenario, disk_guest).migrate(
+        "--copy-storage-all", "--migrateuri", data, "--disks-uri", disks
+    )
+    assert_copied(disk_guest, run)
 
 
 def test_without_copying_storage_libvirt_refuses_and_the_vm_stays(disk_guest: DiskScenario) -> None:
