@@ -551,8 +551,6 @@ def migrate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate DOMAIN to DESTURI, draining the workloads of its VFIO devices around the switchover."""
-    import signal
-
     for what, text in (("the domain name", domain), ("the destination URI", dest_uri), ("--dname", dname)):
         plain_argument(what, text)
     if not dest_uri.strip():
@@ -620,12 +618,11 @@ def migrate_cmd(
             lock_dir=lock_dir(jour.path),
             lock_wait_s=lock_wait,
         )
-        previous = on_signals(migration.interrupt)
+        signals = on_signals(migration.interrupt)  # until the report is out and the journal closed
         try:
             report = migration.run()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            signals.ended()  # the migration has ended: later signals are recorded and ignored
             live.close()
     if as_json:
         emit_json(report.to_json())
@@ -638,16 +635,64 @@ def migrate_cmd(
         raise SystemExit(int(report.exit_code))
 
 
-def on_signals(handler: Callable[[str], None]) -> dict[int, Any]:
-    """Call `handler(signal name)` on SIGINT and SIGTERM, on a thread of its own: the handler takes
-    locks that the interrupted main thread may hold. Returns the previous handlers."""
-    import _thread
-    import signal
+class SignalGuard:
+    """SIGINT and SIGTERM from `on_signals` to the end of the command (the current click context's
+    close: after its report is printed and its journal closed, on every path). Each signal is recorded
+    in `received`, then:
 
-    def handle(signum: int, _frame: object) -> None:
-        _thread.start_new_thread(handler, (signal.Signals(signum).name,))
+    - while the work runs, handed to the handler, on a thread of its own (it takes locks that the
+      interrupted main thread may hold); with no handler, the first one raises KeyboardInterrupt in
+      the main thread, as Ctrl-C does by default (exit 130);
+    - once `ended()`, only recorded: a storm of signals never kills the process (the default action)
+      before its report is written, its devices undrained and its journal closed.
+    """
 
-    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def __init__(self, handler: Callable[[str], None] | None) -> None:
+        import signal
+
+        self.received: list[str] = []
+        self._handler = handler
+        self._running = True
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ended(self) -> None:
+        """The work is over: from now on signals are recorded and ignored."""
+        self._running = False
+
+    def restore(self) -> None:
+        """Put the previous handlers back (the command is over)."""
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        import _thread
+        import signal
+
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if not self._running:
+            return
+        if self._handler is not None:
+            _thread.start_new_thread(self._handler, (name,))
+            return
+        self._running = False
+        raise KeyboardInterrupt(name)
+
+
+def on_signals(handler: Callable[[str], None] | None) -> SignalGuard:
+    """Guard SIGINT and SIGTERM until the command ends (see `SignalGuard`): `handler(signal name)`
+    stops the work, or, None, the first signal raises KeyboardInterrupt."""
+    guard = SignalGuard(handler)
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - depends on the installed Typer
+        from click import get_current_context  # type: ignore[no-redef,import-not-found,unused-ignore]
+    context = get_current_context(silent=True)
+    if context is not None:  # else (outside a command) the caller restores
+        context.call_on_close(guard.restore)
+    return guard
 
 
 def plain_argument(what: str, text: str | None) -> None:
@@ -741,9 +786,12 @@ def recover_cmd(
         return
     with Journal.open(path, check=True) as jour:
         recovery = Recovery(jour, open_libvirt_host, job=job.value, job_wait_s=job_wait, on_line=info)
+        # The first signal stops it as Ctrl-C does; later ones cannot cut its close or the journal's.
+        signals = on_signals(None)
         try:
             report = recovery.run(domain)
         finally:
+            signals.ended()
             recovery.close()
     if as_json:
         emit_json(report.to_json())
@@ -824,8 +872,6 @@ def evacuate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
-    import signal
-
     from orchestrator.evacuation import Evacuation, EvacuationRequest
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -869,12 +915,11 @@ def evacuate_cmd(
             if dry_run
             else (lambda hosts, name: reconcile(jour, list(hosts), name, live.line)),
         )
-        previous = on_signals(lambda _name: evacuation.stop())
+        signals = on_signals(lambda _name: evacuation.stop())  # until the report is out, the journal closed
         try:
             report = evacuation.run()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            signals.ended()  # later signals are recorded and ignored
             live.close()
     if as_json:
         emit_json(report.to_json())
@@ -1130,7 +1175,7 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     click_exc = _click_exceptions()
     try:
-        command.main(args=argv, prog_name="orchestrator", standalone_mode=False)
+        code = command.main(args=argv, prog_name="orchestrator", standalone_mode=False)
     except NothingToDo as exc:
         # Not an error (exit 6 is a success for the systemd unit and Ansible): a notice.
         sys.stderr.write(f"{priority(5)}orchestrator: nothing to do: {exc.line()}\n")
@@ -1163,3 +1208,7 @@ def main(argv: list[str] | None = None) -> None:
             f"internal error: {exc!r} (set ORCH_DEBUG=1 for a traceback, and please report it)",
             ExitCode.ERROR,
         )
+    if code == ExitCode.INTERRUPTED:
+        # Typer turns a KeyboardInterrupt (Ctrl-C, or a signal a command made one) into exit 130, which
+        # it returns instead of raising when not standalone: that was an exit 0 without a word.
+        fail("interrupted", ExitCode.INTERRUPTED)
