@@ -628,7 +628,7 @@ def migrate_cmd(
         emit_json(report.to_json())
     else:
         show_report(report)
-    line = failure_line(report)
+    line = failure_line(report, None if journal is None else str(journal))
     if line is not None:
         sys.stderr.write(f"{priority(3)}orchestrator: error: {line}\n")
     if report.exit_code:

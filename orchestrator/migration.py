@@ -21,6 +21,7 @@ import functools
 import hashlib
 import ipaddress
 import os
+import shlex
 import socket
 import threading
 import uuid
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
-from orchestrator.errors import BadInput, OrchestratorError
+from orchestrator.errors import BadInput, OrchestratorError, shell_uri
 from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
 from orchestrator.hypervisor import (
     ACTIVE_STATES,
@@ -749,9 +750,10 @@ class Migration:
                 raise BadInput(
                     f"VFIO device(s) {', '.join(off)} of {self.request.domain} run without migration-events, "
                     "so no drain could be triggered",
-                    f"run: orchestrator events enable -c '{self.request.source_uri}' {self.request.domain}; "
-                    'then cold-boot the VM (or set events.when_off = "proceed" in a copy of policy '
-                    f"{policy.name})",
+                    f"run: orchestrator events enable -c {shell_uri(self.request.source_uri)} "
+                    f"{shlex.quote(self.request.domain)}, then cold-boot the VM (or copy policy "
+                    f"{policy.name} to /etc/orchestrator/policies/NAME.toml with events.when_off = "
+                    '"proceed")',
                 )
             self.machine.disable_hooks()
             note = f"events off for {', '.join(off)}: migrating WITHOUT device hooks (policy says proceed)"

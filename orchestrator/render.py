@@ -252,11 +252,14 @@ def _at(when: float | None, start: float) -> str:
     return "-" if when is None else f"+{when - start:.3f}s"
 
 
-def failure_line(report: Report) -> str | None:
-    """The one line a failed migration leaves on stderr (what went wrong, what to do), None if it did not."""
+def failure_line(report: Report, journal: str | None = None) -> str | None:
+    """The one line a failed migration leaves on stderr (what went wrong, what to do), None if it did not.
+
+    `journal`: the journal's path when it is not the default one (the hint then names it)."""
     if int(report.exit_code) == 0:
         return None
-    history = f"see: orchestrator history {report.migration_id}"
+    where = f" --journal '{journal}'" if journal else ""
+    history = f"see: orchestrator history {report.migration_id}{where}"
     if report.undrain_failed:
         failed = [h for h in report.failed_hooks() if h.trigger == "undrain"]
         devices = ", ".join(sorted({h.device_id or "?" for h in failed}))

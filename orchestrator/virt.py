@@ -18,7 +18,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from orchestrator.errors import BadInput, ConnectError, MigrationError, OrchestratorError
+from orchestrator.errors import BadInput, ConnectError, MigrationError, OrchestratorError, shell_uri
 from orchestrator.hypervisor import (
     GONE,
     DomainInfo,
@@ -197,7 +197,7 @@ class Host:
         except libvirt.libvirtError as exc:
             raise ConnectError(
                 f"cannot connect to {uri}: {error_text(exc)}",
-                "check the URI and that libvirtd runs there (virsh -c URI list)",
+                f"check the URI and that libvirtd runs there: virsh -c {shell_uri(uri)} list",
             ) from None
         if keepalive:
             # Local drivers have no keepalive; nothing to detect there.
