@@ -1,0 +1,92 @@
+"""A migration is told on stderr as it happens, in a pipe (journald, Ansible, `| tee`) and on a
+terminal (a pty): lines arrive while it runs, not all at the end, and stdout keeps the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lab.test_migrate import Scenario
+
+
+def command(sc: Scenario) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "migrate",
+        sc.name,
+        sc.lab.hosts[sc.dst].uri,
+        "-c",
+        sc.lab.hosts[sc.src].uri,
+        "--policy",
+        str(sc.policy),
+        "--journal",
+        str(sc.journal),
+        "--json",
+    ]
+
+
+def test_in_a_pipe_lines_arrive_as_the_migration_goes(lab_env: Any, tmp_path: Path) -> None:
+    # A 1.5 s transition keeps the migration going long enough to see lines arrive during it.
+    sc = Scenario(lab_env, tmp_path, transition_ms=1500)
+    proc = subprocess.Popen(command(sc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arrivals: list[tuple[float, str]] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            arrivals.append((time.monotonic(), line.rstrip("\n")))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    out, _ = proc.communicate(timeout=120)
+    ended = time.monotonic()
+    reader.join(10)
+    assert proc.returncode == 0, arrivals
+    assert json.loads(out)["outcome"] == "succeeded", "stdout keeps the one JSON document"
+
+    def first(text: str) -> float:
+        return next(t for t, line in arrivals if text in line)
+
+    assert first("plan: ") < first("phase job-running") < first("-> pre-copy-p2p-prepare")
+    assert first("-> pre-copy-p2p-prepare") < first("drain nic0: record-hook"), "each hook with its result"
+    assert ended - first("-> pre-copy-p2p-prepare") > 1.0, "told during the transition, not at the end"
+    assert all("\r" not in line for _t, line in arrivals), "no progress bar redrawn in a pipe"
+    sc.remove()
+
+
+def test_on_a_terminal_the_progress_is_redrawn_in_place(lab_env: Any, tmp_path: Path) -> None:
+    sc = Scenario(lab_env, tmp_path, transition_ms=1500)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(command(sc), stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal's other end closed: the process is gone
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(controller)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert json.loads(out)["outcome"] == "succeeded"
+    text = seen.decode(errors="replace")
+    assert "\r[" in text and "%" in text, "a progress bar redrawn in place"
+    assert "phase job-running" in text and "drain nic0" in text, "the story's lines, above the bar"
+    assert text.rstrip().endswith(("\x1b[K", "\r")) or "\r\x1b[K" in text, "the bar is cleared at the end"
+    sc.remove()
