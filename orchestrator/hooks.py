@@ -486,6 +486,78 @@ def _processes() -> dict[int, _Proc]:
     return found
 
 
+@dataclass(frozen=True)
+class ProcessToken:
+    """One hook process, as a journal records it: its PID and start time (PIDs are reused; the pair is
+    not). Written `PID@START`, START in clock ticks after boot, `?` if it had already exited."""
+
+    pid: int
+    start: int | None
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{'?' if self.start is None else self.start}"
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessToken:
+        """The token of the live process `pid` (start None if it is already gone, or a zombie)."""
+        proc = _proc(pid)
+        return cls(pid, None if proc is None or proc.dead else proc.start)
+
+    @classmethod
+    def parse_all(cls, text: str | None) -> list[ProcessToken]:
+        """Every `PID@START` in `text` (a device action's detail)."""
+        found = []
+        for word in (text or "").split():
+            pid, at, start = word.partition("@")
+            if at and pid.isdigit() and (start.isdigit() or start == "?"):
+                found.append(cls(int(pid), int(start) if start.isdigit() else None))
+        return found
+
+    def alive(self) -> bool:
+        """True while this very process runs (not a zombie, not a later process with its PID)."""
+        if self.start is None:
+            return False
+        proc = _proc(self.pid)
+        return proc is not None and not proc.dead and proc.start == self.start
+
+
+def wait_gone(tokens: Iterable[ProcessToken], timeout_s: float) -> list[ProcessToken]:
+    """Wait until none of these processes runs, at most `timeout_s`; those still running then. They need
+    not be our children (a dead orchestrator's hooks): each is followed through a pidfd."""
+    deadline = time.monotonic() + timeout_s
+    fds: dict[int, ProcessToken] = {}
+    try:
+        for token in tokens:
+            try:
+                fd = os.pidfd_open(token.pid)
+            except OSError:  # gone
+                continue
+            if token.alive():  # checked after opening: the pidfd is this process's, not a successor's
+                fds[fd] = token
+            else:
+                os.close(fd)
+        with selectors.DefaultSelector() as selector:
+            for fd in fds:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for key, _mask in selector.select(left):  # readable: the process has exited
+                    selector.unregister(key.fd)
+            return [fds[key.fd] for key in selector.get_map().values()]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def kill_tokens(tokens: Iterable[ProcessToken]) -> None:
+    """SIGKILL the process group of each process that still runs (a hook leads its own group)."""
+    for token in tokens:
+        if token.alive():
+            _signal_group(token.pid, signal.SIGKILL)
+
+
 def _carries(pid: int, entry: bytes) -> bool:
     """True if the process was started with `entry` (NAME=VALUE) in its environment."""
     try:

@@ -122,11 +122,20 @@ class DeviceAction(StrEnum):
 
 
 class ActionStatus(StrEnum):
-    """A device action's progress: `starting` is committed before any of its hooks starts."""
+    """A device action's progress. `starting` is committed before any of its hooks starts; for an
+    undrain, `spawned` is committed once every hook has been started (its detail names their processes,
+    `ProcessToken`s), so that `recover` knows whether an undrain it finds unfinished may be under way.
+    `ended` is recover's word for an undrain whose hooks it saw end without seeing their result."""
 
     STARTING = "starting"
+    SPAWNED = "spawned"
     DONE = "done"
     FAILED = "failed"
+    ENDED = "ended"
+
+
+_ENDS: Final = frozenset({ActionStatus.DONE, ActionStatus.FAILED, ActionStatus.ENDED})
+_SYNC_STATUSES: Final = frozenset({ActionStatus.STARTING, ActionStatus.SPAWNED})
 
 
 _EVENT_KINDS: Final = frozenset(EventKind)
@@ -525,15 +534,29 @@ class DeviceActionRow:
 
 def still_drained(actions: Iterable[DeviceActionRow]) -> dict[str, str | None]:
     """Devices a migration may have left drained, from its device actions: a drain that started and no
-    undrain that ended after it (a started, unfinished undrain may not have restored anything).
-    Maps each device to the detail of its last drain."""
+    undrain that ended after it (a started or spawned, unfinished undrain may not have restored
+    anything). Maps each device to the detail of its last drain."""
     drained: dict[str, str | None] = {}
     for row in sorted(actions, key=lambda r: r.seq):
         if row.action is DeviceAction.DRAIN and row.status is ActionStatus.STARTING:
             drained[row.device_id] = row.detail
-        elif row.action is DeviceAction.UNDRAIN and row.status is not ActionStatus.STARTING:
+        elif row.action is DeviceAction.UNDRAIN and row.status in _ENDS:
             drained.pop(row.device_id, None)
     return drained
+
+
+def undrains_spawned(actions: Iterable[DeviceActionRow]) -> dict[str, DeviceActionRow]:
+    """Devices whose last undrain had all its hooks started and never ended (the process that started
+    them died): each device's `spawned` row, whose detail names the hook processes."""
+    spawned: dict[str, DeviceActionRow] = {}
+    for row in sorted(actions, key=lambda r: r.seq):
+        if row.action is not DeviceAction.UNDRAIN:
+            continue
+        if row.status is ActionStatus.SPAWNED:
+            spawned[row.device_id] = row
+        else:
+            spawned.pop(row.device_id, None)
+    return spawned
 
 
 @dataclass(frozen=True)
@@ -1022,10 +1045,11 @@ class Journal:
         at: float,
         detail: str | None = None,
     ) -> str | None:
-        """Record a device's drain or undrain. `starting` is committed before this returns (it precedes
-        the hooks: a process killed at any instant after it leaves a recoverable journal); `done` and
-        `failed` are queued like other records. Returns None, or the one-line reason `starting` could
-        not be committed (it is then queued, and the caller must say so: the hooks still run).
+        """Record a device's drain or undrain. `starting` and `spawned` are committed before this returns
+        (`starting` precedes the hooks: a process killed at any instant after it leaves a recoverable
+        journal; `spawned` says an undrain's hooks are under way, not to be run twice); the others are
+        queued like other records. Returns None, or the one-line reason a committed status could not be
+        committed (it is then queued, and the caller must say so: the hooks still run).
         """
         action, status = DeviceAction(action), ActionStatus(status)
         seq = self._next_seq(migration_id)
@@ -1034,12 +1058,14 @@ class Journal:
             _INSERT_DEVICE_ACTION,
             (migration_id, seq, device_id, action.value, status.value, at, detail),
         )
-        if status is not ActionStatus.STARTING:
+        if status not in _SYNC_STATUSES:
             self._put(write)
             return None
-        return self._write_now(write)
+        return self._write_now(
+            write, "before its hooks started" if status is ActionStatus.STARTING else "at once"
+        )
 
-    def _write_now(self, write: _Write) -> str | None:
+    def _write_now(self, write: _Write, when: str) -> str | None:
         """Commit one record on the caller's thread (microseconds; at most _SYNC_BUSY_MS when another
         process holds the journal's write lock). On failure the record is queued and the reason returned."""
         conn = self._writer_conn
@@ -1054,9 +1080,7 @@ class Journal:
                 finally:
                     conn.execute(f"PRAGMA busy_timeout = {_WRITER_BUSY_MS}")
             except sqlite3.Error as exc:
-                failure = (
-                    f"the journal {self.path} could not record {write.what} before its hooks started: {exc}"
-                )
+                failure = f"the journal {self.path} could not record {write.what} {when}: {exc}"
             else:
                 return None
         self._queue.put(write)  # still recorded, later, if the journal recovers

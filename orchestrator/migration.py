@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
 from orchestrator.errors import BadInput, OrchestratorError, shell_uri
-from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
+from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, ProcessToken, Trigger, preflight
 from orchestrator.hypervisor import (
     ACTIVE_STATES,
     GONE,
@@ -109,7 +109,8 @@ class JournalLike(Protocol):
     def record_device_action(
         self, migration_id: str, device_id: str, action: str, status: str, at: float, detail: str | None = ...
     ) -> str | None:
-        """Record a drain or undrain starting (committed before returning) or ending; the error, if any."""
+        """Record a drain or undrain starting or spawned (committed before returning) or ending; the reason
+        a committed record was late, if it was."""
 
     def record_hook(self, migration_id: str, result: Mapping[str, Any]) -> None:
         """Record one hook run."""
@@ -134,8 +135,20 @@ class JournalLike(Protocol):
         """Every record that could not be written, one line each."""
 
 
+class Started(Protocol):
+    """A hook just started (orchestrator.hooks.RunningHook)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process (None: it could not start)."""
+
+
 class Armed(Protocol):
     """An armed hook (orchestrator.hooks.ArmedHook): started with the migration, woken per event."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process (None: it could not start)."""
 
     def wait_ready(self) -> HookResult:
         """Until it is ready (or failed to be); the arming's result."""
@@ -162,7 +175,7 @@ class Hooks(Protocol):
         values: Mapping[str, str],
         device_id: str | None = None,
         on_done: Callable[[HookResult], None] | None = None,
-    ) -> object:
+    ) -> Started:
         """Start one hook now; `on_done` gets its result."""
 
     def run(self, hook: Hook, values: Mapping[str, str], device_id: str | None = None) -> HookResult:
@@ -464,19 +477,32 @@ class Migration:
             self.id, device, trigger.value, "starting", self.clock.time(), action.reason
         )
         values = self._values(device, action.qom_path, action.state)
+        pids: list[int | None] = []
         for hook in self.request.policy.hooks_for(trigger):
             done = self._device_hook_done(hook.on_failure)
             armed = self._armed.get(id(hook))
             if armed is not None:
                 armed.fire(device, action.state, action.qemu_time, done)
+                pids.append(armed.pid)
             else:
-                self.runner.start(hook, values, device, done)
+                pids.append(self.runner.start(hook, values, device, done).pid)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our
             # bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
             os.sched_yield()
+        else:
+            # Under way: a process killed from here on leaves an undrain that `recover` does not run
+            # a second time (it waits for these processes instead, and runs it again only if they
+            # are gone and their result was never journaled). A drain needs no such record: run
+            # twice or not, recover's answer to a drain that started is the same, an undrain.
+            tokens = " ".join(str(ProcessToken.of(pid)) for pid in pids if pid is not None)
+            late = self.journal.record_device_action(
+                self.id, device, trigger.value, "spawned", self.clock.time(), f"hook processes {tokens}"
+            )
+            failure = failure or late
         if failure:
-            self._journal_failed(failure)
+            # Late, not lost: the record is queued (if the journal loses it, the verdict says so).
+            self._note(f"{failure} (queued)")
         text = f"{trigger} {device}: {action.reason}"
         self._entry(self.clock.time(), "orchestrator", "decision", text)
 
@@ -1005,11 +1031,6 @@ class Migration:
                 self.report.notes.append(text)
         self._entry(now, "orchestrator", "note", text)
         self.journal.record_event(self.id, "orchestrator", None, "note", text, None, None, None, now, None)
-
-    def _journal_failed(self, error: str) -> None:
-        with self._lock:
-            self.report.journal_error = self.report.journal_error or error
-        self._note(error)
 
     def _record_vfio(self, event: VfioEvent) -> None:
         self.journal.record_event(

@@ -11,8 +11,13 @@ recovered (`Journal.unfinished`), recovery:
 3. runs the undrain hooks of every device that may still be drained, once, with the policy the
    migration used (its text, as journaled when it began) and the state the device ends in; each
    undrain is journaled as "starting" before its hooks and "done"/"failed" after, under the same
-   migration id. An undrain that started but never ended is run again: undrain hooks must be
-   idempotent (re-arming armed peers is);
+   migration id, and as "spawned" (naming the hook processes) once they all started. An undrain the
+   dead process had spawned is not run twice: while one of its hook processes still runs, recovery
+   waits for it (to its hooks' timeout, then kills it) and journals the undrain "ended" (its result was
+   the dead process's to see). It is run again only when it may not have happened: journaled
+   "starting" and no more (the process died before every hook started), or spawned hooks that are
+   gone, their result never journaled, or that outlived their timeout. Undrain hooks must therefore
+   still be idempotent (re-arming armed peers is), but exactly once is the rule, not the exception;
 4. records the true outcome: succeeded when the VM runs on the destination, rolled-back on the
    source, failed (an admin must look) when it runs on neither or both.
 
@@ -31,9 +36,18 @@ from typing import Any
 
 from orchestrator.convergence import GATE_FLOOR_MS
 from orchestrator.errors import ExitCode, OrchestratorError
-from orchestrator.hooks import Hook, HookResult, HookRunner, Trigger
+from orchestrator.hooks import (
+    KILL_GRACE_S,
+    Hook,
+    HookResult,
+    HookRunner,
+    ProcessToken,
+    Trigger,
+    kill_tokens,
+    wait_gone,
+)
 from orchestrator.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
-from orchestrator.journal import Journal, MigrationRow, still_drained
+from orchestrator.journal import DeviceActionRow, Journal, MigrationRow, still_drained, undrains_spawned
 from orchestrator.locks import MigrationLock, lock_dir
 from orchestrator.policy import Policy, parse_policy
 from orchestrator.report import Outcome
@@ -54,6 +68,7 @@ class Recovered:
     undrained: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # devices whose undrain failed: an admin must look
     notes: list[str] = field(default_factory=list)
+    awaited: list[str] = field(default_factory=list)  # devices whose undrain the dead process had spawned
 
     def to_json(self) -> dict[str, Any]:
         """One JSON object."""
@@ -63,6 +78,7 @@ class Recovered:
             "outcome": self.outcome,
             "location": self.location,
             "undrained": self.undrained,
+            "awaited": self.awaited,
             "failed": self.failed,
             "notes": self.notes,
         }
@@ -147,15 +163,21 @@ class Recovery:
             notes = self._settle_job(row, source)
             location = self._location(row, source, destination)
             result = Recovered(row.id, row.domain, _outcome(location).value, location, notes=notes)
-            drained = still_drained(self.journal.device_actions(row.id))
+            actions = self.journal.device_actions(row.id)
+            drained, spawned = still_drained(actions), undrains_spawned(actions)
             if drained:
                 policy = self._policy(row)
                 for device in drained:
+                    if device in spawned and self._awaited(row, policy, spawned[device], result):
+                        continue
                     self._undrain(row, policy, device, location, result)
             outcome = _outcome(location)
-            what = (
-                f"undrained {', '.join(result.undrained)}" if result.undrained else "nothing was left drained"
-            )
+            done = []
+            if result.undrained:
+                done.append(f"undrained {', '.join(result.undrained)}")
+            if result.awaited:
+                done.append(f"waited for the undrain of {', '.join(result.awaited)} it had started")
+            what = "; ".join(done) or "nothing was left drained"
             error = (
                 f"the orchestrator (process {row.pid}) died in phase {row.phase}; recovered: {what}; "
                 f"the VM runs on {location}"
@@ -212,6 +234,44 @@ class Recovery:
             )
         return parse_policy(row.policy_text, row.policy)
 
+    def _awaited(
+        self, row: MigrationRow, policy: Policy, spawned: DeviceActionRow, result: Recovered
+    ) -> bool:
+        """The undrain of a device whose hooks the dead process had all started: True if they ran to
+        their end (waited for here while one still runs); False if it must be run again."""
+        device, tokens = spawned.device_id, ProcessToken.parse_all(spawned.detail)
+        running = [token for token in tokens if token.alive()]
+        if not running:
+            self._say(
+                f"{row.domain}: the undrain of {device} had started, but its hooks are gone and their "
+                "result was never journaled: running it again"
+            )
+            return False
+        pids = ", ".join(str(token.pid) for token in running)
+        timeout_ms = max((hook.timeout_ms for hook in policy.hooks_for(Trigger.UNDRAIN)), default=0)
+        left_s = spawned.at + timeout_ms / 1000 + KILL_GRACE_S - self.clock.time()
+        self._say(f"{row.domain}: the undrain of {device} is under way (process {pids}): waiting for it")
+        still = wait_gone(running, max(left_s, 0.0))
+        if still:
+            kill_tokens(still)
+            self._say(
+                f"{row.domain}: the undrain of {device} outlived its hooks' timeout "
+                f"({timeout_ms} ms): killed it; running it again"
+            )
+            return False
+        self.journal.record_device_action(
+            row.id,
+            device,
+            "undrain",
+            "ended",
+            self.clock.time(),
+            f"its hooks (process {pids}) ran to their end after the orchestrator died; their exit "
+            "status was its to see",
+        )
+        result.awaited.append(device)
+        self._say(f"{row.domain}: undrain {device}: its hooks ended (started before the orchestrator died)")
+        return True
+
     def _undrain(
         self, row: MigrationRow, policy: Policy, device: str, location: str, result: Recovered
     ) -> None:
@@ -227,12 +287,18 @@ class Recovery:
         }
         reason = f"recovery: the orchestrator died; the VM runs on {location}"
         self.journal.record_device_action(row.id, device, "undrain", "starting", self.clock.time(), reason)
-        results: list[HookResult] = []
+        started: list[tuple[int | None, Callable[[], HookResult]]] = []
         for hook in policy.hooks_for(Trigger.UNDRAIN):
             if hook.armed:
-                results.append(self._fire_armed(hook, values, device, state))
+                started.append(self._fire_armed(hook, values, device, state))
             else:
-                results.append(self.runner.run(hook, values, device))
+                running = self.runner.start(hook, values, device)
+                started.append((running.pid, running.wait))
+        tokens = " ".join(str(ProcessToken.of(pid)) for pid, _wait in started if pid is not None)
+        self.journal.record_device_action(
+            row.id, device, "undrain", "spawned", self.clock.time(), f"hook processes {tokens}"
+        )
+        results = [wait() for _pid, wait in started]
         for hook_result in results:
             self.journal.record_hook(row.id, hook_result.to_json())
         ok = all(r.ok for r in results)
@@ -245,23 +311,30 @@ class Recovery:
             + ("ok" if ok else "; ".join(r.error or "failed" for r in results))
         )
 
-    def _fire_armed(self, hook: Hook, values: dict[str, str], device: str, state: str) -> HookResult:
-        """An armed undrain hook, for one device: arm it, wake it, wait for its answer, close it."""
+    def _fire_armed(
+        self, hook: Hook, values: dict[str, str], device: str, state: str
+    ) -> tuple[int | None, Callable[[], HookResult]]:
+        """An armed undrain hook, for one device: arm it and wake it now; its process, and what waits
+        for its answer and closes it."""
         armed = self.runner.arm(hook, {**values, "device_id": "", "qom_path": "", "state": "armed"})
-        result = armed.wait_ready()
-        if result.ok:
-            answered = threading.Event()
-            box: list[HookResult] = []
+        arming = armed.wait_ready()
+        answered = threading.Event()
+        box: list[HookResult] = []
 
-            def done(answer: HookResult) -> None:
-                box.append(answer)
-                answered.set()
+        def done(answer: HookResult) -> None:
+            box.append(answer)
+            answered.set()
 
+        if arming.ok:
             armed.fire(device, state, None, done)
-            answered.wait(hook.timeout_ms / 1000 + 5)  # the hook's own deadline ends it before this
-            result = box[0] if box else result
-        armed.close()
-        return result
+
+        def wait() -> HookResult:
+            if arming.ok:
+                answered.wait(hook.timeout_ms / 1000 + 5)  # the hook's own deadline ends it before this
+            armed.close()
+            return box[0] if box else arming
+
+        return armed.pid, wait
 
     def close(self) -> None:
         """Close the connections recovery opened itself."""

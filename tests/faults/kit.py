@@ -244,7 +244,7 @@ def still_drained(actions: list[dict[str, Any]]) -> set[str]:
     for row in sorted(actions, key=lambda r: r["seq"]):
         if row["action"] == "drain" and row["status"] == "starting":
             drained.add(row["device_id"])
-        elif row["action"] == "undrain" and row["status"] != "starting":
+        elif row["action"] == "undrain" and row["status"] in ("done", "failed", "ended"):
             drained.discard(row["device_id"])
     return drained
 

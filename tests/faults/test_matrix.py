@@ -13,7 +13,7 @@ history` telling the truth.
 | destination libvirtd killed                   | test_killed_destination_libvirtd                  |
 | two concurrent runs of one VM                 | test_a_second_run_is_refused_naming_the_first     |
 | journal write-locked by another process       | test_journal_locked_by_another_process,           |
-|                                               | test_journal_locked_across_a_drain (xfail)        |
+|                                               | test_journal_locked_across_a_drain                |
 | missing hook, group-writable policy, corrupt  | test_refused_before_anything                      |
 | journal, hostile domain name / URI            |                                                   |
 | SIGKILL at each phase, then recover           | test_sigkill.py                                   |
@@ -39,7 +39,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from lab.test_migrate import cli
 
 from faults.kit import Case, assert_three_facts
@@ -244,7 +243,7 @@ def test_journal_locked_by_another_process(lab_env: Any, tmp_path: Path) -> None
             "phase done",
         ]
         assert len(record["hook_runs"]) == len(doc["hooks"]) == 3
-        assert len(record["device_actions"]) == 4
+        assert len(record["device_actions"]) == 5  # drain starting, done; undrain starting, spawned, done
     finally:
         if locker is not None and locker.poll() is None:
             locker.kill()
@@ -252,19 +251,6 @@ def test_journal_locked_by_another_process(lab_env: Any, tmp_path: Path) -> None
         case.cleanup()
 
 
-class Exit9ForALateRecord(AssertionError):
-    """The run exits 9 (needs an admin) for a journal record that was late, not lost."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exit9ForALateRecord,
-    reason="a journal write-locked by another process while a drain starts: the drain's 'starting' "
-    "record cannot commit within its 50 ms before the hook, is queued and lands later (every record is "
-    "in the journal), yet the run exits 9 (NEEDS_ADMIN) with journal_error 'could not record the drain "
-    "of nic0 (starting) ... before its hooks started: database is locked', although the migration "
-    "succeeded and nothing is left for an admin to do",
-)
 def test_journal_locked_across_a_drain(lab_env: Any, tmp_path: Path) -> None:
     case = Case(lab_env, tmp_path, transition_ms=1000)
     locker: subprocess.Popen[str] | None = None
@@ -287,10 +273,12 @@ def test_journal_locked_across_a_drain(lab_env: Any, tmp_path: Path) -> None:
             ("drain", "starting"),
             ("drain", "done"),
             ("undrain", "starting"),
+            ("undrain", "spawned"),
             ("undrain", "done"),
         ], "every record landed"
-        if run.code != 0:
-            raise Exit9ForALateRecord(f"exit {run.code}: {run.doc['journal_error']}")
+        # Late, not lost: a note in the report, not a run that needs an admin.
+        assert run.code == 0 and run.doc["journal_error"] is None, run.doc["journal_error"]
+        assert any("could not record the drain of nic0 (starting)" in n for n in run.doc["notes"]), run.doc
     finally:
         if locker is not None and locker.poll() is None:
             locker.kill()

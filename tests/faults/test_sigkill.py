@@ -8,7 +8,8 @@ and three of a client-driven (`--direct`) one:
               stays at its 1 ms floor once nobody raises it);
 - transition: during a device's 3 s P2P transition, once its drain hook has run (journaled drained);
 - completed:  after the VM runs on the destination, in a slow `after-success` hook;
-- undrain:    in a slow undrain hook (journaled: undrain starting, never ended).
+- undrain:    in a slow undrain hook (journaled: undrain starting, spawned, never ended): recover
+              waits for the orphaned hook rather than running the undrain a second time.
 
 Then `recover` runs, and `assert_three_facts` (tests/faults/kit.py) checks the hook log, both hosts
 and `orchestrator history`. A peer-to-peer job survives its client (the source libvirtd drives it);
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from faults.kit import Background, Case, UndrainedTwice, assert_three_facts
+from faults.kit import Background, Case, assert_three_facts
 
 SLEEP = "--sleep-ms=20000"  # a hook that is still running when the orchestrator is killed
 SLOW_HOOK = {"timeout_ms": 30000}
@@ -39,6 +40,7 @@ class KillPoint:
     policy: Callable[[Case], dict[str, Any]]
     reach: Callable[[Case, Background], object]
     undrained_by_recover: list[str] = field(default_factory=list)
+    awaited_by_recover: list[str] = field(default_factory=list)
 
 
 def _job_running(case: Case, run: Background) -> None:
@@ -76,10 +78,10 @@ POINTS = {
     "undrain": KillPoint(
         guest={},
         args=(),
-        # Short: recover runs the journaled policy's undrain hook again, and waits for it.
+        # Still running when recover starts: recover waits for it, and runs nothing again.
         policy=lambda c: {"undrain": "--sleep-ms=2000", "undrain_keys": SLOW_HOOK},
         reach=lambda c, _run: c.wait_hook("undrain"),
-        undrained_by_recover=["nic0"],
+        awaited_by_recover=["nic0"],
     ),
 }
 
@@ -96,18 +98,7 @@ EXPECTED = {
 }
 # What recover says it did with the libvirt job, when the test knows.
 JOB_NOTES = {("p2p", "precopy"): ["aborted the libvirt job held at the gate (nothing would release it)"]}
-UNDRAIN_RUNS_AGAIN = pytest.mark.xfail(
-    strict=True,
-    raises=UndrainedTwice,
-    reason="killed during an undrain: the journal has the undrain 'starting' but no end, so recover runs "
-    "it again (recovery.py: 'an undrain that started but never ended is run again: undrain hooks must "
-    "be idempotent'), and the hook log shows nic0 undrained twice, not exactly once; the orphaned "
-    "hook of the dead orchestrator is neither waited for nor recorded",
-)
-CASES = [
-    pytest.param(mode, point, id=f"{mode}-{point}", marks=[UNDRAIN_RUNS_AGAIN] if point == "undrain" else [])
-    for mode, point in EXPECTED
-]
+CASES = [pytest.param(mode, point, id=f"{mode}-{point}") for mode, point in EXPECTED]
 
 
 @pytest.mark.parametrize(("mode", "point"), CASES)
@@ -132,6 +123,7 @@ def test_sigkill_then_recover(lab_env: Any, tmp_path: Path, mode: str, point: st
         (done,) = recovered.doc["recovered"]
         assert done["migration_id"] == migration_id and done["failed"] == []
         assert done["undrained"] == kill.undrained_by_recover, done
+        assert done["awaited"] == kill.awaited_by_recover, done
         assert done["location"] == EXPECTED[mode, point], done
         if (mode, point) in JOB_NOTES:
             assert done["notes"] == JOB_NOTES[mode, point], done

@@ -456,6 +456,13 @@ class HookRun:
     started: float
     ended: float | None = None
     ok: bool | None = None
+    pid: int | None = None  # no process: nothing for a journal's `spawned` record to name
+    waiter: Callable[[], HookResult] | None = field(default=None, repr=False, compare=False)
+
+    def wait(self) -> HookResult:
+        """Let fake time pass until this run ends (a started hook's `wait`)."""
+        assert self.waiter is not None, "a run from FakeRunner.start"
+        return self.waiter()
 
 
 class FakeRunner:
@@ -507,12 +514,21 @@ class FakeRunner:
             self.on_start(run)
         behaviour = self.behaviour(hook.trigger, device_id)
 
+        box: list[HookResult] = []
+
         def finish() -> None:
             result = self._result(hook, run, behaviour)
+            box.append(result)
             if on_done is not None:
                 on_done(result)
 
+        def wait() -> HookResult:
+            while not box:
+                self.clock.advance(max(run.started + behaviour.duration_s - self.clock.now, 0.0))
+            return box[0]
+
         self.clock.after(behaviour.duration_s, finish)
+        run.waiter = wait
         return run
 
     def run(self, hook: Hook, values: Mapping[str, str], device_id: str | None = None) -> HookResult:
@@ -542,6 +558,7 @@ class FakeArmed:
         self.lines: list[str] = []  # what the orchestrator wrote to its stdin
         self.closed = False
         self.ready = runner.arming.error is None
+        self.pid: int | None = None  # no process
 
     def wait_ready(self) -> HookResult:
         run = HookRun(self.hook.trigger, None, self.hook.label, self.values, self.runner.clock.now)

@@ -148,6 +148,7 @@ def test_success_drains_on_prepare_and_undrains_when_the_destination_runs(world:
         (DeviceAction.DRAIN, ActionStatus.STARTING),
         (DeviceAction.DRAIN, ActionStatus.DONE),
         (DeviceAction.UNDRAIN, ActionStatus.STARTING),
+        (DeviceAction.UNDRAIN, ActionStatus.SPAWNED),
         (DeviceAction.UNDRAIN, ActionStatus.DONE),
     ]
     assert record.migration.policy_sha256 is None  # parsed from text: no file to hash

@@ -10,8 +10,11 @@ journaled before its hooks start.)
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,9 @@ from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
 from orchestrator.convergence import GATE_FLOOR_MS
-from orchestrator.hooks import Trigger
+from orchestrator.hooks import ProcessToken, Trigger
 from orchestrator.hypervisor import RUNNING, MigrateRequest
-from orchestrator.journal import Journal, still_drained
+from orchestrator.journal import ActionStatus, DeviceAction, Journal, still_drained
 from orchestrator.locks import MigrationLock, lock_dir
 from orchestrator.recovery import Recovery, RecoveryReport
 from orchestrator.report import Outcome
@@ -46,7 +49,11 @@ class World:
         self.journal = Journal.open(self.path)
 
     def left(
-        self, actions: list[tuple[str, str, str]], *, phase: str = "switching-over", policy: str | None = None
+        self,
+        actions: list[tuple[str, str, str]] | list[tuple[str, str, str, str]],
+        *,
+        phase: str = "switching-over",
+        policy: str | None = None,
     ) -> str:
         """The journal a killed migration leaves: its row (of a dead process) and its device actions."""
         migration_id = "m-killed"
@@ -61,9 +68,9 @@ class World:
             policy_text=policy_text() if policy is None else policy,
         )
         self.journal.record_phase(migration_id, phase, self.clock.time())
-        for device, action, status in actions:
+        for device, action, status, *detail in actions:
             self.journal.record_device_action(
-                migration_id, device, action, status, self.clock.time(), "prepare"
+                migration_id, device, action, status, self.clock.time(), detail[0] if detail else "prepare"
             )
         self.journal.flush()
         with sqlite3.connect(self.path) as conn:
@@ -146,6 +153,80 @@ def test_an_undrain_that_started_but_never_ended_runs_again(world: World) -> Non
     (done,) = world.recover().recovered
     assert done.undrained == ["nic0"] and world.undrains("nic0") == 1
     world.journal_true(migration_id, Outcome.SUCCEEDED)
+
+
+def spawned(*processes: ProcessToken) -> tuple[str, str, str, str]:
+    return ("nic0", "undrain", "spawned", "hook processes " + " ".join(map(str, processes)))
+
+
+def test_an_undrain_under_way_is_waited_for_not_run_again(world: World) -> None:
+    """Killed once every undrain hook had started: recover waits for the orphaned hook, runs nothing."""
+    hook = subprocess.Popen(["cat"], stdin=subprocess.PIPE, start_new_session=True)  # ends at EOF
+    migration_id = world.left(
+        [("nic0", "drain", "starting"), ("nic0", "undrain", "starting"), spawned(ProcessToken.of(hook.pid))]
+    )
+    world.vm_on(world.destination)
+    waiting = threading.Event()
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if "is under way" in line:
+            waiting.set()
+
+    box: list[RecoveryReport] = []
+    recovery = Recovery(
+        world.journal,
+        {SRC: world.source, DST: world.destination}.__getitem__,
+        runner=world.runner,
+        clock=world.clock,
+        locks=lock_dir(world.path),
+        on_line=on_line,
+    )
+    thread = threading.Thread(target=lambda: box.append(recovery.run()))
+    thread.start()
+    try:
+        assert waiting.wait(30), lines
+        assert thread.is_alive(), "recover waits while the undrain runs"
+    finally:
+        assert hook.stdin is not None
+        hook.stdin.close()  # the orphaned undrain hook ends
+        thread.join(30)
+    assert hook.wait() == 0
+    (done,) = box[0].recovered
+    assert (done.awaited, done.undrained, done.failed) == (["nic0"], [], [])
+    assert world.runner.runs == [], "not run a second time"
+    assert int(box[0].exit_code) == 0
+    world.journal_true(migration_id, Outcome.SUCCEEDED)
+    last = world.journal.get_migration(migration_id).device_actions[-1]
+    assert (last.action, last.status) == (DeviceAction.UNDRAIN, ActionStatus.ENDED)
+    assert f"process {hook.pid}" in (last.detail or "")
+    assert world.recover().recovered == [] and world.runner.runs == []
+
+
+def test_a_spawned_undrain_whose_hooks_are_gone_runs_again(world: World) -> None:
+    """Their result never journaled, and nothing left to wait for: it may not have happened."""
+    me = ProcessToken.of(os.getpid())
+    gone = [ProcessToken(dead_pid(), me.start), ProcessToken(os.getpid(), (me.start or 0) + 1)]  # reused PID
+    world.left([("nic0", "drain", "starting"), ("nic0", "undrain", "starting"), spawned(*gone)])
+    world.vm_on(world.destination)
+    (done,) = world.recover().recovered
+    assert (done.undrained, done.awaited) == (["nic0"], []) and world.undrains("nic0") == 1
+
+
+def test_an_undrain_under_way_past_its_timeout_is_killed_and_run_again(world: World) -> None:
+    hook = subprocess.Popen(["cat"], stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        world.left([("nic0", "drain", "starting"), spawned(ProcessToken.of(hook.pid))])
+        world.vm_on(world.destination)
+        world.clock.advance(3600)  # long past any undrain hook's timeout
+        (done,) = world.recover().recovered
+        assert hook.wait(30) == -signal.SIGKILL, "its group was killed"
+        assert (done.undrained, done.awaited) == (["nic0"], []) and world.undrains("nic0") == 1
+    finally:
+        if hook.poll() is None:
+            hook.kill()
+            hook.wait()
 
 
 def test_an_undrain_that_ended_is_not_run_again(world: World) -> None:
