@@ -25,7 +25,7 @@ import shlex
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -596,7 +596,13 @@ class Migration:
             self._advance(Phase.DONE)
             self._record_unmoved(int(report.exit_code))
             return report
-        with self._locked(dom):
+        try:
+            lock = self._vm_lock(dom)
+        except OrchestratorError as exc:  # another migration of the VM holds it: journaled, refused
+            report.outcome, report.error = Outcome.REFUSED, exc.line()
+            self._record_unmoved(int(exc.code))
+            raise
+        with lock:
             self._migrate(dom)
         return report
 
@@ -610,18 +616,16 @@ class Migration:
             self.id, report.outcome.value, False, report.error, exit_code, report.ended, report.to_json()
         )
 
-    @contextlib.contextmanager
-    def _locked(self, dom: Guest) -> Iterator[None]:
-        """One migration per VM at a time: held from before anything changes until everything is undone."""
+    def _vm_lock(self, dom: Guest) -> contextlib.AbstractContextManager[object]:
+        """One migration per VM at a time: taken now (MigrationBusy if another run holds it), held from
+        before anything changes until everything is undone."""
         if self.lock_dir is None:
-            yield
-            return
+            return contextlib.nullcontext()
         from orchestrator.locks import MigrationLock
 
-        with MigrationLock.acquire(
+        return MigrationLock.acquire(
             self.lock_dir, self.request.source_uri, dom.uuid(), self.id, wait_s=self.lock_wait_s
-        ):
-            yield
+        )
 
     def _migrate(self, dom: Guest) -> None:
         report = self.report

@@ -28,6 +28,7 @@ from orchestrator.errors import BadInput
 from orchestrator.hooks import Trigger
 from orchestrator.hypervisor import RUNNING
 from orchestrator.journal import ActionStatus, DeviceAction, Journal, still_drained
+from orchestrator.locks import MigrationBusy, MigrationLock
 from orchestrator.migration import Migration, Request
 from orchestrator.phases import Phase
 from orchestrator.policy import DrainMode, parse_policy
@@ -683,3 +684,32 @@ def test_a_destination_naming_the_source_machine_is_caught_in_pre_flight(
 
     found = same_machine(source, destination, p2p=p2p, names=("ctl1", "ctl1.example.net"))
     assert (found is None) if why is None else (found is not None and why in found)
+
+
+def test_a_run_refused_by_the_lock_of_another_is_journaled_refused(world: World, tmp_path: Path) -> None:
+    """Another run holds the VM's lock (in its before hooks: no libvirt job yet): this one is refused,
+    exit 2, naming it, and `history` shows the refusal, not nothing."""
+    world.source.model = Model()
+    world.source.add("vm1", domain_xml(["nic0"]))
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    uuid = world.source.domains["vm1"].uuid()
+    request = Request("vm1", SRC, DST, parse_policy(policy_text(), "test.toml"))
+    with MigrationLock.acquire(locks, SRC, uuid, "m-first"):
+        migration = Migration(
+            request,
+            world.source,
+            world.destination,
+            runner=world.runner,
+            clock=world.clock,
+            journal=world.journal,
+            lock_dir=locks,
+        )
+        with pytest.raises(MigrationBusy) as busy:
+            migration.run()
+    world.journal.flush()
+    assert int(busy.value.code) == 2 and "m-first" in busy.value.line()
+    record = world.journal.get_migration(migration.report.migration_id)
+    assert record.migration.outcome is Outcome.REFUSED and record.migration.exit_code == 2
+    assert record.migration.error == busy.value.line() and record.device_actions == ()
+    assert world.runner.runs == [] and world.source.migrations == [] and world.where() == [SRC]
