@@ -636,9 +636,11 @@ def migrate_cmd(
 
 
 class SignalGuard:
-    """SIGINT and SIGTERM from `on_signals` to the end of the command (the current click context's
-    close: after its report is printed and its journal closed, on every path). Each signal is recorded
-    in `received`, then:
+    """SIGINT and SIGTERM from `on_signals` to the exit of the `orchestrator` process (ignored from the
+    end of the command on: Python puts the default action back for its shutdown, and a signal then
+    would turn exit 130 into death by SIGTERM); when the CLI runs in another program (tests), to the
+    end of the command (the click context's close: after its report is printed and its journal
+    closed, on every path). Each signal is recorded in `received`, then:
 
     - while the work runs, handed to the handler, on a thread of its own (it takes locks that the
       interrupted main thread may hold); with no handler, the first one raises KeyboardInterrupt in
@@ -666,6 +668,13 @@ class SignalGuard:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
+    def ignore_to_exit(self) -> None:
+        """The command is over and the process only exits now: ignore the signals to the end."""
+        import signal
+
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, _frame: object) -> None:
         import _thread
         import signal
@@ -691,7 +700,10 @@ def on_signals(handler: Callable[[str], None] | None) -> SignalGuard:
         from click import get_current_context  # type: ignore[no-redef,import-not-found,unused-ignore]
     context = get_current_context(silent=True)
     if context is not None:  # else (outside a command) the caller restores
-        context.call_on_close(guard.restore)
+        # The `orchestrator` program itself (console script, `python -m orchestrator`) exits when
+        # the command ends; a program running the CLI in-process gets its own handlers back.
+        ours = getattr(sys.modules.get("__main__"), "main", None) is main
+        context.call_on_close(guard.ignore_to_exit if ours else guard.restore)
     return guard
 
 

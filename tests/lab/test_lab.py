@@ -3,9 +3,14 @@ VFIO_MIGRATION sequences as a libvirt QEMU-monitor-event subscriber receives the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,3 +197,119 @@ def test_down_after_a_crash_stops_leftovers(tmp_path: Any) -> None:
     assert lab._is_zombie(qemu[0]), "the guest's QEMU, orphaned by the crash, was stopped"
     with pytest.raises(ConnectError):
         Host.open(hosts[0].uri, keepalive=False)
+
+
+# --- a storm of signals; what a crashed libvirtd leaves ---------------------------------------------
+
+RECORD_HOOK = Path(__file__).resolve().parent.parent / "hooks" / "record-hook"
+
+
+def test_a_storm_of_sigterms_ends_in_130_with_the_report_whole_and_devices_undrained(
+    lab_env: Any, tmp_path: Path
+) -> None:
+    """20 SIGTERMs in a row while the job runs (the device mid-transition, drained), then one every
+    10 ms until the process is gone: the first interrupts; none kills it before its report, its undrain
+    and its journal's outcome are written."""
+    name = lab_env.guest(0, transition_ms=3000)
+    log, journal, policy = tmp_path / "hooks.ndjson", tmp_path / "journal.sqlite", tmp_path / "policy.toml"
+    hook = [str(RECORD_HOOK), str(log), "{device_id}"]
+    policy.write_text(
+        f'[migration]\ndata_uri = "unix://{lab_env.root / "migrations" / name}.sock"\n'
+        f"[[hooks.drain]]\nargv = {json.dumps([*hook, 'drain'])}\n"
+        f'[[hooks.undrain]]\nargv = {json.dumps([*hook, "undrain"])}\non_failure = "continue"\n'
+    )
+    argv = [sys.executable, "-m", "orchestrator", "migrate", name, lab_env.hosts[1].uri]
+    argv += ["-c", lab_env.hosts[0].uri, "--policy", str(policy), "--journal", str(journal), "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sent = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "drain" in log.read_text()):  # the device is drained: mid-switchover
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        for _ in range(20):
+            os.kill(proc.pid, signal.SIGTERM)  # not reaped before poll(): the PID stays its own
+            sent += 1
+        while proc.poll() is None and time.monotonic() < deadline:
+            os.kill(proc.pid, signal.SIGTERM)
+            sent += 1
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (sent, out, err)
+    doc = json.loads(out)  # whole: it parses
+    assert doc["outcome"] == "interrupted" and doc["exit_code"] == 130, (out, err)
+    assert len([line for line in err.splitlines() if "orchestrator: error:" in line]) == 1, err
+    calls = [json.loads(line)["args"] for line in log.read_text().splitlines()]
+    assert calls == [["nic0", "drain"], ["nic0", "undrain"]], ("drained once, undrained once", err)
+    history = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "history", "--journal", str(journal), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [row["outcome"] for row in json.loads(history.stdout)] == ["interrupted"]
+    assert lab_env.conn(0).domain(name).state() == "running", "it stays on the source"
+    lab_env.remove(name)
+
+
+def lab_leftovers(host_dir: Path) -> list[str]:
+    """Live processes of one lab host: a daemon whose command line names its directory, or any process
+    in its mount namespace (QEMU, the simulator), which has that directory's binds."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            mounts = Path(f"/proc/{pid}/mountinfo").read_text()
+        except OSError:
+            continue
+        if lab._is_zombie(pid) or not cmdline:
+            continue
+        if f"{host_dir}/".encode() in cmdline or f" {host_dir}/" in mounts:
+            shown = cmdline.replace(b"\0", b" ")[:80]
+            found.append(f"{pid} {shown!r}")
+    return found
+
+
+def crash(host: lab.LabHost) -> None:
+    """SIGKILL the host's libvirtd, and wait until it is gone (not merely signalled)."""
+    pid = host.pid("libvirtd")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not lab._is_zombie(pid):
+        assert time.monotonic() < deadline, f"libvirtd {pid} outlived SIGKILL"
+        time.sleep(0.01)
+
+
+def test_down_after_a_crash_stops_its_virtlogd_without_a_pid_file(tmp_path: Path) -> None:
+    """libvirtd SIGKILLed leaves its virtlogd (and QEMU) running; `up` again restarted the host over
+    the crashed one's virtlogd pid file. Neither `up` nor `down` leaves one of them behind."""
+    from orchestrator.lab import guest as lab_guest
+
+    root = tmp_path / "lab"
+    (host,) = lab.up(1, root)
+    lab_guest.create_guest(host, lab_guest.GuestSpec(name="crashy"), root=root)
+    crashed_virtlogd = host.pid("virtlogd")
+    assert crashed_virtlogd is not None
+    crash(host)
+    assert lab._daemon_pids("virtlogd", host.dir) == [crashed_virtlogd], "a crash leaves virtlogd"
+
+    lab.up(1, root)  # after a crash: restarts it
+    assert lab._is_zombie(crashed_virtlogd), "the crashed daemon's virtlogd was stopped, not orphaned"
+    assert lab._daemon_pids("virtlogd", host.dir) == [host.pid("virtlogd")]
+
+    lab_guest.create_guest(host, lab_guest.GuestSpec(name="crashy2"), root=root)
+    qemu = lab._qemu_pids(host)
+    assert qemu
+    crash(host)
+    (host.dir / "virtlogd.pid").unlink()  # and its pid file is gone: found by its command line
+    seen = {int(entry.split()[0]) for entry in lab_leftovers(host.dir)}
+    assert {*qemu, *lab._daemon_pids("virtlogd", host.dir)} <= seen, "what lab_leftovers sees"
+    assert lab.down(root) == ["lab-a"]
+    assert lab_leftovers(host.dir) == []
+    assert all(lab._is_zombie(pid) for pid in qemu)
+    assert lab._daemon_pids("virtlogd", host.dir) == []

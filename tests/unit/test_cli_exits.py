@@ -165,16 +165,18 @@ cli.emit_json = emitting
 """
 
 SIGNAL_EPILOGUE = r"""
+if sys.argv[3] == "program":  # this process is the orchestrator program (its __main__ has its main)
+    main = cli.main
 try:
     cli.main(ARGV)
     code = 0
 except SystemExit as exc:
     code = exc.code
-state.write_text(json.dumps({
-    "code": code,
-    "restored": [signal.getsignal(s) is h for s, h in ((signal.SIGTERM, signal.SIG_DFL),
-                                                     (signal.SIGINT, signal.default_int_handler))],
-}))
+names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored", signal.default_int_handler: "python"}
+state.write_text(json.dumps({"code": code, "handlers": [names.get(signal.getsignal(s), "ours")
+                                                        for s in (signal.SIGTERM, signal.SIGINT)]}))
+if sys.argv[3] == "program":
+    signals_to_self(signal.SIGTERM, signal.SIGINT)  # as it exits
 sys.exit(code)
 """
 
@@ -236,6 +238,13 @@ ARGV = ["recover", "--journal", sys.argv[2], "--json"]
 
 
 @pytest.mark.parametrize(
+    ("caller", "handlers"),
+    [
+        ("program", ["ignored", "ignored"]),  # `orchestrator`: ignored to its exit
+        ("in-process", ["default", "python"]),  # a program running the CLI: its handlers back
+    ],
+)
+@pytest.mark.parametrize(
     ("work", "error"),
     [
         (MIGRATE_WORK, "orchestrator: error: migration of vm1 interrupted: SIGTERM received;"),
@@ -245,7 +254,7 @@ ARGV = ["recover", "--journal", sys.argv[2], "--json"]
     ids=["migrate", "evacuate", "recover"],
 )
 def test_a_storm_of_signals_never_kills_before_the_report_and_the_journal(
-    tmp_path: Path, work: str, error: str
+    tmp_path: Path, work: str, error: str, caller: str, handlers: list[str]
 ) -> None:
     state = tmp_path / "state.json"
     done = subprocess.run(
@@ -255,6 +264,7 @@ def test_a_storm_of_signals_never_kills_before_the_report_and_the_journal(
             SIGNAL_PRELUDE + work + SIGNAL_EPILOGUE,
             str(state),
             str(tmp_path / "j.sqlite"),
+            caller,
         ],
         capture_output=True,
         text=True,
@@ -266,4 +276,4 @@ def test_a_storm_of_signals_never_kills_before_the_report_and_the_journal(
     assert len(errors) == 1 and errors[0].startswith(error), done.stderr
     if "recover" not in work:
         assert json.loads(done.stdout)["exit_code"] == 130, "the report, whole"
-    assert json.loads(state.read_text()) == {"code": 130, "restored": [True, True]}
+    assert json.loads(state.read_text()) == {"code": 130, "handlers": handlers}
