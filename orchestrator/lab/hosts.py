@@ -4,7 +4,8 @@ Each host is a directory under the lab root holding what libvirt would keep in /
 /run/libvirt, /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt; `unshare --mount`
 bind-mounts them over those paths for that daemon only. Every process the lab starts is recorded
 by PID (libvirtd's and virtlogd's pid files), and `down` ends exactly those, after checking that the
-PID still belongs to the process it started.
+PID still belongs to the process it started (its command line names the host's directory). After a
+crash it also finds them without pid files: a virtlogd by its command line, QEMU by libvirt's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DEFAULT_ROOT = Path("/var/lib/orchestrator/lab")
 ROOT_ENV = "ORCH_LAB_DIR"
 HOST_NAMES = tuple(f"lab-{c}" for c in string.ascii_lowercase)
 MAX_HOSTS = 8
+_KILL_WAIT_S = 5.0  # after a SIGKILL, how long `down` waits for the process to go
 
 # The libvirt directories each host gets its own copy of: (name under the host dir, system path).
 _BIND_DIRS = (
@@ -139,16 +141,30 @@ class LabHost:
 
 
 def _is_ours(pid: int, daemon: str, host_dir: Path) -> bool:
-    """True if `pid` is alive and is `daemon` started for `host_dir` (guards against PID reuse)."""
+    """True if `pid` is alive and is `daemon` started for `host_dir` (guards against PID reuse): its
+    command line names a file in that directory (its pid file), as a whole path."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    inside = str(host_dir).encode() + b"/"
     return (
         bool(cmdline)
-        and Path(cmdline[0].decode()).name == daemon
-        and str(host_dir).encode() in b" ".join(cmdline)
+        and Path(cmdline[0].decode(errors="replace")).name == daemon
+        and any(arg.startswith(inside) for arg in cmdline[1:])
     )
+
+
+def _daemon_pids(daemon: str, host_dir: Path) -> list[int]:
+    """Every live `daemon` started for `host_dir`, found by its command line, not its pid file: a
+    virtlogd whose libvirtd was killed outlives it, and once `up` restarted the host its pid file
+    names the new one (it was truncated, or unlinked as stale)."""
+    found = []
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and _is_ours(int(entry.name), daemon, host_dir):
+                found.append(int(entry.name))
+    return found
 
 
 def connect(host: LabHost) -> Host:
@@ -196,8 +212,10 @@ def _prepare(host: LabHost) -> None:
 
 
 def _start(host: LabHost, timeout: float) -> None:
-    for stale in ("libvirtd.pid", "virtlogd.pid"):
-        (host.dir / stale).unlink(missing_ok=True)
+    # The host is not running: a virtlogd of its still is the one a crashed libvirtd left (the start
+    # script makes its own, and the pid file it would overwrite was the only way `down` found it).
+    _stop_virtlogd(host)
+    (host.dir / "libvirtd.pid").unlink(missing_ok=True)
     host.socket.unlink(missing_ok=True)
     # libvirtd daemonises QEMU and waits for it to vanish when it stops it: this process (which may run
     # hooks too: demo, bench, tests) must not be their subreaper, or an exited QEMU stays our zombie.
@@ -262,24 +280,22 @@ def _log_tail(log: Path) -> str:
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; waits for the process to go."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    """SIGTERM, then SIGKILL after `grace` seconds; waits for the process to go (a while after the
+    SIGKILL too: `down` says it is stopped, and a new `up` must not find it still there)."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _KILL_WAIT_S)):
         try:
-            os.kill(pid, 0)
+            os.kill(pid, signum)
         except ProcessLookupError:
             return
-        if _reap(pid):
-            return
-        time.sleep(0.05)  # no pidfd wait for a non-child on Python 3.11's stdlib everywhere
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            if _reap(pid):
+                return
+            time.sleep(0.05)  # no pidfd wait for a non-child on Python 3.11's stdlib everywhere
 
 
 def _reap(pid: int) -> bool:
@@ -299,8 +315,13 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _stop_virtlogd(host: LabHost) -> None:
-    pid = host.pid("virtlogd")
-    if pid is not None:
+    """Stop every virtlogd of this host: the one its pid file names, and any other its command line
+    shows was started for it (left behind by a crashed libvirtd)."""
+    pids = set(_daemon_pids("virtlogd", host.dir))
+    recorded = host.pid("virtlogd")
+    if recorded is not None:
+        pids.add(recorded)
+    for pid in sorted(pids):
         _terminate(pid)
     (host.dir / "virtlogd.pid").unlink(missing_ok=True)
 

@@ -160,3 +160,29 @@ def test_a_process_that_starts_a_lab_is_no_subreaper(monkeypatch: pytest.MonkeyP
     finally:  # as it was for the other tests of this session
         hooks._subreaper["on"] = was
         hooks._prctl_subreaper(was)
+
+
+def test_a_lab_daemon_is_found_by_its_command_line_and_whole_paths(tmp_path: Path) -> None:
+    """`down` finds a virtlogd whose pid file is gone by its command line; a lab at /b/a is not the
+    lab at /a (a path is compared whole, not as a substring)."""
+    import subprocess
+    import sys
+
+    host_dir = tmp_path / "b" / "a" / "hosts" / "lab-a"
+    fake = subprocess.Popen(  # a process that looks like that host's virtlogd
+        ["virtlogd", "-c", "import time; print(flush=True); time.sleep(60)", str(host_dir / "virtlogd.pid")],
+        executable=sys.executable,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None
+        fake.stdout.readline()  # started (just after the exec, its command line may not be readable yet)
+        assert hosts._is_ours(fake.pid, "virtlogd", host_dir)
+        assert not hosts._is_ours(fake.pid, "libvirtd", host_dir)
+        assert not hosts._is_ours(fake.pid, "virtlogd", Path(str(host_dir).replace("/b/a/", "/a/")))
+        assert not hosts._is_ours(fake.pid, "virtlogd", host_dir.parent / "lab-b")
+        assert hosts._daemon_pids("virtlogd", host_dir) == [fake.pid]
+    finally:
+        fake.kill()
+        fake.communicate()
+    assert hosts._daemon_pids("virtlogd", host_dir) == []
