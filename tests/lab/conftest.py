@@ -69,14 +69,20 @@ class Lab:
 @pytest.fixture(scope="session")
 def lab_env() -> Iterator[Lab]:
     """Three lab hosts for the whole session, stopped at the end."""
+    yield from lab_of(3, "orch-lab-")
+
+
+def lab_of(count: int, prefix: str) -> Iterator[Lab]:
+    """A lab of `count` hosts under a new /var/tmp/PREFIX... directory, for a fixture to yield from:
+    skipped with its reason if it cannot start (a failure under CI), stopped and removed after."""
     reason = _lab_unavailable()
     if reason:
         if IN_CI:
             pytest.fail(f"the lab cannot run under CI: {reason}")
         pytest.skip(f"lab tests skipped: {reason}")
-    root = Path(tempfile.mkdtemp(prefix="orch-lab-", dir="/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     try:
-        hosts = lab.up(3, root)
+        hosts = lab.up(count, root)
     except Exception as exc:
         lab.down(root)
         if IN_CI:
