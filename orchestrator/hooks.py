@@ -250,9 +250,10 @@ class RunningHook:
             if self._process is not None and self._process.poll() is None:
                 _kill_group(self._process)
         finally:
-            self._finish()
             if self._process is not None:
+                # Before the result: a next hook may stop what this one left running at once.
                 _forget(self._process.pid)
+            self._finish()
 
     def _collect(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None  # spawned with stdout=PIPE
@@ -318,11 +319,11 @@ def _read_into(tail: bytearray, fd: int) -> bool:
 #
 # - A hook that ends by itself, whatever its status, keeps what it left running in the background: a
 #   hook may legitimately daemonise something (an agent, a tunnel, a watcher). Nothing of its tree is
-#   signalled. What of it is alive when the hook has ended and became our child (see below) is reaped
-#   by a reaper thread when it exits: a later hook that stops such a daemon and waits for its PID to
-#   vanish (`kill -0`, start-stop-daemon) must not wait on a zombie of ours. (One that became our
-#   child and died while the hook still ran stays a zombie until we exit: by then nothing tells it
-#   from a child of ours that its own code will wait for.)
+#   signalled. What of it is alive when the hook has ended (looked for before its result is final)
+#   is reaped by a reaper thread when it exits, if it is our child by then (see below): a later hook
+#   that stops such a daemon and waits for its PID to vanish (`kill -0`, start-stop-daemon) must not
+#   wait on a zombie of ours. (One that became our child and died while the hook still ran stays a
+#   zombie until we exit: by then nothing tells it from a child of ours its own code will wait for.)
 # - A hook that is killed (past its deadline; an armed hook that is late, does not arm, or does not
 #   exit once its stdin is closed) has its WHOLE tree killed, `setsid` grandchildren and double-forked
 #   daemons included, and every process of it that becomes our child is reaped: nothing it started
@@ -420,17 +421,19 @@ class _Reaper:
         os.write(self._wakeup_w, b"x")
 
     def _run(self, wakeup_r: int) -> None:
-        polled: set[int] = set()  # without pidfds (Linux < 5.3): looked at every _REAP_POLL_S
+        # Exited, but not our child when it did (its parent, also a leftover, may die and hand it to
+        # us): looked at every _REAP_POLL_S until reaped, by us or its parent.
+        lingering: set[int] = set()  # pidfds
+        polled: set[int] = set()  # PIDs, without pidfds (Linux < 5.3)
         with selectors.DefaultSelector() as selector:
             selector.register(wakeup_r, selectors.EVENT_READ, None)
             while True:
-                for key, _ in selector.select(_REAP_POLL_S if polled else None):
+                for key, _ in selector.select(_REAP_POLL_S if lingering or polled else None):
                     if key.data is None:
                         os.read(wakeup_r, 4096)
-                    else:
+                    else:  # it exited
                         selector.unregister(key.fd)
-                        os.close(key.fd)
-                        _reap_child(key.data)
+                        lingering.add(key.fd)
                 with self._lock:
                     new, self._new = self._new, []
                 for pid in new:
@@ -440,15 +443,36 @@ class _Reaper:
                         pass
                     except (OSError, AttributeError):
                         polled.add(pid)
+                lingering = {fd for fd in lingering if not _reap_pidfd(fd)}
                 polled = {pid for pid in polled if not _reap_child(pid)}
 
 
-def _reap_child(pid: int) -> bool:
-    """Reap `pid` if it is our exited child; True once it is no child of ours to wait for."""
+def _reap_pidfd(fd: int) -> bool:
+    """Reap the exited process of `fd` (exactly it, never a later one with its PID) if it is our
+    child; True, and `fd` closed, once it is reaped (by us or its parent)."""
     try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
+        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent's, or ours later
+        try:
+            signal.pidfd_send_signal(fd, 0)
+        except ProcessLookupError:  # reaped by its parent
+            pass
+        else:
+            return False
+    os.close(fd)
+    return True
+
+
+def _reap_child(pid: int) -> bool:
+    """Reap `pid` if it is our exited child; True once there is nothing more to wait for."""
+    proc = _proc(pid)
+    if proc is None:
         return True
+    if proc.ppid != os.getpid() or not proc.dead:  # alive, or not ours (yet): look again later
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
 
 
 _reaper = _Reaper()
@@ -558,12 +582,19 @@ def kill_tokens(tokens: Iterable[ProcessToken]) -> None:
             _signal_group(token.pid, signal.SIGKILL)
 
 
-def _carries(pid: int, entry: bytes) -> bool:
-    """True if the process was started with `entry` (NAME=VALUE) in its environment."""
-    try:
-        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:  # gone, a zombie, or not ours to read
-        return False
+def _carries(pid: int, entry: bytes, *, patient: bool = False) -> bool:
+    """True if the process was started with `entry` (NAME=VALUE) in its environment. `patient`: an
+    empty one is read again a few times (in the middle of an exec, it reads empty for a moment)."""
+    for attempt in range(4 if patient else 1):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, a zombie, or not ours to read
+            return False
+        if environ:
+            return entry in environ.split(b"\0")
+        if attempt < 3 and patient:
+            time.sleep(0.001)
+    return False
 
 
 class _Tree:
@@ -593,7 +624,10 @@ class _Tree:
             if (
                 pid not in roots
                 and eligible(pid)
-                and (proc.pgid == self.leader or (self.entry and not proc.dead and _carries(pid, self.entry)))
+                and (
+                    proc.pgid == self.leader
+                    or (self.entry and not proc.dead and _carries(pid, self.entry, patient=proc.ppid == me))
+                )
             ):
                 roots.add(pid)
         children: dict[int, list[int]] = {}
@@ -658,19 +692,21 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
 
 
 def _forget(pid: int) -> None:
-    """The hook has been reaped: it is no longer a running hook of ours. What of its tree is alive and
-    became our child is left running, and reaped when it exits (see above). Off the result's path."""
-    with _running_lock:
-        run = _running.pop(pid, None)
-    if run is None or not _subreaper.get("on"):
-        return
-    entry, _since = run
-    me = os.getpid()
-    with _running_lock:
-        hooks = set(_running)
-    for child, proc in _processes().items():
-        if proc.ppid == me and not proc.dead and child not in hooks and _carries(child, entry):
-            _reaper.add(child)
+    """The hook has been reaped: it is no longer a running hook of ours. What of its tree is still
+    alive is left running; the reaper reaps each such process when it exits, if it is our child by
+    then (see above). One look at /proc (about 2 ms for 100 processes), before the hook's result."""
+    try:
+        with _running_lock:
+            known = pid in _running
+        if known and _subreaper.get("on"):
+            for member, proc in _Tree(pid).look().items():
+                if member != pid and not proc.dead:
+                    _reaper.add(member)
+    except Exception:  # never at the expense of the hook's result
+        _log.exception("looking for what hook %d left running failed", pid)
+    finally:
+        with _running_lock:
+            _running.pop(pid, None)
 
 
 def _spawn(
