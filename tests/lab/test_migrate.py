@@ -315,7 +315,11 @@ def test_dry_run_changes_nothing(lab_env: Any, tmp_path: Path) -> None:
     assert doc["outcome"] == "planned" and doc["changed"] is False
     assert any("drain" in line or "pre-copy-p2p-prepare" in line for line in doc["plan"])
     assert sc.hooks() == [] and sc.running_on(0)
-    assert not sc.journal.exists() or cli("history", "--journal", str(sc.journal), "--json").doc == []
+    # Journaled as what it was, a plan: no hook run, no device action, nothing changed.
+    (row,) = cli("history", "--journal", str(sc.journal), "--json").doc
+    assert row["id"] == doc["migration_id"] and row["outcome"] == "planned" and row["changed"] in (0, False)
+    record = cli("history", row["id"], "--journal", str(sc.journal), "--json").doc
+    assert record["hook_runs"] == [] and record["device_actions"] == [], record
     sc.remove()
 
 
