@@ -816,7 +816,8 @@ def recover_cmd(
                     r.domain,
                     r.outcome,
                     r.location,
-                    ", ".join(r.undrained) or "-",
+                    # awaited: the dead run's own undrain hooks finished it; recover waited for them
+                    ", ".join([*r.undrained, *(f"{d} (awaited)" for d in r.awaited)]) or "-",
                     ", ".join(r.failed) or "-",
                 ]
                 for r in report.recovered
