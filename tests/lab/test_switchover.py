@@ -83,6 +83,24 @@ def migrate(lab: Any, name: str, policy: Path, tmp: Path, *extra: str) -> Run:
     )
 
 
+def switchover_outage(stats: dict[str, Any], quiet_at: float) -> dict[str, Any]:
+    """The outage the peer saw at the device's P2P transition: the one that began nearest to the time
+    QEMU reported it. On a loaded machine the peer also sees hiccups (the simulated device answering
+    a few ms late), seconds away from the switchover."""
+    assert stats["outages"], "the device went quiet at the switchover"
+    outage = min(stats["outages"], key=lambda o: abs(o["start"] - quiet_at))
+    assert abs(outage["start"] - quiet_at) < 1.0, (quiet_at, stats["outages"])
+    return dict(outage)
+
+
+def never_quiet(stats: dict[str, Any]) -> bool:
+    """No outage the peer would call one: none reached its timeout (hiccups of a loaded machine may)."""
+    timeout = stats["timeout_ms"] / 1000
+    return stats["timeouts"] == 0 and all(
+        o["end"] is not None and o["end"] - o["start"] < timeout for o in stats["outages"]
+    )
+
+
 def runs_on(lab: Any, index: int, name: str) -> bool:
     dom = lab.conn(index).find_domain(name)
     return dom is not None and dom.state() == "running"
@@ -111,9 +129,8 @@ def test_gated_switches_over_only_after_a_slow_drain_on_qemu_11_and_10(lab_env: 
         device = doc["devices"]["nic0"]
         assert device["trigger"] == "gate" and device["late"] is False
         slow = next(h for h in doc["hooks"] if h["trigger"] == "drain" and h["label"] == "record-hook")
-        quiet = [o["start"] for o in stats["outages"]]
-        assert quiet, "the device went quiet at the switchover"
-        assert slow["ended"] < min(quiet), (behaviour, slow["ended"], quiet)
+        quiet = switchover_outage(stats, device["quiet_at"])
+        assert slow["ended"] < quiet["start"], (behaviour, slow["ended"], quiet, stats["outages"])
         assert stats["timeouts"] == 0, stats
         assert len(calls(tmp, "drain")) == 1 and len(calls(tmp, "undrain")) == 1
         assert runs_on(lab_env, 1, name) and lab_env.conn(0).find_domain(name) is None
@@ -135,7 +152,8 @@ def test_gated_failing_drain_aborts_before_any_device_goes_quiet(lab_env: Any, t
     stats = [stop_peer(peer) for peer in peers]
     assert run.code == 5, run.err
     assert run.doc["outcome"] == "aborted" and run.doc["gate"] == "draining"
-    assert all(s["outages"] == [] for s in stats), "no device went quiet"
+    assert all(never_quiet(s) for s in stats), ("no device went quiet", stats)
+    assert all(d["quiet_at"] is None for d in run.doc["devices"].values())
     drains, undrains = calls(tmp_path, "drain"), calls(tmp_path, "undrain")
     assert sorted(d["args"][2] for d in drains) == sorted(u["args"][2] for u in undrains) == ["nic0", "nic1"]
     assert runs_on(lab_env, 0, name) and lab_env.conn(1).find_domain(name) is None
