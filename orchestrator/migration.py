@@ -883,12 +883,17 @@ class Migration:
         began = self.clock.monotonic()
         self.source.start_migration(dom, request, self.destination, self._job_ended)
         progress = Progress()
+        next_poll = self.clock.monotonic() + POLL_S
         while True:
             with self._cv:
-                if not self._job_done:
-                    self.clock.wait(self._cv, POLL_S)
+                # Every event wakes this thread; only the job's end may cut the poll interval short:
+                # a poll right after each event would take the GIL just as the next device's event
+                # (often microseconds later) needs it.
+                while not self._job_done and (left := next_poll - self.clock.monotonic()) > 0:
+                    self.clock.wait(self._cv, left)
                 if self._job_done:
                     break
+            next_poll = self.clock.monotonic() + POLL_S
             try:
                 stats = dom.job_stats()
                 self._narrow_destination()
