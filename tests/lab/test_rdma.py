@@ -1,6 +1,7 @@
 """The product's promise, on the lab: RDMA peers of a device see no timeout when the orchestrator
-drains them (the shipped rdma-drain: gated, armed hooks; an idle guest passes the gate and is drained
-on its prepare event), and do see them without hooks or with QEMU 10's late signal."""
+drains them (the shipped rdma-drain: gated, armed hooks, with a guest that dirties memory as loaded VMs
+do, so the gate holds the switchover until the drain finished), and do see them without hooks or with
+QEMU 10's late signal. (An idle guest passes the gate early: tests/lab/test_switchover.py.)"""
 
 from __future__ import annotations
 
@@ -58,11 +59,12 @@ def migrate_with_peer(
 
 
 def test_the_shipped_rdma_drain_means_zero_peer_timeouts(lab_env: Any, tmp_path: Path) -> None:
-    doc, peer = migrate_with_peer(lab_env, tmp_path, "rdma-drain")
+    doc, peer = migrate_with_peer(lab_env, tmp_path, "rdma-drain", "--bandwidth", "32", workload="dirty")
     actions = [(h["trigger"], h["label"]) for h in doc["hooks"] if h["device_id"] == "nic0"]
     assert actions == [("drain", "rdma-drain"), ("undrain", "rdma-undrain")]
     assert all(h["ok"] for h in doc["hooks"]), "armed (device None) and acted (nic0)"
-    assert doc["drain_mode"] == "gated" and doc["gate"] == "passed early", "an idle guest converges at once"
+    assert doc["drain_mode"] == "gated" and doc["gate"] == "opened", doc["gate"]
+    assert doc["devices"]["nic0"]["trigger"] == "gate" and doc["devices"]["nic0"]["margin_ms"] > 0
     assert peer["outages"], "the device did go quiet during its P2P transition"
     assert peer["timeouts"] == 0, json.dumps(peer)
     assert len(peer["disarms"]) == 1 and len(peer["arms"]) == 1
