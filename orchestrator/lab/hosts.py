@@ -16,6 +16,7 @@ import shutil
 import signal
 import string
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -72,7 +73,7 @@ log_outputs = "3:stderr"
 """
 
 # Runs inside the new mount namespace: bind the host's directories, start virtlogd (libvirt needs
-# it for QEMU's log), then become libvirtd so that the PID we started is the daemon's.
+# it for QEMU's log), then become libvirtd: the daemon is a child of the reaper we start (lab/reaper.py).
 _START_SCRIPT = """\
 set -e
 H=$1
@@ -223,6 +224,9 @@ def _start(host: LabHost, timeout: float) -> None:
     with host.log.open("ab") as log:
         proc = subprocess.Popen(
             [
+                sys.executable,
+                "-m",
+                "orchestrator.lab.reaper",  # reaps the QEMUs libvirtd stops at once (see there)
                 "unshare",
                 "--mount",
                 "--propagation",
@@ -248,7 +252,8 @@ def _start(host: LabHost, timeout: float) -> None:
                 f"lab host {host.name} failed to start (exit {code}): {_log_tail(host.log)}",
                 f"see {host.log}",
             )
-        if host.socket.exists() and host.pid("libvirtd") == proc.pid:
+        daemon = host.pid("libvirtd")
+        if host.socket.exists() and daemon is not None and _parent(daemon) == proc.pid:
             try:
                 connect(host).close()
                 return
@@ -277,6 +282,15 @@ def _log_tail(log: Path) -> str:
         if " error : " in line and not any(n in line for n in noise)
     ]
     return " | ".join(errors[-2:]) if errors else "no error logged"
+
+
+def _parent(pid: int) -> int | None:
+    """The parent PID of a process, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
