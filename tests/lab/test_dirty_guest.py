@@ -272,7 +272,11 @@ def test_dirty_guest_holds_precopy_at_1ms_until_the_limit_is_raised(
         for device in ("nic0", "nic1"):  # the simulated devices went through their migration
             assert "pre-copy-p2p-prepare" in events.states(0, device), events.seen
             assert events.states(1, device)[-1:] == ["running"], events.seen
-        assert "orch-dirty:" in console.read_text(), "the workload reported its rate"
+        # The workload reports its rate every 5 s of its own: on the destination too, after the migration.
+        deadline = time.monotonic() + 15
+        while "orch-dirty:" not in console.read_text():
+            assert time.monotonic() < deadline, ("the workload reported its rate", console.read_text())
+            time.sleep(0.2)  # the guest's console is a file: there is no event to wait on
 
         # Back at unlimited bandwidth, 1 ms limit: ~270 MiB/s over the unix socket here, faster
         # than this guest dirties, so it converges without raising anything (recorded, not held).
