@@ -117,4 +117,8 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --config-settings editable_mode=compat -e "$repo[dev]"
     touch "$stamp"
 fi
+# Byte-compiled here (up-to-date files are skipped): a run that may not write __pycache__
+# (PYTHONDONTWRITEBYTECODE, a root-owned checkout run by another user) would otherwise compile every
+# changed module at each start, ~60 ms of `orchestrator migrate`.
+"$venv/bin/python" -m compileall -q "$repo/orchestrator" >/dev/null || die "cannot byte-compile $repo/orchestrator"
 log "ready: $venv/bin/orchestrator ($("$venv/bin/python" -c 'import libvirt; print("libvirt-python", libvirt.getVersion())'))"
