@@ -17,8 +17,8 @@ lint:
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy orchestrator
 
-# All benchmarks, one after the other, each on its own lab (about 100 minutes on an idle 2-core machine:
-# drain latency ~25, the RDMA survival matrix ~60); results in bench-results/.
+# All benchmarks, one after the other, each on its own lab (over an hour on an idle 2-core machine:
+# drain latency ~25 minutes, the RDMA survival matrix most of the rest); results in bench-results/.
 bench: setup
 	.venv/bin/python bench/drain_latency.py --vms 1,16 --events 1000 --json bench-results/drain_latency.json
 	.venv/bin/python bench/rdma_survival.py --migrations 20
