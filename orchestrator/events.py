@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import domxml, domxml_edit
 from orchestrator.errors import BadInput, NothingToDo, OrchestratorError, shell_uri
 from orchestrator.vfio import schema_support
-from orchestrator.virt import Domain, Host
+
+if TYPE_CHECKING:  # annotations only: importing virt imports libvirt, which unit tests run without
+    from orchestrator.virt import Domain, Host
 
 OVERRIDE_MIN_LIBVIRT = 8_002_000  # <qemu:override> exists since libvirt 8.2.0
 COLD_BOOT = (

@@ -4,6 +4,8 @@ domain, a domain without VFIO device is nothing to do (exit 6), and the hints pa
 from __future__ import annotations
 
 import shlex
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +132,6 @@ def test_a_transient_domain_hint_pastes() -> None:
 
 
 def test_the_cli_prints_nothing_to_do_as_a_notice(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from orchestrator import virt
-
     host = FakeHost(fixture("no_vfio_usb.xml"))
 
     class Opened:
@@ -140,7 +140,10 @@ def test_the_cli_prints_nothing_to_do_as_a_notice(monkeypatch: pytest.MonkeyPatc
             assert uri == URI
             return _Context(host)
 
-    monkeypatch.setattr(virt, "Host", Opened)
+    # The CLI imports orchestrator.virt when the command runs; a stand-in module keeps libvirt out.
+    virt = types.ModuleType("orchestrator.virt")
+    virt.Host = Opened  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "orchestrator.virt", virt)
     with pytest.raises(SystemExit) as exc:
         main(["events", "enable", "vm1", "-c", URI])
     assert exc.value.code == 6
