@@ -1,7 +1,7 @@
 """Option values converted without Pydantic.
 
 Typer >= 0.22 converts every option value (bool flags excepted) with a Pydantic TypeAdapter: the first
-one imports Pydantic, ~80 ms of every command's start, a third of what `orchestrator migrate` costs
+one imports Pydantic, ~70 ms of every command's start, a third of what `orchestrator migrate` costs
 over `virsh migrate`. Our options are plain: str, int, float, bool, Path, Enum choices, list[str],
 with no parser, range or file checks of Typer's own. `install()` has those converted here, in the
 CLI's own words ("'x' is not a whole number"), and leaves any other annotation, and any Typer that
@@ -83,8 +83,10 @@ def install() -> bool:
         return False
     original = getattr(core, "build_runtime_param", None)
     base = getattr(_coercion, "RuntimeParam", None)
-    if original is None or base is None or getattr(original, "_orchestrator", False):
-        return original is not None and getattr(original, "_orchestrator", False)
+    if getattr(original, "_orchestrator", False):
+        return True  # installed already
+    if original is None or base is None:
+        return False
 
     class PlainRuntimeParam(base):  # type: ignore[misc,valid-type]
         """Conversion of a plain annotation, as Typer's adapters would, without Pydantic."""

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import tenacity
 
+from orchestrator import procfs
+from orchestrator.procfs import Proc, set_child_subreaper
+
 
 class Trigger(StrEnum):
     """When a hook runs."""
@@ -355,7 +358,6 @@ HOOK_RUN_ENV = "ORCH_HOOK_RUN"
 _KILL_WAIT_S = 2.0  # after the grace: how long SIGKILLed processes of a tree get to vanish
 _KILL_POLL_S = 0.005
 _REAP_POLL_S = 0.1  # how often the reaper looks at a leftover when it cannot get a pidfd for it
-_PR_SET_CHILD_SUBREAPER = 36
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _run_numbers = itertools.count(1)
 _running: dict[int, tuple[bytes, int]] = {}  # hook pid -> (its ORCH_HOOK_RUN entry, boot tick of its spawn)
@@ -365,18 +367,10 @@ _subreaper_lock = threading.RLock()
 
 
 def _prctl_subreaper(on: bool) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        done = libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-    except (OSError, AttributeError):  # no libc or no prctl: not Linux as we know it
-        return False
-    if not done:
-        _log.debug("prctl(PR_SET_CHILD_SUBREAPER, %d) failed: %s", on, os.strerror(ctypes.get_errno()))
-    return bool(done)
+    failure = set_child_subreaper(on)
+    if failure is not None:
+        _log.debug("prctl(PR_SET_CHILD_SUBREAPER, %d) failed: %s", on, failure)
+    return failure is None
 
 
 def become_subreaper() -> bool:
@@ -465,7 +459,7 @@ def _reap_pidfd(fd: int) -> bool:
 
 def _reap_child(pid: int) -> bool:
     """Reap `pid` if it is our exited child; True once there is nothing more to wait for."""
-    proc = _proc(pid)
+    proc = procfs.proc(pid)
     if proc is None:
         return True
     if proc.ppid != os.getpid() or not proc.dead:  # alive, or not ours (yet): look again later
@@ -483,29 +477,11 @@ def _boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
 
 
-@dataclass(frozen=True)
-class _Proc:
-    """What /proc/PID/stat says of one process."""
-
-    ppid: int
-    pgid: int
-    start: int  # clock ticks after boot
-    dead: bool  # a zombie (or being reaped)
-
-
-def _proc(pid: int) -> _Proc | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-        return _Proc(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] in (b"Z", b"X"))
-    except (OSError, IndexError, ValueError):  # gone, or not a process
-        return None
-
-
-def _processes() -> dict[int, _Proc]:
+def _processes() -> dict[int, Proc]:
     found = {}
     with os.scandir("/proc") as entries:
         for entry in entries:
-            if entry.name.isdigit() and (proc := _proc(int(entry.name))) is not None:
+            if entry.name.isdigit() and (proc := procfs.proc(int(entry.name))) is not None:
                 found[int(entry.name)] = proc
     return found
 
@@ -524,7 +500,7 @@ class ProcessToken:
     @classmethod
     def of(cls, pid: int) -> ProcessToken:
         """The token of the live process `pid` (start None if it is already gone, or a zombie)."""
-        proc = _proc(pid)
+        proc = procfs.proc(pid)
         return cls(pid, None if proc is None or proc.dead else proc.start)
 
     @classmethod
@@ -541,7 +517,7 @@ class ProcessToken:
         """True while this very process runs (not a zombie, not a later process with its PID)."""
         if self.start is None:
             return False
-        proc = _proc(self.pid)
+        proc = procfs.proc(self.pid)
         return proc is not None and not proc.dead and proc.start == self.start
 
 
@@ -604,12 +580,12 @@ class _Tree:
         self.leader = leader
         with _running_lock:
             self.entry, since = _running.get(leader, (b"", 0))
-        leader_proc = _proc(leader)
+        leader_proc = procfs.proc(leader)
         # Every descendant started after the hook; a tick of slack for the rounding of both clocks.
         self.since = leader_proc.start if leader_proc is not None else max(0, since - 1)
         self.seen: dict[int, int] = {} if leader_proc is None else {leader: leader_proc.start}
 
-    def look(self) -> dict[int, _Proc]:
+    def look(self) -> dict[int, Proc]:
         """Every process of the tree now, zombies included."""
         procs = _processes()
         me = os.getpid()
@@ -633,7 +609,7 @@ class _Tree:
         children: dict[int, list[int]] = {}
         for pid, proc in procs.items():
             children.setdefault(proc.ppid, []).append(pid)
-        tree: dict[int, _Proc] = {}
+        tree: dict[int, Proc] = {}
         stack = list(roots)
         while stack:
             pid = stack.pop()

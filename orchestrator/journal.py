@@ -54,6 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple
 
+from orchestrator import procfs
 from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError, shell_uri
 from orchestrator.report import Outcome
 
@@ -608,12 +609,8 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # it exists, owned by someone else
-    try:
-        # "pid (comm) S ...": the state follows the last ')' (comm may contain one)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: kill(0) is all we know
-    return stat[stat.rfind(")") + 2 :][:1] != "Z"
+    found = procfs.proc(pid)
+    return found is None or not found.dead  # None: no /proc, and kill(0) is all we know
 
 
 def _sqlite_code(exc: BaseException) -> int | None:

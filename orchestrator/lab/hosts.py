@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator import procfs
 from orchestrator.errors import BadInput, EnvironmentProblem
 from orchestrator.hooks import forgo_subreaper
 from orchestrator.hypervisor import DomainInfo
@@ -253,7 +254,8 @@ def _start(host: LabHost, timeout: float) -> None:
                 f"see {host.log}",
             )
         daemon = host.pid("libvirtd")
-        if host.socket.exists() and daemon is not None and _parent(daemon) == proc.pid:
+        found = None if daemon is None else procfs.proc(daemon)
+        if host.socket.exists() and found is not None and found.ppid == proc.pid:
             try:
                 connect(host).close()
                 return
@@ -282,15 +284,6 @@ def _log_tail(log: Path) -> str:
         if " error : " in line and not any(n in line for n in noise)
     ]
     return " | ".join(errors[-2:]) if errors else "no error logged"
-
-
-def _parent(pid: int) -> int | None:
-    """The parent PID of a process, None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
@@ -322,10 +315,8 @@ def _reap(pid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    found = procfs.proc(pid)
+    return found is None or found.dead
 
 
 def _stop_virtlogd(host: LabHost) -> None:

@@ -10,28 +10,19 @@ call returns): a lab migration took 1.84 or 2.65 s, depending only on that timer
 runs; it exits with COMMAND's status when COMMAND ends (what is left is init's again, as before: only
 a running libvirtd needs its QEMUs reaped at once). SIGTERM and SIGINT are passed on to COMMAND.
 
-Imports nothing of the orchestrator: it lives as long as the host, and should cost little.
+Imports nothing of the orchestrator but `procfs` (standard library only): it lives as long as the
+host, and should cost little.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> bool:
-    """Adopt the orphans of every descendant; False where the kernel cannot (they go to init)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
+from orchestrator.procfs import set_child_subreaper
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,8 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         sys.stderr.write("usage: python -m orchestrator.lab.reaper COMMAND [ARG...]\n")
         return 2
-    if not become_subreaper():
-        sys.stderr.write("orchestrator.lab.reaper: cannot be a subreaper here; orphans go to init\n")
+    failure = set_child_subreaper(True)
+    if failure is not None:
+        sys.stderr.write(
+            f"orchestrator.lab.reaper: cannot be a subreaper here ({failure}); orphans go to init\n"
+        )
     child = os.fork()
     if child == 0:
         try:

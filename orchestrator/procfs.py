@@ -1,0 +1,47 @@
+"""What Linux says of a process (/proc/PID/stat) and the child-subreaper flag: standard library only,
+for the hook runner, the journal's liveness check, the lab and its reaper (which imports nothing else)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class Proc:
+    """What /proc/PID/stat says of one process."""
+
+    ppid: int
+    pgid: int
+    start: int  # clock ticks after boot
+    dead: bool  # a zombie (or being reaped)
+
+
+def proc(pid: int) -> Proc | None:
+    """The process `pid`, None when it is gone (or there is no /proc)."""
+    try:
+        # "pid (comm) S ppid pgid ...": the fields follow the last ')' (comm may contain one)
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return Proc(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] in (b"Z", b"X"))
+    except (OSError, IndexError, ValueError):  # gone, or not a process
+        return None
+
+
+def set_child_subreaper(on: bool) -> str | None:
+    """Make this process the reaper of its descendants' orphans (or stop being one): None when done,
+    else why not."""
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0:
+            return None
+        return os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError):  # no libc or no prctl: not Linux as we know it
+        return "no prctl"
