@@ -48,7 +48,10 @@ def test_in_a_pipe_lines_arrive_as_the_migration_goes(lab_env: Any, tmp_path: Pa
 
     reader = threading.Thread(target=read)
     reader.start()
-    out, _ = proc.communicate(timeout=120)
+    # Not communicate(): it would read stderr too, and take lines the reader must see.
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
     ended = time.monotonic()
     reader.join(10)
     assert proc.returncode == 0, arrivals
