@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import tenacity
-
 from orchestrator import procfs
 from orchestrator.procfs import Proc, set_child_subreaper
 
@@ -958,9 +956,11 @@ class ArmedHook:
 class HookRunner:
     """Starts hooks as argv commands (never through a shell) and reports how each run went."""
 
-    def __init__(self) -> None:
-        # Now rather than at the first hook: that may be a drain hook, racing the device.
-        become_subreaper()
+    def __init__(self, *, eager: bool = True) -> None:
+        # Now rather than at the first hook: that may be a drain hook, racing the device. (Not eager:
+        # a policy without hooks; the first start, if any, does it.)
+        if eager:
+            become_subreaper()
 
     def arm(self, hook: Hook, values: Mapping[str, str]) -> ArmedHook:
         """Start an armed hook (it then waits for its events); see `ArmedHook`."""
@@ -1013,6 +1013,8 @@ class HookRunner:
         Before/after-* hooks are retried `hook.retries` times while they fail, waiting `hook.backoff_ms`
         before the first retry and twice as long before each next one; drain/undrain hooks run once.
         """
+        import tenacity  # here: ~5 ms of every start otherwise, and only these hooks retry
+
         retries = hook.retries if hook.trigger in RETRIED_TRIGGERS else 0
         attempts = itertools.count(1)
         retrying = tenacity.Retrying(

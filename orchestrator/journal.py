@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import sqlite3
 import threading
 import time
@@ -811,7 +810,7 @@ class Journal:
         self._error: OrchestratorError | None = None  # the writer's first failure, until reported
         self._closed = False
         self._pid = os.getpid()
-        self._host = socket.gethostname()
+        self._host = os.uname().nodename  # = socket.gethostname()
         self._thread: threading.Thread | None = None
         if writer is not None:
             self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)

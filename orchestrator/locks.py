@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from orchestrator.digest import sha256_hex
 from orchestrator.errors import BadInput, EnvironmentProblem, shell_uri
 
 LOCKS_DIRNAME: Final = "locks"
@@ -79,7 +79,7 @@ def lock_dir(journal_path: Path) -> Path:
 def lock_path(directory: Path, source: str, domain_uuid: str) -> Path:
     """The lock file of a VM (`domain_uuid`) on a source host (`source`, its URI) in `directory`."""
     key = f"{source}\0{domain_uuid}".encode("utf-8", "surrogatepass")
-    return directory / f"{hashlib.sha256(key).hexdigest()[:24]}.lock"
+    return directory / f"{sha256_hex(key)[:24]}.lock"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import hashlib
 import ipaddress
 import os
 import shlex
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +31,7 @@ from urllib.parse import urlsplit
 
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
+from orchestrator.digest import sha256_hex
 from orchestrator.errors import BadInput, OrchestratorError, shell_uri
 from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, ProcessToken, Trigger, preflight
 from orchestrator.hypervisor import (
@@ -393,7 +392,7 @@ class Migration:
         self.source = source
         self.destination = destination
         self.journal: JournalLike = journal or NullJournal()
-        self.runner: Hooks = runner or HookRunner()
+        self.runner: Hooks = runner or HookRunner(eager=any(request.policy.hooks.values()))
         self.clock: Clock = clock or SystemClock()
         self.on_progress = on_progress
         self.on_entry = on_entry
@@ -686,7 +685,7 @@ class Migration:
             parent=self.parent,
             drain_mode=self.request.switchover.drain.value,
             policy_text=text,
-            policy_sha256=hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+            policy_sha256=sha256_hex(text.encode()) if text is not None else None,
         )
 
     def _preflight(self) -> Guest | None:
@@ -703,7 +702,7 @@ class Migration:
                 f"source and destination are the same host ({request.destination_uri})",
                 "give a different destination URI",
             )
-        names = (socket.gethostname(),)  # not getfqdn(): a DNS lookup could stall the pre-flight
+        names = (os.uname().nodename,)  # = gethostname(); not getfqdn(): DNS could stall the pre-flight
         local = same_machine(
             request.source_uri,
             request.destination_uri,

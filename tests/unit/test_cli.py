@@ -174,3 +174,105 @@ def test_lab_hints_for_the_default_lab_need_no_option(monkeypatch: pytest.Monkey
     monkeypatch.delenv("ORCH_LAB_DIR", raising=False)
     assert hosts.lab_command("status") == "orchestrator lab status"
     assert hosts.lab_command("up --hosts 3", hosts.DEFAULT_ROOT) == "orchestrator lab up --hosts 3"
+
+
+# --- start-up: one command's tree, and the exit without the interpreter's teardown ------------------
+
+
+def _every_command() -> list[list[str]]:
+    from orchestrator import cli
+
+    argvs = [[info.name or ""] for info in cli.app.registered_commands]
+    for group in cli.app.registered_groups:
+        argvs.append([group.name or ""])
+        argvs += [[group.name or "", sub.name or ""] for sub in group.typer_instance.registered_commands]
+    return argvs
+
+
+@pytest.mark.parametrize("words", _every_command(), ids=" ".join)
+def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
+    words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer
+
+    from orchestrator import cli
+
+    def through(command: object, argv: list[str]) -> tuple[int, str, str]:
+        try:
+            code = command.main(args=argv, prog_name="orchestrator", standalone_mode=False)  # type: ignore[attr-defined]
+        except SystemExit as exc:
+            code = exc.code
+        except Exception as exc:  # a usage error: its text is what is compared
+            code = f"{type(exc).__name__}: {exc}"
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    lazy = cli._command_for(words)
+    assert list(lazy.commands) == [words[0]]  # only the command asked for was built
+    full = typer.main.get_command(cli.app)
+    for argv in ([*words, "--help"], [*words, "--no-such-option"]):
+        assert through(lazy, argv) == through(full, argv)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["--version"], ["no-such-command"], ["-x", "migrate"]])
+def test_anything_but_a_command_first_gets_the_whole_tree(argv: list[str]) -> None:
+    import typer
+
+    from orchestrator import cli
+
+    assert list(cli._command_for(argv).commands) == list(typer.main.get_command(cli.app).commands)
+
+
+def _entry(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    probe = (
+        f"import sys\nsys.argv = ['orchestrator', *{argv!r}]\nfrom orchestrator.cli import entry\nentry()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_entry_flushes_what_it_printed_and_keeps_the_exit_code() -> None:
+    done = _entry(["--version"])  # stdout is a pipe: block-buffered, lost if not flushed
+    assert (done.returncode, done.stdout.startswith("orchestrator "), done.stderr) == (0, True, "")
+    done = _entry(["migrate", "vm", "qemu:///system", "--bandwidth", "x"])
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("orchestrator: error: Invalid value for '--bandwidth'")
+
+
+def test_entry_leaves_at_once_only_when_no_thread_is_left_to_finish(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from orchestrator import cli
+
+    left: list[int] = []
+    monkeypatch.setattr(cli.os, "_exit", left.append)
+    monkeypatch.setattr(cli, "main", lambda: None)
+    cli.entry()
+    assert left == [0]  # only daemon threads (or none): straight out
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, daemon=False)  # e.g. a journal still writing
+    worker.start()
+    try:
+
+        def failing() -> None:
+            raise SystemExit(9)
+
+        monkeypatch.setattr(cli, "main", failing)
+        with pytest.raises(SystemExit) as exited:
+            cli.entry()
+        assert exited.value.code == 9  # the normal exit, which waits for the thread
+        assert left == [0]
+    finally:
+        release.set()
+        worker.join()
+
+
+def test_sha256_without_hashlib_is_hashlibs() -> None:
+    import hashlib
+
+    from orchestrator.digest import sha256_hex
+
+    for data in (b"", b"abc", bytes(range(256)) * 99):
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
