@@ -786,12 +786,11 @@ class ArmedHook:
     ) -> HookResult:
         """Tell the hook to act for `device_id` now; `on_done` gets the result (its answer, or why not)."""
         started, start_monotonic = time.time(), time.monotonic()
-        result = self._result(device_id, started=started, start_monotonic=start_monotonic)
         action = "drain" if self.hook.trigger is Trigger.DRAIN else "undrain"
         when = "-" if qemu_time is None else f"{qemu_time:.6f}"
         line = f"{action} {device_id} {state} {when}\n".encode()
         failure = None
-        with self._lock:
+        with self._lock:  # the line first, the bookkeeping after: the hook acts while we write it down
             if self._dead is not None:
                 failure = f"the armed hook cannot act: {self._dead}"
             elif device_id in self._pending:
@@ -807,12 +806,14 @@ class ArmedHook:
                     if written != len(line):
                         failure = "the armed hook stopped reading its stdin"
                     else:
+                        result = self._result(device_id, started=started, start_monotonic=start_monotonic)
                         deadline = start_monotonic + self.hook.timeout_ms / 1000
                         self._pending[device_id] = (result, on_done, deadline)
         if failure is None:
             os.write(self._wakeup_w, b"x")  # the reader now has a deadline to watch
-        else:
-            self._finish(result, on_done, error=failure)
+            return result
+        result = self._result(device_id, started=started, start_monotonic=start_monotonic)
+        self._finish(result, on_done, error=failure)
         return result
 
     def close(self) -> HookResult | None:

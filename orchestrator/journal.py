@@ -14,9 +14,13 @@ No record is lost silently, and nothing is claimed that was not checked:
   `sqlite3` shell inside a transaction may hold it for minutes; readers take no lock in WAL mode):
   the writer thread retries the record with backoff, 5 ms doubling to 1 s, for up to
   `_RETRY_BUDGET_S` (60 s) in all, in order (the records queued after it wait). An attempt waits at
-  most `_WRITER_BUSY_MS` inside SQLite and holds the connection only that long, so the synchronous
-  `starting` record of a drain (`record_device_action`) still waits at most about `_SYNC_BUSY_MS`
-  more: if it cannot commit, it is queued and its reason returned to the caller. After a give-up,
+  most `_WRITER_BUSY_MS` inside SQLite and holds the connection only that long. The `starting` record
+  of a drain or undrain, and an undrain's `spawned` (`record_device_action`), is durable before the
+  call returns without SQLite:
+  one write() to the migration's intents file (orchestrator.intents), removed once the writer has
+  committed the migration's records; where that file cannot be written, it is committed on the
+  caller's thread, waiting at most about `_SYNC_BUSY_MS` more: if it cannot commit, it is queued and
+  its reason returned to the caller. After a give-up,
   every later record gets one attempt, until one lands (a lock held for an hour must not make the
   queue wait a minute per record).
 - Every record the writer gives up on, and every other failed write, is a failure: one line in
@@ -53,7 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple
 
-from orchestrator import procfs
+from orchestrator import intents, procfs
 from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError, shell_uri
 from orchestrator.report import Outcome
 
@@ -595,9 +599,17 @@ class _Write(NamedTuple):
     sql: str
     params: tuple[object, ...]
     ticket: _Ticket | None = None  # set for a caller that waits for this very record
+    migration: str | None = None  # a device action that is also in the migration's intents file
 
 
-_Item = _Write | threading.Event | None  # an Event is a flush marker; None stops the writer
+class _Committed(NamedTuple):
+    """A marker: every record of `migration` queued before this one is committed (or failed)."""
+
+    migration: str
+
+
+# An Event is a flush marker; None stops the writer
+_Item = _Write | _Committed | threading.Event | None
 
 
 def _process_alive(pid: int) -> bool:
@@ -798,6 +810,9 @@ class Journal:
         self._reader = reader
         self._version = version  # of the file as it is read (a read-only journal is not upgraded)
         self.readonly = writer is None
+        # the hot path's `starting` records (see orchestrator/intents.py), for a writable journal
+        self._intents = None if writer is None else intents.IntentLog(path)
+        self._intents_lost: set[str] = set()  # migrations with a device action the journal lost
         self._failures_lock = threading.Lock()
         self._failures: list[str] = []  # every write that failed, one line each (the first few)
         self._failures_more = 0  # ... and how many more
@@ -965,11 +980,12 @@ class Journal:
 
     def _last_seq(self, migration_id: str) -> int:
         """The highest sequence number a migration's records have in the file (0: none)."""
+        written = max((i.seq for i in intents.read(intents.directory_of(self.path), migration_id)), default=0)
         try:
             rows = self._select(_SELECT_LAST_SEQ, (migration_id,) * 3, table_may_be_missing=True)
         except OrchestratorError:
-            return 0  # the write will fail and say why
-        return int(rows[0][0] or 0) if rows else 0
+            return written  # the write will fail and say why
+        return max(written, int(rows[0][0] or 0) if rows else 0)
 
     def _put(self, write: _Write) -> None:
         if self.readonly:
@@ -1024,6 +1040,8 @@ class Journal:
             )
         )
         self.flush()
+        if self._intents is not None:
+            self._intents.open(id)  # if it cannot: `starting` records are committed synchronously
 
     def record_phase(self, migration_id: str, phase: str, at: float) -> None:
         """Record that a migration entered `phase` (the row's phase, and a note on its timeline)."""
@@ -1053,9 +1071,19 @@ class Journal:
             f"the {action} of {device_id} ({status}) in migration {migration_id}",
             _INSERT_DEVICE_ACTION,
             (migration_id, seq, device_id, action.value, status.value, at, detail),
+            migration=migration_id,
         )
         if status not in _SYNC_STATUSES:
             self._put(write)
+            return None
+        if (
+            not self._closed
+            and self._intents is not None
+            and self._intents.append(
+                migration_id, intents.Intent(seq, device_id, action.value, status.value, at, detail)
+            )
+        ):
+            self._put(write)  # durable already: the journal gets it like any other record
             return None
         return self._write_now(
             write, "before its hooks started" if status is ActionStatus.STARTING else "at once"
@@ -1177,6 +1205,8 @@ class Journal:
                 ),
             )
         )
+        if self._intents is not None:  # its file goes once everything of it is committed
+            self._queue.put(_Committed(id))
 
     def mark_stale(self, now: float) -> list[str]:
         """Mark migrations left 'running' by a process of this host that no longer exists as
@@ -1252,6 +1282,8 @@ class Journal:
                 if self._error is ticket.error:  # reported here, not again by flush()
                     self._error = None
             raise ticket.error
+        if migration_id not in self._intents_lost:  # its records are all in the journal now
+            intents.remove_file(intents.directory_of(self.path), migration_id)
         return ticket.rowcount > 0
 
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
@@ -1293,6 +1325,8 @@ class Journal:
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread.join()
+            if self._intents is not None:  # after the writer: what it committed needs no file
+                self._intents.close(keep=self._intents_lost)
             if self._writer_conn is not None:
                 self._writer_conn.close()
             with self._read_lock:
@@ -1325,11 +1359,17 @@ class Journal:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            if isinstance(item, _Committed):
+                if self._intents is not None:
+                    self._intents.forget(item.migration, remove=item.migration not in self._intents_lost)
+                continue
             dirty = True
             error, locked_out = self._commit(conn, item, patient=patient)
             patient = error is None or not locked_out
             if error is not None:  # a failed write must not stop the ones after it
                 self._failed(error)
+                if item.migration is not None:  # keep its intents file: the only record left
+                    self._intents_lost.add(item.migration)
                 if item.ticket is not None:
                     item.ticket.error = error
                 if not logged:
@@ -1482,4 +1522,54 @@ class Journal:
             (migration_id,),
             table_may_be_missing=True,
         )
-        return tuple(DeviceActionRow._from_row(row) for row in rows)
+        committed = [DeviceActionRow._from_row(row) for row in rows]
+        return tuple(sorted([*committed, *self._uncommitted(migration_id, committed)], key=lambda r: r.seq))
+
+    def _uncommitted(self, migration_id: str, committed: Iterable[DeviceActionRow]) -> list[DeviceActionRow]:
+        """The records of a migration's intents file that the journal does not have (its process died
+        before its writer committed them)."""
+        seqs = {row.seq for row in committed}
+        found = []
+        for intent in intents.read(intents.directory_of(self.path), migration_id):
+            if intent.seq in seqs:
+                continue
+            try:
+                action, status = DeviceAction(intent.action), ActionStatus(intent.status)
+            except ValueError:
+                continue
+            seqs.add(intent.seq)
+            found.append(
+                DeviceActionRow(intent.seq, intent.device_id, action, status, intent.at, intent.detail)
+            )
+        return found
+
+    def adopt_intents(self, migration_id: str) -> int:
+        """Commit into the journal the records of a dead migration that only its intents file has (what
+        `recover` does first, so the journal tells the truth); how many. Raises OrchestratorError if
+        they cannot be committed."""
+        committed = self._select(
+            "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq",
+            (migration_id,),
+            table_may_be_missing=True,
+        )
+        missing = self._uncommitted(migration_id, [DeviceActionRow._from_row(row) for row in committed])
+        for row in missing:
+            self._put(
+                _Write(
+                    f"the {row.action} of {row.device_id} ({row.status}) in migration {migration_id}, "
+                    "from its intents file",
+                    _INSERT_DEVICE_ACTION,
+                    (
+                        migration_id,
+                        row.seq,
+                        row.device_id,
+                        row.action.value,
+                        row.status.value,
+                        row.at,
+                        row.detail,
+                    ),
+                )
+            )
+        if missing:
+            self.flush()
+        return len(missing)

@@ -475,7 +475,7 @@ class Migration:
         failure = self.journal.record_device_action(
             self.id, device, trigger.value, "starting", self.clock.time(), action.reason
         )
-        values = self._values(device, action.qom_path, action.state)
+        values: Mapping[str, str] | None = None  # the placeholders' values: spawned hooks only
         pids: list[int | None] = []
         for hook in self.request.policy.hooks_for(trigger):
             done = self._device_hook_done(hook.on_failure)
@@ -484,6 +484,8 @@ class Migration:
                 armed.fire(device, action.state, action.qemu_time, done)
                 pids.append(armed.pid)
             else:
+                if values is None:
+                    values = self._values(device, action.qom_path, action.state)
                 pids.append(self.runner.start(hook, values, device, done).pid)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our

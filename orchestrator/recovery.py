@@ -8,6 +8,8 @@ recovered (`Journal.unfinished`), recovery:
 1. asks both hosts whether a libvirt job of the VM is still running (a peer-to-peer migration goes
    on without its client) and waits for it to end (`job="wait"`, bounded) or aborts it (`"abort"`);
 2. asks both hosts where the VM runs now;
+   (Records of its that only its intents file has, orchestrator.intents, are copied into the
+   journal first.)
 3. runs the undrain hooks of every device that may still be drained, once, with the policy the
    migration used (its text, as journaled when it began) and the state the device ends in; each
    undrain is journaled as "starting" before its hooks and "done"/"failed" after, under the same
@@ -163,6 +165,7 @@ class Recovery:
             notes = self._settle_job(row, source)
             location = self._location(row, source, destination)
             result = Recovered(row.id, row.domain, _outcome(location).value, location, notes=notes)
+            self.journal.adopt_intents(row.id)  # what only its intents file had: into the journal first
             actions = self.journal.device_actions(row.id)
             drained, spawned = still_drained(actions), undrains_spawned(actions)
             if drained:

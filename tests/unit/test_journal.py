@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import intents
 from orchestrator import journal as journal_module
 from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode, OrchestratorError
 from orchestrator.hooks import HookResult, Trigger
@@ -605,9 +606,12 @@ def write_lock_held_elsewhere(path: Path, hold: str) -> Iterator[subprocess.Pope
             child.wait()
 
 
+@pytest.mark.parametrize("intents_file", [True, False], ids=["intents file", "no intents file"])
 def test_a_write_lock_held_8_s_by_another_process_delays_records_but_loses_none(
-    path: Path, journal: Journal
+    path: Path, journal: Journal, intents_file: bool
 ) -> None:
+    if not intents_file:  # where the intents directory cannot be made: `starting` is committed at once
+        intents.directory_of(path).write_text("not a directory")
     begin(journal, "m-1")
     with write_lock_held_elsewhere(path, "8") as holder:
         locked_at = time.monotonic()
@@ -620,9 +624,16 @@ def test_a_write_lock_held_8_s_by_another_process_delays_records_but_loses_none(
         start = time.perf_counter()
         reason = journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 60, "detail")
         waited = time.perf_counter() - start
-        assert reason is not None
-        assert "before its hooks started" in reason
         assert waited < 0.25, f"a drain hook would have waited {waited * 1000:.0f} ms for the journal"
+        if intents_file:  # durable already, in the intents file, which a reader sees with the journal
+            assert reason is None
+            with Journal.open_readonly(path) as reader:
+                assert [(a.seq, a.device_id, a.status) for a in reader.device_actions("m-1")] == [
+                    (51, "hostdev0", "starting")
+                ]
+        else:
+            assert reason is not None
+            assert "before its hooks started" in reason
         journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 61))
         journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 70, {"events": 50})
         journal.flush()  # waits while the writer waits for the lock: that time is not its timeout's
@@ -637,6 +648,7 @@ def test_a_write_lock_held_8_s_by_another_process_delays_records_but_loses_none(
     assert (record.migration.outcome, record.migration.summary) == ("succeeded", {"events": 50})
     seqs = sorted([e.seq for e in record.events] + [h.seq for h in record.hook_runs] + [51])
     assert seqs == list(range(1, 53))
+    assert not intents.directory_of(path).is_dir(), "the ended migration's intents file was left"
 
 
 def test_a_write_lock_held_beyond_the_retry_budget_is_a_reported_loss(
@@ -981,3 +993,77 @@ def test_an_older_journal_is_upgraded_keeping_its_rows_and_taking_new_kinds(
         assert [row.id for row in journal.children("e-1")] == ["m-2"]
         assert journal.get_migration("m-2").migration.outcome is Outcome.REFUSED
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+# --- the intents file: the hot path's `starting` records (orchestrator/intents.py) --------------------
+
+KILLED_MID_DRAIN = """
+import os, sys
+from orchestrator.journal import Journal
+journal = Journal.open(__import__("pathlib").Path(sys.argv[1]))
+journal.begin_migration("m-dead", "migrate", "vm1", "qemu:///system", "qemu+ssh://dst/system", "p", 1.0e9)
+print("begun", flush=True)
+sys.stdin.readline()  # the journal is write-locked by another process now
+assert journal.record_device_action("m-dead", "hostdev0", "drain", "starting", 1.0e9 + 1, "prepare") is None
+journal.record_device_action("m-dead", "hostdev1", "drain", "starting", 1.0e9 + 2, "prepare")
+journal.record_device_action("m-dead", "hostdev1", "drain", "done", 1.0e9 + 3)
+journal.record_device_action("m-dead", "hostdev1", "undrain", "starting", 1.0e9 + 4, "resumed")
+os._exit(9)  # killed: nothing of the above reached SQLite (locked), the writer thread dies with it
+"""
+
+
+def test_a_drain_started_by_a_killed_process_is_found_and_adopted_from_its_intents_file(path: Path) -> None:
+    with Journal.open(path):
+        pass  # the schema exists, so the child's open needs no write lock
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_DRAIN, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    assert child.stdout.readline() == "begun\n"
+    with write_lock_held_elsewhere(path, "stdin"):  # until the child is dead
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 9
+    with Journal.open_readonly(path) as reader:  # history: the truth, before any recover
+        actions = reader.device_actions("m-dead")
+    assert [(a.seq, a.device_id, str(a.action), str(a.status)) for a in actions] == [
+        (1, "hostdev0", "drain", "starting"),
+        (2, "hostdev1", "drain", "starting"),
+        (4, "hostdev1", "undrain", "starting"),
+    ]  # `done` is queued only: it never reached the journal (that is what the writer's queue is)
+    assert still_drained(actions) == {"hostdev0": "prepare", "hostdev1": "prepare"}
+    with Journal.open(path) as journal:
+        assert [m.id for m in journal.unfinished()] == ["m-dead"]
+        # recover's own records go on after the intents' (never the same sequence number)
+        assert journal.adopt_intents("m-dead") == 3
+        assert journal.adopt_intents("m-dead") == 0
+        journal.record_device_action("m-dead", "hostdev0", "undrain", "starting", 2.0e9, "recover")
+        journal.flush()
+        seqs = [a.seq for a in journal.device_actions("m-dead")]
+        assert seqs == [1, 2, 4, 5]
+        assert intents.read(intents.directory_of(path), "m-dead") != []
+        assert journal.mark_recovered("m-dead", Outcome.ROLLED_BACK, "recovered", 2.0e9 + 1)
+        assert not intents.directory_of(path).exists(), "the recovered migration's intents file was left"
+        assert [a.seq for a in journal.device_actions("m-dead")] == [1, 2, 4, 5]
+
+
+def test_an_intents_file_is_read_line_by_line_and_what_cannot_be_parsed_is_skipped(tmp_path: Path) -> None:
+    log = intents.IntentLog(tmp_path / "j.sqlite")
+    assert log.open("m-1")
+    assert log.append("m-1", intents.Intent(3, "nic0\nnic1 \u00e9", "drain", "starting", 1.5, None))
+    with open(intents.directory_of(tmp_path / "j.sqlite") / "m-1", "ab") as raw:
+        raw.write(b'[4, "nic2", "drain"\n{"not": "a list"}\n[5, 6, "drain", "starting", 1, null]\n[7, "ni')
+    assert intents.read(log.directory, "m-1") == [
+        intents.Intent(3, "nic0\nnic1 \u00e9", "drain", "starting", 1.5, None)
+    ]
+    assert not log.append("m-2", intents.Intent(1, "nic0", "drain", "starting", 1.0, None))  # never opened
+    assert not log.open("../escape") and not log.open("")
+    assert intents.read(log.directory, "../j.sqlite") == []
+    log.close(keep={"m-1"})
+    assert (log.directory / "m-1").exists()
+    log.open("m-3")
+    log.close(keep=set())
+    assert sorted(p.name for p in log.directory.iterdir()) == ["m-1"]

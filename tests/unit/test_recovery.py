@@ -137,6 +137,38 @@ def test_killed_after_drains_started_the_vm_moved_alone_each_is_undrained_once(w
     assert world.recover().recovered == [] and world.undrains("nic0") == 1, "recovered exactly once"
 
 
+def test_a_drain_only_the_intents_file_holds_is_undrained_and_journaled(world: World) -> None:
+    # Killed after the drains' `starting` reached the intents file (orchestrator.intents), before the
+    # journal's writer committed them: the journal has no device action at all.
+    migration_id = world.left([("nic0", "drain", "starting"), ("nic1", "drain", "starting")])
+    with sqlite3.connect(world.path) as conn:
+        conn.execute("DELETE FROM device_actions WHERE migration_id = ?", (migration_id,))
+    intents_dir = world.path.with_name(world.path.name + ".intents")
+    assert (intents_dir / migration_id).exists()
+    world.vm_on(world.source)
+    (done,) = world.recover().recovered
+    assert (done.outcome, done.location, sorted(done.undrained)) == (
+        "rolled-back",
+        "source",
+        ["nic0", "nic1"],
+    )
+    assert world.undrains("nic0") == 1 and world.undrains("nic1") == 1
+    world.journal_true(migration_id, Outcome.ROLLED_BACK)
+    steps = [
+        (a.seq, a.device_id, a.action, a.status)
+        for a in world.journal.get_migration(migration_id).device_actions
+    ]
+    assert steps[:2] == [
+        (2, "nic0", DeviceAction.DRAIN, ActionStatus.STARTING),
+        (3, "nic1", DeviceAction.DRAIN, ActionStatus.STARTING),
+    ]
+    with sqlite3.connect(world.path) as conn:  # in the journal itself now, not only read from the file
+        assert conn.execute(
+            "SELECT count(*) FROM device_actions WHERE migration_id = ? AND seq < 4", (migration_id,)
+        ).fetchone() == (2,)
+    assert not (intents_dir / migration_id).exists()
+
+
 def test_killed_before_any_drain_leaves_nothing_to_undrain(world: World) -> None:
     migration_id = world.left([], phase="job-running")
     world.vm_on(world.source)
