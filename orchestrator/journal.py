@@ -94,6 +94,12 @@ _NOT_CORRUPTION: Final = frozenset(
         sqlite3.SQLITE_IOERR,
     }
 )
+# The writer lets a burst of records gather this long before it commits them: the events of a
+# switchover come in bursts (a device's P2P state, the next device's prepare ~60 us later), and a
+# writer taking the interpreter's lock to commit in the middle of one delayed the next event's
+# callback, and its drain. Anything that waits for the writer (flush, close) cuts this short.
+_GATHER_S: Final = 0.01
+_BATCH_MAX: Final = 256  # records committed in one transaction at most
 _CHECKPOINT_IDLE_S: Final = 1.0  # the writer checkpoints the WAL when idle this long (not on a hot write)
 _PATH_HINT: Final = f"use --journal PATH (or set {ENV_VAR})"
 _STALE_ERROR: Final = "orchestrator process died"
@@ -610,6 +616,7 @@ class _Committed(NamedTuple):
 
 # An Event is a flush marker; None stops the writer
 _Item = _Write | _Committed | threading.Event | None
+_NOTHING: Final = _Committed("")  # the writer holds no item back
 
 
 def _process_alive(pid: int) -> bool:
@@ -820,6 +827,7 @@ class Journal:
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # someone waits for the writer: no gathering
         self._seq_lock = threading.Lock()
         self._seqs: dict[str, int] = {}  # last sequence number given per migration
         self._error: OrchestratorError | None = None  # the writer's first failure, until reported
@@ -1304,6 +1312,7 @@ class Journal:
         waiting for another process's write lock (bounded by its retry budget)."""
         waited = 0.0
         while True:
+            self._urgent.set()  # again each slice: another waiter's marker may have cleared it
             start = time.monotonic()
             if done.wait(min(_WAIT_SLICE_S, max(timeout - waited, 0.0))):
                 return
@@ -1324,6 +1333,7 @@ class Journal:
             self._closed = True
             if self._thread is not None:
                 self._queue.put(None)
+                self._urgent.set()
                 self._thread.join()
             if self._intents is not None:  # after the writer: what it committed needs no file
                 self._intents.close(keep=self._intents_lost)
@@ -1343,40 +1353,88 @@ class Journal:
     def _write_loop(self) -> None:
         conn = self._writer_conn
         assert conn is not None  # the thread only runs for a writable journal
-        logged = False
+        self._logged = False
         dirty = False  # written since the last checkpoint
         patient = True  # False after giving up on another process's lock: one attempt until one lands
+        caught_up = True  # the queue was empty after the last item
+        held: _Item | _Committed = _NOTHING  # an item taken from the queue while gathering a batch
         while True:
-            try:
-                item = self._queue.get(timeout=_CHECKPOINT_IDLE_S if dirty else None)
-            except queue.Empty:
-                with self._write_lock, contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                dirty = False
-                continue
+            if held is not _NOTHING:
+                item, held = held, _NOTHING
+            else:
+                try:
+                    item = self._queue.get(timeout=_CHECKPOINT_IDLE_S if dirty else None)
+                except queue.Empty:
+                    with self._write_lock, contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    dirty = False
+                    continue
             if item is None:
                 break
             if isinstance(item, threading.Event):
+                self._urgent.clear()
                 item.set()
                 continue
             if isinstance(item, _Committed):
                 if self._intents is not None:
                     self._intents.forget(item.migration, remove=item.migration not in self._intents_lost)
                 continue
+            if caught_up:
+                self._urgent.wait(_GATHER_S)  # the first record after a pause: let its burst end
+            batch = [item]
+            while len(batch) < _BATCH_MAX:  # what is queued already, up to the next marker
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(more, _Write):
+                    held = more
+                    break
+                batch.append(more)
+            caught_up = held is _NOTHING and self._queue.empty()
             dirty = True
-            error, locked_out = self._commit(conn, item, patient=patient)
-            patient = error is None or not locked_out
-            if error is not None:  # a failed write must not stop the ones after it
-                self._failed(error)
-                if item.migration is not None:  # keep its intents file: the only record left
-                    self._intents_lost.add(item.migration)
-                if item.ticket is not None:
-                    item.ticket.error = error
-                if not logged:
-                    logged = True
-                    _log.error("%s", error.line())
-            if item.ticket is not None:
-                item.ticket.done.set()
+            if len(batch) > 1 and self._commit_together(conn, batch):
+                continue
+            for write in batch:  # one by one: a failed record must not take the others with it
+                patient = self._commit_alone(conn, write, patient)
+
+    def _commit_together(self, conn: sqlite3.Connection, batch: list[_Write]) -> bool:
+        """Commit a batch of records as one transaction, in one hold of the interpreter's lock rather
+        than one per record; False, having committed none of them, if any statement fails (the caller
+        then commits them one by one, with the retries and failure reports of each)."""
+        try:
+            with self._write_lock:
+                conn.execute("BEGIN")
+                try:
+                    counts = [conn.execute(write.sql, write.params).rowcount for write in batch]
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error:
+            return False
+        for write, count in zip(batch, counts, strict=True):
+            if write.ticket is not None:
+                write.ticket.rowcount = count
+                write.ticket.done.set()
+        return True
+
+    def _commit_alone(self, conn: sqlite3.Connection, write: _Write, patient: bool) -> bool:
+        """Commit one record (see `_commit`), reporting its failure; whether the next one may wait."""
+        error, locked_out = self._commit(conn, write, patient=patient)
+        if error is not None:  # a failed write must not stop the ones after it
+            self._failed(error)
+            if write.migration is not None:  # keep its intents file: the only record left
+                self._intents_lost.add(write.migration)
+            if write.ticket is not None:
+                write.ticket.error = error
+            if not self._logged:
+                self._logged = True
+                _log.error("%s", error.line())
+        if write.ticket is not None:
+            write.ticket.done.set()
+        return error is None or not locked_out
 
     def _commit(
         self, conn: sqlite3.Connection, write: _Write, *, patient: bool

@@ -1067,3 +1067,31 @@ def test_an_intents_file_is_read_line_by_line_and_what_cannot_be_parsed_is_skipp
     log.open("m-3")
     log.close(keep=set())
     assert sorted(p.name for p in log.directory.iterdir()) == ["m-1"]
+
+
+# --- the writer: bursts gathered, committed together --------------------------------------------------
+
+
+def test_a_burst_of_records_is_committed_in_one_transaction(journal: Journal) -> None:
+    begin(journal, "m-1")
+    statements: list[str] = []
+    assert journal._writer_conn is not None
+    journal._writer_conn.set_trace_callback(statements.append)
+    for index in range(40):  # one switchover's worth of events, queued faster than the writer gathers
+        vfio_event(journal, "m-1", f"state-{index}", T0 + index)
+    journal.flush()
+    assert [e.state for e in journal.get_migration("m-1").events] == [f"state-{i}" for i in range(40)]
+    commits = [s for s in statements if s.strip().upper() == "COMMIT"]
+    assert 1 <= len(commits) <= 2, statements  # not one per record
+
+
+def test_waiting_for_the_writer_cuts_its_gathering_short(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "_GATHER_S", 3600.0)  # were it not cut short, flush would hang
+    with Journal.open(path) as journal:
+        begin(journal, "m-1")  # flushes
+        vfio_event(journal, "m-1", "pre-copy", T0)
+        journal.flush()
+        assert [e.state for e in journal.get_migration("m-1").events] == ["pre-copy"]
+        vfio_event(journal, "m-1", "stop-copy", T0 + 1)
+    with Journal.open_readonly(path) as reader:  # close() cut it short too, and committed the event
+        assert [e.state for e in reader.get_migration("m-1").events] == ["pre-copy", "stop-copy"]

@@ -713,3 +713,35 @@ def test_a_run_refused_by_the_lock_of_another_is_journaled_refused(world: World,
     assert record.migration.outcome is Outcome.REFUSED and record.migration.exit_code == 2
     assert record.migration.error == busy.value.line() and record.device_actions == ()
     assert world.runner.runs == [] and world.source.migrations == [] and world.where() == [SRC]
+
+
+def test_events_that_need_no_action_are_all_recorded_in_their_order_after_the_next_drain_starts(
+    world: World,
+) -> None:
+    # Three devices in turn: each device's P2P state is followed at once by the next one's prepare
+    # event. The P2P state is recorded after that drain started (it must not delay it), and in the end
+    # the journal and the timeline hold every event, in the order QEMU sent them.
+    sent: list[tuple[str, str]] = []
+    for host in (world.source, world.destination):
+
+        def emit(domain: str, name: str, data: Any = None, _emit: Any = host.emit) -> None:
+            if name == "VFIO_MIGRATION":
+                sent.append((data["device-id"], data["device-state"]))
+            _emit(domain, name, data)
+
+        host.emit = emit  # type: ignore[method-assign]
+    report = world.run(model=Model(devices=[FakeDevice("nic0"), FakeDevice("nic1"), FakeDevice("nic2")]))
+    assert report.outcome is Outcome.SUCCEEDED
+    world.three_facts(report, DST)
+    record = world.record(report)
+    journaled = [(e.device_id, e.state) for e in record.events if e.kind == "vfio"]
+    assert journaled == sent and len(sent) >= 15, "every event journaled, in the order sent"
+    timeline = [e.text for e in report.timeline if e.kind == "event" and " -> " in e.text]
+    assert timeline == [f"{device} -> {state}" for device, state in sent]
+    seq = {(e.device_id, e.state): e.seq for e in record.events if e.kind == "vfio"}
+    (started,) = [
+        a
+        for a in record.device_actions
+        if (a.device_id, a.action, a.status) == ("nic1", DeviceAction.DRAIN, ActionStatus.STARTING)
+    ]
+    assert started.seq < seq[("nic0", "pre-copy-p2p")] < seq[("nic1", "pre-copy-p2p-prepare")]
