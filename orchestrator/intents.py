@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -67,6 +68,8 @@ class IntentLog:
         for _attempt in range(3):  # another process may remove the directory, emptied, in between
             try:
                 self.directory.mkdir(mode=0o700, exist_ok=True)
+                if not _ours(self.directory):
+                    return False
                 fd = os.open(self.directory / migration_id, flags, 0o600)
                 break
             except FileNotFoundError:
@@ -112,6 +115,16 @@ class IntentLog:
             os.close(fd)
             if migration_id not in keep:
                 remove_file(self.directory, migration_id)
+
+
+def _ours(directory: Path) -> bool:
+    """A real directory (not a link to one) of this user that nobody else may write to: what a
+    drain's only durable record may be written into."""
+    try:
+        info = directory.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
 def remove_file(directory: Path, migration_id: str) -> None:

@@ -1095,3 +1095,22 @@ def test_waiting_for_the_writer_cuts_its_gathering_short(path: Path, monkeypatch
         vfio_event(journal, "m-1", "stop-copy", T0 + 1)
     with Journal.open_readonly(path) as reader:  # close() cut it short too, and committed the event
         assert [e.state for e in reader.get_migration("m-1").events] == ["pre-copy", "stop-copy"]
+
+
+@pytest.mark.parametrize("where", ["a link to a directory", "group-writable", "a file"])
+def test_an_intents_directory_that_is_not_a_private_one_is_not_written_to(tmp_path: Path, where: str) -> None:
+    journal = tmp_path / "j.sqlite"
+    directory = intents.directory_of(journal)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if where == "a link to a directory":
+        directory.symlink_to(elsewhere)
+    elif where == "group-writable":
+        directory.mkdir(mode=0o770)
+        directory.chmod(0o770)
+    else:
+        directory.write_text("")
+    log = intents.IntentLog(journal)
+    assert not log.open("m-1")  # the journal then commits `starting` synchronously
+    assert not log.append("m-1", intents.Intent(1, "nic0", "drain", "starting", 1.0, None))
+    assert list(elsewhere.iterdir()) == []
