@@ -561,6 +561,7 @@ def migrate_cmd(
     if not dest_uri.strip():
         raise_bad("the destination URI is empty", "give a libvirt URI, e.g. 'qemu+ssh://HOST/system'")
 
+    checked = check_journal(journal)  # reads the whole journal while the rest starts up
     from orchestrator import migration as mig
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -607,7 +608,7 @@ def migrate_cmd(
         raise_bad(f"--lock-wait must be >= 0 seconds, not {lock_wait:g}", "drop it or give a positive number")
     live = LiveMigration()
     with (
-        open_journal(journal) as jour,
+        open_journal(journal, checked) as jour,
         open_hosts(request.source_uri, request.destination_uri) as (src, dst),
     ):
         if not dry_run:  # a dry run changes nothing, undrains included
@@ -726,14 +727,24 @@ def raise_bad(message: str, hint: str) -> NoReturn:
     raise BadInput(message, hint)
 
 
+def check_journal(path: Path | None) -> Callable[[], bool]:
+    """Start verifying the journal now, in the background (see journal.check_in_background), for
+    `open_journal`: call first thing in a command, so that reading the whole file overlaps the imports."""
+    from orchestrator.journal import check_in_background, journal_path
+
+    return check_in_background(journal_path(path))
+
+
 @contextlib.contextmanager
-def open_journal(path: Path | None) -> Any:
-    """The journal, verified before anything changes, closed (flushed) on the way out. Dry runs are
-    journaled too (planned or refused: `history` tells the whole story). A record it lost is in the
-    report and its exit code; closing says it once more on stderr."""
+def open_journal(path: Path | None, checked: Callable[[], bool] | None = None) -> Any:
+    """The journal, verified before anything changes (by `checked`, started with `check_journal`, if
+    given), closed (flushed) on the way out. Dry runs are journaled too (planned or refused: `history`
+    tells the whole story). A record it lost is in the report and its exit code; closing says it once
+    more on stderr."""
     from orchestrator.journal import Journal, journal_path
 
-    jour = Journal.open(journal_path(path), check=True)
+    verified = checked is not None and checked()  # raises for a damaged journal
+    jour = Journal.open(journal_path(path), check=not verified)
     try:
         yield jour
     finally:
@@ -890,6 +901,7 @@ def evacuate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
+    checked = check_journal(journal)  # reads the whole journal while the rest starts up
     from orchestrator.evacuation import Evacuation, EvacuationRequest
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -922,7 +934,7 @@ def evacuate_cmd(
     )
     request.validate()
     live = LiveEvacuation()
-    with open_journal(journal) as jour:
+    with open_journal(journal, checked) as jour:
         evacuation = Evacuation(
             request,
             journal=jour,

@@ -30,6 +30,7 @@ from orchestrator.journal import (
     Journal,
     MigrationKind,
     Outcome,
+    check_in_background,
     journal_path,
     still_drained,
 )
@@ -742,8 +743,15 @@ def _read(path: Path) -> None:
         journal.get_migration("m-3")
 
 
+def _checked_in_background_then_opened(path: Path) -> None:
+    """What `migrate` and `evacuate` do: the check started first, awaited before the journal opens."""
+    wait = check_in_background(path)
+    Journal.open(path, check=not wait()).close()
+
+
 OPENINGS: dict[str, Callable[[Path], object]] = {
     "open(check=True)": lambda path: Journal.open(path, check=True).close(),
+    "checked in the background": _checked_in_background_then_opened,
     "open": lambda path: Journal.open(path).close(),
     "open_readonly and read": _read,
 }
@@ -799,8 +807,19 @@ def test_check_finds_damage_that_open_without_it_does_not_read(path: Path) -> No
             journal.check()
     assert_corruption_line(caught.value, path)
     with pytest.raises(EnvironmentProblem) as caught:
+        check_in_background(path)()
+    assert_corruption_line(caught.value, path)
+    with pytest.raises(EnvironmentProblem) as caught:
         Journal.open(path, check=True)
     assert_corruption_line(caught.value, path)
+
+
+def test_a_background_check_of_a_sound_or_missing_journal_passes_and_creates_nothing(path: Path) -> None:
+    assert check_in_background(path)() is True
+    assert not path.parent.exists(), "checking created the journal's directory"
+    journal_with_data(path)
+    assert check_in_background(path)() is True
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "side files were left behind"
 
 
 def test_a_corrupt_journal_names_a_leftover_write_ahead_log_in_the_hint(path: Path) -> None:
