@@ -869,6 +869,7 @@ class Journal:
         self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._urgent = threading.Event()  # someone waits for the writer: no gathering
+        self._logged = False  # the writer logged its first failure
         self._seq_lock = threading.Lock()
         self._seqs: dict[str, int] = {}  # last sequence number given per migration
         self._error: OrchestratorError | None = None  # the writer's first failure, until reported
@@ -1394,11 +1395,10 @@ class Journal:
     def _write_loop(self) -> None:
         conn = self._writer_conn
         assert conn is not None  # the thread only runs for a writable journal
-        self._logged = False
         dirty = False  # written since the last checkpoint
         patient = True  # False after giving up on another process's lock: one attempt until one lands
         caught_up = True  # the queue was empty after the last item
-        held: _Item | _Committed = _NOTHING  # an item taken from the queue while gathering a batch
+        held: _Item = _NOTHING  # an item taken from the queue while gathering a batch
         while True:
             if held is not _NOTHING:
                 item, held = held, _NOTHING
@@ -1453,7 +1453,7 @@ class Journal:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     raise
-        except sqlite3.Error:
+        except Exception:  # sqlite3.Error, or a value SQLite cannot take (a lone surrogate): one by one
             return False
         for write, count in zip(batch, counts, strict=True):
             if write.ticket is not None:
@@ -1616,13 +1616,16 @@ class Journal:
     def device_actions(self, migration_id: str) -> tuple[DeviceActionRow, ...]:
         """A migration's drain and undrain steps in sequence order (committed ones; none for an unknown
         id, or in a schema-1 journal read as it is: none were recorded then)."""
+        committed = self._committed_actions(migration_id)
+        return tuple(sorted([*committed, *self._uncommitted(migration_id, committed)], key=lambda r: r.seq))
+
+    def _committed_actions(self, migration_id: str) -> list[DeviceActionRow]:
         rows = self._select(
             "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq",
             (migration_id,),
             table_may_be_missing=True,
         )
-        committed = [DeviceActionRow._from_row(row) for row in rows]
-        return tuple(sorted([*committed, *self._uncommitted(migration_id, committed)], key=lambda r: r.seq))
+        return [DeviceActionRow._from_row(row) for row in rows]
 
     def _uncommitted(self, migration_id: str, committed: Iterable[DeviceActionRow]) -> list[DeviceActionRow]:
         """The records of a migration's intents file that the journal does not have (its process died
@@ -1646,12 +1649,7 @@ class Journal:
         """Commit into the journal the records of a dead migration that only its intents file has (what
         `recover` does first, so the journal tells the truth); how many. Raises OrchestratorError if
         they cannot be committed."""
-        committed = self._select(
-            "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq",
-            (migration_id,),
-            table_may_be_missing=True,
-        )
-        missing = self._uncommitted(migration_id, [DeviceActionRow._from_row(row) for row in committed])
+        missing = self._uncommitted(migration_id, self._committed_actions(migration_id))
         for row in missing:
             self._put(
                 _Write(

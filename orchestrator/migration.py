@@ -1053,7 +1053,6 @@ class Migration:
             self.on_entry(entry)
 
     def _note(self, text: str, *, report: bool = True) -> None:
-        self._flush_deferred()
         now = self.clock.time()
         if report:
             with self._lock:
