@@ -741,6 +741,8 @@ class ArmedHook:
         self._process: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._wakeup_r = self._wakeup_w = -1  # a pipe that tells the reader a new deadline exists
+        self._stdin_fd = -1
+        self._action = "drain" if hook.trigger is Trigger.DRAIN else "undrain"
         self.arming = self._result(None, started=time.time(), start_monotonic=time.monotonic())
         try:
             argv = fill_argv(hook.argv, values)
@@ -753,8 +755,10 @@ class ArmedHook:
             return
         self.arming.pid = self._process.pid
         assert self._process.stdin is not None
-        os.set_blocking(self._process.stdin.fileno(), False)  # a hook that stops reading never blocks us
+        self._stdin_fd = self._process.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)  # a hook that stops reading never blocks us
         self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_w, False)
         _thread.start_new_thread(self._read, ())
 
     @property
@@ -786,9 +790,8 @@ class ArmedHook:
     ) -> HookResult:
         """Tell the hook to act for `device_id` now; `on_done` gets the result (its answer, or why not)."""
         started, start_monotonic = time.time(), time.monotonic()
-        action = "drain" if self.hook.trigger is Trigger.DRAIN else "undrain"
         when = "-" if qemu_time is None else f"{qemu_time:.6f}"
-        line = f"{action} {device_id} {state} {when}\n".encode()
+        line = f"{self._action} {device_id} {state} {when}\n".encode()
         failure = None
         with self._lock:  # the line first, the bookkeeping after: the hook acts while we write it down
             if self._dead is not None:
@@ -796,10 +799,8 @@ class ArmedHook:
             elif device_id in self._pending:
                 failure = f"the armed hook is still acting for {device_id}"
             else:
-                process = self._process
-                assert process is not None and process.stdin is not None
                 try:
-                    written = os.write(process.stdin.fileno(), line)
+                    written = os.write(self._stdin_fd, line)
                 except OSError as exc:  # BrokenPipe: it died; EAGAIN: it stopped reading
                     failure = f"the armed hook cannot be told: {exc.strerror or exc}"
                 else:
@@ -809,8 +810,9 @@ class ArmedHook:
                         result = self._result(device_id, started=started, start_monotonic=start_monotonic)
                         deadline = start_monotonic + self.hook.timeout_ms / 1000
                         self._pending[device_id] = (result, on_done, deadline)
+                        with contextlib.suppress(OSError):  # full: the reader has a wakeup to read
+                            os.write(self._wakeup_w, b"x")  # the reader now has a deadline to watch
         if failure is None:
-            os.write(self._wakeup_w, b"x")  # the reader now has a deadline to watch
             return result
         result = self._result(device_id, started=started, start_monotonic=start_monotonic)
         self._finish(result, on_done, error=failure)
@@ -822,6 +824,13 @@ class ArmedHook:
         process = self._process
         if process is None:
             return None
+        with self._lock:  # no line (nor wakeup) after this: a closed descriptor's number may be reused
+            self._stdin_fd = -1
+            if self._dead is None:
+                self._dead = "its migration has ended"
+            wakeup, self._wakeup_w = self._wakeup_w, -1
+        if wakeup < 0:
+            return None  # closed already
         with contextlib.suppress(OSError):
             assert process.stdin is not None
             process.stdin.close()
@@ -831,8 +840,7 @@ class ArmedHook:
             _kill_group(process)
             code = process.returncode
         _forget(process.pid)
-        with contextlib.suppress(OSError):
-            os.close(self._wakeup_w)
+        os.close(wakeup)
         if code == 0:
             return None
         result = self._result(None, started=time.time(), start_monotonic=time.monotonic())

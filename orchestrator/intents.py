@@ -29,6 +29,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _NAME_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 
 
@@ -87,7 +89,7 @@ class IntentLog:
 
     def append(self, migration_id: str, intent: Intent) -> bool:
         """Write one record, whole, before returning; False if it could not be (not open, disk full)."""
-        line = (json.dumps(list(intent), ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+        line = (_encode(intent) + "\n").encode()
         with self._lock:
             fd = self._files.get(migration_id)
             if fd is None:

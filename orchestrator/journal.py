@@ -671,6 +671,27 @@ def _corruption_hint(path: Path) -> str:
     )
 
 
+class _Holding:
+    """Journal.holding's block (a plain class: entered on the hot path, where a generator costs more)."""
+
+    __slots__ = ("_held", "_journal", "_me")
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._held: list[_Write] | None = None
+
+    def __enter__(self) -> None:
+        self._me = me = threading.get_ident()
+        held = self._journal._held
+        if me not in held:  # nested: the outer block hands them over
+            self._held = held[me] = []
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held is not None:
+            del self._journal._held[self._me]
+            self._journal._release(self._held)
+
+
 class JournalCorrupt(EnvironmentProblem):
     """The journal's file is damaged: one line naming it and how to move it aside or salvage it."""
 
@@ -868,6 +889,7 @@ class Journal:
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._held: dict[int, list[_Write]] = {}  # per thread, while it is `holding`
         self._urgent = threading.Event()  # someone waits for the writer: no gathering
         self._logged = False  # the writer logged its first failure
         self._seq_lock = threading.Lock()
@@ -1042,7 +1064,30 @@ class Journal:
             raise OrchestratorError(f"the journal {self.path} is open read-only; {write.what} not recorded")
         if self._closed:
             raise OrchestratorError(f"the journal {self.path} is closed; {write.what} not recorded")
+        if self._held:
+            held = self._held.get(threading.get_ident())
+            if held is not None:
+                held.append(write)
+                return
         self._queue.put(write)
+
+    def holding(self) -> _Holding:
+        """A block whose records, made on this thread, reach the writer when it ends, in their order: the
+        hot path tells a drain's hooks before it wakes the writer thread, which would otherwise compete
+        with it for the interpreter's lock and the CPU right then. What the block writes synchronously
+        (the `starting` of a device action, in its intents file or the journal) is written at once."""
+        return _Holding(self)
+
+    def _release(self, held: list[_Write]) -> None:
+        for write in held:
+            if self._closed:  # closed meanwhile: the writer is gone (an intents file is kept)
+                if write.migration is not None:
+                    self._intents_lost.add(write.migration)
+                self._failed(
+                    OrchestratorError(f"the journal {self.path} closed before {write.what} was recorded")
+                )
+            else:
+                self._queue.put(write)
 
     def begin_migration(
         self,
@@ -1117,23 +1162,22 @@ class Journal:
         """
         action, status = DeviceAction(action), ActionStatus(status)
         seq = self._next_seq(migration_id)
+        durable = (  # first: on the hot path, only this precedes the hooks
+            status in _SYNC_STATUSES
+            and not self._closed
+            and self._intents is not None
+            and self._intents.append(
+                migration_id, intents.Intent(seq, device_id, action.value, status.value, at, detail)
+            )
+        )
         write = _Write(
             f"the {action} of {device_id} ({status}) in migration {migration_id}",
             _INSERT_DEVICE_ACTION,
             (migration_id, seq, device_id, action.value, status.value, at, detail),
             migration=migration_id,
         )
-        if status not in _SYNC_STATUSES:
-            self._put(write)
-            return None
-        if (
-            not self._closed
-            and self._intents is not None
-            and self._intents.append(
-                migration_id, intents.Intent(seq, device_id, action.value, status.value, at, detail)
-            )
-        ):
-            self._put(write)  # durable already: the journal gets it like any other record
+        if durable or status not in _SYNC_STATUSES:
+            self._put(write)  # durable already, or need not be: the journal gets it like any other record
             return None
         return self._write_now(
             write, "before its hooks started" if status is ActionStatus.STARTING else "at once"
@@ -1378,7 +1422,10 @@ class Journal:
                 self._urgent.set()
                 self._thread.join()
             if self._intents is not None:  # after the writer: what it committed needs no file
-                self._intents.close(keep=self._intents_lost)
+                held = {
+                    w.migration for ws in list(self._held.values()) for w in ws if w.migration is not None
+                }
+                self._intents.close(keep=self._intents_lost | held)  # a block still holds those
             if self._writer_conn is not None:
                 self._writer_conn.close()
             with self._read_lock:

@@ -129,6 +129,9 @@ class JournalLike(Protocol):
     def flush(self) -> None:
         """Wait until every record is written (raises the first failure)."""
 
+    def holding(self) -> contextlib.AbstractContextManager[None]:
+        """Records this thread makes inside reach the writer when the block ends."""
+
     @property
     def failures(self) -> list[str]:
         """Every record that could not be written, one line each."""
@@ -208,6 +211,10 @@ class NullJournal:
 
     def flush(self) -> None:
         """Nothing to wait for."""
+
+    def holding(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing is held."""
+        return contextlib.nullcontext()
 
     @property
     def failures(self) -> list[str]:
@@ -480,22 +487,24 @@ class Migration:
 
     def _run_device_hooks(self, action: RunHooks) -> None:
         device, trigger = action.device_id, action.trigger
-        # Journaled as starting BEFORE any hook starts: a kill at any instant after this is recoverable.
-        failure = self.journal.record_device_action(
-            self.id, device, trigger.value, "starting", self.clock.time(), action.reason
-        )
         values: Mapping[str, str] | None = None  # the placeholders' values: spawned hooks only
         pids: list[int | None] = []
-        for hook in self.request.policy.hooks_for(trigger):
-            done = self._device_hook_done(hook.on_failure)
-            armed = self._armed.get(id(hook))
-            if armed is not None:
-                armed.fire(device, action.state, action.qemu_time, done)
-                pids.append(armed.pid)
-            else:
-                if values is None:
-                    values = self._values(device, action.qom_path, action.state)
-                pids.append(self.runner.start(hook, values, device, done).pid)
+        # The hooks are told before the journal's writer thread is woken (see Journal.holding).
+        with self.journal.holding():
+            # Journaled as starting BEFORE any hook starts: a kill at any instant after this is recoverable.
+            failure = self.journal.record_device_action(
+                self.id, device, trigger.value, "starting", self.clock.time(), action.reason
+            )
+            for hook in self.request.policy.hooks_for(trigger):
+                done = self._device_hook_done(hook.on_failure)
+                armed = self._armed.get(id(hook))
+                if armed is not None:
+                    armed.fire(device, action.state, action.qemu_time, done)
+                    pids.append(armed.pid)
+                else:
+                    if values is None:
+                        values = self._values(device, action.qom_path, action.state)
+                    pids.append(self.runner.start(hook, values, device, done).pid)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our
             # bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.

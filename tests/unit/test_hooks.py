@@ -499,6 +499,28 @@ def test_an_armed_hook_that_does_not_arm_is_a_failure_before_anything(mode: str,
     hook.close()
 
 
+def test_an_armed_hook_told_after_its_close_writes_nothing_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = armed("ok")
+    assert hook.wait_ready().ok
+    assert hook._process is not None and hook._process.stdin is not None
+    number = hook._process.stdin.fileno()
+    assert hook.close() is None
+    # Its stdin's number is free again (a file opened now may get it): no write may go to it.
+    written: list[int] = []
+    real_write = os.write
+    me = threading.get_ident()
+
+    def write(fd: int, data: bytes) -> int:
+        if threading.get_ident() == me:
+            written.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    late = fire(hook, "nic1")
+    assert number not in written
+    assert not late.ok and late.error == "the armed hook cannot act: its migration has ended"
+
+
 def test_an_armed_hook_that_cannot_start() -> None:
     hook = HookRunner().arm(Hook(Trigger.DRAIN, ("/no/such/armed-hook",)), VALUES)
     assert "program not found" in (hook.wait_ready().error or "")

@@ -1080,6 +1080,48 @@ def test_a_drain_started_by_a_killed_process_is_found_and_adopted_from_its_inten
         assert [a.seq for a in journal.device_actions("m-dead")] == [1, 2, 4, 5]
 
 
+def test_records_made_while_holding_reach_the_writer_when_the_block_ends(
+    journal: Journal, path: Path
+) -> None:
+    begin(journal, "m1")
+    journal.flush()
+    others: list[None] = []
+    with journal.holding():
+        assert journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare") is None
+        # durable at once, in the intents file; the journal's copy waits for the block's end
+        assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
+        journal.record_event("m1", "source", "source", "vfio", "VFIO_MIGRATION", "nic0", "prepare", T0, T0)
+        assert journal._queue.empty(), "a record reached the writer inside the block"
+        with journal.holding():  # nested: the outer block hands them over
+            journal.record_phase("m1", "switching-over", T0 + 2)
+        assert journal._queue.empty()
+        # another thread's records are not held
+        other = threading.Thread(
+            target=lambda: others.append(journal.record_phase("m1", "other-thread", T0 + 3))
+        )
+        other.start()
+        other.join()
+        assert not journal._queue.empty()
+    journal.flush()
+    assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        names = sorted(row[0] for row in conn.execute("SELECT name FROM events WHERE migration_id = 'm1'"))
+    assert names == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
+
+
+def test_a_journal_closed_while_a_block_holds_records_keeps_the_intents_file_and_says_so(path: Path) -> None:
+    journal = Journal.open(path)
+    begin(journal, "m1")
+    with pytest.raises(OrchestratorError, match="closed before the drain of nic0"):
+        with journal.holding():
+            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
+            journal.close()
+        journal.close()  # reports what the block could not hand over
+    assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
+    with Journal.open_readonly(path) as reader:
+        assert [a.device_id for a in reader.device_actions("m1")] == ["nic0"]  # from the file
+
+
 def test_an_intents_file_is_read_line_by_line_and_what_cannot_be_parsed_is_skipped(tmp_path: Path) -> None:
     log = intents.IntentLog(tmp_path / "j.sqlite")
     assert log.open("m-1")
