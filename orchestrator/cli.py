@@ -757,6 +757,8 @@ def open_journal(path: Path | None, checked: Callable[[], bool] | None = None) -
 def reconcile(jour: Any, hosts: list[Any], domain: str, say: Callable[[str], None]) -> None:
     """Finish what a dead orchestrator left undone for this VM, before migrating it again; refuse to
     migrate it when that needs an admin."""
+    if not any(row.domain == domain for row in jour.unfinished()):
+        return  # the usual case: nothing to finish, and nothing of recover's to import
     from orchestrator.errors import OrchestratorError as Refused
     from orchestrator.recovery import recover_before
 

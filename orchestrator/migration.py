@@ -8,9 +8,9 @@ fake, on a fake clock.
 
 Threads: libvirt's event thread delivers monitor events (the hot path: event -> decision -> spawn,
 nothing else first); hook waiter threads report each hook's end; the job's own thread reports its
-end; the caller's thread moves through the phases and reads the job's statistics. One lock (`_cv`)
-guards the machine; actions are carried out after it is released, so a slow libvirt call never holds
-up an event.
+end; the caller's thread moves through the phases and reads the job's statistics. One lock (`_cv`,
+and `_job_end` on the same lock) guards the machine; actions are carried out after it is released,
+so a slow libvirt call never holds up an event.
 """
 
 from __future__ import annotations
@@ -426,7 +426,12 @@ class Migration:
             undrain_hooks=len(policy.hooks_for(Trigger.UNDRAIN)),
             covers=policy.devices.covers,
         )
-        self._cv = threading.Condition(threading.RLock())
+        machine_lock = threading.RLock()
+        self._cv = threading.Condition(machine_lock)  # events, hooks' ends, phases
+        # What the job's poll loop waits on: only the job's end, not every event. Woken by each event,
+        # that thread took the interpreter's lock just as the next device's event (often ~0.1 ms after a
+        # device's P2P state) needed it.
+        self._job_end = threading.Condition(machine_lock)
         self._lock = threading.Lock()  # the report's lists, appended to from several threads
         self._downtime_lock = threading.Lock()  # downtime changes applied in the order decided
         self._dom: Guest | None = None
@@ -505,10 +510,12 @@ class Migration:
                     if values is None:
                         values = self._values(device, action.qom_path, action.state)
                     pids.append(self.runner.start(hook, values, device, done).pid)
+            if trigger is Trigger.DRAIN:
+                # Hand the CPU to the hooks just spawned or told (before the writer thread is woken):
+                # Linux lets the parent run on first, and our bookkeeping below would otherwise delay
+                # the drain by ~1 ms on a busy host.
+                os.sched_yield()
         if trigger is Trigger.DRAIN:
-            # Hand the CPU to the hooks just spawned: Linux lets the parent run on first, and our
-            # bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
-            os.sched_yield()
             self._flush_deferred()  # what happened before this drain is recorded before what follows
         else:
             self._flush_deferred()
@@ -908,11 +915,11 @@ class Migration:
         next_poll = self.clock.monotonic() + POLL_S
         while True:
             with self._cv:
-                # Every event wakes this thread; only the job's end may cut the poll interval short:
-                # a poll right after each event would take the GIL just as the next device's event
-                # (often microseconds later) needs it.
+                # Only the job's end cuts the poll interval short (events do not even wake this
+                # thread): a poll right after each event would take the GIL just as the next device's
+                # event (often microseconds later) needs it.
                 while not self._job_done and (left := next_poll - self.clock.monotonic()) > 0:
-                    self.clock.wait(self._cv, left)
+                    self.clock.wait(self._job_end, left)
                 if self._job_done:
                     break
             next_poll = self.clock.monotonic() + POLL_S
@@ -937,6 +944,7 @@ class Migration:
             actions = self.machine.on_job_end(None if error is None else error.message)
             self._job_done = True
             self._cv.notify_all()
+            self._job_end.notify_all()
         self._execute(actions)
 
     def _migrate_request(self, dom: Guest) -> MigrateRequest:

@@ -133,7 +133,7 @@ class Recovery:
         self.open_host = open_host
         self.job = job
         self.job_wait_s = job_wait_s
-        self.runner = runner or HookRunner()
+        self.runner = runner or HookRunner(eager=False)  # undrains only, nothing racing: at the first hook
         self.locks = locks if locks is not None else lock_dir(journal.path)
         self.on_line = on_line
         self.clock: Clock = clock or SystemClock()

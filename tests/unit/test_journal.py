@@ -895,6 +895,46 @@ def crashed(path: Path, journal: Journal) -> Journal:
     return journal
 
 
+def test_migrate_reconciles_only_a_vm_with_an_unfinished_migration(
+    crashed: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import cli, recovery
+    from orchestrator.recovery import RecoveryReport
+
+    asked: list[str] = []
+
+    def recover_before(
+        journal: Journal, hosts: object, domain: str, on_line: object = None
+    ) -> RecoveryReport:
+        asked.append(domain)
+        return RecoveryReport()
+
+    monkeypatch.setattr(recovery, "recover_before", recover_before)
+    for row in crashed.unfinished():
+        raw_update(crashed.path, "UPDATE migrations SET domain = 'vm-left' WHERE id = ?", (row.id,))
+    cli.reconcile(crashed, [], "vm-clean", print)  # nothing of its own to finish: recover is not asked
+    cli.reconcile(crashed, [], "vm-left", print)
+    assert asked == ["vm-left"]
+
+
+def test_reconciling_a_vm_with_nothing_to_finish_imports_nothing_of_recover(path: Path) -> None:
+    program = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from orchestrator import cli
+        from orchestrator.journal import Journal
+        with Journal.open(Path(sys.argv[1])) as journal:
+            cli.reconcile(journal, [], "vm1", print)
+        print("orchestrator.recovery" in sys.modules)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", program, str(path)], capture_output=True, text=True, check=True
+    )
+    assert child.stdout == "False\n"
+
+
 def test_unfinished_lists_dead_unrecovered_migrations_of_this_host(crashed: Journal) -> None:
     assert [m.id for m in crashed.unfinished()] == ["dead-running", "dead-interrupted"]
     assert [m.id for m in crashed.unfinished(os.uname().nodename)] == ["dead-running", "dead-interrupted"]
@@ -1083,30 +1123,29 @@ def test_a_drain_started_by_a_killed_process_is_found_and_adopted_from_its_inten
 def test_records_made_while_holding_reach_the_writer_when_the_block_ends(
     journal: Journal, path: Path
 ) -> None:
+    def names() -> list[str]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return sorted(row[0] for row in conn.execute("SELECT name FROM events WHERE migration_id = 'm1'"))
+
     begin(journal, "m1")
     journal.flush()
-    others: list[None] = []
     with journal.holding():
         assert journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare") is None
         # durable at once, in the intents file; the journal's copy waits for the block's end
         assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
         journal.record_event("m1", "source", "source", "vfio", "VFIO_MIGRATION", "nic0", "prepare", T0, T0)
-        assert journal._queue.empty(), "a record reached the writer inside the block"
         with journal.holding():  # nested: the outer block hands them over
             journal.record_phase("m1", "switching-over", T0 + 2)
-        assert journal._queue.empty()
         # another thread's records are not held
-        other = threading.Thread(
-            target=lambda: others.append(journal.record_phase("m1", "other-thread", T0 + 3))
-        )
+        other = threading.Thread(target=lambda: journal.record_phase("m1", "other-thread", T0 + 3))
         other.start()
         other.join()
-        assert not journal._queue.empty()
+        journal.flush()  # what reached the writer is committed; nothing of this block did
+        assert names() == ["phase other-thread"]
+        assert journal.device_actions("m1") != []  # (from the intents file)
     journal.flush()
+    assert names() == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
     assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        names = sorted(row[0] for row in conn.execute("SELECT name FROM events WHERE migration_id = 'm1'"))
-    assert names == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
 
 
 def test_a_journal_closed_while_a_block_holds_records_keeps_the_intents_file_and_says_so(path: Path) -> None:
