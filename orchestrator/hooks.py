@@ -876,7 +876,8 @@ class ArmedHook:
                 while True:
                     for key, _ in selector.select(self._next_deadline()):
                         if key.data == "wakeup":
-                            os.read(self._wakeup_r, 4096)
+                            if not os.read(self._wakeup_r, 4096):  # close(): no more deadlines
+                                selector.unregister(self._wakeup_r)
                         elif not self._take(os.read(fd, _READ_CHUNK)):
                             process.wait()
                             _forget(process.pid)

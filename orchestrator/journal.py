@@ -674,22 +674,22 @@ def _corruption_hint(path: Path) -> str:
 class _Holding:
     """Journal.holding's block (a plain class: entered on the hot path, where a generator costs more)."""
 
-    __slots__ = ("_held", "_journal", "_me")
+    __slots__ = ("_journal", "_me", "_outer")
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
-        self._held: list[_Write] | None = None
+        self._outer: list[_Write] | None = None  # set for the outermost block of its thread
 
     def __enter__(self) -> None:
         self._me = me = threading.get_ident()
-        held = self._journal._held
-        if me not in held:  # nested: the outer block hands them over
-            self._held = held[me] = []
+        journal = self._journal
+        with journal._hold_lock:
+            if me not in journal._held:  # nested: the outer block hands them over
+                self._outer = journal._held[me] = []
 
     def __exit__(self, *exc: object) -> None:
-        if self._held is not None:
-            del self._journal._held[self._me]
-            self._journal._release(self._held)
+        if self._outer is not None:
+            self._journal._release(self._me)
 
 
 class JournalCorrupt(EnvironmentProblem):
@@ -890,6 +890,10 @@ class Journal:
         self._write_lock = threading.Lock()  # the writer connection: the writer thread and sync writes
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._held: dict[int, list[_Write]] = {}  # per thread, while it is `holding`
+        self._commits_waiting: set[str] = set()  # migrations whose _Committed waits for a block's end
+        # `_held`, `_commits_waiting`, and queueing a record with `_closed` read: close() sets it (and
+        # queues the writer's end) under it, so nothing is queued after the writer's end
+        self._hold_lock = threading.Lock()
         self._urgent = threading.Event()  # someone waits for the writer: no gathering
         self._logged = False  # the writer logged its first failure
         self._seq_lock = threading.Lock()
@@ -1062,14 +1066,38 @@ class Journal:
     def _put(self, write: _Write) -> None:
         if self.readonly:
             raise OrchestratorError(f"the journal {self.path} is open read-only; {write.what} not recorded")
-        if self._closed:
-            raise OrchestratorError(f"the journal {self.path} is closed; {write.what} not recorded")
-        if self._held:
-            held = self._held.get(threading.get_ident())
+        with self._hold_lock:
+            if self._closed:
+                raise OrchestratorError(f"the journal {self.path} is closed; {write.what} not recorded")
+            held = self._held.get(threading.get_ident()) if self._held else None
             if held is not None:
-                held.append(write)
-                return
-        self._queue.put(write)
+                if write.ticket is None:
+                    held.append(write)
+                    return
+                self._hand_over(held)  # its caller waits for it: what the block holds goes first
+            self._queue.put(write)
+
+    def _hand_over(self, held: list[_Write]) -> None:
+        """Queue what a block holds, in order, and the markers that waited for it (`_hold_lock` held)."""
+        for write in held:
+            if self._closed:  # closed meanwhile: the writer is gone (close() kept the intents file)
+                if write.migration is not None:
+                    self._intents_lost.add(write.migration)
+                self._failed(
+                    OrchestratorError(f"the journal {self.path} closed before {write.what} was recorded")
+                )
+            else:
+                self._queue.put(write)
+        held.clear()
+        for migration in list(self._commits_waiting):
+            if not self._holds(migration):
+                self._commits_waiting.discard(migration)
+                if not self._closed:
+                    self._queue.put(_Committed(migration))
+
+    def _holds(self, migration: str) -> bool:
+        """Whether a block holds a device action of `migration` (`_hold_lock` held)."""
+        return any(write.migration == migration for held in self._held.values() for write in held)
 
     def holding(self) -> _Holding:
         """A block whose records, made on this thread, reach the writer when it ends, in their order: the
@@ -1078,16 +1106,9 @@ class Journal:
         (the `starting` of a device action, in its intents file or the journal) is written at once."""
         return _Holding(self)
 
-    def _release(self, held: list[_Write]) -> None:
-        for write in held:
-            if self._closed:  # closed meanwhile: the writer is gone (an intents file is kept)
-                if write.migration is not None:
-                    self._intents_lost.add(write.migration)
-                self._failed(
-                    OrchestratorError(f"the journal {self.path} closed before {write.what} was recorded")
-                )
-            else:
-                self._queue.put(write)
+    def _release(self, me: int) -> None:
+        with self._hold_lock:
+            self._hand_over(self._held.pop(me))
 
     def begin_migration(
         self,
@@ -1300,7 +1321,11 @@ class Journal:
             )
         )
         if self._intents is not None:  # its file goes once everything of it is committed
-            self._queue.put(_Committed(id))
+            with self._hold_lock:
+                if self._holds(id):  # another thread's block still holds some: after them
+                    self._commits_waiting.add(id)
+                elif not self._closed:
+                    self._queue.put(_Committed(id))
 
     def mark_stale(self, now: float) -> list[str]:
         """Mark migrations left 'running' by a process of this host that no longer exists as
@@ -1389,7 +1414,11 @@ class Journal:
         """
         if not self._closed and not self.readonly:
             done = threading.Event()
-            self._queue.put(done)
+            with self._hold_lock:
+                held = self._held.get(threading.get_ident())
+                if held:  # "everything written so far": this thread's block included
+                    self._hand_over(held)
+                self._queue.put(done)
             self._wait(done, timeout)
         self._report_error()
 
@@ -1416,16 +1445,18 @@ class Journal:
         Raises OrchestratorError if a write failed and was not yet reported.
         """
         if not self._closed:
-            self._closed = True
+            with self._hold_lock:  # nothing is queued after the writer's end
+                self._closed = True
+                # what blocks still hold never reaches the journal: their intents files stay
+                held = {w.migration for ws in self._held.values() for w in ws if w.migration is not None}
+                held |= self._commits_waiting
+                if self._thread is not None:
+                    self._queue.put(None)
             if self._thread is not None:
-                self._queue.put(None)
                 self._urgent.set()
                 self._thread.join()
             if self._intents is not None:  # after the writer: what it committed needs no file
-                held = {
-                    w.migration for ws in list(self._held.values()) for w in ws if w.migration is not None
-                }
-                self._intents.close(keep=self._intents_lost | held)  # a block still holds those
+                self._intents.close(keep=self._intents_lost | held)
             if self._writer_conn is not None:
                 self._writer_conn.close()
             with self._read_lock:

@@ -521,6 +521,31 @@ def test_an_armed_hook_told_after_its_close_writes_nothing_anywhere(monkeypatch:
     assert not late.ok and late.error == "the armed hook cannot act: its migration has ended"
 
 
+# An armed hook that leaves a process holding its stdout open when it exits.
+LEAVES_STDOUT_OPEN = r"""
+import subprocess, sys
+left = subprocess.Popen(["sleep", "30"])  # inherits stdout
+print("ready", left.pid, flush=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_armed_hook_whose_output_outlives_it_is_followed_without_spinning() -> None:
+    hook = HookRunner().arm(Hook(Trigger.DRAIN, (sys.executable, "-c", LEAVES_STDOUT_OPEN)), VALUES)
+    assert hook.wait_ready().ok
+    left = int(hook._tail.decode().split()[1])
+    try:
+        assert hook.close() is None
+        # The reader still follows the output (the leftover holds it open), with no deadline to
+        # watch: it must block, not wake again and again on the wakeup pipe closed by close().
+        before = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - before < 0.25, "a thread spun after the armed hook closed"
+    finally:
+        os.kill(left, signal.SIGKILL)
+
+
 def test_an_armed_hook_that_cannot_start() -> None:
     hook = HookRunner().arm(Hook(Trigger.DRAIN, ("/no/such/armed-hook",)), VALUES)
     assert "program not found" in (hook.wait_ready().error or "")

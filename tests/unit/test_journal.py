@@ -1120,13 +1120,21 @@ def test_a_drain_started_by_a_killed_process_is_found_and_adopted_from_its_inten
         assert [a.seq for a in journal.device_actions("m-dead")] == [1, 2, 4, 5]
 
 
+def event_names(path: Path, migration_id: str = "m1") -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM events WHERE migration_id = ?", (migration_id,))
+        return sorted(row[0] for row in rows)
+
+
+def in_thread(work: Callable[[], object]) -> None:
+    other = threading.Thread(target=work)
+    other.start()
+    other.join()
+
+
 def test_records_made_while_holding_reach_the_writer_when_the_block_ends(
     journal: Journal, path: Path
 ) -> None:
-    def names() -> list[str]:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            return sorted(row[0] for row in conn.execute("SELECT name FROM events WHERE migration_id = 'm1'"))
-
     begin(journal, "m1")
     journal.flush()
     with journal.holding():
@@ -1136,16 +1144,81 @@ def test_records_made_while_holding_reach_the_writer_when_the_block_ends(
         journal.record_event("m1", "source", "source", "vfio", "VFIO_MIGRATION", "nic0", "prepare", T0, T0)
         with journal.holding():  # nested: the outer block hands them over
             journal.record_phase("m1", "switching-over", T0 + 2)
-        # another thread's records are not held
-        other = threading.Thread(target=lambda: journal.record_phase("m1", "other-thread", T0 + 3))
-        other.start()
-        other.join()
-        journal.flush()  # what reached the writer is committed; nothing of this block did
-        assert names() == ["phase other-thread"]
+        # another thread's records are not held; its flush commits them, and nothing of this block
+        in_thread(lambda: journal.record_phase("m1", "other-thread", T0 + 3))
+        in_thread(journal.flush)
+        assert event_names(path) == ["phase other-thread"]
         assert journal.device_actions("m1") != []  # (from the intents file)
-    journal.flush()
-    assert names() == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
+    in_thread(journal.flush)
+    assert event_names(path) == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
     assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
+
+
+def test_waiting_for_the_writer_inside_a_block_hands_the_block_over_first(
+    journal: Journal, path: Path
+) -> None:
+    begin(journal, "m1")
+    with journal.holding():
+        journal.record_phase("m1", "switching-over", T0 + 1)
+        journal.flush()  # "everything written so far": the block's records included, at once
+        assert event_names(path) == ["phase switching-over"]
+        journal.record_phase("m1", "settling", T0 + 2)
+        started = time.monotonic()
+        # a record its caller waits for (ticketed) is not held: no wait for itself until a timeout
+        assert journal.mark_recovered("m1", Outcome.SUCCEEDED, None, T0 + 3)
+        assert time.monotonic() - started < journal_module.FLUSH_TIMEOUT_S
+        assert event_names(path) == ["phase settling", "phase switching-over"]
+
+
+def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_intents_file_until_then(
+    journal: Journal, path: Path
+) -> None:
+    begin(journal, "m1")
+    inside, leave = threading.Event(), threading.Event()
+
+    def event_thread() -> None:
+        with journal.holding():
+            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
+            inside.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=event_thread)
+    other.start()
+    try:
+        assert inside.wait(10)
+        journal.finish_migration("m1", Outcome.SUCCEEDED, True, None, 0, T0 + 5)
+        journal.flush()
+        # the drain is in no table yet: its intents file is its only record and must stay
+        assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
+    finally:
+        leave.set()
+        other.join()
+    journal.flush()
+    assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
+    assert intents.read(intents.directory_of(path), "m1") == [], "its file outlived its committed records"
+
+
+def test_a_journal_closed_while_another_thread_holds_records_keeps_their_intents_file(path: Path) -> None:
+    journal = Journal.open(path)
+    begin(journal, "m1")
+    inside, leave = threading.Event(), threading.Event()
+
+    def event_thread() -> None:
+        with journal.holding():
+            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
+            inside.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=event_thread)
+    other.start()
+    try:
+        assert inside.wait(10)
+        journal.close()
+    finally:
+        leave.set()
+        other.join()
+    assert any("closed before the drain of nic0" in line for line in journal.failures)
+    assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
 
 
 def test_a_journal_closed_while_a_block_holds_records_keeps_the_intents_file_and_says_so(path: Path) -> None:
