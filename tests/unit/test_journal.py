@@ -1170,10 +1170,9 @@ def test_waiting_for_the_writer_inside_a_block_hands_the_block_over_first(
         assert event_names(path) == ["phase settling", "phase switching-over"]
 
 
-def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_intents_file_until_then(
-    journal: Journal, path: Path
-) -> None:
-    begin(journal, "m1")
+@contextlib.contextmanager
+def drain_held_by_another_thread(journal: Journal) -> Iterator[None]:
+    """Another thread (an event thread) inside a holding block that recorded m1's drain of nic0."""
     inside, leave = threading.Event(), threading.Event()
 
     def event_thread() -> None:
@@ -1186,13 +1185,21 @@ def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_int
     other.start()
     try:
         assert inside.wait(10)
+        yield
+    finally:
+        leave.set()
+        other.join()
+
+
+def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_intents_file_until_then(
+    journal: Journal, path: Path
+) -> None:
+    begin(journal, "m1")
+    with drain_held_by_another_thread(journal):
         journal.finish_migration("m1", Outcome.SUCCEEDED, True, None, 0, T0 + 5)
         journal.flush()
         # the drain is in no table yet: its intents file is its only record and must stay
         assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
-    finally:
-        leave.set()
-        other.join()
     journal.flush()
     assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
     assert intents.read(intents.directory_of(path), "m1") == [], "its file outlived its committed records"
@@ -1201,22 +1208,8 @@ def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_int
 def test_a_journal_closed_while_another_thread_holds_records_keeps_their_intents_file(path: Path) -> None:
     journal = Journal.open(path)
     begin(journal, "m1")
-    inside, leave = threading.Event(), threading.Event()
-
-    def event_thread() -> None:
-        with journal.holding():
-            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
-            inside.set()
-            leave.wait(10)
-
-    other = threading.Thread(target=event_thread)
-    other.start()
-    try:
-        assert inside.wait(10)
+    with drain_held_by_another_thread(journal):
         journal.close()
-    finally:
-        leave.set()
-        other.join()
     assert any("closed before the drain of nic0" in line for line in journal.failures)
     assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
 
