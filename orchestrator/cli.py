@@ -649,7 +649,10 @@ class SignalGuard:
     closed, on every path). Each signal is recorded in `received`, then:
 
     - while the work runs, handed to the handler, on a thread of its own (it takes locks that the
-      interrupted main thread may hold); with no handler, the first one raises KeyboardInterrupt in
+      interrupted main thread may hold) that the signal wakes at once (`signal.set_wakeup_fd`): Python
+      runs a signal's handler in the main thread only, after the call it is in returns, and a libvirt
+      call can last as long as QEMU's monitor is busy (1.5 s during a device's P2P transition, which
+      is exactly when an abort must land); with no handler, the first one raises KeyboardInterrupt in
       the main thread, as Ctrl-C does by default (exit 130);
     - once `ended()`, only recorded: a storm of signals never kills the process (the default action)
       before its report is written, its devices undrained and its journal closed.
@@ -662,6 +665,36 @@ class SignalGuard:
         self._handler = handler
         self._running = True
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._wakeup: tuple[int, int] | None = None  # (its write end, the previous wakeup fd)
+        if handler is not None:
+            self._follow_wakeups()
+
+    def _follow_wakeups(self) -> None:
+        """Dispatch each SIGINT/SIGTERM from a thread that the signal itself wakes."""
+        import _thread
+        import signal
+
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        try:
+            previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: the main thread's handler dispatches, later
+            os.close(read_end)
+            os.close(write_end)
+            return
+        self._wakeup = (write_end, previous)
+        _thread.start_new_thread(self._follow, (read_end,))
+
+    def _follow(self, read_end: int) -> None:
+        import signal
+
+        try:
+            while data := os.read(read_end, 64):  # one byte per signal received; EOF: restored
+                for signum in data:
+                    if signum in (signal.SIGINT, signal.SIGTERM) and self._running and self._handler:
+                        self._handler(signal.Signals(signum).name)
+        finally:
+            os.close(read_end)
 
     def ended(self) -> None:
         """The work is over: from now on signals are recorded and ignored."""
@@ -673,6 +706,11 @@ class SignalGuard:
 
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        if self._wakeup is not None:
+            write_end, previous_fd = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous_fd)
+            os.close(write_end)  # the following thread reads EOF and ends
 
     def ignore_to_exit(self) -> None:
         """The command is over and the process only exits now: ignore the signals to the end."""
@@ -690,7 +728,8 @@ class SignalGuard:
         if not self._running:
             return
         if self._handler is not None:
-            _thread.start_new_thread(self._handler, (name,))
+            if self._wakeup is None:  # else the wakeup's thread has dispatched it already
+                _thread.start_new_thread(self._handler, (name,))
             return
         self._running = False
         raise KeyboardInterrupt(name)
