@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import procfs
 from orchestrator.hooks import (
     KILL_GRACE_S,
     OUTPUT_TAIL_BYTES,
@@ -52,11 +53,8 @@ def sh(
 
 def gone(pid: int) -> bool:
     """True once the process no longer exists or is a zombie (this container's init may not reap)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    found = procfs.proc(pid)  # None also when it vanishes while /proc is read (ESRCH)
+    return found is None or found.dead
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
@@ -578,11 +576,8 @@ def pids_in(directory: Path) -> list[int]:
 
 def left_behind(pid: int) -> bool:
     """Alive, or a zombie of ours: what a killed hook must not leave (init's zombies are init's)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z" or int(fields[1]) == os.getpid()
+    found = procfs.proc(pid)  # None also when it vanishes while /proc is read (ESRCH)
+    return found is not None and (not found.dead or found.ppid == os.getpid())
 
 
 def bury(pids: list[int]) -> None:
