@@ -692,7 +692,11 @@ class SignalGuard:
             while data := os.read(read_end, 64):  # one byte per signal received; EOF: restored
                 for signum in data:
                     if signum in (signal.SIGINT, signal.SIGTERM) and self._running and self._handler:
-                        self._handler(signal.Signals(signum).name)
+                        name = signal.Signals(signum).name
+                        try:
+                            self._handler(name)
+                        except Exception as exc:  # a bug: one line, and the next signal still counts
+                            sys.stderr.write(f"orchestrator: error: handling {name} failed: {exc!r}\n")
         finally:
             os.close(read_end)
 

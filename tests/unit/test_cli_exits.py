@@ -313,3 +313,34 @@ def test_a_signal_is_handled_while_the_main_thread_is_inside_a_long_call() -> No
         "handled": ["SIGTERM"],
         "received": ["SIGTERM"],
     }
+
+
+FAILING_HANDLER = r"""
+import json, os, signal, sys, threading
+from orchestrator import cli
+
+calls = []
+second = threading.Event()
+
+def handler(name):
+    calls.append(name)
+    if len(calls) == 1:
+        raise RuntimeError("a bug")
+    second.set()
+
+guard = cli.SignalGuard(handler)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGINT)
+ran = second.wait(10)
+guard.restore()
+print(json.dumps({"second_ran": ran, "calls": calls}))
+"""
+
+
+def test_a_handler_that_fails_is_one_line_and_the_next_signal_still_counts() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_HANDLER], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"second_ran": True, "calls": ["SIGTERM", "SIGINT"]}
+    assert done.stderr == "orchestrator: error: handling SIGTERM failed: RuntimeError('a bug')\n"
