@@ -671,6 +671,25 @@ def _corruption_hint(path: Path) -> str:
     )
 
 
+def _action_write(  # the record's own columns, no row object: it is built on the hot path
+    migration_id: str,
+    seq: int,
+    device_id: str,
+    action: DeviceAction,
+    status: ActionStatus,
+    at: float,
+    detail: str | None,
+    source: str = "",
+) -> _Write:
+    """The journal's record of one device action (a drain or undrain step) of a migration."""
+    return _Write(
+        f"the {action} of {device_id} ({status}) in migration {migration_id}{source}",
+        _INSERT_DEVICE_ACTION,
+        (migration_id, seq, device_id, action.value, status.value, at, detail),
+        migration=migration_id,
+    )
+
+
 class _Holding:
     """Journal.holding's block (a plain class: entered on the hot path, where a generator costs more)."""
 
@@ -1191,12 +1210,7 @@ class Journal:
                 migration_id, intents.Intent(seq, device_id, action.value, status.value, at, detail)
             )
         )
-        write = _Write(
-            f"the {action} of {device_id} ({status}) in migration {migration_id}",
-            _INSERT_DEVICE_ACTION,
-            (migration_id, seq, device_id, action.value, status.value, at, detail),
-            migration=migration_id,
-        )
+        write = _action_write(migration_id, seq, device_id, action, status, at, detail)
         if durable or status not in _SYNC_STATUSES:
             self._put(write)  # durable already, or need not be: the journal gets it like any other record
             return None
@@ -1730,19 +1744,15 @@ class Journal:
         missing = self._uncommitted(migration_id, self._committed_actions(migration_id))
         for row in missing:
             self._put(
-                _Write(
-                    f"the {row.action} of {row.device_id} ({row.status}) in migration {migration_id}, "
-                    "from its intents file",
-                    _INSERT_DEVICE_ACTION,
-                    (
-                        migration_id,
-                        row.seq,
-                        row.device_id,
-                        row.action.value,
-                        row.status.value,
-                        row.at,
-                        row.detail,
-                    ),
+                _action_write(
+                    migration_id,
+                    row.seq,
+                    row.device_id,
+                    row.action,
+                    row.status,
+                    row.at,
+                    row.detail,
+                    ", from its intents file",
                 )
             )
         if missing:

@@ -515,10 +515,8 @@ class Migration:
                 # Linux lets the parent run on first, and our bookkeeping below would otherwise delay
                 # the drain by ~1 ms on a busy host.
                 os.sched_yield()
-        if trigger is Trigger.DRAIN:
-            self._flush_deferred()  # what happened before this drain is recorded before what follows
-        else:
-            self._flush_deferred()
+        self._flush_deferred()  # what happened before this action is recorded before what follows
+        if trigger is not Trigger.DRAIN:
             # Under way: a process killed from here on leaves an undrain that `recover` does not run
             # a second time (it waits for these processes instead, and runs it again only if they
             # are gone and their result was never journaled). A drain needs no such record: run

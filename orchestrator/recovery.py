@@ -8,7 +8,7 @@ recovered (`Journal.unfinished`), recovery:
 1. asks both hosts whether a libvirt job of the VM is still running (a peer-to-peer migration goes
    on without its client) and waits for it to end (`job="wait"`, bounded) or aborts it (`"abort"`);
 2. asks both hosts where the VM runs now;
-   (Records of its that only its intents file has, orchestrator.intents, are copied into the
+   (Its records that only its intents file has, see orchestrator.intents, are copied into the
    journal first.)
 3. runs the undrain hooks of every device that may still be drained, once, with the policy the
    migration used (its text, as journaled when it began) and the state the device ends in; each
