@@ -278,10 +278,7 @@ def lab_guest(
         disk_mib=disk_mib,
     )
     target = lab.host_by_name(host, lab_dir)
-    lab_guest_mod.create_guest(target, spec, start=start, root=lab_dir)
-    ready_s = None
-    if start and workload != "idle":  # a workload guest is ready when its /init says so
-        ready_s = lab_guest_mod.wait_ready(name, lab_dir)
+    ready_s = lab_guest_mod.create_guest(target, spec, start=start, root=lab_dir).ready_s
     if as_json:
         report: dict[str, object] = {
             "name": name,

@@ -80,6 +80,11 @@ def run(name: str, root: Path | None, out: TextIO) -> list[Report]:
                 )
                 out.write(f"    {device.device_id}: drained by {device.trigger}, {margin}\n")
         out.write("\n" + summary([stop_peer(p) for p in peers]) + "\n")
+        out.write(
+            f"\nThe lab is still up in {root}: {', '.join(h.name for h in hosts)} (guest {name} on "
+            f"{hosts[where].name}). Look around with: {lab.lab_command('status', root)}\n"
+            f"Stop it with: {lab.lab_command('down', root)}\n"
+        )
     finally:
         for peer in peers:
             if peer.poll() is None:
@@ -126,8 +131,15 @@ def summary(stats: list[dict[str, Any]]) -> str:
     lines = []
     for s in stats:
         margins = ", ".join(f"{m:.1f} ms" for m in s["margins_ms"]) or "-"
+        other = (
+            f"; {s['timeouts_other']} more outside it: the device answered late on a busy machine, "
+            "which no drain prevents"
+            if s["timeouts_other"]
+            else ""
+        )
         lines.append(
-            f"RDMA peers of {s['device']}: {s['timeouts']} timeouts ({s['timeout_ms']:.0f} ms timeout, "
-            f"{len(s['outages'])} quiet periods, disarmed {len(s['disarms'])}x, margin left {margins})"
+            f"RDMA peers of {s['device']}: {s['timeouts_quiet']} timeouts in the device's quiet time "
+            f"({s['timeout_ms']:.0f} ms timeout, {len(s['outages'])} outages, disarmed "
+            f"{len(s['disarms'])}x, margin left {margins}){other}"
         )
     return "\n".join(lines)

@@ -284,8 +284,20 @@ def guest_xml(
 """
 
 
-def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Path | None = None) -> str:
-    """Define (and start) a lab guest on `host`; returns its XML. Refuses a name in use on any lab host."""
+@dataclass(frozen=True)
+class CreatedGuest:
+    """A lab guest just made: its domain XML, and how long its workload took to say it is ready."""
+
+    xml: str
+    ready_s: float | None  # None: not started, or an idle guest (no OS: ready as soon as it runs)
+
+
+def create_guest(
+    host: LabHost, spec: GuestSpec, *, start: bool = True, root: Path | None = None
+) -> CreatedGuest:
+    """Define (and start) a lab guest on `host`. A started workload guest is returned only once its
+    /init reports ready (`wait_ready`): migrating a guest that still boots copies a VM that dirties
+    nothing yet, which converges at once and proves nothing. Refuses a name in use on any lab host."""
     spec.validate()
     console = None
     if spec.workload != "idle":
@@ -314,4 +326,5 @@ def create_guest(host: LabHost, spec: GuestSpec, *, start: bool = True, root: Pa
         if disk is not None:
             disk.unlink(missing_ok=True)
         raise
-    return xml
+    ready_s = wait_ready(spec.name, root) if start and spec.workload != "idle" else None
+    return CreatedGuest(xml, ready_s)

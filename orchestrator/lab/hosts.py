@@ -101,7 +101,18 @@ def lab_command(words: str, root: Path | None = None) -> str:
     that the hint works when pasted."""
     path = lab_root(root)
     where = "" if path == DEFAULT_ROOT else f" --lab-dir {shlex.quote(str(path))}"
-    return f"orchestrator lab {words}{where}"
+    return f"{program()} lab {words}{where}"
+
+
+def program() -> str:
+    """How to run the orchestrator from here: `orchestrator` when that is on PATH, else the path of
+    the one beside this Python (the virtualenv's, as `make demo` runs it)."""
+    beside = Path(sys.executable).parent / "orchestrator"
+    on_path = shutil.which("orchestrator")
+    if on_path is not None or not beside.exists():
+        return "orchestrator"
+    relative = os.path.relpath(beside)
+    return shlex.quote(relative if not relative.startswith("..") else str(beside))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lab.rdma_hook import control_path, fabric_dir
+from orchestrator.lab.realtime import make_realtime
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Outage:
     end: float | None = None  # the first answer after it
     armed: bool = False  # whether the peer's timeout was armed when the outage exceeded it
     timed_out: bool = False
+    # The device said it was quiet (its P2P transition and after: what a drain is for). False: nothing
+    # said so, the device or this machine was just slow (a hiccup no drain can prevent).
+    device_quiet: bool = False
 
 
 @dataclass
@@ -80,10 +84,22 @@ class PeerStats:
             margins.append(round((outage.start + self.timeout_ms / 1000 - disarm) * 1000, 3))
         return margins
 
+    @property
+    def timeouts_quiet(self) -> int:
+        """Timeouts in the device's own quiet time: a drain came too late (or not at all)."""
+        return sum(1 for o in self.outages if o.timed_out and o.device_quiet)
+
+    @property
+    def timeouts_other(self) -> int:
+        """Timeouts outside it: the device answering late on a busy machine, which no drain prevents."""
+        return self.timeouts - self.timeouts_quiet
+
     def to_json(self) -> dict[str, Any]:
         """The report."""
         doc = asdict(self)
         doc["margins_ms"] = self.margins_ms()
+        doc["timeouts_quiet"] = self.timeouts_quiet
+        doc["timeouts_other"] = self.timeouts_other
         return doc
 
 
@@ -99,6 +115,7 @@ class Peer:
         self.stats = PeerStats(domain, device, interval_ms, timeout_ms)
         self.armed = True
         self.last_answer = time.time()
+        self.last_quiet = 0.0  # when the device last said it was quiet
         self.outage: Outage | None = None
         self.control_path = Path(control_path(str(fabric), domain, device))
         self.probe_path = self.dir / f"{device}.peer-probe.{os.getpid()}.sock"
@@ -120,6 +137,14 @@ class Peer:
             with contextlib.suppress(OSError):  # a stale socket of a QEMU that is gone
                 self.probe.sendto(b"ping", str(target))
 
+    def _on_reply(self, data: bytes, now: float) -> None:
+        if data.startswith(b"quiet"):
+            self.last_quiet = now
+            if self.outage is not None:
+                self.outage.device_quiet = True
+        else:
+            self._on_answer(now)
+
     def _on_answer(self, now: float) -> None:
         self.stats.answers += 1
         self.last_answer = now
@@ -132,7 +157,7 @@ class Peer:
         if quiet_ms <= self.stats.interval_ms * 2 + 5 and self.outage is None:
             return
         if self.outage is None and quiet_ms > self.stats.interval_ms * 2 + 5:
-            self.outage = Outage(start=self.last_answer)
+            self.outage = Outage(start=self.last_answer, device_quiet=self.last_quiet > self.last_answer)
             self.stats.outages.append(self.outage)
         outage = self.outage
         if outage is None or outage.timed_out or not self.armed:
@@ -166,8 +191,9 @@ class Peer:
     def run(self, duration_s: float | None = None) -> PeerStats:
         """Probe until `stop` (control command or signal) or the duration ends."""
         # The peers are other hosts in real life: keep them from queueing behind this machine's work.
-        with contextlib.suppress(OSError):
-            os.nice(-10)
+        refused = make_realtime()
+        if refused is not None:
+            sys.stderr.write(f"peer of {self.stats.domain}/{self.device}: note: {refused}\n")
         sel = selectors.DefaultSelector()
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(self.probe, selectors.EVENT_READ, "probe")
@@ -186,8 +212,8 @@ class Peer:
                     else:
                         with contextlib.suppress(OSError):
                             while True:
-                                self.probe.recvfrom(64)
-                                self._on_answer(time.time())
+                                data, _addr = self.probe.recvfrom(64)
+                                self._on_reply(data, time.time())
                 self._check(time.time())
         finally:
             sel.close()

@@ -38,7 +38,8 @@ entries, so they travel with the domain when it migrates:
   it also stops answering the moment a P2P transition begins.
 - ORCH_SIM_FABRIC: a directory; the device then answers liveness probes on a datagram socket
   `<dir>/<domain>/<device-id>@<pid>.sock` (send anything, get `alive <state>` back while it answers,
-  nothing otherwise): the stand-in for the device's RDMA peers observes that.
+  `quiet <state>` inside its P2P transition and after it, nothing otherwise): the stand-in for the
+  device's RDMA peers observes that. The event proxy runs at real-time priority (lab/realtime.py).
 - ORCH_SIM_QEMU: the real QEMU binary (default: qemu-system-x86_64 on PATH).
 
 Like QEMU, a device emits events only when its `migration-events` property is on:
@@ -63,6 +64,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from orchestrator.lab.realtime import make_realtime
 
 STATES = (
     "stop",
@@ -583,9 +586,14 @@ class Proxy:
             _data, addr = device.probe.recvfrom(64)
         except OSError:
             return
-        if addr and self.sim.answering(device):
+        if not addr:
+            return
+        # `quiet`: the lab's own annotation (no real device says it), so that the peers can tell the
+        # device's quiet time from an outage of this machine's making (a starved process answers nothing).
+        word = "alive" if self.sim.answering(device) else "quiet" if device.quiet else None
+        if word is not None:
             with contextlib.suppress(OSError):
-                device.probe.sendto(f"alive {device.state}".encode(), addr)
+                device.probe.sendto(f"{word} {device.state}".encode(), addr)
 
     # loop --------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -680,8 +688,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.fork() == 0:
             qemu_end.close()
             # The device is hardware in real life: it must not queue behind this machine's other work.
-            with contextlib.suppress(OSError):
-                os.nice(-10)
+            refused = make_realtime()
+            if refused is not None:
+                log(refused)
             listener = socket.socket(fileno=libvirt_fd)
             try:
                 Proxy(listener, proxy_end, Simulator(config), domain).serve()

@@ -199,6 +199,13 @@ class Case:
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines()]
 
+    def ends(self) -> dict[int, dict[str, Any]]:
+        """How each hook run ended, by its PID (record-hook writes LOG.ends as it exits or is killed)."""
+        ends = self.log.with_name(self.log.name + ".ends")
+        if not ends.exists():
+            return {}
+        return {record["pid"]: record for record in map(json.loads, ends.read_text().splitlines())}
+
     def calls(self, trigger: str, device: str | None = None) -> list[dict[str, Any]]:
         return [h for h in self.hooks() if h["args"][0] == trigger and device in (None, h["args"][2])]
 
@@ -254,8 +261,9 @@ def assert_three_facts(
 ) -> str:
     """The three facts after any fault, checked from outside the orchestrator; returns where the VM runs.
 
-    1. Every device that was drained (per the hook log) was undrained exactly once, after its drain,
-       and none was drained twice (undrain runs by `recover` count: they log to the same file).
+    1. Every device that was drained (per the hook log) was undrained exactly once, never before its
+       drain hook had ended (per the hook's own record of its end), and none was drained twice (undrain
+       runs by `recover` count: they log to the same file).
     2. The VM runs on exactly one host (`on`: which, if the test knows), and is not paused.
     3. The journal tells the truth (`orchestrator history ID`): the outcome matches where the VM runs,
        `recovered` is set if and only if `recover` finished it, and no device is left drained per its
@@ -298,7 +306,9 @@ def assert_three_facts(
         drains, undrains = case.calls("drain", device), case.calls("undrain", device)
         assert len(drains) == 1, f"{device} drained {len(drains)} times: {case.hooks()}"
         assert undrains, f"{device} was drained and never undrained: {case.hooks()}"
-        assert drains[0]["t"] < undrains[0]["t"], f"{device} undrained before its drain: {case.hooks()}"
+        end = case.ends().get(drains[0]["pid"])
+        assert end is not None, f"{device}'s drain hook never recorded its end: {case.hooks()}"
+        assert end["end"] < undrains[0]["t"], f"{device} undrained before its drain ended: {end}, {undrains}"
         if len(undrains) > 1:
             undrained_twice.append(f"{device} undrained {len(undrains)} times")
     never_drained = {h["args"][2] for h in case.calls("undrain")} - set(drained)

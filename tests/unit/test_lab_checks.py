@@ -125,6 +125,28 @@ def test_peer_margins_pair_each_disarm_with_its_nearest_outage(outages, disarm, 
     assert stats.margins_ms() == [pytest.approx(margin, abs=0.01)]
 
 
+@pytest.mark.parametrize(
+    ("replies", "quiet", "other"),
+    [
+        ([(100.005, "quiet pre-copy")], 1, 0),  # the device said it was quiet: a drain came too late
+        ([], 0, 1),  # silence only: the device (or this machine) was slow, no drain could help
+        ([(100.010, "alive running"), (100.040, "alive running")], 0, 0),  # answered in time
+    ],
+)
+def test_peer_tells_timeouts_in_the_devices_quiet_time_from_the_others(replies, quiet, other) -> None:
+    from orchestrator.lab.peer import Peer, PeerStats
+
+    peer = Peer.__new__(Peer)  # the bookkeeping only: no sockets
+    peer.stats = PeerStats("vm", "nic0", 5.0, 30.0)
+    peer.armed, peer.last_answer, peer.last_quiet, peer.outage = True, 100.0, 0.0, None
+    for at, reply in replies:
+        peer._on_reply(reply.encode(), at)
+    peer._check(100.020)  # past 15 ms without an answer: an outage
+    peer._check(100.050)  # 50 ms without one: past the 30 ms timeout
+    stats = peer.stats.to_json()
+    assert (stats["timeouts_quiet"], stats["timeouts_other"]) == (quiet, other), stats
+
+
 def test_a_process_that_starts_a_lab_is_no_subreaper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """libvirtd waits for the QEMU it stops to vanish: a QEMU orphaned to a subreaper that does not reap
     it (a process that ran hooks and started a lab: demo, bench, tests) would hold each destroy 40 s."""

@@ -1075,6 +1075,8 @@ def test_proxy_leaves_the_schema_alone_for_10_0(wire: Any) -> None:
 
 
 def test_liveness_socket_answers_only_while_running(wire: Any, short_dir: Path) -> None:
+    """`alive STATE` while it answers; inside the P2P transition and after it, `quiet STATE` (the lab's
+    annotation for the peers' report), which a peer does not count as an answer."""
     w = wire(transition_s=0.5, fabric=short_dir / "fabric")
     w.roundtrip()
     probe_path = short_dir / "fabric" / "vm1" / f"nic0@{os.getpid()}.sock"
@@ -1087,10 +1089,11 @@ def test_liveness_socket_answers_only_while_running(wire: Any, short_dir: Path) 
         peer.sendto(b"ping", str(probe_path))
         return peer.recv(64)
 
-    def unanswered() -> None:
-        # Any answer would be queued before the proxy's next monitor output, which the caller
-        # has just received: so an empty queue now means the probe went unanswered.
+    def unanswered(said: bytes) -> None:
+        # Any reply is queued before the proxy's next monitor output, which the caller has just
+        # received: the one reply is the device saying it is quiet, and nothing else is queued.
         peer.settimeout(0)
+        assert peer.recv(64) == said
         with pytest.raises(BlockingIOError):
             peer.recv(64)
         peer.settimeout(TIMEOUT)
@@ -1103,12 +1106,12 @@ def test_liveness_socket_answers_only_while_running(wire: Any, short_dir: Path) 
         assert vfio_state(w.from_proxy.message()) == "pre-copy-p2p-prepare"
         peer.sendto(b"ping", str(probe_path))  # inside the 500 ms transition
         assert vfio_state(w.from_proxy.message()) == "pre-copy-p2p"
-        unanswered()
+        unanswered(b"quiet pre-copy")
         assert vfio_state(w.from_proxy.message()) == "stop-copy"
         assert w.from_proxy.message()["event"] == "STOP"
         peer.sendto(b"ping", str(probe_path))
         w.roundtrip()
-        unanswered()
+        unanswered(b"quiet stop-copy")
     finally:
         peer.close()
     w.libvirt.close()
