@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import math
 import os
 import sys
 import threading
@@ -30,6 +31,7 @@ from orchestrator.errors import ExitCode, NothingToDo, OrchestratorError
 from orchestrator.render import (
     emit_json,
     info,
+    outlast_the_terminal,
     priority,
     show_evacuation,
     show_record,
@@ -558,6 +560,13 @@ def migrate_cmd(
     if not dest_uri.strip():
         raise_bad("the destination URI is empty", "give a libvirt URI, e.g. 'qemu+ssh://HOST/system'")
 
+    if not (math.isfinite(lock_wait) and 0 <= lock_wait <= MAX_LOCK_WAIT_S):
+        raise_bad(
+            f"--lock-wait must be a number of seconds from 0 to {MAX_LOCK_WAIT_S:g}, not {lock_wait:g}",
+            "give how long to wait for another migration of the VM",
+        )
+    if not dry_run:
+        start_supervisor()  # first: before any thread exists (the journal's check starts one)
     checked = check_journal(journal)  # reads the whole journal while the rest starts up
     from orchestrator import migration as mig
     from orchestrator.locks import lock_dir
@@ -601,8 +610,7 @@ def migrate_cmd(
     )
     if request.source_uri == request.destination_uri:
         raise_bad(f"source and destination are the same URI ({dest_uri})", "give a different destination")
-    if lock_wait < 0:
-        raise_bad(f"--lock-wait must be >= 0 seconds, not {lock_wait:g}", "drop it or give a positive number")
+    outlast_the_terminal()
     live = LiveMigration()
     with (
         open_journal(journal, checked) as jour,
@@ -618,10 +626,11 @@ def migrate_cmd(
             on_progress=live.progress,
             on_entry=live.entry,
             on_plan=live.plan,
-            lock_dir=lock_dir(jour.path),
+            lock_dir=lock_dir(),
             lock_wait_s=lock_wait,
         )
-        signals = on_signals(migration.interrupt)  # until the report is out and the journal closed
+        # until the report is out and the journal closed
+        signals = on_signals(migration.interrupt, migration.hung_up)
         try:
             report = migration.run()
         finally:
@@ -639,8 +648,8 @@ def migrate_cmd(
 
 
 class SignalGuard:
-    """SIGINT and SIGTERM from `on_signals` to the exit of the `orchestrator` process (ignored from the
-    end of the command on: Python puts the default action back for its shutdown, and a signal then
+    """SIGINT, SIGTERM and SIGHUP from `on_signals` to the exit of the `orchestrator` process (ignored from
+    the end of the command on: Python puts the default action back for its shutdown, and a signal then
     would turn exit 130 into death by SIGTERM); when the CLI runs in another program (tests), to the
     end of the command (the click context's close: after its report is printed and its journal
     closed, on every path). Each signal is recorded in `received`, then:
@@ -652,16 +661,23 @@ class SignalGuard:
       is exactly when an abort must land); with no handler, the first one raises KeyboardInterrupt in
       the main thread, as Ctrl-C does by default (exit 130);
     - once `ended()`, only recorded: a storm of signals never kills the process (the default action)
-      before its report is written, its devices undrained and its journal closed.
+      before its report is written, its devices undrained and its journal closed;
+    - SIGHUP only ever recorded (and `on_hangup` told): the migration runs in libvirt anyway, so it is
+      finished, undrained and recorded; the terminal's streams are `render.Outlasting`.
     """
 
-    def __init__(self, handler: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, handler: Callable[[str], None] | None, on_hangup: Callable[[], None] | None = None
+    ) -> None:
         import signal
 
         self.received: list[str] = []
         self._handler = handler
+        self._on_hangup = on_hangup
         self._running = True
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
         self._wakeup: tuple[int, int] | None = None  # (its write end, the previous wakeup fd)
         if handler is not None:
             self._follow_wakeups()
@@ -688,7 +704,12 @@ class SignalGuard:
         try:
             while data := os.read(read_end, 64):  # one byte per signal received; EOF: restored
                 for signum in data:
-                    if signum in (signal.SIGINT, signal.SIGTERM) and self._running and self._handler:
+                    if signum == signal.SIGHUP and self._running and self._on_hangup is not None:
+                        try:
+                            self._on_hangup()
+                        except Exception as exc:  # a bug: one line, and the run goes on
+                            sys.stderr.write(f"orchestrator: error: handling SIGHUP failed: {exc!r}\n")
+                    elif signum in (signal.SIGINT, signal.SIGTERM) and self._running and self._handler:
                         name = signal.Signals(signum).name
                         try:
                             self._handler(name)
@@ -726,7 +747,7 @@ class SignalGuard:
 
         name = signal.Signals(signum).name
         self.received.append(name)
-        if not self._running:
+        if not self._running or signum == signal.SIGHUP:  # a hang-up never stops the work
             return
         if self._handler is not None:
             if self._wakeup is None:  # else the wakeup's thread has dispatched it already
@@ -736,10 +757,13 @@ class SignalGuard:
         raise KeyboardInterrupt(name)
 
 
-def on_signals(handler: Callable[[str], None] | None) -> SignalGuard:
-    """Guard SIGINT and SIGTERM until the command ends (see `SignalGuard`): `handler(signal name)`
-    stops the work, or, None, the first signal raises KeyboardInterrupt."""
-    guard = SignalGuard(handler)
+def on_signals(
+    handler: Callable[[str], None] | None, on_hangup: Callable[[], None] | None = None
+) -> SignalGuard:
+    """Guard SIGINT, SIGTERM and SIGHUP until the command ends (see `SignalGuard`): `handler(signal name)`
+    stops the work, or, None, the first SIGINT/SIGTERM raises KeyboardInterrupt; SIGHUP (the terminal
+    hung up: the admin's ssh session died) never stops it, `on_hangup` is told."""
+    guard = SignalGuard(handler, on_hangup)
     try:
         from typer._click.globals import get_current_context
     except ImportError:  # pragma: no cover - depends on the installed Typer
@@ -751,6 +775,17 @@ def on_signals(handler: Callable[[str], None] | None) -> SignalGuard:
         ours = getattr(sys.modules.get("__main__"), "main", None) is main
         context.call_on_close(guard.ignore_to_exit if ours else guard.restore)
     return guard
+
+
+MAX_LOCK_WAIT_S = 86400.0  # a day: longer than any migration a run could wait for
+
+
+def start_supervisor() -> None:
+    """Fork the hook supervisor now (orchestrator.supervisor): a command that may run hooks calls it
+    first, before any thread exists."""
+    from orchestrator import supervisor
+
+    supervisor.shared()
 
 
 def plain_argument(what: str, text: str | None) -> None:
@@ -770,7 +805,8 @@ def raise_bad(message: str, hint: str) -> NoReturn:
 def check_journal(path: Path | None) -> Callable[[], bool]:
     """Start verifying the journal now, in the background (see journal.check_in_background), for
     `open_journal`: call first thing in a command, so that reading the whole file overlaps the imports."""
-    from orchestrator.journal import check_in_background, journal_path
+    from orchestrator.journal import journal_path
+    from orchestrator.journal_db import check_in_background
 
     return check_in_background(journal_path(path))
 
@@ -854,6 +890,8 @@ def recover_cmd(
         if as_json:
             emit_json({"recovered": [], "skipped": [], "exit_code": 0})
         return
+    start_supervisor()  # before any thread exists: it runs recover's undrain hooks
+    outlast_the_terminal()
     with Journal.open(path, check=True) as jour:
         recovery = Recovery(jour, open_libvirt_host, job=job.value, job_wait_s=job_wait, on_line=info)
         # The first signal stops it as Ctrl-C does; later ones cannot cut its close or the journal's.
@@ -943,6 +981,8 @@ def evacuate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
+    if not dry_run:
+        start_supervisor()  # first: before any thread exists (the journal's check starts one)
     checked = check_journal(journal)  # reads the whole journal while the rest starts up
     from orchestrator.evacuation import Evacuation, EvacuationRequest
     from orchestrator.locks import lock_dir
@@ -975,6 +1015,7 @@ def evacuate_cmd(
         ),
     )
     request.validate()
+    outlast_the_terminal()
     live = LiveEvacuation()
     with open_journal(journal, checked) as jour:
         evacuation = Evacuation(
@@ -982,7 +1023,7 @@ def evacuate_cmd(
             journal=jour,
             on_status=live.status,
             on_line=live.line,
-            lock_dir=lock_dir(jour.path),
+            lock_dir=lock_dir(),
             reconcile=None
             if dry_run
             else (lambda hosts, name: reconcile(jour, list(hosts), name, live.line)),

@@ -1,33 +1,39 @@
 """Hook definitions and the hook runner (argv commands, never a shell).
 
 The types first (`Trigger`, `OnFailure`, `PLACEHOLDERS`, `Hook`) are the contract shared with `policy`.
-The runner below starts each hook at once (drain hooks are started from the event thread the moment
-a prepare event arrives), lets a waiter thread per hook enforce its deadline and collect its output, and
-reports a `HookResult` for every run, including runs that could not start.
+The runner below has every hook started by the hook supervisor (orchestrator.supervisor), which
+records each one's start and end in the migration's run log, enforces its deadline and kills its
+tree: starting a hook is one message on a socket, cheap enough for the event thread the moment a
+prepare event arrives. Every run gets a `HookResult`, including runs that could not start.
 """
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import itertools
 import logging
 import os
 import selectors
 import shutil
-import signal
 import string
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from orchestrator import procfs
-from orchestrator.procfs import Proc, set_child_subreaper
+from orchestrator import trust
+from orchestrator.supervisor import (
+    KILL_GRACE_S,
+    KILL_WAIT_S,
+    OUTPUT_TAIL_BYTES,
+    Ended,
+    Supervisor,
+    hook_path,
+    shared,
+)
 
 
 class Trigger(StrEnum):
@@ -85,11 +91,7 @@ RETRIED_TRIGGERS: frozenset[Trigger] = frozenset(
     {Trigger.BEFORE, Trigger.AFTER_SUCCESS, Trigger.AFTER_FAILURE}
 )
 
-OUTPUT_TAIL_BYTES = 2048  # output kept per run: enough for an error message, bounded for chatty hooks
-KILL_GRACE_S = 0.2  # between SIGTERM and SIGKILL of a timed-out hook's process group
-_IDLE_POLL_S = 0.05  # how often a quiet hook is checked for exit (its pipe may be held by a grandchild)
 _READ_CHUNK = 65536
-_FINAL_READS = 16  # chunks read after the hook ended
 ARM_TIMEOUT_S = 10.0  # an armed hook must print `ready` within this long of its start
 _KNOWN = frozenset(PLACEHOLDERS)
 _FORMATTER = string.Formatter()
@@ -153,25 +155,11 @@ def fill_argv(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return filled
 
 
-def hook_path() -> str:
-    """PATH for hooks: ours, then the directory of the orchestrator's own programs (so the shipped
-    `orchestrator-rdma-hook` is found when the orchestrator runs from a virtualenv not on PATH)."""
-    own = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", os.defpath)
-    return path if own in path.split(os.pathsep) else f"{path}{os.pathsep}{own}"
-
-
-def hook_env(values: Mapping[str, str]) -> dict[str, str]:
-    """The hook's environment: ours (PATH as `hook_path`), plus ORCH_<NAME> for every placeholder value.
-
-    Keys of `values` that are not placeholders are not exported.
-    """
-    env = dict(os.environ)
-    env["PATH"] = hook_path()
-    for name, value in values.items():
-        if name in _KNOWN:
-            env[f"ORCH_{name.upper()}"] = value
-    return env
+def hook_values_env(values: Mapping[str, str]) -> dict[str, str]:
+    """ORCH_<NAME> for every placeholder value: what a hook gets in its environment besides ours (the
+    supervisor's, with PATH as `supervisor.hook_path`). Keys of `values` that are not placeholders are
+    not exported."""
+    return {f"ORCH_{name.upper()}": value for name, value in values.items() if name in _KNOWN}
 
 
 @dataclass
@@ -192,6 +180,9 @@ class HookResult:
     timed_out: bool = False
     error: str | None = None  # None when the hook exited with status 0 in time
     output_tail: str = ""  # the last OUTPUT_TAIL_BYTES of stdout and stderr together
+    # The supervisor's run: its start and end are in the run log already (None: the orchestrator's own
+    # result, an armed hook's answer, which the migration records itself).
+    run: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -206,30 +197,14 @@ class HookResult:
         return record
 
 
-class RunningHook:
-    """A hook that has been started; its waiter thread enforces the deadline and collects output."""
+class SupervisedRun:
+    """A hook the supervisor runs: its result once it has ended."""
 
-    def __init__(
-        self,
-        hook: Hook,
-        result: HookResult,
-        process: subprocess.Popen[bytes] | None,
-        on_done: Callable[[HookResult], None] | None,
-    ) -> None:
-        self.hook = hook
+    def __init__(self, result: HookResult, on_done: Callable[[HookResult], None] | None) -> None:
+        self.run = result.run  # the supervisor's run (None: never asked for)
         self.done = threading.Event()  # set once the result is final and on_done has returned
         self._result = result
-        self._process = process
         self._on_done = on_done
-        self._deadline = result.start_monotonic + hook.timeout_ms / 1000
-        # Not threading.Thread: its start() blocks until the new thread runs, which took ~0.7 ms here
-        # while the child execs; a low-level thread (daemon-like, dies with the process) costs ~10 us.
-        _thread.start_new_thread(self._follow, ())
-
-    @property
-    def pid(self) -> int | None:
-        """The hook's process id (also its process group id), None if it could not start."""
-        return self._result.pid
 
     @property
     def result(self) -> HookResult | None:
@@ -237,65 +212,17 @@ class RunningHook:
         return self._result if self.done.is_set() else None
 
     def wait(self) -> HookResult:
-        """Block until the hook has ended (at the latest its deadline plus the kill grace)."""
+        """Block until the hook has ended (at the latest its deadline plus the kill's time)."""
         self.done.wait()
         return self._result
 
-    def _follow(self) -> None:
-        try:
-            if self._process is not None:
-                self._collect(self._process)
-        except Exception as exc:  # a bug here must still end the run, or drains would wait forever
-            _log.exception("following hook %s failed", self._result.label)
-            self._result.error = self._result.error or f"internal error following the hook: {exc}"
-            if self._process is not None and self._process.poll() is None:
-                _kill_group(self._process)
-        finally:
-            if self._process is not None:
-                # Before the result: a next hook may stop what this one left running at once.
-                _forget(self._process.pid)
-            self._finish()
-
-    def _collect(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None  # spawned with stdout=PIPE
-        fd = process.stdout.fileno()
-        tail = bytearray()
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            pipe_open = True
-            while pipe_open and (remaining := self._deadline - time.monotonic()) > 0:
-                # The hook's own exit ends the run, even if a background grandchild holds the pipe.
-                if process.poll() is not None:
-                    break
-                if selector.select(min(remaining, _IDLE_POLL_S)):
-                    pipe_open = _read_into(tail, fd)
-            try:
-                process.wait(max(0.0, self._deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._result.timed_out = True
-                _kill_group(process)
-            # What is left in the pipe (written just before exit or the kill), without blocking, and
-            # bounded: a grandchild may keep writing forever.
-            for _ in range(_FINAL_READS):
-                if not (pipe_open and selector.select(0)):
-                    break
-                pipe_open = _read_into(tail, fd)
-        process.stdout.close()
+    def ended(self, end: Ended) -> None:
+        """The supervisor's report of its end (on its reader thread)."""
         result = self._result
-        result.output_tail = tail.decode(errors="replace")
-        code = process.returncode
-        if result.timed_out:
-            result.error = f"timed out after {self.hook.timeout_ms} ms"
-        elif code < 0:
-            result.error = f"killed by signal {-code}"
-        elif code > 0:
-            result.error = f"exited with status {code}"
-        result.exit_code = code if code >= 0 else None
-
-    def _finish(self) -> None:
-        result = self._result
-        result.ended = time.time()
-        result.duration_ms = (time.monotonic() - result.start_monotonic) * 1000
+        result.pid, result.started, result.ended = end.pid, end.started, end.ended
+        result.duration_ms, result.exit_code, result.timed_out = end.duration_ms, end.exit_code, end.timed_out
+        result.error = result.error or end.error
+        result.output_tail = end.output_tail
         try:
             if self._on_done is not None:
                 self._on_done(result)
@@ -303,414 +230,6 @@ class RunningHook:
             _log.exception("on_done callback for hook %s failed", result.label)
         finally:
             self.done.set()
-
-
-def _read_into(tail: bytearray, fd: int) -> bool:
-    """Read one chunk of output into the bounded tail; False at end of file."""
-    chunk = os.read(fd, _READ_CHUNK)
-    tail += chunk
-    del tail[:-OUTPUT_TAIL_BYTES]
-    return bool(chunk)
-
-
-# --- a hook's whole process tree ---------------------------------------------------------------
-#
-# A hook runs in a session and process group of its own, but what it starts can leave both (`setsid`,
-# a daemon's double fork) and outlive it. The rules:
-#
-# - A hook that ends by itself, whatever its status, keeps what it left running in the background: a
-#   hook may legitimately daemonise something (an agent, a tunnel, a watcher). Nothing of its tree is
-#   signalled. What of it is alive when the hook has ended (looked for before its result is final)
-#   is reaped by a reaper thread when it exits, if it is our child by then (see below): a later hook
-#   that stops such a daemon and waits for its PID to vanish (`kill -0`, start-stop-daemon) must not
-#   wait on a zombie of ours. (One that became our child and died while the hook still ran stays a
-#   zombie until we exit: by then nothing tells it from a child of ours its own code will wait for.)
-# - A hook that is killed (past its deadline; an armed hook that is late, does not arm, or does not
-#   exit once its stdin is closed) has its WHOLE tree killed, `setsid` grandchildren and double-forked
-#   daemons included, and every process of it that becomes our child is reaped: nothing it started
-#   keeps running, holds its output pipe, or stays a zombie of ours.
-#
-# How the tree is found, at the kill, by walking /proc (no cgroup needed, nothing on the hot path but a
-# `prctl` once and one environment variable per hook):
-#
-# - the orchestrator is a child subreaper (Linux; set once, when the first hook runner is made or the
-#   first hook starts): the orphans of a hook's tree are re-parented to us instead of to init, so they
-#   stay reachable by parent links and we reap them. Not in a process that starts a lab
-#   (`forgo_subreaper`): the orphans of ITS descendants would come to us too, and libvirtd waits
-#   for the QEMU it stops to vanish, which a zombie of ours never does;
-# - each hook gets `ORCH_HOOK_RUN=<our pid>.<n>` in its environment: its descendants inherit it, so
-#   one that left the tree (re-parented to us or to init) is still known as this hook's, and never
-#   confused with another hook's leftovers;
-# - the tree is: the hook, its process group, every live process started since the hook that carries
-#   its ORCH_HOOK_RUN, every process seen in the tree at an earlier look (same PID and start time),
-#   and every descendant of those by parent links. Never us, init, or another running hook.
-#   A descendant that both left the tree and cleared its environment (`env -i` after a double fork)
-#   cannot be told from a stranger and is left alone.
-#
-# The kill: SIGTERM to the tree, the KILL_GRACE_S grace for the hook itself, then SIGKILL to the tree,
-# looked at again until nothing of it is alive (a process forking as it dies is caught on the next
-# look), at most _KILL_WAIT_S; then the zombies that are our children are reaped, the hook last.
-# Without the subreaper (not Linux, a lab process) the same tree is found and killed; init reaps it.
-
-HOOK_RUN_ENV = "ORCH_HOOK_RUN"
-_KILL_WAIT_S = 2.0  # after the grace: how long SIGKILLed processes of a tree get to vanish
-_KILL_POLL_S = 0.005
-_REAP_POLL_S = 0.1  # how often the reaper looks at a leftover when it cannot get a pidfd for it
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_run_numbers = itertools.count(1)
-_running: dict[int, tuple[bytes, int]] = {}  # hook pid -> (its ORCH_HOOK_RUN entry, boot tick of its spawn)
-_running_lock = threading.Lock()
-_subreaper: dict[str, bool] = {}  # "on": whether we are one, once tried
-_subreaper_lock = threading.RLock()
-
-
-def _prctl_subreaper(on: bool) -> bool:
-    failure = set_child_subreaper(on)
-    if failure is not None:
-        _log.debug("prctl(PR_SET_CHILD_SUBREAPER, %d) failed: %s", on, failure)
-    return failure is None
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux), once; True if it is.
-
-    For the CLI, whose only descendants are hooks, what they start, and libvirt's ssh: what of a hook
-    outlives it is reaped when it exits (see "a hook's whole process tree")."""
-    if "on" not in _subreaper:
-        with _subreaper_lock:
-            if "on" not in _subreaper:
-                _subreaper["on"] = _prctl_subreaper(True)
-    return _subreaper["on"]
-
-
-def forgo_subreaper() -> None:
-    """Never be (or stay) a subreaper in this process: call it before starting daemons that fork and
-    then wait for their own orphans to vanish (libvirtd and its QEMU, in the lab). The kernel hands a
-    subreaper the orphans of ALL its descendants, and propagates the flag to existing ones.
-
-    Hooks are still killed with their whole tree (found by their ORCH_HOOK_RUN); init reaps it."""
-    with _subreaper_lock:
-        if _subreaper.get("on", True):
-            _prctl_subreaper(False)
-        _subreaper["on"] = False
-
-
-class _Reaper:
-    """Waits for the processes finished hooks left running that are our children (we are their
-    subreaper), and reaps each as it exits: nobody else will. One thread, started at the first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._new: list[int] = []
-        self._wakeup_w = -1
-
-    def add(self, pid: int) -> None:
-        with self._lock:
-            self._new.append(pid)
-            if self._wakeup_w < 0:
-                wakeup_r, self._wakeup_w = os.pipe()
-                threading.Thread(target=self._run, args=(wakeup_r,), name="hook-reaper", daemon=True).start()
-        os.write(self._wakeup_w, b"x")
-
-    def _run(self, wakeup_r: int) -> None:
-        # Exited, but not our child when it did (its parent, also a leftover, may die and hand it to
-        # us): looked at every _REAP_POLL_S until reaped, by us or its parent.
-        lingering: set[int] = set()  # pidfds
-        polled: set[int] = set()  # PIDs, without pidfds (Linux < 5.3)
-        with selectors.DefaultSelector() as selector:
-            selector.register(wakeup_r, selectors.EVENT_READ, None)
-            while True:
-                for key, _ in selector.select(_REAP_POLL_S if lingering or polled else None):
-                    if key.data is None:
-                        os.read(wakeup_r, 4096)
-                    else:  # it exited
-                        selector.unregister(key.fd)
-                        lingering.add(key.fd)
-                with self._lock:
-                    new, self._new = self._new, []
-                for pid in new:
-                    try:
-                        selector.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
-                    except ProcessLookupError:  # already reaped
-                        pass
-                    except (OSError, AttributeError):
-                        polled.add(pid)
-                lingering = {fd for fd in lingering if not _reap_pidfd(fd)}
-                polled = {pid for pid in polled if not _reap_child(pid)}
-
-
-def _reap_pidfd(fd: int) -> bool:
-    """Reap the exited process of `fd` (exactly it, never a later one with its PID) if it is our
-    child; True, and `fd` closed, once it is reaped (by us or its parent)."""
-    try:
-        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-    except ChildProcessError:  # not our child: its parent's, or ours later
-        try:
-            signal.pidfd_send_signal(fd, 0)
-        except ProcessLookupError:  # reaped by its parent
-            pass
-        else:
-            return False
-    os.close(fd)
-    return True
-
-
-def _reap_child(pid: int) -> bool:
-    """Reap `pid` if it is our exited child; True once there is nothing more to wait for."""
-    proc = procfs.proc(pid)
-    if proc is None:
-        return True
-    if proc.ppid != os.getpid() or not proc.dead:  # alive, or not ours (yet): look again later
-        return False
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    return True
-
-
-_reaper = _Reaper()
-
-
-def _boot_ticks() -> int:
-    """Now, in the clock ticks since boot that /proc/PID/stat gives start times in."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
-
-
-def _processes() -> dict[int, Proc]:
-    found = {}
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit() and (proc := procfs.proc(int(entry.name))) is not None:
-                found[int(entry.name)] = proc
-    return found
-
-
-@dataclass(frozen=True)
-class ProcessToken:
-    """One hook process, as a journal records it: its PID and start time (PIDs are reused; the pair is
-    not). Written `PID@START`, START in clock ticks after boot, `?` if it had already exited."""
-
-    pid: int
-    start: int | None
-
-    def __str__(self) -> str:
-        return f"{self.pid}@{'?' if self.start is None else self.start}"
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessToken:
-        """The token of the live process `pid` (start None if it is already gone, or a zombie)."""
-        proc = procfs.proc(pid)
-        return cls(pid, None if proc is None or proc.dead else proc.start)
-
-    @classmethod
-    def parse_all(cls, text: str | None) -> list[ProcessToken]:
-        """Every `PID@START` in `text` (a device action's detail)."""
-        found = []
-        for word in (text or "").split():
-            pid, at, start = word.partition("@")
-            if at and pid.isdigit() and (start.isdigit() or start == "?"):
-                found.append(cls(int(pid), int(start) if start.isdigit() else None))
-        return found
-
-    def alive(self) -> bool:
-        """True while this very process runs (not a zombie, not a later process with its PID)."""
-        if self.start is None:
-            return False
-        proc = procfs.proc(self.pid)
-        return proc is not None and not proc.dead and proc.start == self.start
-
-
-def wait_gone(tokens: Iterable[ProcessToken], timeout_s: float) -> list[ProcessToken]:
-    """Wait until none of these processes runs, at most `timeout_s`; those still running then. They need
-    not be our children (a dead orchestrator's hooks): each is followed through a pidfd."""
-    deadline = time.monotonic() + timeout_s
-    fds: dict[int, ProcessToken] = {}
-    try:
-        for token in tokens:
-            try:
-                fd = os.pidfd_open(token.pid)
-            except OSError:  # gone
-                continue
-            if token.alive():  # checked after opening: the pidfd is this process's, not a successor's
-                fds[fd] = token
-            else:
-                os.close(fd)
-        with selectors.DefaultSelector() as selector:
-            for fd in fds:
-                selector.register(fd, selectors.EVENT_READ)
-            while selector.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                for key, _mask in selector.select(left):  # readable: the process has exited
-                    selector.unregister(key.fd)
-            return [fds[key.fd] for key in selector.get_map().values()]
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def kill_tokens(tokens: Iterable[ProcessToken]) -> None:
-    """SIGKILL the process group of each process that still runs (a hook leads its own group)."""
-    for token in tokens:
-        if token.alive():
-            _signal_group(token.pid, signal.SIGKILL)
-
-
-def _carries(pid: int, entry: bytes, *, patient: bool = False) -> bool:
-    """True if the process was started with `entry` (NAME=VALUE) in its environment. `patient`: an
-    empty one is read again a few times (in the middle of an exec, it reads empty for a moment)."""
-    for attempt in range(4 if patient else 1):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:  # gone, a zombie, or not ours to read
-            return False
-        if environ:
-            return entry in environ.split(b"\0")
-        if attempt < 3 and patient:
-            time.sleep(0.001)
-    return False
-
-
-class _Tree:
-    """The processes of one hook, followed across its death and their re-parenting (see above)."""
-
-    def __init__(self, leader: int) -> None:
-        self.leader = leader
-        with _running_lock:
-            self.entry, since = _running.get(leader, (b"", 0))
-        leader_proc = procfs.proc(leader)
-        # Every descendant started after the hook; a tick of slack for the rounding of both clocks.
-        self.since = leader_proc.start if leader_proc is not None else max(0, since - 1)
-        self.seen: dict[int, int] = {} if leader_proc is None else {leader: leader_proc.start}
-
-    def look(self) -> dict[int, Proc]:
-        """Every process of the tree now, zombies included."""
-        procs = _processes()
-        me = os.getpid()
-        with _running_lock:
-            others = set(_running) - {self.leader}
-
-        def eligible(pid: int) -> bool:
-            return pid not in (me, 1) and pid not in others and procs[pid].start >= self.since
-
-        roots = {pid for pid, start in self.seen.items() if pid in procs and procs[pid].start == start}
-        for pid, proc in procs.items():
-            if (
-                pid not in roots
-                and eligible(pid)
-                and (
-                    proc.pgid == self.leader
-                    or (self.entry and not proc.dead and _carries(pid, self.entry, patient=proc.ppid == me))
-                )
-            ):
-                roots.add(pid)
-        children: dict[int, list[int]] = {}
-        for pid, proc in procs.items():
-            children.setdefault(proc.ppid, []).append(pid)
-        tree: dict[int, Proc] = {}
-        stack = list(roots)
-        while stack:
-            pid = stack.pop()
-            if pid not in tree and eligible(pid):
-                tree[pid] = procs[pid]
-                stack += children.get(pid, [])
-        self.seen.update((pid, proc.start) for pid, proc in tree.items())
-        return tree
-
-    def signal(self, signum: signal.Signals) -> bool:
-        """Send `signum` to every live process of the tree and its group; True if any was alive."""
-        tree = self.look()
-        alive = [pid for pid, proc in tree.items() if not proc.dead]
-        if any(proc.pgid == self.leader for proc in tree.values()):  # the group exists: its id is ours
-            _signal_group(self.leader, signum)
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signum)
-        return bool(alive)
-
-    def reap(self) -> list[int]:
-        """Reap the tree's zombies that are our children (not the hook: its Popen does); the PIDs of
-        the tree's processes still alive."""
-        me = os.getpid()
-        alive = []
-        for pid, proc in self.look().items():
-            if not proc.dead:
-                alive.append(pid)
-            elif proc.ppid == me and pid != self.leader:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-        return alive
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the hook's whole tree (its process group and every descendant, `setsid` ones included),
-    SIGKILL what is left after the grace, reap what became our child, the hook last (see above)."""
-    tree = _Tree(process.pid)
-    tree.signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(KILL_GRACE_S)
-    # Even if the hook obeyed, what outlived it is killed: a killed hook leaves nothing.
-    deadline = time.monotonic() + _KILL_WAIT_S
-    while tree.signal(signal.SIGKILL) and time.monotonic() < deadline:
-        tree.reap()
-        time.sleep(_KILL_POLL_S)  # SIGKILLed processes take a moment to exit; there is no event for it
-    process.wait()
-    left = tree.reap()
-    if left:
-        _log.warning("hook %d: processes of its tree did not die of SIGKILL: %s", process.pid, left)
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is already empty
-        os.killpg(pgid, signum)
-
-
-def _forget(pid: int) -> None:
-    """The hook has been reaped: it is no longer a running hook of ours. What of its tree is still
-    alive is left running; the reaper reaps each such process when it exits, if it is our child by
-    then (see above). One look at /proc (about 2 ms for 100 processes), before the hook's result."""
-    try:
-        with _running_lock:
-            known = pid in _running
-        if known and _subreaper.get("on"):
-            for member, proc in _Tree(pid).look().items():
-                if member != pid and not proc.dead:
-                    _reaper.add(member)
-    except Exception:  # never at the expense of the hook's result
-        _log.exception("looking for what hook %d left running failed", pid)
-    finally:
-        with _running_lock:
-            _running.pop(pid, None)
-
-
-def _spawn(
-    argv: list[str], env: dict[str, str], *, stdin: int = subprocess.DEVNULL
-) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    """Start the program; return the process, or None and why it could not start."""
-    if not argv:
-        return None, "empty argv"
-    become_subreaper()  # once: its orphans come to us (see "a hook's whole process tree")
-    run = f"{os.getpid()}.{next(_run_numbers)}"
-    since = _boot_ticks()
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**env, HOOK_RUN_ENV: run},
-            close_fds=True,
-            start_new_session=True,  # its own process group, so a timeout kills its children too
-        )
-    except FileNotFoundError:
-        return None, f"program not found: {argv[0]}"
-    except PermissionError:
-        return None, f"program not executable: {argv[0]}"
-    except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
-        return None, f"cannot start {argv[0]}: {exc}"
-    with _running_lock:
-        _running[process.pid] = (f"{HOOK_RUN_ENV}={run}".encode(), since)
-    return process, None
 
 
 class ArmedHook:
@@ -727,49 +246,52 @@ class ArmedHook:
     - when the migration ends its stdin is closed: it exits, status 0, without acting.
 
     Any other output is kept as output (its tail is reported). A hook that dies, or does not answer in
-    time (it is then killed, with its process group), fails the action, and every later one at once.
-    The hot path is `fire`: one write to a pipe, no process started.
+    time (its whole tree is then killed by the supervisor), fails the action, and every later one at
+    once. The hot path is `fire`: one write to a pipe, no process started. The process is the
+    supervisor's (it records its start and end); its stdin and stdout pipes are ours.
     """
 
-    def __init__(self, hook: Hook, values: Mapping[str, str]) -> None:
+    def __init__(
+        self, hook: Hook, values: Mapping[str, str], supervisor: Supervisor, log: str | None
+    ) -> None:
         self.hook = hook
+        self._supervisor = supervisor
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        self._settled = threading.Event()  # ready, or dead: what wait_ready waits for
+        self._exited = threading.Event()
+        self._exit: Ended | None = None
         self._pending: dict[str, tuple[HookResult, Callable[[HookResult], None] | None, float]] = {}
         self._tail = bytearray()
         self._dead: str | None = None  # why it can no longer act
-        self._process: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._wakeup_r = self._wakeup_w = -1  # a pipe that tells the reader a new deadline exists
         self._stdin_fd = -1
         self._action = "drain" if hook.trigger is Trigger.DRAIN else "undrain"
+        self.run = supervisor.next_run()
         self.arming = self._result(None, started=time.time(), start_monotonic=time.monotonic())
         try:
             argv = fill_argv(hook.argv, values)
         except ValueError as exc:
             self._dead = f"bad argv: {exc}"
+            self._settled.set()
+            self._exited.set()
             return
-        self._process, error = _spawn(argv, hook_env(values), stdin=subprocess.PIPE)
-        if self._process is None:
-            self._dead = error
-            return
-        self.arming.pid = self._process.pid
-        assert self._process.stdin is not None
-        self._stdin_fd = self._process.stdin.fileno()
-        os.set_blocking(self._stdin_fd, False)  # a hook that stops reading never blocks us
-        self._wakeup_r, self._wakeup_w = os.pipe()
-        os.set_blocking(self._wakeup_w, False)
-        _thread.start_new_thread(self._read, ())
-
-    @property
-    def pid(self) -> int | None:
-        """The armed process's id (and process group id), None if it could not start."""
-        return self._process.pid if self._process is not None else None
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        message = _start_message(hook, argv, values, None, log, armed=True)
+        supervisor.start_run(self.run, message, self._ended, fds=(stdin_r, out_w))
+        os.close(stdin_r)
+        os.close(out_w)
+        self._stdin_fd = stdin_w
+        os.set_blocking(stdin_w, False)  # a hook that stops reading never blocks us
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        threading.Thread(target=self._read, args=(out_r,), name=f"armed-{hook.label}", daemon=True).start()
 
     def wait_ready(self, timeout_s: float = ARM_TIMEOUT_S) -> HookResult:
         """Wait until the hook says `ready` (or dies, or `timeout_s` passes); the arming's result."""
         result = self.arming
-        if self._dead is None and not self._ready.wait(timeout_s) and self._dead is None:
+        if not self._settled.wait(timeout_s):
             self._kill(f"not ready within {timeout_s:g} s")
         with self._lock:
             result.ended = time.time()
@@ -819,40 +341,35 @@ class ArmedHook:
         return result
 
     def close(self) -> HookResult | None:
-        """The migration is over: close its stdin, let it exit (kill it after the grace); a result only
-        when it did not exit cleanly."""
-        process = self._process
-        if process is None:
-            return None
+        """The migration is over: close its stdin, let it exit (its tree killed after the grace); a
+        result only when it did not exit cleanly."""
         with self._lock:  # no line (nor wakeup) after this: a closed descriptor's number may be reused
-            self._stdin_fd = -1
+            stdin, self._stdin_fd = self._stdin_fd, -1
             if self._dead is None:
                 self._dead = "its migration has ended"
             wakeup, self._wakeup_w = self._wakeup_w, -1
-        if wakeup < 0:
-            return None  # closed already
+        if stdin < 0:
+            return None  # closed already, or it never started
+        os.close(stdin)
+        if not self._exited.wait(max(KILL_GRACE_S * 5, 1.0)):
+            self._supervisor.kill(self.run)
+            self._exited.wait(KILL_GRACE_S + KILL_WAIT_S + 1.0)
         with contextlib.suppress(OSError):
-            assert process.stdin is not None
-            process.stdin.close()
-        try:
-            code = process.wait(max(KILL_GRACE_S * 5, 1.0))
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            code = process.returncode
-        _forget(process.pid)
-        os.close(wakeup)
-        if code == 0:
-            return None
+            os.close(wakeup)
+        end = self._exit
+        if end is None or end.pid is None or (end.error is None and end.exit_code == 0):
+            return None  # a clean exit; or it never started (its arming said why)
         result = self._result(None, started=time.time(), start_monotonic=time.monotonic())
-        result.exit_code = code if code >= 0 else None
+        result.exit_code = end.exit_code if end is not None else None
         result.error = (
-            f"armed hook exited with status {code}" if code > 0 else f"armed hook killed by signal {-code}"
+            f"armed hook {end.error}" if end is not None and end.error else "armed hook did not exit"
         )
         result.output_tail = self._tail.decode(errors="replace")
         return result
 
     # --- internals ------------------------------------------------------------------------------
     def _result(self, device_id: str | None, *, started: float, start_monotonic: float) -> HookResult:
+        pid = self._exit.pid if self._exit is not None else None
         return HookResult(
             self.hook.label,
             self.hook.trigger,
@@ -861,34 +378,40 @@ class ArmedHook:
             1,
             started,
             start_monotonic,
-            self.pid if self._process is not None else None,
+            pid,
         )
 
-    def _read(self) -> None:
-        """The reader thread: answers, output, the hook's end, and the deadlines of pending actions."""
-        process = self._process
-        assert process is not None and process.stdout is not None
-        fd = process.stdout.fileno()
+    def _ended(self, end: Ended) -> None:
+        """The supervisor says the process ended (or could not start)."""
+        self._exit = end
+        with self._lock:
+            closing = self._dead == "its migration has ended"
+        if not closing:
+            status = end.error or f"exited with status {end.exit_code}"
+            self._kill(f"{status} before the migration ended" if end.pid else status)
+        self._exited.set()
+
+    def _read(self, out: int) -> None:
+        """The reader thread: answers, output, and the deadlines of pending actions."""
         try:
             with selectors.DefaultSelector() as selector:
-                selector.register(fd, selectors.EVENT_READ, "out")
+                selector.register(out, selectors.EVENT_READ, "out")
                 selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
-                while True:
+                while selector.get_map():
                     for key, _ in selector.select(self._next_deadline()):
                         if key.data == "wakeup":
                             if not os.read(self._wakeup_r, 4096):  # close(): no more deadlines
                                 selector.unregister(self._wakeup_r)
-                        elif not self._take(os.read(fd, _READ_CHUNK)):
-                            process.wait()
-                            _forget(process.pid)
-                            self._kill(f"exited with status {process.returncode} before the migration ended")
-                            return
+                        elif not self._take(os.read(out, _READ_CHUNK)):
+                            selector.unregister(out)  # its output ended; its exit is the supervisor's to say
                     self._expire()
+                    if self._exited.is_set() and not self._pending:
+                        break
         except Exception as exc:  # a bug here must still fail the pending actions, never hang them
             _log.exception("following armed hook %s failed", self.hook.label)
             self._kill(f"internal error following the armed hook: {exc}")
         finally:
-            process.stdout.close()
+            os.close(out)
             os.close(self._wakeup_r)
 
     def _take(self, chunk: bytes) -> bool:
@@ -901,6 +424,7 @@ class ArmedHook:
             words = raw.decode(errors="replace").strip().split(" ", 2)
             if words == ["ready"]:
                 self._ready.set()
+                self._settled.set()
             elif len(words) >= 2 and words[0] in ("ok", "fail"):
                 self._answer(
                     words[1], None if words[0] == "ok" else (words[2] if len(words) > 2 else "failed")
@@ -921,6 +445,8 @@ class ArmedHook:
     def _next_deadline(self) -> float | None:
         with self._lock:
             deadlines = [deadline for _r, _d, deadline in self._pending.values()]
+        if self._exited.is_set():
+            return 0.05
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _expire(self) -> None:
@@ -931,18 +457,19 @@ class ArmedHook:
             self._kill(f"timed out after {self.hook.timeout_ms} ms", timed_out=True)
 
     def _kill(self, why: str, *, timed_out: bool = False) -> None:
-        """It can no longer act: fail what is pending, end its process group."""
+        """It can no longer act: fail what is pending, have its tree killed."""
         with self._lock:
-            if self._dead is None:
+            first = self._dead is None
+            if first:
                 self._dead = why
             pending, self._pending = self._pending, {}
             tail = self._tail.decode(errors="replace")
+        self._settled.set()
         for result, on_done, _deadline in pending.values():
             result.output_tail = tail
             self._finish(result, on_done, error=why, timed_out=timed_out)
-        process = self._process
-        if process is not None and process.poll() is None:
-            _kill_group(process)
+        if first and not self._exited.is_set():
+            self._supervisor.kill(self.run)
 
     def _finish(
         self,
@@ -963,18 +490,63 @@ class ArmedHook:
                 _log.exception("on_done callback for armed hook %s failed", result.label)
 
 
-class HookRunner:
-    """Starts hooks as argv commands (never through a shell) and reports how each run went."""
+def _start_message(
+    hook: Hook,
+    argv: Sequence[str],
+    values: Mapping[str, str],
+    device_id: str | None,
+    log: str | None,
+    *,
+    armed: bool = False,
+    attempt: int = 1,
+    index: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "log": log,
+        "argv": list(argv),
+        "env": hook_values_env(values),
+        "label": hook.label if hook.argv else hook.name or "(empty argv)",
+        "trigger": hook.trigger.value,
+        "device_id": device_id,
+        "hook": index,
+        "attempt": attempt,
+        "timeout_ms": hook.timeout_ms,
+        "armed": armed,
+    }
 
-    def __init__(self, *, eager: bool = True) -> None:
-        # Now rather than at the first hook: that may be a drain hook, racing the device. (Not eager:
-        # a policy without hooks; the first start, if any, does it.)
-        if eager:
-            become_subreaper()
+
+class HookRunner:
+    """Has hooks run as argv commands (never through a shell) by the hook supervisor, and reports how
+    each run went. Bound to one run log (`attach`): the supervisor records there every hook it starts."""
+
+    def __init__(self, supervisor: Supervisor | None = None) -> None:
+        self._given = supervisor
+        self.log: str | None = None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor that runs the hooks (this process's, unless one was given)."""
+        return self._given if self._given is not None else shared()
+
+    @property
+    def supervisor_pid(self) -> int:
+        """The supervisor's process (written in the run log: `recover` waits for it)."""
+        return self.supervisor.pid
+
+    def attach(self, log: str, fd: int) -> None:
+        """Record every hook started from now on in the run log `log` (open as `fd`)."""
+        self.supervisor.attach(log, fd)
+        self.log = log
+
+    def detach(self) -> None:
+        """The run is over: the supervisor closes its run log once every hook of it has ended."""
+        if self.log is not None:
+            self.supervisor.detach(self.log)
+            self.log = None
 
     def arm(self, hook: Hook, values: Mapping[str, str]) -> ArmedHook:
         """Start an armed hook (it then waits for its events); see `ArmedHook`."""
-        return ArmedHook(hook, values)
+        return ArmedHook(hook, values, self.supervisor, self.log)
 
     def start(
         self,
@@ -984,38 +556,35 @@ class HookRunner:
         on_done: Callable[[HookResult], None] | None = None,
         *,
         attempt: int = 1,
-    ) -> RunningHook:
-        """Spawn the hook now and return without waiting for it; never raises for the hook's sake.
+        index: int | None = None,
+    ) -> SupervisedRun:
+        """Have the hook started now and return without waiting for it; never raises for the hook's sake.
 
-        Cheap enough for the event thread: the process is spawned first, then a daemon waiter thread
-        takes over the deadline (`hook.timeout_ms` from now) and the output. A hook that cannot start
-        (missing program, bad placeholder) gets a failed result at once. `on_done` is called once, from
-        the waiter thread, with the final result.
+        Cheap enough for the event thread: one message to the supervisor, which starts the process,
+        records it, and enforces its deadline (`hook.timeout_ms`). A hook that cannot start (missing
+        program, bad placeholder) gets a failed result. `on_done` is called once, with the final result,
+        from the supervisor's reader thread (or at once, for a hook that could not even be asked for).
+        `index` is the hook's place among its trigger's hooks in the policy (what `recover` counts).
         """
-        env: dict[str, str] | None = None
-        error: str | None = None
+        supervisor = self.supervisor
+        run = supervisor.next_run()
         try:
-            argv = fill_argv(hook.argv, values)
+            argv, error = fill_argv(hook.argv, values), None
         except ValueError as exc:
             argv, error = list(hook.argv), f"bad argv: {exc}"
-        else:
-            env = hook_env(values)
-        started, start_monotonic = time.time(), time.monotonic()
-        process = None
-        if env is not None:
-            process, error = _spawn(argv, env)
+        label = hook.label if hook.argv else hook.name or "(empty argv)"
         result = HookResult(
-            hook.label if hook.argv else hook.name or "(empty argv)",
-            hook.trigger,
-            device_id,
-            argv,
-            attempt,
-            started,
-            start_monotonic,
-            None if process is None else process.pid,
-            error=error,
+            label, hook.trigger, device_id, argv, attempt, time.time(), time.monotonic(), None, run=run
         )
-        return RunningHook(hook, result, process, on_done)
+        handle = SupervisedRun(result, on_done)
+        if error is not None:
+            result.run = None  # never asked for: nothing of it is in the run log
+            now = time.time()
+            handle.ended(Ended(run, None, now, now, 0.0, None, False, error, ""))
+            return handle
+        message = _start_message(hook, argv, values, device_id, self.log, attempt=attempt, index=index)
+        supervisor.start_run(run, message, handle.ended)
+        return handle
 
     def run(self, hook: Hook, values: Mapping[str, str], device_id: str | None = None) -> HookResult:
         """Run the hook to its end and return the last result.
@@ -1047,11 +616,23 @@ class HookRunner:
         return [hook.wait() for hook in running]
 
 
-def preflight(hooks: Iterable[Hook]) -> list[str]:
-    """Problems that would stop these hooks from running, one line each; empty if none.
+def program_path(program: str) -> Path | None:
+    """Where a hook's program is: a path with a slash as it is, a bare name looked up on the hooks'
+    PATH; None when there is no such program."""
+    if "/" in program:
+        return Path(program)
+    found = shutil.which(program, path=hook_path())
+    return None if found is None else Path(found)
 
-    Checks: an empty argv; a program that is not an executable file (a path with a slash) or not
-    found on PATH (a bare name); unknown placeholders or unmatched braces.
+
+def preflight(hooks: Iterable[Hook]) -> list[str]:
+    """Problems that would stop these hooks from running, or make running them unsafe; one line each,
+    empty if none.
+
+    Checks: an empty argv; a program that is not an executable file (a path with a slash) or not found
+    on PATH (a bare name); a program that someone other than root (or you) could change, or that sits
+    in a directory they could (orchestrator.trust: as policies); unknown placeholders or unmatched
+    braces.
     """
     problems: list[str] = []
     for hook in hooks:
@@ -1060,12 +641,14 @@ def preflight(hooks: Iterable[Hook]) -> list[str]:
             continue
         where = f"{hook.trigger} hook {hook.label}"
         program = hook.argv[0]
-        if "/" in program:
-            if not (Path(program).is_file() and os.access(program, os.X_OK)):
-                missing = not Path(program).exists()
-                problems.append(f"{where}: program {'not found' if missing else 'not executable'}: {program}")
-        elif shutil.which(program, path=hook_path()) is None:
+        path = program_path(program)
+        if path is None:
             problems.append(f"{where}: program not found on PATH: {program}")
+        elif not (path.is_file() and os.access(path, os.X_OK)):
+            missing = not path.exists()
+            problems.append(f"{where}: program {'not found' if missing else 'not executable'}: {program}")
+        else:
+            problems += _distrusted(where, path)
         try:
             unknown = check_placeholders(hook.argv)
         except ValueError as exc:
@@ -1073,3 +656,15 @@ def preflight(hooks: Iterable[Hook]) -> list[str]:
             continue
         problems += [f"{where}: unknown placeholder {{{name}}}" for name in unknown]
     return problems
+
+
+def _distrusted(where: str, path: Path) -> list[str]:
+    """The trust problem of a hook's program, as one line (none if it is safe to run)."""
+    try:
+        real, status = trust.walk(path)
+        trust.check(real, status)
+    except trust.Untrusted as error:
+        return [f"{where}: {error.kind} {error.path} is {error.problem}: unsafe to run (fix: {error.fix})"]
+    except (OSError, ValueError) as exc:
+        return [f"{where}: program {path}: {exc}"]
+    return []

@@ -1,26 +1,25 @@
-"""One migration per VM at a time: an exclusive lock per (source host, domain UUID).
+"""One migration per VM per host, whatever journal each run uses: an exclusive lock per domain UUID.
 
-A migration takes `MigrationLock.acquire(lock_dir(journal), source_uri, domain_uuid, migration_id)`
-before it changes anything, and releases it when it has finished (undrained what it drained). A
-second run for the same VM from the same source fails at once with MigrationBusy (exit 2), naming the
-migration that holds the lock, its PID and since when; with `wait_s` it waits that long first.
+A migration takes `MigrationLock.acquire(lock_dir(), domain_uuid, migration_id, ...)` before it
+changes anything (before its pre-flight looks for a running job), and releases it when it has
+finished (undrained what it drained). A second run for the same VM fails at once with MigrationBusy
+(exit 2), naming the VM, the migration that holds the lock, its PID and since when; with `wait_s`
+it waits that long first. `recover` takes the same lock.
 
 Decisions:
 
-- The lock is `flock(LOCK_EX | LOCK_NB)` on `<journal's directory>/locks/<sha256(source NUL uuid)[:24]>
-  .lock`. The kernel drops it when the holder's process dies, however it dies (SIGKILL, OOM): a
-  killed orchestrator never leaves a stale lock, and nothing has to guess whether a PID is still
-  the holder. flock conflicts between two open file descriptions even in one process.
-- The name is a hash: a hostile URI or UUID (slashes, "..", NUL) cannot name a path outside the
-  directory. Lock files are never deleted (deleting a flock'ed file races with its next opener);
-  there is one small file per (source, VM) ever migrated.
-- After locking, the holder writes one JSON line (migration_id, pid, domain_uuid, source, started)
-  so that a second run can name it; releasing empties the file, then closes it.
-- The descriptor is close-on-exec: hooks started while the lock is held do not inherit it (a hook
-  outliving the orchestrator must not keep the VM locked). A child made by fork() without exec
-  shares it, and the lock lasts until both have closed it.
-- The source is the URI as given: two spellings of the same host (`qemu:///system` and
-  `qemu+ssh://a/system`) are different locks.
+- The lock is `flock(LOCK_EX | LOCK_NB)` on `<runtime dir>/locks/<sha256(uuid)[:24]>.lock`, the
+  runtime directory being fixed for the host (`/run/orchestrator` for root; `$ORCH_RUNTIME_DIR`
+  overrides it): two runs with different journals still meet there. The kernel drops the lock when
+  the holder's process dies, however it dies (SIGKILL, OOM): a killed orchestrator never leaves a
+  stale lock, and nothing has to guess whether a PID is still the holder.
+- The key is the UUID alone: the same VM reached through two spellings of its host's URI is one lock.
+- The name is a hash: a hostile UUID (slashes, "..", NUL) cannot name a path outside the directory.
+  Lock files are never deleted (deleting a flock'ed file races with its next opener).
+- After locking, the holder writes one JSON line (migration_id, pid, domain_uuid, domain, source,
+  started) so that a second run can name it; releasing empties the file, then closes it.
+- The descriptor is close-on-exec, and the hook supervisor is forked before any lock is taken: a
+  hook or the supervisor outliving the orchestrator never keeps the VM locked.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from orchestrator import procfs
 from orchestrator.digest import sha256_hex
 from orchestrator.errors import BadInput, EnvironmentProblem, shell_uri
 
@@ -44,9 +44,10 @@ LOCKS_DIRNAME: Final = "locks"
 _POLL_FIRST_S: Final = 0.01  # waiting for a lock: first sleep, doubling to ...
 _POLL_MAX_S: Final = 0.2
 _HOLDER_READ_S: Final = 0.2  # how long a second run waits for the holder's line to be written
-_HOLDER_MAX_BYTES: Final = 4096
+_HOLDER_MAX_BYTES: Final = 65536
+_FIELD_CHARS: Final = 1000  # of each text field of a holder's record (escaped: at most 6 bytes a char)
 _SHOWN_CHARS: Final = 200
-_DIR_HINT: Final = "run as root, or use --journal PATH (the locks are kept next to the journal)"
+_DIR_HINT: Final = f"run as root, or set {'ORCH_RUNTIME_DIR'} to a directory of your own"
 
 
 def _shown(text: str) -> str:
@@ -55,31 +56,56 @@ def _shown(text: str) -> str:
     return clean if len(clean) <= _SHOWN_CHARS else clean[: _SHOWN_CHARS - 3] + "..."
 
 
-def lock_dir(journal_path: Path) -> Path:
-    """The directory of migration locks: `<the journal's directory>/locks`, created (0700) if missing.
+RUNTIME_ENV: Final = "ORCH_RUNTIME_DIR"
 
-    Raises EnvironmentProblem, in one line naming it, if it cannot be created or is not a directory.
-    """
-    directory = journal_path.expanduser().absolute().parent / LOCKS_DIRNAME
+
+def runtime_dir() -> Path:
+    """This host's runtime directory of the orchestrator: $ORCH_RUNTIME_DIR, else /run/orchestrator for
+    root, else $XDG_RUNTIME_DIR/orchestrator, else /tmp/orchestrator-UID. A relative $ORCH_RUNTIME_DIR
+    is refused: runs from two working directories would take two locks of one VM."""
+    override = os.environ.get(RUNTIME_ENV)
+    if override:
+        if not Path(override).is_absolute():
+            raise EnvironmentProblem(
+                f"{RUNTIME_ENV} must be an absolute path, not {_shown(override)!r}", "give the full path"
+            )
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/run/orchestrator")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "orchestrator" if xdg else Path(f"/tmp/orchestrator-{os.geteuid()}")
+
+
+def lock_dir() -> Path:
+    """The directory of migration locks: `<runtime dir>/locks`, both created (0700) if missing, both
+    directories of ours nobody else may write to (another user who could rename `locks` could make two
+    runs of one VM take two locks). Raises EnvironmentProblem, in one line naming it, if it cannot."""
+    runtime = runtime_dir()
+    directory = runtime / LOCKS_DIRNAME
     try:
-        directory.parent.mkdir(mode=0o750, parents=True, exist_ok=True)  # as Journal.open makes it
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
+        infos = [(runtime, runtime.lstat()), (directory, directory.lstat())]
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.filename is not None and Path(exc.filename) != directory:
-            reason = f"{exc.filename}: {reason}"
+            reason = f"{_shown(str(exc.filename))}: {reason}"
         raise EnvironmentProblem(
-            f"cannot create the migration lock directory {directory}: {reason}", _DIR_HINT
+            f"cannot create the migration lock directory {_shown(str(directory))}: {reason}", _DIR_HINT
         ) from None
-    if not directory.is_dir():
-        raise EnvironmentProblem(f"the migration lock directory {directory} is not a directory", _DIR_HINT)
+    for path, info in infos:
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise EnvironmentProblem(
+                f"the migration lock directory {_shown(str(path))} is not a directory of yours only you "
+                "may write to",
+                f"remove it, or set {RUNTIME_ENV} to a directory of your own",
+            )
     return directory
 
 
-def lock_path(directory: Path, source: str, domain_uuid: str) -> Path:
-    """The lock file of a VM (`domain_uuid`) on a source host (`source`, its URI) in `directory`."""
-    key = f"{source}\0{domain_uuid}".encode("utf-8", "surrogatepass")
-    return directory / f"{sha256_hex(key)[:24]}.lock"
+def lock_path(directory: Path, domain_uuid: str) -> Path:
+    """The lock file of the VM `domain_uuid` in `directory`."""
+    return directory / f"{sha256_hex(domain_uuid.encode('utf-8', 'surrogatepass'))[:24]}.lock"
 
 
 @dataclass(frozen=True)
@@ -91,10 +117,13 @@ class LockHolder:
     domain_uuid: str
     source: str
     started: float
+    domain: str = ""  # its name, for the messages
 
     def line(self) -> bytes:
-        """The record as written into the lock file: one JSON line."""
-        return (json.dumps(asdict(self), separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
+        """The record as written into the lock file: one JSON line, its text fields bounded so that it
+        is always read back whole."""
+        fields = {k: v[:_FIELD_CHARS] if isinstance(v, str) else v for k, v in asdict(self).items()}
+        return (json.dumps(fields, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
 
     @classmethod
     def parse(cls, data: bytes) -> LockHolder | None:
@@ -107,39 +136,31 @@ class LockHolder:
                 domain_uuid=str(fields["domain_uuid"]),
                 source=str(fields["source"]),
                 started=float(fields["started"]),
+                domain=str(fields.get("domain", "")),
             )
         except (ValueError, TypeError, KeyError):
             return None
         return holder if holder.pid > 0 else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
-
-
 class MigrationBusy(BadInput):
-    """Another migration of the same VM from the same source holds its lock (exit 2)."""
+    """Another migration of the same VM holds its lock (exit 2)."""
 
-    def __init__(self, domain_uuid: str, source: str, holder: LockHolder | None) -> None:
+    def __init__(self, domain: str, domain_uuid: str, holder: LockHolder | None) -> None:
         self.holder = holder
-        vm = f"VM {_shown(domain_uuid)} is already being migrated from {_shown(source)}"
+        vm = f"{_shown(domain)} (UUID {_shown(domain_uuid)})" if domain else f"the VM {_shown(domain_uuid)}"
         if holder is None:
             super().__init__(
-                f"{vm} by another orchestrator (it has not written its record yet)",
-                "wait for it, or see: orchestrator history",
+                f"{vm} is already being migrated by another orchestrator (it has not written its record yet)",
+                "wait for it (--lock-wait SECONDS), or see: orchestrator history",
             )
             return
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.started))
         migration_id = _shown(holder.migration_id)
         super().__init__(
-            f"{vm} by migration {migration_id} (pid {holder.pid}, since {since})",
-            f"wait for it, or see: orchestrator history {migration_id}",
+            f"{vm} is already being migrated from {_shown(holder.source)} by migration {migration_id} "
+            f"(pid {holder.pid}, since {since})",
+            f"wait for it (--lock-wait SECONDS), or see: orchestrator history {migration_id}",
         )
 
 
@@ -149,13 +170,14 @@ def _read_holder(fd: int) -> LockHolder | None:
     deadline = time.monotonic() + _HOLDER_READ_S
     while True:
         holder = LockHolder.parse(os.pread(fd, _HOLDER_MAX_BYTES, 0))
-        if (holder is not None and _alive(holder.pid)) or time.monotonic() >= deadline:
-            return holder if holder is not None and _alive(holder.pid) else None
+        alive = holder is not None and procfs.alive(holder.pid)
+        if alive or time.monotonic() >= deadline:
+            return holder if alive else None
         time.sleep(_POLL_FIRST_S)
 
 
 class MigrationLock:
-    """The lock of one VM's migrations from one source, held by this process until `release()`.
+    """The lock of one VM's migrations on this host, held by this process until `release()`.
     A context manager (releasing on exit)."""
 
     def __init__(self, path: Path, fd: int, holder: LockHolder) -> None:
@@ -167,15 +189,22 @@ class MigrationLock:
 
     @classmethod
     def acquire(
-        cls, directory: Path, source: str, domain_uuid: str, migration_id: str, *, wait_s: float = 0.0
+        cls,
+        directory: Path,
+        domain_uuid: str,
+        migration_id: str,
+        *,
+        domain: str = "",
+        source: str = "",
+        wait_s: float = 0.0,
     ) -> MigrationLock:
-        """Lock the VM `domain_uuid` of the source host `source` (its URI) in `directory` (see
+        """Lock the VM `domain_uuid` (named `domain`, migrated from `source`) in `directory` (see
         `lock_dir`) for `migration_id`; if another holds it, wait up to `wait_s` seconds.
 
         Raises MigrationBusy naming the holder if it is still held then, EnvironmentProblem if the
         lock file cannot be opened or locked.
         """
-        path = lock_path(directory, source, domain_uuid)
+        path = lock_path(directory, domain_uuid)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
@@ -188,15 +217,15 @@ class MigrationLock:
                     f"the migration lock {path} is not a regular file",
                     f"remove it: rm {shell_uri(str(path))}",
                 )
-            cls._lock(fd, path, source, domain_uuid, wait_s)
-            holder = LockHolder(migration_id, os.getpid(), domain_uuid, source, time.time())
+            cls._lock(fd, domain, domain_uuid, wait_s)
+            holder = LockHolder(migration_id, os.getpid(), domain_uuid, source, time.time(), domain)
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.line(), 0)
         except OSError as exc:
             os.close(fd)
             raise EnvironmentProblem(
                 f"cannot lock the migration lock {path}: {exc.strerror or exc}",
-                "check the file system the journal is on (flock must work there)",
+                f"check the file system of {path.parent} (flock must work there)",
             ) from None
         except BaseException:
             os.close(fd)
@@ -204,7 +233,7 @@ class MigrationLock:
         return cls(path, fd, holder)
 
     @staticmethod
-    def _lock(fd: int, path: Path, source: str, domain_uuid: str, wait_s: float) -> None:
+    def _lock(fd: int, domain: str, domain_uuid: str, wait_s: float) -> None:
         deadline = time.monotonic() + max(wait_s, 0.0)
         delay = _POLL_FIRST_S
         while True:
@@ -213,7 +242,7 @@ class MigrationLock:
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MigrationBusy(domain_uuid, source, _read_holder(fd)) from None
+                    raise MigrationBusy(domain, domain_uuid, _read_holder(fd)) from None
                 time.sleep(min(delay, remaining))
                 delay = min(2 * delay, _POLL_MAX_S)
             else:

@@ -26,14 +26,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from orchestrator import domxml
 from orchestrator.convergence import Schedule
 from orchestrator.digest import sha256_hex
 from orchestrator.errors import BadInput, OrchestratorError, shell_uri
-from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, ProcessToken, Trigger, preflight
+from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
 from orchestrator.hypervisor import (
     ACTIVE_STATES,
     GONE,
@@ -60,6 +60,10 @@ from orchestrator.policy import DrainMode, MigrationMode, MigrationSettings, Pol
 from orchestrator.report import Outcome, Progress, Report, TimelineEntry
 from orchestrator.vfio import Role, VfioEvent
 
+if TYPE_CHECKING:
+    from orchestrator.locks import MigrationLock
+    from orchestrator.runlog import RunLog
+
 # How long after the job ends to wait for the events that undrain (destination or source `running`)
 # before undraining on our own: the guest resumes within milliseconds of the job's end.
 SETTLE_S = 15.0
@@ -84,8 +88,12 @@ class JournalLike(Protocol):
         drain_mode: str = ...,
         policy_text: str | None = ...,
         policy_sha256: str | None = ...,
+        supervisor: int | None = ...,
     ) -> None:
-        """Record that a migration started."""
+        """Record that a migration started (its run log, room reserved: EnvironmentProblem if not)."""
+
+    def run_log(self, migration_id: str) -> RunLog | None:
+        """The migration's open run log (the hook supervisor records into it), if it has one."""
 
     def record_phase(self, migration_id: str, phase: str, at: float) -> None:
         """Record a phase change."""
@@ -108,8 +116,8 @@ class JournalLike(Protocol):
     def record_device_action(
         self, migration_id: str, device_id: str, action: str, status: str, at: float, detail: str | None = ...
     ) -> str | None:
-        """Record a drain or undrain starting or spawned (committed before returning) or ending; the reason
-        a committed record was late, if it was."""
+        """Record a drain or undrain starting (durable before it returns) or ending; why it could not
+        be written, if it could not."""
 
     def record_hook(self, migration_id: str, result: Mapping[str, Any]) -> None:
         """Record one hook run."""
@@ -126,31 +134,20 @@ class JournalLike(Protocol):
     ) -> None:
         """Record how a migration ended."""
 
-    def flush(self) -> None:
-        """Wait until every record is written (raises the first failure)."""
-
-    def holding(self) -> contextlib.AbstractContextManager[None]:
-        """Records this thread makes inside reach the writer when the block ends."""
-
     @property
     def failures(self) -> list[str]:
-        """Every record that could not be written, one line each."""
+        """Every record that could not be written or imported, one line each."""
 
 
 class Started(Protocol):
-    """A hook just started (orchestrator.hooks.RunningHook)."""
+    """A hook just asked for (orchestrator.hooks.SupervisedRun)."""
 
-    @property
-    def pid(self) -> int | None:
-        """Its process (None: it could not start)."""
+    def wait(self) -> HookResult:
+        """Until it has ended; its result."""
 
 
 class Armed(Protocol):
     """An armed hook (orchestrator.hooks.ArmedHook): started with the migration, woken per event."""
-
-    @property
-    def pid(self) -> int | None:
-        """Its process (None: it could not start)."""
 
     def wait_ready(self) -> HookResult:
         """Until it is ready (or failed to be); the arming's result."""
@@ -171,14 +168,26 @@ class Armed(Protocol):
 class Hooks(Protocol):
     """What a migration needs of the hook runner (orchestrator.hooks.HookRunner, or a fake)."""
 
+    def attach(self, log: str, fd: int) -> None:
+        """Record every hook started from now on in the run log `log` (open as `fd`)."""
+
+    def detach(self) -> None:
+        """The run is over (its run log is closed once its hooks have ended)."""
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        """The hook supervisor's process, written in the run log (None: hooks are not run by one)."""
+
     def start(
         self,
         hook: Hook,
         values: Mapping[str, str],
         device_id: str | None = None,
         on_done: Callable[[HookResult], None] | None = None,
+        *,
+        index: int | None = None,
     ) -> Started:
-        """Start one hook now; `on_done` gets its result."""
+        """Start one hook now; `on_done` gets its result. `index`: its place among its trigger's hooks."""
 
     def run(self, hook: Hook, values: Mapping[str, str], device_id: str | None = None) -> HookResult:
         """Run one hook to its end (with its retries)."""
@@ -199,6 +208,10 @@ class NullJournal:
     def record_event(self, *args: Any, **kwargs: Any) -> None:
         """Dropped."""
 
+    def run_log(self, migration_id: str) -> RunLog | None:
+        """None: no run log."""
+        return None
+
     def record_device_action(self, *args: Any, **kwargs: Any) -> str | None:
         """Dropped."""
         return None
@@ -208,13 +221,6 @@ class NullJournal:
 
     def finish_migration(self, *args: Any, **kwargs: Any) -> None:
         """Dropped."""
-
-    def flush(self) -> None:
-        """Nothing to wait for."""
-
-    def holding(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing is held."""
-        return contextlib.nullcontext()
 
     @property
     def failures(self) -> list[str]:
@@ -399,7 +405,7 @@ class Migration:
         self.source = source
         self.destination = destination
         self.journal: JournalLike = journal or NullJournal()
-        self.runner: Hooks = runner or HookRunner(eager=any(request.policy.hooks.values()))
+        self.runner: Hooks = runner or HookRunner()
         self.clock: Clock = clock or SystemClock()
         self.on_progress = on_progress
         self.on_entry = on_entry
@@ -407,6 +413,7 @@ class Migration:
         self.parent = parent
         self.lock_dir = lock_dir  # None: no lock (a caller that serialises migrations itself, tests)
         self.lock_wait_s = lock_wait_s
+        self._vm_lock: MigrationLock | None = None
         self.id = migration_id or uuid.uuid4().hex[:12]
         policy = request.policy
         self.report = Report(
@@ -493,42 +500,27 @@ class Migration:
     def _run_device_hooks(self, action: RunHooks) -> None:
         device, trigger = action.device_id, action.trigger
         values: Mapping[str, str] | None = None  # the placeholders' values: spawned hooks only
-        pids: list[int | None] = []
-        # The hooks are told before the journal's writer thread is woken (see Journal.holding).
-        with self.journal.holding():
-            # Journaled as starting BEFORE any hook starts: a kill at any instant after this is recoverable.
-            failure = self.journal.record_device_action(
-                self.id, device, trigger.value, "starting", self.clock.time(), action.reason
-            )
-            for hook in self.request.policy.hooks_for(trigger):
-                done = self._device_hook_done(hook.on_failure)
-                armed = self._armed.get(id(hook))
-                if armed is not None:
-                    armed.fire(device, action.state, action.qemu_time, done)
-                    pids.append(armed.pid)
-                else:
-                    if values is None:
-                        values = self._values(device, action.qom_path, action.state)
-                    pids.append(self.runner.start(hook, values, device, done).pid)
-            if trigger is Trigger.DRAIN:
-                # Hand the CPU to the hooks just spawned or told (before the writer thread is woken):
-                # Linux lets the parent run on first, and our bookkeeping below would otherwise delay
-                # the drain by ~1 ms on a busy host.
-                os.sched_yield()
+        # Written down BEFORE any hook starts (one write to the run log): a kill at any instant after
+        # this leaves a record `recover` acts on; the supervisor writes each hook's start and end itself.
+        failure = self.journal.record_device_action(
+            self.id, device, trigger.value, "starting", self.clock.time(), action.reason
+        )
+        for index, hook in enumerate(self.request.policy.hooks_for(trigger)):
+            done = self._device_hook_done(hook.on_failure)
+            armed = self._armed.get(id(hook))
+            if armed is not None:
+                armed.fire(device, action.state, action.qemu_time, done)
+            else:
+                if values is None:
+                    values = self._values(device, action.qom_path, action.state)
+                self.runner.start(hook, values, device, done, index=index)
+        if trigger is Trigger.DRAIN:
+            # Hand the CPU to the hooks just started or told: Linux lets the parent run on first, and
+            # our bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
+            os.sched_yield()
         self._flush_deferred()  # what happened before this action is recorded before what follows
-        if trigger is not Trigger.DRAIN:
-            # Under way: a process killed from here on leaves an undrain that `recover` does not run
-            # a second time (it waits for these processes instead, and runs it again only if they
-            # are gone and their result was never journaled). A drain needs no such record: run
-            # twice or not, recover's answer to a drain that started is the same, an undrain.
-            tokens = " ".join(str(ProcessToken.of(pid)) for pid in pids if pid is not None)
-            late = self.journal.record_device_action(
-                self.id, device, trigger.value, "spawned", self.clock.time(), f"hook processes {tokens}"
-            )
-            failure = failure or late
         if failure:
-            # Late, not lost: the record is queued (if the journal loses it, the verdict says so).
-            self._note(f"{failure} (queued)")
+            self._note(f"{failure}: the hooks run all the same")
         text = f"{trigger} {device}: {action.reason}"
         self._entry(self.clock.time(), "orchestrator", "decision", text)
 
@@ -589,6 +581,15 @@ class Migration:
         its own, not from a signal handler (it takes the migration's lock)."""
         self.abort(f"{signal_name} received", Outcome.INTERRUPTED)
 
+    def hung_up(self) -> None:
+        """SIGHUP: the terminal hung up (the admin's ssh session died). The migration goes on (its job runs
+        in libvirt anyway), is undrained and recorded; this says so in its story."""
+        self._note(
+            "the terminal hung up (SIGHUP): the migration goes on; its story: "
+            f"orchestrator history {self.id}",
+            report=False,
+        )
+
     def _feed(self, decide: Callable[[], list[Action]]) -> None:
         with self._cv:
             actions = decide()
@@ -612,25 +613,23 @@ class Migration:
         """Pre-flight, then migrate; returns the report (never raises for a failed migration)."""
         report = self.report
         try:
-            dom = self._preflight()
-        except OrchestratorError as exc:
-            report.outcome, report.error = Outcome.REFUSED, exc.line()
-            self._record_unmoved(int(exc.code))
-            raise
-        if self.on_plan is not None:
-            self.on_plan(report.plan)
-        if dom is None or self.request.dry_run:
-            self._advance(Phase.DONE)
-            self._record_unmoved(int(report.exit_code))
-            return report
-        try:
-            lock = self._vm_lock(dom)
-        except OrchestratorError as exc:  # another migration of the VM holds it: journaled, refused
-            report.outcome, report.error = Outcome.REFUSED, exc.line()
-            self._record_unmoved(int(exc.code))
-            raise
-        with lock:
+            try:
+                dom = self._preflight()
+            except OrchestratorError as exc:
+                report.outcome, report.error = Outcome.REFUSED, exc.line()
+                with contextlib.suppress(OrchestratorError):  # the refusal says more than the journal
+                    self._record_unmoved(int(exc.code))
+                raise
+            if self.on_plan is not None:
+                self.on_plan(report.plan)
+            if dom is None or self.request.dry_run:
+                self._advance(Phase.DONE)
+                self._record_unmoved(int(report.exit_code))
+                return report
             self._migrate(dom)
+        finally:
+            if self._vm_lock is not None:
+                self._vm_lock.release()
         return report
 
     def _record_unmoved(self, exit_code: int) -> None:
@@ -639,19 +638,26 @@ class Migration:
         report = self.report
         report.ended = self.clock.time()
         self._begin()
+        self.runner.detach()
         self.journal.finish_migration(
             self.id, report.outcome.value, False, report.error, exit_code, report.ended, report.to_json()
         )
 
-    def _vm_lock(self, dom: Guest) -> contextlib.AbstractContextManager[object]:
-        """One migration per VM at a time: taken now (MigrationBusy if another run holds it), held from
-        before anything changes until everything is undone."""
-        if self.lock_dir is None:
-            return contextlib.nullcontext()
+    def _lock_vm(self, dom: Guest) -> None:
+        """One migration per VM per host at a time: taken in the pre-flight, before it looks for a
+        running job (waiting `lock_wait_s` for another run to end), held until everything is undone.
+        MigrationBusy names the run that holds it."""
+        if self.lock_dir is None or self._vm_lock is not None:
+            return
         from orchestrator.locks import MigrationLock
 
-        return MigrationLock.acquire(
-            self.lock_dir, self.request.source_uri, dom.uuid(), self.id, wait_s=self.lock_wait_s
+        self._vm_lock = MigrationLock.acquire(
+            self.lock_dir,
+            dom.uuid(),
+            self.id,
+            domain=self.request.domain,
+            source=self.request.source_uri,
+            wait_s=self.lock_wait_s,
         )
 
     def _migrate(self, dom: Guest) -> None:
@@ -679,6 +685,7 @@ class Migration:
             self._run_after_hooks()
             self._advance(Phase.DONE)
             report.ended = self.clock.time()
+            self.runner.detach()
             self.journal.finish_migration(
                 self.id,
                 report.outcome.value,
@@ -688,16 +695,10 @@ class Migration:
                 report.ended,
                 report.to_json(),
             )
-            self._journal_verdict()
-
-    def _journal_verdict(self) -> None:
-        """Wait for the journal; a record it lost is said in the report (and its exit code)."""
-        with contextlib.suppress(OrchestratorError):
-            self.journal.flush()  # the first failure, if any, is also among `failures`
-        lost = self.journal.failures
-        if lost:
-            more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
-            self.report.journal_error = lost[0] + more
+            lost = self.journal.failures  # a record it could not write, or the import that failed
+            if lost:
+                more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+                self.report.journal_error = lost[0] + more
 
     def _begin(self) -> None:
         policy = self.request.policy
@@ -714,7 +715,11 @@ class Migration:
             drain_mode=self.request.switchover.drain.value,
             policy_text=text,
             policy_sha256=sha256_hex(text.encode()) if text is not None else None,
+            supervisor=self.runner.supervisor_pid,
         )
+        log = self.journal.run_log(self.id)
+        if log is not None:  # the supervisor records each hook's start and end there itself
+            self.runner.attach(self.id, log.fd)
 
     def _preflight(self) -> Guest | None:
         """Check the request against both hosts; None when there is nothing to do (already there)."""
@@ -743,6 +748,10 @@ class Migration:
                 "give the destination's own host name (as the source host resolves it)",
             )
         dom = self.source.find_domain(request.domain)
+        if dom is not None and not request.dry_run and dom.state() not in (SHUT_OFF, GONE):
+            # Another run of ours on this VM: MigrationBusy names it, or we wait for it (--lock-wait);
+            # what follows sees the VM as that run left it.
+            self._lock_vm(dom)
         there = self.destination.find_domain(request.destination_domain)
         there_running = there is not None and there.state() in ACTIVE_STATES
         if dom is None or dom.state() in (SHUT_OFF, GONE):
@@ -760,12 +769,12 @@ class Migration:
                 f"start it first (only running VMs are live-migrated): virsh -c '{request.source_uri}' "
                 f"start {request.domain}",
             )
+        if request.dry_run and dom.job_stats() is not None and self.lock_dir is not None:
+            self._lock_vm(dom)  # a dry run: our own kind's job? MigrationBusy names that migration
+            assert self._vm_lock is not None
+            self._vm_lock.release()
+            self._vm_lock = None
         if dom.job_stats() is not None:
-            if self.lock_dir is not None:
-                # Our own kind's job? Then its lock is held: MigrationBusy names that migration.
-                from orchestrator.locks import MigrationLock
-
-                MigrationLock.acquire(self.lock_dir, request.source_uri, dom.uuid(), self.id).release()
             raise BadInput(
                 f"domain {request.domain!r} already has a libvirt job running on {request.source_uri} "
                 "(another migration?)",

@@ -291,10 +291,13 @@ class MigrationMachine:
     def on_vfio(self, event: VfioEvent) -> list[Action]:
         """A VFIO_MIGRATION event of our job (the driver feeds only while `following`)."""
         signal = self.tracker.feed(event)
+        if self.tracker.covers(event.device_id):
+            # Known from its events too (a device the domain XML does not list): the gate drains it.
+            device = self._device(event.device_id)
+            device.qom_path = event.qom_path or device.qom_path
         if signal is None:
             return []
         device = self._device(event.device_id)
-        device.qom_path = event.qom_path or device.qom_path
         if signal.signal is Signal.RUNNING:
             where = "destination" if event.role is Role.DESTINATION else "source (the migration failed)"
             return self._resumed(device, f"running on the {where}", event)

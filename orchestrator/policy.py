@@ -13,11 +13,9 @@ argument too long for the kernel, a value libvirt or QEMU rejects) is refused wh
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import shlex
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +27,7 @@ from types import MappingProxyType
 from typing import TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
+from orchestrator import trust
 from orchestrator.errors import BadInput
 from orchestrator.hooks import PLACEHOLDERS, Hook, OnFailure, Trigger
 
@@ -54,7 +53,6 @@ MAX_MESSAGE_CHARS = 300
 # An armed hook serves every device of the VM: these come on its stdin, per event, not in its argv.
 PER_DEVICE_PLACEHOLDERS: tuple[str, ...] = ("device_id", "qom_path", "state")
 _INT64 = range(-(2**63), 2**63)
-_MAX_SYMLINKS = 40  # as the kernel's path walk
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 # `{{` and `}}` are literal braces, `{name}` a placeholder, any other brace is unbalanced.
@@ -726,83 +724,26 @@ def parse_policy(text: str, source: str) -> Policy:
 # --- Files: who may have written them, and reading them safely -------------------------------------
 
 
-def _trusted_owners() -> frozenset[int]:
-    """Owners a policy's files and directories may have: root, and the invoking user when not root."""
-    return frozenset({0, os.geteuid()})
+def _untrusted(error: trust.Untrusted) -> PolicyError:
+    return PolicyError(
+        str(error.path), error.kind, f"{error.problem}, unsafe for a policy", f"fix: {error.fix}"
+    )
 
 
-def _distrust(path: Path, status: os.stat_result) -> tuple[str, str] | None:
-    """How someone other than root (or you) could change `path`, given its lstat `status`, and the
-    command that fixes it; None if no one could. A directory owned by root with the sticky bit (like
-    /tmp) is trusted: in it, others cannot rename or remove entries they do not own."""
-    mode = status.st_mode
-    if stat.S_ISDIR(mode) and mode & stat.S_ISVTX and status.st_uid == 0:
-        return None
-    problems: list[str] = []
-    fixes: list[str] = []
-    quoted = shlex.quote(str(path))
-    if status.st_uid not in _trusted_owners():
-        owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()} (you)"
-        problems.append(f"owned by uid {status.st_uid}, not {owners}")
-        fixes.append(f"chown -h root {quoted}" if stat.S_ISLNK(mode) else f"chown root {quoted}")
-    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if mode & bit]
-    if writers and not stat.S_ISLNK(mode):  # a symlink's own mode is meaningless
-        problems.append(f"writable by {' and '.join(writers)} (mode {stat.S_IMODE(mode):04o})")
-        fixes.append(f"chmod go-w {quoted}")
-    if not problems:
-        return None
-    return " and ".join(problems), " && ".join(fixes)
+def _walk(path: Path) -> tuple[Path, os.stat_result]:
+    """trust.walk, its refusal as a PolicyError."""
+    try:
+        return trust.walk(path)
+    except trust.Untrusted as error:
+        raise _untrusted(error) from None
 
 
 def _check_trust(path: Path, status: os.stat_result) -> None:
     """Refuse `path` when someone other than root (or you) could change it: the error names it and the fix."""
-    distrust = _distrust(path, status)
-    if distrust is not None:
-        problem, fix = distrust
-        mode = status.st_mode
-        kind = "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
-        raise PolicyError(str(path), kind, f"{problem}, unsafe for a policy", f"fix: {fix}")
-
-
-def _walk(path: Path) -> tuple[Path, os.stat_result]:
-    """Resolve `path` component by component as the kernel does, checking that no one but a trusted
-    owner could change any directory looked into or symlink followed; return the real path and its lstat.
-
-    Raises OSError (missing, not a directory, a symlink loop) and ValueError (a NUL in the path)."""
-    absolute = path if path.is_absolute() else Path.cwd() / path  # Path keeps "..", as the kernel needs
-    pending = list(reversed(absolute.parts[1:]))  # a stack, next component last
-    current = Path("/")
-    checked: set[Path] = set()
-    status = current.lstat()
-    links = 0
-    while pending:
-        name = pending.pop()
-        if not stat.S_ISDIR(status.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(current))
-        if name == "..":  # every ancestor of `current` was looked into on the way to it
-            current = current.parent
-            status = current.lstat()
-            continue
-        if current not in checked:
-            _check_trust(current, status)
-            checked.add(current)
-        candidate = current / name
-        status = candidate.lstat()
-        if stat.S_ISLNK(status.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
-            _check_trust(candidate, status)
-            target = candidate.readlink()
-            if target.is_absolute():
-                current = Path("/")
-                pending.extend(reversed(target.parts[1:]))
-            else:
-                pending.extend(reversed(target.parts))
-            status = current.lstat()  # the link is resolved from the directory that holds it
-            continue
-        current = candidate
-    return current, status
+    try:
+        trust.check(path, status)
+    except trust.Untrusted as error:
+        raise _untrusted(error) from None
 
 
 def _file_kind(mode: int) -> str:

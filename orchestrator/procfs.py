@@ -31,6 +31,26 @@ def proc(pid: int) -> Proc | None:
         return None
 
 
+def alive(pid: int) -> bool:
+    """True if `pid` is a live process (not a zombie) on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    found = proc(pid)
+    return found is None or not found.dead  # None: no /proc, and kill(0) is all we know
+
+
+def environ(pid: int) -> bytes:
+    """The environment the process `pid` was started with (NUL-separated); raises OSError when it is
+    gone or not ours to read. Empty for a zombie, and for a moment in the middle of an exec."""
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
 def set_child_subreaper(on: bool) -> str | None:
     """Make this process the reaper of its descendants' orphans (or stop being one): None when done,
     else why not."""

@@ -1,62 +1,57 @@
 """`orchestrator recover`: finish what an orchestrator that died left undone.
 
-A migration journals every drain as "starting" before its hooks start (orchestrator.phases), so
-whenever its process died (SIGKILL, OOM, the controller rebooting), the journal says which devices
-may still be drained. For each migration of this host whose process is gone and that was never
-recovered (`Journal.unfinished`), recovery:
+A migration writes every drain down as `starting` in its run log before its hooks start, and its hook
+supervisor writes each hook's start and end there itself (orchestrator.runlog, orchestrator.supervisor).
+So whenever the orchestrator died (SIGKILL, OOM, the controller rebooting), its run log says which
+devices may still be drained and what became of every hook. For each migration of this host whose
+process is gone and that was never finished (`Journal.unfinished`), recovery, holding the VM's lock:
 
-1. asks both hosts whether a libvirt job of the VM is still running (a peer-to-peer migration goes
-   on without its client) and waits for it to end (`job="wait"`, bounded) or aborts it (`"abort"`);
-2. asks both hosts where the VM runs now;
-   (Its records that only its intents file has, see orchestrator.intents, are copied into the
-   journal first.)
-3. runs the undrain hooks of every device that may still be drained, once, with the policy the
-   migration used (its text, as journaled when it began) and the state the device ends in; each
-   undrain is journaled as "starting" before its hooks and "done"/"failed" after, under the same
-   migration id, and as "spawned" (naming the hook processes) once they all started. An undrain the
-   dead process had spawned is not run twice: while one of its hook processes still runs, recovery
-   waits for it (to its hooks' timeout, then kills it) and journals the undrain "ended" (its result was
-   the dead process's to see). It is run again only when it may not have happened: journaled
-   "starting" and no more (the process died before every hook started), or spawned hooks that are
-   gone, their result never journaled, or that outlived their timeout. Undrain hooks must therefore
-   still be idempotent (re-arming armed peers is), but exactly once is the rule, not the exception;
+1. waits for the dead run's hook supervisor to finish: it lets every running hook end or reach its
+   deadline, writes their ends, and exits (bounded by the policy's longest hook timeout; killed after
+   it). A hook whose end was never written (the supervisor died too) is waited for, to its deadline,
+   then its whole tree is killed. So no device is undrained while a drain of it may still run;
+2. asks both hosts whether a libvirt job of the VM still runs (a peer-to-peer migration goes on
+   without its client) and waits for it to end (`job="wait"`, bounded) or aborts it (`"abort"`; a job
+   held at the gate is aborted either way: nothing would release it), then where the VM runs now;
+3. decides, device by device, from the records alone (`plan`): a device whose drain never started a
+   hook needs nothing; an undrain whose every hook ended under the supervisor is journaled `ended`
+   with their result, never run again; the undrain hooks that never started are run, once, with the
+   policy the migration used (its text, as journaled when it began) and the state the device ends in;
 4. records the true outcome: succeeded when the VM runs on the destination, rolled-back on the
-   source, failed (an admin must look) when it runs on neither or both.
+   source, failed (an admin must look) when it runs on neither or both; and imports the run log.
 
 The same reconciliation runs, for the VM in question, at the start of `migrate` and `evacuate`.
-A migration lock (orchestrator.locks) keeps a recovery and a new migration of the VM apart.
+Migrations recorded by older orchestrators (no run log) are recovered from their device actions: every
+device still drained is undrained.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from orchestrator import procfs
 from orchestrator.convergence import GATE_FLOOR_MS
 from orchestrator.errors import ExitCode, OrchestratorError
-from orchestrator.hooks import (
-    KILL_GRACE_S,
-    Hook,
-    HookResult,
-    HookRunner,
-    ProcessToken,
-    Trigger,
-    kill_tokens,
-    wait_gone,
-)
+from orchestrator.hooks import Hook, HookResult, HookRunner, Trigger
 from orchestrator.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
-from orchestrator.journal import DeviceActionRow, Journal, MigrationRow, still_drained, undrains_spawned
+from orchestrator.journal import Journal
 from orchestrator.locks import MigrationLock, lock_dir
 from orchestrator.policy import Policy, parse_policy
+from orchestrator.records import MigrationRow, still_drained
 from orchestrator.report import Outcome
+from orchestrator.supervisor import KILL_GRACE_S, KILL_WAIT_S, ORPHAN_GRACE_S, Tree
 
 JOB_WAIT_S = 300.0  # job="wait": how long to wait for a libvirt job the dead orchestrator left running
 _JOB_POLL_S = 0.5
 JOB_CHOICES = ("wait", "abort")
+SUPERVISOR_SLACK_S = 5.0  # beyond the policy's longest hook timeout: a supervisor still alive is killed
 
 
 @dataclass
@@ -70,7 +65,7 @@ class Recovered:
     undrained: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # devices whose undrain failed: an admin must look
     notes: list[str] = field(default_factory=list)
-    awaited: list[str] = field(default_factory=list)  # devices whose undrain the dead process had spawned
+    awaited: list[str] = field(default_factory=list)  # devices whose undrain had run under the supervisor
 
     def to_json(self) -> dict[str, Any]:
         """One JSON object."""
@@ -108,6 +103,84 @@ class RecoveryReport:
         }
 
 
+# --- the decision: pure, from the records -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What recovery does for one device.
+
+    `run`: the undrain hooks (their places among the policy's undrain hooks) to run now. `ended`: the
+    undrain ran to its end under the supervisor (`ok`: every hook of it succeeded). `why`: in words."""
+
+    device_id: str
+    run: tuple[int, ...] = ()
+    ended: bool = False
+    ok: bool = True
+    why: str = ""
+
+
+def plan(records: Sequence[Mapping[str, Any]], policy: Policy, *, supervised: bool) -> list[DevicePlan]:
+    """For each device the run log shows drained and not undrained: what recovery must do.
+
+    `supervised`: every supervisor of the run wrote that it finished (so a hook it has no start record
+    of never ran); otherwise a drain is assumed to have run as soon as it was written down."""
+    undrain_hooks = policy.hooks_for(Trigger.UNDRAIN)
+    armed_drain = any(hook.armed for hook in policy.hooks_for(Trigger.DRAIN))
+    drains: dict[str, bool] = {}  # device -> a drain hook of it may have run
+    undone: dict[str, str] = {}  # device -> the status of its last undrain action
+    starts: dict[str, Mapping[str, Any]] = {}
+    ended: dict[tuple[str, int], bool] = {}  # (device, undrain hook place) -> ok
+    armed_answers: dict[tuple[str, str], bool] = {}  # (device, label) -> ok
+    unknown: set[str] = set()  # devices with an undrain hook that ended with no one to see its status
+    for record in records:
+        k = record.get("k")
+        if k == "action":
+            device, action, status = record.get("device_id", ""), record.get("action"), record.get("status")
+            if action == "drain" and status == "starting":
+                drains.setdefault(device, armed_drain or not supervised)
+                undone.pop(device, None)
+            elif action == "undrain":
+                undone[device] = str(status)
+        elif k == "hook-start":
+            starts[str(record.get("run"))] = record
+            if record.get("trigger") == "drain" and record.get("device_id") in drains:
+                drains[str(record["device_id"])] = True
+        elif k == "hook-end":
+            start = starts.get(str(record.get("run")), {})
+            if start.get("trigger") == "undrain" and isinstance(start.get("hook"), int):
+                ok = record.get("error") is None and record.get("exit_code") == 0
+                ended[(str(start.get("device_id")), int(start["hook"]))] = ok
+                if record.get("unknown"):
+                    unknown.add(str(start.get("device_id")))
+        elif k == "hook" and record.get("trigger") == "undrain" and record.get("device_id"):
+            armed_answers[(str(record["device_id"]), str(record.get("label")))] = bool(record.get("ok"))
+    plans = []
+    for device, ran in drains.items():
+        if undone.get(device) in ("done", "failed", "ended"):
+            continue
+        if not ran:
+            plans.append(DevicePlan(device, why="its drain never started a hook: nothing to undo"))
+            continue
+        missing, oks = [], []
+        for place, hook in enumerate(undrain_hooks):
+            result = armed_answers.get((device, hook.label)) if hook.armed else ended.get((device, place))
+            if result is None:
+                missing.append(place)
+            else:
+                oks.append(result)
+        if missing or not undrain_hooks:
+            plans.append(DevicePlan(device, run=tuple(missing), why="drained, and not undrained"))
+        elif device in unknown:  # it ran: not run twice; whether it restored anything, no one saw
+            why = "its undrain ran to its end, its exit status unseen (its supervisor died): check it"
+            plans.append(DevicePlan(device, ended=True, ok=False, why=why))
+        else:
+            plans.append(DevicePlan(device, ended=True, ok=all(oks), why="its undrain ran to its end"))
+    return plans
+
+
+# --- the I/O around it ------------------------------------------------------------------------------
+
 HostOpener = Callable[[str], Hypervisor]
 
 
@@ -122,7 +195,6 @@ class Recovery:
         job: str = "wait",
         job_wait_s: float = JOB_WAIT_S,
         runner: HookRunner | None = None,
-        locks: Path | None = None,
         on_line: Callable[[str], None] | None = None,
         clock: Clock | None = None,
         hosts: Sequence[Hypervisor] = (),
@@ -133,8 +205,7 @@ class Recovery:
         self.open_host = open_host
         self.job = job
         self.job_wait_s = job_wait_s
-        self.runner = runner or HookRunner(eager=False)  # undrains only, nothing racing: at the first hook
-        self.locks = locks if locks is not None else lock_dir(journal.path)
+        self.runner = runner or HookRunner()
         self.on_line = on_line
         self.clock: Clock = clock or SystemClock()
         self._given = {host.uri: host for host in hosts}  # open already: the caller closes them
@@ -158,28 +229,38 @@ class Recovery:
     def _recover(self, row: MigrationRow) -> Recovered:
         source, destination = self._host(row.source_uri), self._host(row.destination_uri)
         uuid = self._uuid(row, source, destination)
-        with MigrationLock.acquire(self.locks, row.source_uri, uuid, f"recover-{row.id}", wait_s=5.0):
+        with MigrationLock.acquire(
+            lock_dir(), uuid, f"recover-{row.id}", domain=row.domain, source=row.source_uri, wait_s=5.0
+        ):
             self._say(
                 f"{row.domain}: recovering migration {row.id} (process {row.pid} died in phase {row.phase})"
             )
-            notes = self._settle_job(row, source)
+            policy = self._policy(row)
+            legacy = not self.journal.records(row.id)
+            notes = [] if legacy else self._await_supervisors(row, policy)
+            notes += self._settle_job(row, source)
             location = self._location(row, source, destination)
             result = Recovered(row.id, row.domain, _outcome(location).value, location, notes=notes)
-            self.journal.adopt_intents(row.id)  # what only its intents file had: into the journal first
-            actions = self.journal.device_actions(row.id)
-            drained, spawned = still_drained(actions), undrains_spawned(actions)
-            if drained:
-                policy = self._policy(row)
-                for device in drained:
-                    if device in spawned and self._awaited(row, policy, spawned[device], result):
-                        continue
-                    self._undrain(row, policy, device, location, result)
-            outcome = _outcome(location)
+            # An older orchestrator's: every device still drained per its device actions (read before
+            # recover adds its own records).
+            drained = still_drained(self.journal.device_actions(row.id)) if legacy else {}
+            self.journal.resume(row.id)
+            log = self.journal.run_log(row.id)
+            if log is not None:
+                self.runner.attach(row.id, log.fd)
+            self.journal.claim(row.id, self.runner.supervisor_pid)
+            try:
+                self._settle_orphans(row, policy)
+                plans = self._plans(row, policy, legacy=drained if legacy else None)
+                for device in plans:
+                    self._carry_out(row, policy, device, location, result)
+            finally:
+                self.runner.detach()
             done = []
             if result.undrained:
                 done.append(f"undrained {', '.join(result.undrained)}")
             if result.awaited:
-                done.append(f"waited for the undrain of {', '.join(result.awaited)} it had started")
+                done.append(f"the undrain of {', '.join(result.awaited)} had run to its end")
             what = "; ".join(done) or "nothing was left drained"
             error = (
                 f"the orchestrator (process {row.pid}) died in phase {row.phase}; recovered: {what}; "
@@ -187,9 +268,148 @@ class Recovery:
             )
             if result.failed:
                 error += f"; the undrain of {', '.join(result.failed)} failed: restore them by hand"
+            outcome = _outcome(location)
             self.journal.mark_recovered(row.id, outcome, error, time.time(), result.to_json())
             self._say(f"{row.domain}: migration {row.id} {outcome.value} ({what}; the VM runs on {location})")
             return result
+
+    def _plans(
+        self, row: MigrationRow, policy: Policy, *, legacy: Mapping[str, Any] | None
+    ) -> list[DevicePlan]:
+        if legacy is not None:  # an older orchestrator's: every device still drained, every undrain hook
+            everything = tuple(range(len(policy.hooks_for(Trigger.UNDRAIN))))
+            return [DevicePlan(device, run=everything, why="drained, and not undrained") for device in legacy]
+        records = self.journal.records(row.id)
+        supervisors = {pid for pid, _start in self.journal.supervisors(row.id)}
+        clean = {r.get("pid") for r in records if r.get("k") == "supervised"}
+        mine = self.runner.supervisor_pid
+        return plan(records, policy, supervised=bool(supervisors) and supervisors - {mine} <= clean)
+
+    def _await_supervisors(self, row: MigrationRow, policy: Policy) -> list[str]:
+        """Wait for the dead run's supervisors to finish its hooks and exit; kill one that outlives the
+        longest hook's timeout (its hooks are then settled one by one, `_settle_orphans`)."""
+        longest = max((hook.timeout_ms for hook in policy.all_hooks()), default=0) / 1000
+        bound = longest + KILL_GRACE_S + KILL_WAIT_S + ORPHAN_GRACE_S + SUPERVISOR_SLACK_S
+        notes = []
+        for pid, start in self.journal.supervisors(row.id):
+            if not _same_process(pid, start):
+                continue
+            self._say(
+                f"{row.domain}: the dead run's hook supervisor (process {pid}) still runs its hooks: waiting"
+            )
+            if not _wait_gone(pid, start, bound):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, 9)
+                _wait_gone(pid, start, KILL_WAIT_S)
+                notes.append(f"killed the dead run's hook supervisor (process {pid}) after {bound:g} s")
+            else:
+                notes.append(f"waited for the dead run's hook supervisor (process {pid}) to finish its hooks")
+        return notes
+
+    def _settle_orphans(self, row: MigrationRow, policy: Policy) -> None:
+        """Hooks whose end no supervisor wrote (it died too): wait for each to its deadline, then kill its
+        tree, and write its end down in recover's words. So nothing of the dead run still acts."""
+        records = self.journal.records(row.id)
+        ends = {str(r.get("run")) for r in records if r.get("k") == "hook-end"}
+        for start in (r for r in records if r.get("k") == "hook-start" and str(r.get("run")) not in ends):
+            pid, tick, tag = start.get("pid"), start.get("start"), str(start.get("tag") or "")
+            if not isinstance(pid, int):
+                continue
+            deadline = float(start.get("started") or 0) + float(start.get("timeout_ms") or 0) / 1000
+            if start.get("armed"):
+                deadline += ORPHAN_GRACE_S
+            waited = _wait_gone(pid, tick, max(0.0, deadline + KILL_GRACE_S - time.time()))
+            if not waited:
+                Tree(pid, tag.encode(), tick or 0, set).signal_until_gone()
+            how = (
+                "it ended by itself, its exit status unseen"
+                if waited
+                else "recover killed it at its deadline"
+            )
+            error = f"its end was not recorded (the hook supervisor died); {how}"
+            self.journal.record_supervised_end(row.id, str(start.get("run")), error, unknown=waited)
+            what = f"{start.get('label')} ({start.get('trigger')} {start.get('device_id')})"
+            self._say(f"{row.domain}: hook {what}: {error}")
+
+    def _carry_out(
+        self, row: MigrationRow, policy: Policy, device: DevicePlan, location: str, result: Recovered
+    ) -> None:
+        name = device.device_id
+        if device.ended:
+            status = "ended" if device.ok else "failed"
+            self.journal.record_device_action(row.id, name, "undrain", status, time.time(), device.why)
+            (result.awaited if device.ok else result.failed).append(name)
+            self._say(f"{row.domain}: undrain {name}: {device.why} under the hook supervisor")
+            return
+        if not device.run and policy.hooks_for(Trigger.UNDRAIN):
+            self._say(f"{row.domain}: {name}: {device.why}")
+            return
+        self._undrain(row, policy, name, device.run, location, result)
+
+    def _undrain(
+        self,
+        row: MigrationRow,
+        policy: Policy,
+        device: str,
+        places: Iterable[int],
+        location: str,
+        result: Recovered,
+    ) -> None:
+        state = "running" if location in ("source", "destination") else "unknown"
+        values = {
+            "domain": row.domain,
+            "device_id": device,
+            "qom_path": f"/machine/peripheral/{device}",
+            "state": state,
+            "migration_id": row.id,
+            "source": row.source_uri,
+            "destination": row.destination_uri,
+        }
+        reason = f"recovery: the orchestrator died; the VM runs on {location}"
+        self.journal.record_device_action(row.id, device, "undrain", "starting", time.time(), reason)
+        hooks = policy.hooks_for(Trigger.UNDRAIN)
+        waits: list[Callable[[], HookResult]] = []
+        for place in places:
+            hook = hooks[place]
+            if hook.armed:
+                waits.append(self._fire_armed(hook, values, device, state))
+            else:
+                waits.append(self.runner.start(hook, values, device, index=place).wait)
+        results = [wait() for wait in waits]
+        for hook_result in results:
+            self.journal.record_hook(row.id, hook_result.to_json())
+        ok = all(r.ok for r in results)
+        self.journal.record_device_action(row.id, device, "undrain", "done" if ok else "failed", time.time())
+        (result.undrained if ok else result.failed).append(device)
+        self._say(
+            f"{row.domain}: undrain {device}: "
+            + ("ok" if ok else "; ".join(r.error or "failed" for r in results))
+        )
+
+    def _fire_armed(
+        self, hook: Hook, values: dict[str, str], device: str, state: str
+    ) -> Callable[[], HookResult]:
+        """An armed undrain hook, for one device: arm it and wake it now; what waits for its answer and
+        closes it."""
+        armed = self.runner.arm(hook, {**values, "device_id": "", "qom_path": "", "state": "armed"})
+        arming = armed.wait_ready()
+        answered = threading.Event()
+        box: list[HookResult] = []
+
+        def done(answer: HookResult) -> None:
+            box.append(answer)
+            answered.set()
+
+        if arming.ok:
+            armed.fire(device, state, None, done)
+
+        def wait() -> HookResult:
+            if arming.ok:
+                answered.wait(hook.timeout_ms / 1000 + 5)  # the hook's own deadline ends it before this
+            armed.close()
+            return box[0] if box else arming
+
+        return wait
 
     def _settle_job(self, row: MigrationRow, source: Hypervisor) -> list[str]:
         """Wait for (or abort) a libvirt job the dead process left running; notes of what happened."""
@@ -237,108 +457,6 @@ class Recovery:
             )
         return parse_policy(row.policy_text, row.policy)
 
-    def _awaited(
-        self, row: MigrationRow, policy: Policy, spawned: DeviceActionRow, result: Recovered
-    ) -> bool:
-        """The undrain of a device whose hooks the dead process had all started: True if they ran to
-        their end (waited for here while one still runs); False if it must be run again."""
-        device, tokens = spawned.device_id, ProcessToken.parse_all(spawned.detail)
-        running = [token for token in tokens if token.alive()]
-        if not running:
-            self._say(
-                f"{row.domain}: the undrain of {device} had started, but its hooks are gone and their "
-                "result was never journaled: running it again"
-            )
-            return False
-        pids = ", ".join(str(token.pid) for token in running)
-        timeout_ms = max((hook.timeout_ms for hook in policy.hooks_for(Trigger.UNDRAIN)), default=0)
-        left_s = spawned.at + timeout_ms / 1000 + KILL_GRACE_S - self.clock.time()
-        self._say(f"{row.domain}: the undrain of {device} is under way (process {pids}): waiting for it")
-        still = wait_gone(running, max(left_s, 0.0))
-        if still:
-            kill_tokens(still)
-            self._say(
-                f"{row.domain}: the undrain of {device} outlived its hooks' timeout "
-                f"({timeout_ms} ms): killed it; running it again"
-            )
-            return False
-        self.journal.record_device_action(
-            row.id,
-            device,
-            "undrain",
-            "ended",
-            self.clock.time(),
-            f"its hooks (process {pids}) ran to their end after the orchestrator died; their exit "
-            "status was its to see",
-        )
-        result.awaited.append(device)
-        self._say(f"{row.domain}: undrain {device}: its hooks ended (started before the orchestrator died)")
-        return True
-
-    def _undrain(
-        self, row: MigrationRow, policy: Policy, device: str, location: str, result: Recovered
-    ) -> None:
-        state = "running" if location in ("source", "destination") else "unknown"
-        values = {
-            "domain": row.domain,
-            "device_id": device,
-            "qom_path": f"/machine/peripheral/{device}",
-            "state": state,
-            "migration_id": row.id,
-            "source": row.source_uri,
-            "destination": row.destination_uri,
-        }
-        reason = f"recovery: the orchestrator died; the VM runs on {location}"
-        self.journal.record_device_action(row.id, device, "undrain", "starting", self.clock.time(), reason)
-        started: list[tuple[int | None, Callable[[], HookResult]]] = []
-        for hook in policy.hooks_for(Trigger.UNDRAIN):
-            if hook.armed:
-                started.append(self._fire_armed(hook, values, device, state))
-            else:
-                running = self.runner.start(hook, values, device)
-                started.append((running.pid, running.wait))
-        tokens = " ".join(str(ProcessToken.of(pid)) for pid, _wait in started if pid is not None)
-        self.journal.record_device_action(
-            row.id, device, "undrain", "spawned", self.clock.time(), f"hook processes {tokens}"
-        )
-        results = [wait() for _pid, wait in started]
-        for hook_result in results:
-            self.journal.record_hook(row.id, hook_result.to_json())
-        ok = all(r.ok for r in results)
-        self.journal.record_device_action(
-            row.id, device, "undrain", "done" if ok else "failed", self.clock.time()
-        )
-        (result.undrained if ok else result.failed).append(device)
-        self._say(
-            f"{row.domain}: undrain {device}: "
-            + ("ok" if ok else "; ".join(r.error or "failed" for r in results))
-        )
-
-    def _fire_armed(
-        self, hook: Hook, values: dict[str, str], device: str, state: str
-    ) -> tuple[int | None, Callable[[], HookResult]]:
-        """An armed undrain hook, for one device: arm it and wake it now; its process, and what waits
-        for its answer and closes it."""
-        armed = self.runner.arm(hook, {**values, "device_id": "", "qom_path": "", "state": "armed"})
-        arming = armed.wait_ready()
-        answered = threading.Event()
-        box: list[HookResult] = []
-
-        def done(answer: HookResult) -> None:
-            box.append(answer)
-            answered.set()
-
-        if arming.ok:
-            armed.fire(device, state, None, done)
-
-        def wait() -> HookResult:
-            if arming.ok:
-                answered.wait(hook.timeout_ms / 1000 + 5)  # the hook's own deadline ends it before this
-            armed.close()
-            return box[0] if box else arming
-
-        return armed.pid, wait
-
     def close(self) -> None:
         """Close the connections recovery opened itself."""
         for host in self._opened.values():
@@ -347,7 +465,6 @@ class Recovery:
                 close()
         self._opened.clear()
 
-    # --- helpers ----------------------------------------------------------------------------------
     def _host(self, uri: str) -> Hypervisor:
         if uri in self._given:
             return self._given[uri]
@@ -366,6 +483,27 @@ class Recovery:
     def _say(self, line: str) -> None:
         if self.on_line is not None:
             self.on_line(line)
+
+
+def _same_process(pid: int, start: Any) -> bool:
+    found = procfs.proc(pid)
+    return found is not None and not found.dead and (start is None or found.start == start)
+
+
+def _wait_gone(pid: int, start: Any, timeout_s: float) -> bool:
+    """Wait until the process `pid` (started at `start`, clock ticks) is gone, at most `timeout_s`; True
+    if it is. It need not be our child: followed through a pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return True  # gone
+    try:
+        if not _same_process(pid, start):  # checked after opening: the pidfd is this process's
+            return True
+        ready, _, _ = select.select([fd], [], [], max(0.0, timeout_s))
+        return bool(ready) or not _same_process(pid, start)
+    finally:
+        os.close(fd)
 
 
 def _outcome(location: str) -> Outcome:

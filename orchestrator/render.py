@@ -17,11 +17,48 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from orchestrator.evacuation import EvacuationReport
     from orchestrator.hooks import HookResult
-    from orchestrator.journal import MigrationRecord, MigrationRow
+    from orchestrator.records import MigrationRecord, MigrationRow
     from orchestrator.report import Progress, Report, TimelineEntry
 
 PROGRESS_EVERY_S = 5.0  # a progress line this often when stderr is not a terminal
 _TAIL_CHARS = 300  # of a failed hook's output, in its one line
+
+
+class Outlasting:
+    """A text stream that outlasts its reader: a write or flush that fails because the terminal went
+    away (EIO once an ssh session died, EPIPE once a reader closed) is dropped, as is everything after
+    it, instead of ending the command in the middle of a migration (the journal keeps the story)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.gone: str | None = None  # why it stopped writing
+
+    def write(self, text: str) -> int:
+        if self.gone is None:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self.gone = exc.strerror or str(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.gone is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self.gone = exc.strerror or str(exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def outlast_the_terminal() -> None:
+    """From now on, stdout and stderr outlive their reader (see `Outlasting`): what changes the world
+    must finish, undrain and record whatever becomes of the terminal."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, Outlasting):
+            setattr(sys, name, Outlasting(stream))
 
 
 def emit_json(document: Any) -> None:
@@ -268,10 +305,9 @@ def failure_line(report: Report, journal: str | None = None) -> str | None:
             f"{report.domain}: the undrain of {devices} failed ({why}): its workloads may still be "
             f"drained; restore them by hand, {history}"
         )
-    if report.journal_error and report.outcome.value in ("succeeded", "unchanged"):
-        return (
-            f"{report.domain} {report.outcome.value}, but the journal missed records: {report.journal_error}"
-        )
+    if report.journal_error and report.outcome.value in ("succeeded", "unchanged", "planned"):
+        outcome = report.outcome.value
+        return f"{report.domain} {outcome}, but its record is not in the journal: {report.journal_error}"
     hints = {
         "rolled-back": f"{report.domain} still runs on {report.source}; {history}",
         "aborted": f"{report.domain} still runs on {report.source}, devices undrained; fix the hook, retry",

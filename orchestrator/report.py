@@ -179,7 +179,7 @@ class Report:
             return ExitCode.NEEDS_ADMIN
         code = EXIT_CODES[self.outcome]
         if code is ExitCode.OK and self.journal_error:
-            return ExitCode.NEEDS_ADMIN
+            return ExitCode.ENVIRONMENT  # the journal's trouble (its run log keeps the record meanwhile)
         return code
 
     def failed_hooks(self) -> list[HookResult]:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from orchestrator import procfs
 from orchestrator.errors import BadInput, EnvironmentProblem
-from orchestrator.hooks import forgo_subreaper
 from orchestrator.hypervisor import DomainInfo
 
 if TYPE_CHECKING:
@@ -105,14 +104,15 @@ def lab_command(words: str, root: Path | None = None) -> str:
 
 
 def program() -> str:
-    """How to run the orchestrator from here: `orchestrator` when that is on PATH, else the path of
-    the one beside this Python (the virtualenv's, as `make demo` runs it)."""
-    beside = Path(sys.executable).parent / "orchestrator"
-    on_path = shutil.which("orchestrator")
-    if on_path is not None or not beside.exists():
+    """How to run the orchestrator again, as it was run: `orchestrator` when that is what PATH finds,
+    else the path it was run by (`.venv/bin/orchestrator`, as `make demo` runs it)."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if Path(invoked).name != "orchestrator":
+        return "orchestrator"  # run as a module or in-process: the usual name
+    found = shutil.which("orchestrator")
+    if found is not None and Path(found).resolve() == Path(invoked).resolve():
         return "orchestrator"
-    relative = os.path.relpath(beside)
-    return shlex.quote(relative if not relative.startswith("..") else str(beside))
+    return shlex.quote(invoked)
 
 
 @dataclass
@@ -230,9 +230,6 @@ def _start(host: LabHost, timeout: float) -> None:
     _stop_virtlogd(host)
     (host.dir / "libvirtd.pid").unlink(missing_ok=True)
     host.socket.unlink(missing_ok=True)
-    # libvirtd daemonises QEMU and waits for it to vanish when it stops it: this process (which may run
-    # hooks too: demo, bench, tests) must not be their subreaper, or an exited QEMU stays our zombie.
-    forgo_subreaper()
     with host.log.open("ab") as log:
         proc = subprocess.Popen(
             [

@@ -244,7 +244,7 @@ def test_journal_locked_by_another_process(lab_env: Any, tmp_path: Path) -> None
             "phase done",
         ]
         assert len(record["hook_runs"]) == len(doc["hooks"]) == 3
-        assert len(record["device_actions"]) == 5  # drain starting, done; undrain starting, spawned, done
+        assert len(record["device_actions"]) == 4  # drain starting, done; undrain starting, done
     finally:
         if locker is not None and locker.poll() is None:
             locker.kill()
@@ -274,14 +274,13 @@ def test_journal_locked_across_a_drain(lab_env: Any, tmp_path: Path) -> None:
             ("drain", "starting"),
             ("drain", "done"),
             ("undrain", "starting"),
-            ("undrain", "spawned"),
             ("undrain", "done"),
         ], "every record landed"
         assert run.code == 0 and run.doc["journal_error"] is None, run.doc["journal_error"]
-        # The drain's `starting` went to the migration's intents file at once (the lock did not make it
-        # late), and the file is gone now that the journal holds everything.
-        assert not any("could not record" in n for n in run.doc["notes"]), run.doc["notes"]
-        assert not case.journal.with_name(case.journal.name + ".intents").exists()
+        # The drain was written to the migration's run log at once (the lock never touched it), and the
+        # run log is gone now that the journal holds everything.
+        assert not any("could not" in n for n in run.doc["notes"]), run.doc["notes"]
+        assert not case.journal.with_name(case.journal.name + ".runs").exists()
     finally:
         if locker is not None and locker.poll() is None:
             locker.kill()
@@ -329,6 +328,7 @@ def test_refused_before_anything(lab_env: Any, tmp_path: Path) -> None:
                 journal.record_event(
                     "old", "h", None, "note", f"note {n} " + "x" * 200, None, None, None, 1.0
                 )
+            journal.finish_migration("old", "succeeded", True, None, 0, 2.0)
         data = bytearray(case.journal.read_bytes())
         data[4096:8192] = os.urandom(4096)
         case.journal.write_bytes(bytes(data))

@@ -130,7 +130,7 @@ def test_interrupted_evacuation_resumes_with_only_the_rest(lab_env: Any, tmp_pat
         "--concurrency",
         "1",
         "--policy",
-        str(policy(lab_env, tmp_path, "--kill-parent=TERM")),
+        str(policy(lab_env, tmp_path, "--kill-orchestrator=TERM")),
     )
     assert first.code == 130, first.err
     doc = first.doc

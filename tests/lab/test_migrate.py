@@ -263,7 +263,7 @@ def test_sigterm_mid_migration_aborts_undrains_and_exits_130(lab_env: Any, tmp_p
     # The drain hook sends SIGTERM at the prepare event; a 1.5 s transition leaves the abort time to land
     # (with 300 ms, a loaded host sometimes completed the switchover first: then the VM moved, exit 0).
     sc = Scenario(lab_env, tmp_path, transition_ms=1500)
-    sc.write_policy(drain="--kill-parent=TERM")
+    sc.write_policy(drain="--kill-orchestrator=TERM")
     run = sc.migrate()
     assert run.code == 130, run.err
     assert run.doc["outcome"] == "interrupted"

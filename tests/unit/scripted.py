@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -436,6 +438,9 @@ class FakeQemu:
 # --- hooks ---------------------------------------------------------------------------------------
 
 
+END = ("started", "ended", "duration_ms", "exit_code", "timed_out", "error", "output_tail")
+
+
 @dataclass
 class Behaviour:
     """How a fake hook run goes: how long it takes, and how it ends."""
@@ -466,16 +471,36 @@ class HookRun:
 
 
 class FakeRunner:
-    """Starts no process: each hook 'runs' on the fake clock and ends as `behaviours` say."""
+    """Starts no process: each hook 'runs' on the fake clock and ends as `behaviours` say. Attached to a
+    run log, it writes each hook's start and end there, as the hook supervisor does (a stand-in: the
+    supervisor's own behaviour is tested with real processes in test_supervisor.py)."""
+
+    supervisor_pid = None  # no supervisor process
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
+        self.log: tuple[str, int] | None = None  # the run log attached: its migration id and fd
+        self.logs: list[str] = []  # every run log it was attached to, in order
+        self.detached = 0
+        self._runs = itertools.count(1)
         self.runs: list[HookRun] = []
         # (trigger, device id or None for any) -> behaviour; missing: 10 ms, success
         self.behaviours: dict[tuple[Trigger, str | None], Behaviour] = {}
         self.on_start: Callable[[HookRun], None] | None = None
         self.armed: list[FakeArmed] = []
         self.arming: Behaviour = Behaviour()  # how arming goes (its error: it never gets ready)
+
+    def attach(self, log: str, fd: int) -> None:
+        self.log = (log, fd)
+        self.logs.append(log)
+
+    def detach(self) -> None:
+        self.log = None
+        self.detached += 1
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            os.write(self.log[1], (json.dumps(record) + "\n").encode())
 
     def behaviour(self, trigger: Trigger, device: str | None) -> Behaviour:
         return self.behaviours.get((trigger, device)) or self.behaviours.get((trigger, None)) or Behaviour()
@@ -507,9 +532,22 @@ class FakeRunner:
         on_done: Callable[[HookResult], None] | None = None,
         *,
         attempt: int = 1,
+        index: int | None = None,
     ) -> HookRun:
         run = HookRun(hook.trigger, device_id, hook.label, dict(values), self.clock.now)
         self.runs.append(run)
+        number = str(next(self._runs))
+        self._record(
+            {
+                "k": "hook-start",
+                "run": number,
+                "hook": index,
+                "label": hook.label,
+                "trigger": hook.trigger.value,
+            }
+            | {"device_id": device_id, "argv": list(hook.argv), "attempt": attempt, "pid": None}
+            | {"started": EPOCH + run.started, "timeout_ms": hook.timeout_ms, "armed": False}
+        )
         if self.on_start is not None:
             self.on_start(run)
         behaviour = self.behaviour(hook.trigger, device_id)
@@ -518,6 +556,10 @@ class FakeRunner:
 
         def finish() -> None:
             result = self._result(hook, run, behaviour)
+            result.run = number
+            self._record(
+                {"k": "hook-end", "run": number, **{k: v for k, v in result.to_json().items() if k in END}}
+            )
             box.append(result)
             if on_done is not None:
                 on_done(result)

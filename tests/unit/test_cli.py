@@ -44,7 +44,8 @@ def test_history_of_a_missing_journal_creates_nothing(
 
 
 def test_history_reads_an_existing_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.journal import Journal, MigrationKind
+    from orchestrator.journal import Journal
+    from orchestrator.records import MigrationKind
 
     journal = tmp_path / "journal.sqlite"
     with Journal.open(journal) as writer:
@@ -57,10 +58,12 @@ def test_history_reads_an_existing_journal(tmp_path: Path, capsys: pytest.Captur
             "default",
             1_700_000_000.0,
         )
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code, out, _ = run(["history", "--journal", str(journal), "--json"], capsys)
     assert code == 0
-    assert [row["id"] for row in json.loads(out)] == ["3f2a9c"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.sqlite"]
+    rows = json.loads(out)
+    assert [(row["id"], row["outcome"]) for row in rows] == [("3f2a9c", "running")], "read from its run log"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "history writes nothing"
 
 
 # --- --version ---------------------------------------------------------------------------------------

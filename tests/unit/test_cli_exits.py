@@ -50,6 +50,9 @@ def migration_ending(report: Report | BaseException) -> type:
         def interrupt(self, _name: str) -> None:  # pragma: no cover - no signal here
             pass
 
+        def hung_up(self) -> None:  # pragma: no cover - no signal here
+            pass
+
     return Fake
 
 
@@ -84,7 +87,7 @@ def failed_undrain() -> Report:
         (lambda: report(Outcome.ABORTED, error="drain hook rdma failed"), 5, "aborted: drain hook rdma"),
         (lambda: report(Outcome.FAILED, error="on neither host"), 9, "failed: on neither host"),
         (failed_undrain, 9, "the undrain of nic0 failed (exited with status 3)"),
-        (lambda: report(Outcome.SUCCEEDED, journal_error="disk full"), 9, "journal missed records"),
+        (lambda: report(Outcome.SUCCEEDED, journal_error="disk full"), 7, "its record is not in the journal"),
         (lambda: report(Outcome.INTERRUPTED, error="SIGTERM received"), 130, "interrupted: SIGTERM"),
         (KeyboardInterrupt, 130, "interrupted"),  # Ctrl-C before our handler (was exit 0)
     ],
@@ -128,6 +131,8 @@ def test_a_successful_migrate_has_no_error_line(
 SIGNAL_PRELUDE = r"""
 import contextlib, json, os, signal, sys, threading, time, types
 from pathlib import Path
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it (unless its parent ignored it)
 
 virt = types.ModuleType("orchestrator.virt")
 @contextlib.contextmanager
@@ -189,6 +194,8 @@ class Migration:
         self.interrupted = threading.Event()
     def interrupt(self, name):
         self.interrupted.set()
+    def hung_up(self):
+        pass
     def run(self):
         storming.start()
         assert self.interrupted.wait(10)
@@ -277,6 +284,65 @@ def test_a_storm_of_signals_never_kills_before_the_report_and_the_journal(
     if "recover" not in work:
         assert json.loads(done.stdout)["exit_code"] == 130, "the report, whole"
     assert json.loads(state.read_text()) == {"code": 130, "handlers": handlers}
+
+
+# --- the terminal hangs up (the admin's ssh session died) ------------------------------------------------
+
+HANGUP = r"""
+import contextlib, json, os, signal, sys, threading, types
+from pathlib import Path
+
+virt = types.ModuleType("orchestrator.virt")
+@contextlib.contextmanager
+def open_hosts(*uris):
+    yield object(), object()
+virt.open_hosts = open_hosts
+sys.modules["orchestrator.virt"] = virt
+
+from orchestrator import cli, migration
+from orchestrator.report import Outcome, Report
+cli.reconcile = lambda *args, **kwargs: None
+told = []
+
+class Migration:
+    def __init__(self, request, *args, **kwargs):
+        self.hangup = threading.Event()
+    def interrupt(self, name):
+        told.append(name)
+    def hung_up(self):
+        told.append("SIGHUP")
+        self.hangup.set()
+    def run(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert self.hangup.wait(10)
+        # The terminal is gone: stderr now fails every write (EPIPE), as a dead ssh session's EIO does.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        os.dup2(write_end, 2)
+        print("a line for the terminal that is gone", file=sys.stderr, flush=True)
+        return Report("3f2a9c0d1e2f", "vm1", "src", "dst", "default", outcome=Outcome.SUCCEEDED)
+migration.Migration = Migration
+try:
+    cli.main(["migrate", "vm1", "qemu+unix:///b", "-c", "qemu+unix:///a", "--journal", sys.argv[1], "--json"])
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+Path(sys.argv[2]).write_text(json.dumps({"code": code, "told": told}))
+"""
+
+
+def test_a_hang_up_and_a_vanished_terminal_never_stop_a_migration(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    done = subprocess.run(
+        [sys.executable, "-c", HANGUP, str(tmp_path / "j.sqlite"), str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert json.loads(state.read_text()) == {"code": 0, "told": ["SIGHUP"]}, "told, and never interrupted"
+    assert json.loads(done.stdout)["outcome"] == "succeeded", "the report, whole"
 
 
 # --- a signal while the main thread is inside a long call ------------------------------------------------

@@ -1,42 +1,34 @@
-"""Tests of the journal on real SQLite files in tmp_path."""
+"""Tests of the journal (run logs, imported into SQLite when a migration ends) on real files in tmp_path."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from orchestrator import intents
-from orchestrator import journal as journal_module
+from orchestrator import journal_db, procfs, runlog
 from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode, OrchestratorError
 from orchestrator.hooks import HookResult, Trigger
-from orchestrator.journal import (
-    DEFAULT_PATH,
-    ENV_VAR,
-    SCHEMA_VERSION,
-    ActionStatus,
-    DeviceAction,
-    EventKind,
-    Journal,
-    MigrationKind,
-    Outcome,
-    check_in_background,
-    journal_path,
-    still_drained,
-)
+from orchestrator.journal import DEFAULT_PATH, Journal, journal_path
+from orchestrator.journal_db import ENV_VAR, SCHEMA_VERSION, JournalCorrupt, check_in_background
+from orchestrator.records import ActionStatus, DeviceAction, EventKind, MigrationKind, still_drained
+from orchestrator.report import Outcome
 from orchestrator.vfio import Role
 
 T0 = 1_700_000_000.0
+HOST = os.uname().nodename
+SRC, DST = "qemu:///system", "qemu+ssh://dst/system"
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 @pytest.fixture
@@ -50,44 +42,90 @@ def journal(path: Path) -> Iterator[Journal]:
         yield opened
 
 
-def begin(journal: Journal, migration_id: str, domain: str = "vm1", started: float = T0) -> None:
-    journal.begin_migration(
-        migration_id,
-        MigrationKind.MIGRATE,
-        domain,
-        "qemu:///system",
-        "qemu+ssh://dst/system",
-        "rdma-drain",
-        started,
-    )
+def begin(journal: Journal, mid: str, domain: str = "vm1", started: float = T0) -> None:
+    journal.begin_migration(mid, MigrationKind.MIGRATE, domain, SRC, DST, "rdma-drain", started)
 
 
-def vfio_event(journal: Journal, migration_id: str, state: str, at: float) -> None:
-    journal.record_event(
-        migration_id,
-        "src",
-        Role.SOURCE,
-        EventKind.VFIO,
-        "VFIO_MIGRATION",
-        "hostdev0",
-        state,
-        at,
-        at + 0.001,
-        {"device-id": "hostdev0", "qom-path": "/machine/peripheral/hostdev0", "device-state": state},
-    )
+def finish(journal: Journal, mid: str, summary: dict[str, object] | None = None) -> None:
+    journal.finish_migration(mid, Outcome.SUCCEEDED, True, None, 0, T0 + 9, summary)
 
 
-def hook_result(trigger: Trigger, exit_code: int | None, started: float) -> dict[str, object]:
+def vfio_event(journal: Journal, mid: str, state: str, at: float) -> None:
+    data = {"device-id": "hostdev0", "device-state": state}
+    kind, device = EventKind.VFIO, "hostdev0"
+    journal.record_event(mid, "src", Role.SOURCE, kind, "VFIO_MIGRATION", device, state, at, at, data)
+
+
+def hook_result(trigger: Trigger, exit_code: int, started: float) -> dict[str, object]:
     result = HookResult("drain-rdma", trigger, "hostdev0", ["/usr/bin/drain", "vm1"], 1, started, 0.0, 4242)
-    result.ended = started + 0.25
-    result.duration_ms = 250.0
-    result.exit_code = exit_code
+    result.ended, result.duration_ms, result.exit_code = started + 0.25, 250.0, exit_code
     result.error = None if exit_code == 0 else f"exited with status {exit_code}"
     result.output_tail = "drained 3 QPs\n"
     return result.to_json()
 
 
-# --- the path -------------------------------------------------------------------------------------
+def supervisor_writes(journal: Journal, mid: str, record: dict[str, Any]) -> None:
+    """A record the hook supervisor writes itself, through the run log's shared file description."""
+    log = journal.run_log(mid)
+    assert log is not None
+    os.write(log.fd, (json.dumps(record) + "\n").encode())
+
+
+def hook_start(run: str, started: float, *, armed: bool = False) -> dict[str, Any]:
+    return {"k": "hook-start", "run": run, "hook": 0, "label": f"label-{run}", "trigger": "drain",
+            "device_id": "hostdev0", "argv": ["/usr/bin/drain", "vm1"], "attempt": 1, "timeout_ms": 5000,
+            "armed": armed, "pid": 999, "start": 1, "tag": run, "started": started}  # fmt: skip
+
+
+def hook_end(run: str, started: float, exit_code: int) -> dict[str, Any]:
+    return {"k": "hook-end", "run": run, "started": started, "ended": started + 0.5, "duration_ms": 500.0,
+            "exit_code": exit_code, "timed_out": False, "error": None if exit_code == 0 else "failed",
+            "output_tail": f"{run} out\n"}  # fmt: skip
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    program = "import os; print(os.getpid())"
+    child = subprocess.run([sys.executable, "-c", program], check=True, capture_output=True)
+    return int(child.stdout)
+
+
+def write_run_log(
+    path: Path, mid: str, pid: int, pid_start: int | None = None, *, ended: bool = False
+) -> Path:
+    """A run log written by hand, as the process `pid` would have left it (its reserved zeros after)."""
+    records: list[dict[str, Any]] = [
+        {"k": "begin", "id": mid, "kind": "migrate", "domain": "vm1", "source_uri": SRC,
+         "destination_uri": DST, "policy": "rdma-drain", "started": T0, "parent": None, "pid": pid,
+         "pid_start": pid_start, "host": HOST, "drain_mode": "prepare"},
+        {"k": "phase", "phase": "switching-over", "at": T0 + 1},
+        {"k": "action", "device_id": "hostdev0", "action": "drain", "status": "starting", "at": T0 + 2,
+         "detail": "prepare"},
+        {"k": "event", "host": "src", "role": "source", "kind": "vfio", "name": "VFIO_MIGRATION",
+         "device_id": "hostdev0", "state": "pre-copy", "qemu_time": 1.0, "received": T0 + 3,
+         "data": {"i": 1}},
+    ]  # fmt: skip
+    if ended:
+        records.append({"k": "end", "outcome": "succeeded", "changed": True, "error": None, "exit_code": 0,
+                        "ended": T0 + 9, "dropped": 0})  # fmt: skip
+    runlog.directory_of(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = runlog.path_of(runlog.directory_of(path), mid)
+    log.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + bytes(4096))
+    return log
+
+
+def counts(path: Path) -> list[int]:
+    """How many rows each table of the journal's file has: migrations, events, hook_runs, device_actions."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = ("migrations", "events", "hook_runs", "device_actions")
+        return [conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables]
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+# --- the path and the file ------------------------------------------------------------------------
 
 
 def test_journal_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -99,20 +137,17 @@ def test_journal_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def test_open_creates_the_directory_and_the_versioned_schema(path: Path, journal: Journal) -> None:
-    assert path.parent.stat().st_mode & 0o777 == 0o750 & ~_umask()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.parent.stat().st_mode & 0o777 == 0o750 & ~mask
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"migrations", "events", "hook_runs", "migrations_by_started"} <= names
-    assert {"events_by_migration", "hook_runs_by_migration"} <= names
+    assert {"migrations", "events", "hook_runs", "device_actions", "migrations_by_started"} <= names
+    assert {"events_by_migration", "hook_runs_by_migration", "device_actions_by_migration"} <= names
     conn.close()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert not journal.runs.exists(), "a run log directory before any run"
 
 
 def test_a_newer_schema_is_refused(path: Path) -> None:
@@ -120,8 +155,9 @@ def test_a_newer_schema_is_refused(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
-        Journal.open(path)
+    for opening in (Journal.open, Journal.open_readonly):
+        with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
+            opening(path)
 
 
 def _not_a_database(tmp_path: Path) -> Path:
@@ -136,18 +172,21 @@ def _under_a_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda tmp: tmp, _under_a_file, _not_a_database],
+    ("make", "error"),
+    [(lambda tmp: tmp, BadInput), (_under_a_file, EnvironmentProblem), (_not_a_database, EnvironmentProblem)],
     ids=["a directory", "under a file", "not a database"],
 )
-def test_an_unusable_path_is_one_line_naming_it(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+def test_an_unusable_path_is_one_line_naming_it(
+    tmp_path: Path, make: Callable[[Path], Path], error: type[OrchestratorError]
+) -> None:
     bad = make(tmp_path)
-    with pytest.raises(BadInput) as caught:
-        Journal.open(bad)
-    line = caught.value.line()
-    assert str(bad) in line
-    assert "--journal PATH" in line
-    assert "\n" not in line
+    before = bad.read_bytes() if bad.is_file() else None
+    for opening in (Journal.open, Journal.open_readonly) if bad.exists() else (Journal.open,):
+        with pytest.raises(error) as caught:
+            opening(bad)
+        line = caught.value.line()
+        assert str(bad) in line and "--journal PATH" in line and "\n" not in line
+    assert before is None or bad.read_bytes() == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -159,87 +198,127 @@ def test_an_unwritable_directory_is_an_environment_problem(tmp_path: Path) -> No
     assert "--journal PATH" in caught.value.line()
 
 
-# --- writing and reading back ---------------------------------------------------------------------
+# --- writing, importing and reading back ------------------------------------------------------------
 
 
-def test_a_full_migration_round_trips(journal: Journal) -> None:
+def test_a_full_migration_round_trips(path: Path, journal: Journal) -> None:
     begin(journal, "m-1")
-    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
-    journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 1.01))
-    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1.2)
-    journal.record_event(
-        "m-1", "orchestrator", None, "note", "undrain after failure", None, None, None, T0 + 2
-    )
-    journal.record_hook("m-1", hook_result(Trigger.UNDRAIN, 3, T0 + 2.5))
+    log = runlog.path_of(journal.runs, "m-1")
+    journal.record_phase("m-1", "switching-over", T0 + 0.5)  # 1 (a note)
+    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)  # 2
+    assert journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 1.1, "prepare") is None
+    supervisor_writes(journal, "m-1", hook_start("r1", T0 + 1.2))
+    supervisor_writes(journal, "m-1", hook_start("r2", T0 + 1.3, armed=True))
+    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1.4)  # 4
+    supervisor_writes(journal, "m-1", hook_end("r1", T0 + 1.2, 0))  # 5
+    supervisor_writes(journal, "m-1", hook_end("r2", T0 + 1.3, 0))  # armed: the orchestrator records it
+    journal.record_hook("m-1", hook_result(Trigger.UNDRAIN, 3, T0 + 2.5))  # 6
+    journal.record_hook("m-1", {**hook_result(Trigger.DRAIN, 0, T0), "run": "r1"})  # the supervisor's: none
+    journal.record_device_action("m-1", "hostdev0", DeviceAction.DRAIN, ActionStatus.DONE, T0 + 2.6)  # 7
+    journal.record_event("m-1", "orchestrator", None, "note", "undrain failed", None, None, None, T0 + 2.7)
+    assert log.exists()
     journal.finish_migration("m-1", Outcome.ROLLED_BACK, False, "hook failed", 4, T0 + 3, {"downtime_ms": 12})
-    journal.flush()
 
+    assert journal.failures == []
+    assert not log.exists(), "the imported run log was left"
+    assert counts(path) == [1, 4, 2, 2]
     record = journal.get_migration("m-1")
     row = record.migration
-    assert (row.kind, row.domain, row.policy, row.outcome) == ("migrate", "vm1", "rdma-drain", "rolled-back")
-    assert (row.changed, row.error, row.exit_code, row.summary) == (
-        False,
-        "hook failed",
-        4,
-        {"downtime_ms": 12},
-    )
+    assert (row.kind, row.domain, row.policy, row.phase) == ("migrate", "vm1", "rdma-drain", "switching-over")
+    assert (row.outcome, row.changed, row.error, row.exit_code) == ("rolled-back", False, "hook failed", 4)
     assert (row.started, row.ended, row.duration_s, row.parent) == (T0, T0 + 3, 3.0, None)
-    assert (row.pid, row.host) == (os.getpid(), os.uname().nodename)
-    assert [e.seq for e in record.events] == [1, 3, 4]
-    assert [h.seq for h in record.hook_runs] == [2, 5]
-    first = record.events[0]
-    assert (first.kind, first.name, first.device_id, first.state) == (
-        "vfio",
-        "VFIO_MIGRATION",
-        "hostdev0",
-        "pre-copy-p2p-prepare",
-    )
-    assert (first.role, first.qemu_time, first.data["device-state"]) == (
-        "source",
-        T0 + 1,
-        "pre-copy-p2p-prepare",
-    )
-    assert (record.events[2].kind, record.events[2].role, record.events[2].data) == ("note", None, None)
-    drain, undrain = record.hook_runs
-    assert (drain.trigger, drain.label, drain.argv, drain.ok) == (
-        "drain",
-        "drain-rdma",
-        ("/usr/bin/drain", "vm1"),
-        True,
-    )
-    assert (drain.ended, drain.duration_ms, drain.output_tail) == (T0 + 1.26, 250.0, "drained 3 QPs\n")
-    assert (undrain.exit_code, undrain.timed_out, undrain.error, undrain.ok) == (
-        3,
-        False,
-        "exited with status 3",
-        False,
-    )
+    assert row.summary == {"downtime_ms": 12}
+    assert (row.pid, row.host, row.drain_mode) == (os.getpid(), HOST, "prepare")
+    seqs = [[r.seq for r in rows] for rows in (record.events, record.hook_runs, record.device_actions)]
+    assert seqs == [[1, 2, 4, 8], [5, 6], [3, 7]]
+    phase, first, _, note = record.events
+    assert (phase.kind, phase.name, phase.host) == ("note", "phase switching-over", "orchestrator")
+    assert (phase.received, first.qemu_time) == (T0 + 0.5, T0 + 1)
+    assert (first.kind, first.role, first.state) == ("vfio", "source", "pre-copy-p2p-prepare")
+    assert first.data == {"device-id": "hostdev0", "device-state": "pre-copy-p2p-prepare"}
+    assert (note.kind, note.name, note.role, note.data) == ("note", "undrain failed", None, None)
+    run, answer = record.hook_runs
+    assert (run.trigger, run.label, run.argv[0], run.ok) == ("drain", "label-r1", "/usr/bin/drain", True)
+    assert (run.started, run.ended, run.duration_ms, run.output_tail) == (T0 + 1.2, T0 + 1.7, 500, "r1 out\n")
+    assert (answer.trigger, answer.label, answer.exit_code, answer.ok) == ("undrain", "drain-rdma", 3, False)
+    assert (answer.ended, answer.error) == (T0 + 2.75, "exited with status 3")
     as_json = json.loads(json.dumps(record.to_json()))
-    assert as_json["outcome"] == "rolled-back"
-    assert [e["seq"] for e in as_json["events"]] == [1, 3, 4]
-    assert as_json["hook_runs"][1]["ok"] is False
+    assert (as_json["outcome"], [h["ok"] for h in as_json["hook_runs"]]) == ("rolled-back", [True, False])
 
 
-def test_a_running_migration_reads_as_running(journal: Journal) -> None:
+def test_a_running_migration_reads_as_running_with_its_events(path: Path, journal: Journal) -> None:
     journal.begin_migration("e-1", "evacuate-item", "vm2", "a", "b", "default", T0, parent="evac-7")
-    journal.flush()
-    row = journal.get_migration("e-1").migration
-    assert (row.outcome, row.ended, row.duration_s, row.parent, row.kind) == (
-        "running",
-        None,
-        None,
-        "evac-7",
-        MigrationKind.EVACUATE_ITEM,
-    )
+    vfio_event(journal, "e-1", "pre-copy-p2p-prepare", T0 + 1)
+    journal.record_device_action("e-1", "hostdev0", "drain", "starting", T0 + 2, "prepare")
+    supervisor_writes(journal, "e-1", hook_start("r9", T0 + 2.1))  # its hook still runs
+    (listed,) = journal.list_migrations()
+    assert (listed.id, listed.outcome, listed.ended, listed.duration_s) == ("e-1", "running", None, None)
+    with Journal.open_readonly(path) as reader:  # `orchestrator history`, as another process would
+        record = reader.get_migration("e-1")
+        row = record.migration
+        assert (row.outcome, row.parent, row.kind, row.error) == ("running", "evac-7", "evacuate-item", None)
+        assert [e.state for e in record.events] == ["pre-copy-p2p-prepare"]
+        (hook,) = record.hook_runs
+        assert (hook.label, hook.ended, hook.exit_code, hook.ok) == ("label-r9", None, None, False)
+        assert [(a.device_id, a.status) for a in reader.device_actions("e-1")] == [("hostdev0", "starting")]
+        assert [m.id for m in reader.children("evac-7")] == ["e-1"]
+        assert reader.unfinished() == []  # its process lives
+        vfio_event(journal, "e-1", "pre-copy-p2p", T0 + 3)
+        assert len(reader.get_migration("e-1").events) == 2
+    assert counts(path) == [0, 0, 0, 0], "a running migration in SQLite"
+
+
+@pytest.mark.parametrize("owner", ["dead", "reused"])
+def test_a_run_log_of_a_dead_process_reads_as_interrupted_and_is_unfinished(path: Path, owner: str) -> None:
+    me = procfs.proc(os.getpid())
+    assert me is not None
+    # a dead pid, or this pid with another start time: the pid now names another process
+    pid, start = (dead_pid(), None) if owner == "dead" else (os.getpid(), me.start + 1)
+    log = write_run_log(path, "m-dead", pid, start)
+    with Journal.open(path) as journal:
+        assert log.exists(), "a run log without an end was imported"
+        (listed,) = journal.list_migrations()
+        record = journal.get_migration("m-dead")
+        (unfinished,) = journal.unfinished()
+        assert journal.unfinished("elsewhere") == []
+    for row in (listed, record.migration, unfinished):
+        assert (row.id, row.outcome, row.phase) == ("m-dead", "interrupted", "switching-over")
+        assert row.error is not None and f"process {pid}" in row.error and "recover" in row.error
+    assert [e.name for e in record.events] == ["phase switching-over", "VFIO_MIGRATION"]
+    assert still_drained(record.device_actions) == {"hostdev0": "prepare"}
+
+
+def test_a_finished_run_log_left_on_disk_is_imported_by_the_next_open_once(path: Path) -> None:
+    log = write_run_log(path, "m-left", dead_pid(), ended=True)
+    kept = log.read_bytes()
+    with Journal.open_readonly(path) as reader:  # read, not imported: an ended run is not unfinished
+        (row,) = reader.list_migrations()
+        assert (row.id, row.outcome, row.ended, row.error) == ("m-left", "succeeded", T0 + 9, None)
+        assert reader.unfinished() == []
+    with Journal.open(path) as journal:
+        assert not log.exists(), "the imported run log was left"
+        assert journal.failures == []
+        assert journal.import_finished() == []  # nothing left to import
+        record = journal.get_migration("m-left")
+    assert record.migration.outcome == "succeeded"
+    assert ([e.seq for e in record.events], [a.seq for a in record.device_actions]) == ([1, 3], [2])
+    assert counts(path) == [1, 2, 0, 1]
+    log.parent.mkdir(mode=0o700, exist_ok=True)  # (removed once empty)
+    log.write_bytes(kept)  # as if the importer was killed between its commit and the unlink
+    Journal.open(path).close()
+    assert not log.exists()
+    assert counts(path) == [1, 2, 0, 1], "imported twice"
 
 
 def test_list_is_newest_first_and_filters_by_domain(journal: Journal) -> None:
     for index, domain in enumerate(["vm1", "vm2", "vm1", "vm3"]):
         begin(journal, f"m-{index}", domain, started=T0 + index)
-    journal.flush()
+        if index % 2 == 0:
+            finish(journal, f"m-{index}")  # imported; the others read from their run logs
     assert [m.id for m in journal.list_migrations()] == ["m-3", "m-2", "m-1", "m-0"]
     assert [m.id for m in journal.list_migrations(limit=2)] == ["m-3", "m-2"]
     assert [m.id for m in journal.list_migrations(domain="vm1")] == ["m-2", "m-0"]
+    assert [m.outcome for m in journal.list_migrations(domain="vm2")] == ["running"]
     assert journal.list_migrations(domain="nope") == []
 
 
@@ -258,235 +337,82 @@ def test_concurrent_recorders_get_true_sequence_numbers(journal: Journal) -> Non
         thread.start()
     for thread in threads:
         thread.join()
-    journal.flush()
-
+    while_running = journal.get_migration("m-1").events
+    finish(journal, "m-1")
     events = journal.get_migration("m-1").events
+    assert events == while_running
     assert [e.seq for e in events] == list(range(1, 2 * per_thread + 1))
-    for name in ("a", "b"):
-        # each thread's events appear in the order it recorded them
+    for name in ("a", "b"):  # each thread's events in the order it recorded them
         assert [e.name for e in events if e.host == name] == [f"{name}-{i}" for i in range(per_thread)]
 
 
-def test_a_reader_sees_committed_records_while_the_writer_is_open(path: Path, journal: Journal) -> None:
+def test_device_actions_are_public_in_sequence(journal: Journal) -> None:
     begin(journal, "m-1")
-    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
-    journal.flush()
-    with Journal.open(path) as other:  # as `orchestrator history` in another process would
-        # ... and its stale check leaves a migration of a live process alone
-        record = other.get_migration("m-1")
-        assert record.migration.outcome == "running"
-        assert [e.state for e in record.events] == ["pre-copy-p2p-prepare"]
-        vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 2)
-        journal.flush()
-        assert len(other.get_migration("m-1").events) == 2
-    raw = sqlite3.connect(path)
-    assert raw.execute("SELECT count(*) FROM events").fetchone()[0] == 2
-    raw.close()
+    assert journal.record_device_action("m-1", "hostdev0", DeviceAction.DRAIN, "starting", T0, "d0") is None
+    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1)
+    journal.record_device_action("m-1", "hostdev0", "drain", ActionStatus.DONE, T0 + 2)
+    journal.record_device_action("m-1", "hostdev1", "drain", "starting", T0 + 3, "d1")
+    journal.record_device_action("m-1", "hostdev0", "undrain", "starting", T0 + 4)
+    journal.record_device_action("m-1", "hostdev0", "undrain", "done", T0 + 5)
+    expected = [(1, "hostdev0", "drain", "starting"), (3, "hostdev0", "drain", "done"),
+                (4, "hostdev1", "drain", "starting"), (5, "hostdev0", "undrain", "starting"),
+                (6, "hostdev0", "undrain", "done")]  # fmt: skip
+    for ended in (False, True):  # from the run log, then from the journal
+        if ended:
+            finish(journal, "m-1")
+        actions = journal.device_actions("m-1")
+        assert [(a.seq, a.device_id, a.action, a.status) for a in actions] == expected
+        assert actions == journal.get_migration("m-1").device_actions
+        assert still_drained(actions) == {"hostdev1": "d1"}
+    assert journal.device_actions("no-such-id") == ()
+    assert journal.failures == []
+
+
+def test_a_lone_surrogate_in_an_event_is_imported(journal: Journal) -> None:
+    begin(journal, "m-1")
+    name, data = "bad \udc80 name", {"x": "\udc80"}
+    journal.record_event("m-1", "src", "source", "qemu", name, None, None, None, T0, data)
+    assert journal.get_migration("m-1").events[0].data == {"x": "\udc80"}  # read from the run log
+    finish(journal, "m-1")
+    assert journal.failures == []
+    assert not runlog.path_of(journal.runs, "m-1").exists()
+    (event,) = journal.get_migration("m-1").events
+    assert event.name.startswith("bad ") and event.name.endswith(" name")
+    assert event.data == {"x": "\udc80"}
 
 
 # --- ids ------------------------------------------------------------------------------------------
 
 
-def test_lookup_by_unique_prefix(journal: Journal) -> None:
-    for migration_id in ("3f2a9c", "3f2b00", "7c1d44"):
+def test_lookup_by_unique_prefix_and_an_exact_id_wins(journal: Journal) -> None:
+    for migration_id in ("3f2a9c", "3f2b00", "7c1d44", "ab", "abc", "xyz", "xy"):
         begin(journal, migration_id)
-    journal.flush()
+    for migration_id in ("3f2a9c", "ab", "xyz"):
+        finish(journal, migration_id)  # some in the journal, some in run logs
     assert journal.get_migration("7").migration.id == "7c1d44"
     assert journal.get_migration("3f2a").migration.id == "3f2a9c"
     assert journal.get_migration("3f2b00").migration.id == "3f2b00"
-
-
-def test_an_exact_id_wins_over_longer_ids_it_prefixes(journal: Journal) -> None:
-    begin(journal, "ab")
-    begin(journal, "abc")
-    journal.flush()
     assert journal.get_migration("ab").migration.id == "ab"
-
-
-def test_an_unknown_id_says_how_to_list(path: Path, journal: Journal) -> None:
-    with pytest.raises(BadInput) as caught:
-        journal.get_migration("nope")
-    # pasted, the hint lists this very journal
-    assert caught.value.line() == (
-        f"no migration nope in {path}; list them with: orchestrator history --journal '{path}'"
-    )
-    with pytest.raises(BadInput):
-        journal.get_migration("")
+    assert journal.get_migration("xy").migration.id == "xy"
 
 
 def test_an_ambiguous_prefix_lists_the_candidates(journal: Journal) -> None:
     for migration_id in ("3f2a9c", "3f2b00", "7c1d44"):
         begin(journal, migration_id)
-    journal.flush()
+    finish(journal, "3f2b00")
     with pytest.raises(BadInput) as caught:
         journal.get_migration("3f")
     line = caught.value.line()
-    assert "3f2a9c" in line
-    assert "3f2b00" in line
-    assert "7c1d44" not in line
-    assert "\n" not in line
+    assert "3f2a9c" in line and "3f2b00" in line and "7c1d44" not in line and "\n" not in line
 
 
-# --- failures -------------------------------------------------------------------------------------
-
-
-def failing_write(journal: Journal) -> None:
-    """A record the writer thread cannot insert (a NOT NULL column left empty); the caller does not fail."""
-    journal.record_event("m-1", "src", None, EventKind.NOTE, "x", None, None, None, None)  # type: ignore[arg-type]
-
-
-def test_a_failed_write_is_reported_once_by_flush_and_later_writes_still_land(journal: Journal) -> None:
-    begin(journal, "m-1")
-    failing_write(journal)
-    vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + 1)
-    with pytest.raises(OrchestratorError, match="did not record event 1 of migration m-1"):
-        journal.flush()
-    journal.flush()  # reported once
-    assert len(journal.get_migration("m-1").events) == 1
-
-
-def test_a_start_that_cannot_be_recorded_is_an_error_at_once(journal: Journal) -> None:
-    begin(journal, "m-1")
-    with pytest.raises(OrchestratorError, match="UNIQUE constraint failed"):
-        begin(journal, "m-1")  # committed before it returns: nothing of a migration happens unrecorded
-
-
-def test_a_failed_write_is_reported_by_close(path: Path) -> None:
-    journal = Journal.open(path)
-    begin(journal, "m-1")
-    failing_write(journal)
-    with pytest.raises(OrchestratorError, match="NOT NULL constraint failed"):
-        journal.close()
-    journal.close()  # idempotent, nothing left to report
-
-
-def test_bad_values_are_refused_at_the_call(journal: Journal) -> None:
-    with pytest.raises(ValueError, match="event kind"):
-        journal.record_event("m-1", "h", "source", "bogus", "x", None, None, None, T0, None)
-    with pytest.raises(ValueError):
-        journal.finish_migration("m-1", "exploded", None, None, None, T0, {})
-    with pytest.raises(ValueError):
-        journal.finish_migration("m-1", Outcome.RUNNING, None, None, None, T0, {})
-    with pytest.raises(ValueError):
-        journal.begin_migration("m-1", "teleport", "vm1", "a", "b", "p", T0)
-
-
-def test_writing_to_a_closed_journal_is_an_error(path: Path) -> None:
-    journal = Journal.open(path)
-    journal.close()
-    with pytest.raises(OrchestratorError, match="is closed"):
-        begin(journal, "m-1")
-
-
-CRASHING_CHILD = textwrap.dedent(
-    """
-    import os, sys
-    from pathlib import Path
-    from orchestrator.journal import Journal
-    journal = Journal.open(Path(sys.argv[1]))
-    journal.begin_migration("m-crash", "migrate", "vm1", "a", "b", "default", 1.0)
-    for index in range(5):
-        journal.record_event("m-crash", "src", "source", "vfio", "VFIO_MIGRATION", "hostdev0",
-                             f"state-{index}", 2.0, 2.0 + index, {"i": index})
-    journal.flush()
-    for index in range(5, 200):  # in flight at the crash: some may land, none half
-        journal.record_event("m-crash", "src", "source", "vfio", "VFIO_MIGRATION", "hostdev0",
-                             f"state-{index}", 2.0, 2.0 + index, {"i": index})
-    os._exit(1)
-    """
-)
-
-
-def test_a_crashed_process_leaves_its_records_and_is_marked_interrupted(path: Path) -> None:
-    child = subprocess.run(
-        [sys.executable, "-c", CRASHING_CHILD, str(path)], check=False, capture_output=True, text=True
-    )
-    assert child.returncode == 1, child.stderr
-
-    before = time.time()
-    with Journal.open(path) as journal:
-        record = journal.get_migration("m-crash")
-    row = record.migration
-    assert (row.outcome, row.error) == ("interrupted", "orchestrator process died")
-    assert row.ended is not None
-    assert row.ended >= before
-    assert row.pid != os.getpid()
-    seqs = [e.seq for e in record.events]
-    assert seqs[:5] == [1, 2, 3, 4, 5]
-    assert seqs == list(range(1, len(seqs) + 1))  # a true prefix: nothing missing in between
-    assert all(e.data == {"i": e.seq - 1} for e in record.events)
-
-
-def test_mark_stale_leaves_other_hosts_and_live_processes_alone(path: Path, journal: Journal) -> None:
-    begin(journal, "mine-live")
-    for migration_id in ("other-host", "mine-dead"):
-        begin(journal, migration_id)
-    journal.flush()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
-    )
-    raw = sqlite3.connect(path)
-    raw.execute("UPDATE migrations SET pid = ? WHERE id IN ('other-host', 'mine-dead')", (int(dead.stdout),))
-    raw.execute("UPDATE migrations SET host = 'elsewhere' WHERE id = 'other-host'")
-    raw.commit()
-    raw.close()
-
-    assert journal.mark_stale(T0 + 10) == ["mine-dead"]
-    outcomes = {m.id: (m.outcome, m.ended) for m in journal.list_migrations()}
-    assert outcomes == {
-        "mine-live": ("running", None),
-        "other-host": ("running", None),
-        "mine-dead": ("interrupted", T0 + 10),
-    }
-    assert journal.mark_stale(T0 + 20) == []
-
-
-# --- speed ----------------------------------------------------------------------------------------
-
-
-def test_recording_an_event_does_not_wait_for_the_disk(journal: Journal) -> None:
-    begin(journal, "m-1")
-    costs = []
-    for index in range(2000):
-        start = time.perf_counter()
-        vfio_event(journal, "m-1", "pre-copy-p2p-prepare", T0 + index)
-        costs.append(time.perf_counter() - start)
-    journal.flush()
-    costs.sort()
-    # a commit is tens of microseconds or more; a queue put is a few
-    assert costs[len(costs) // 2] < 50e-6
-
-
-def test_a_whole_migration_commits_in_well_under_50_ms(journal: Journal) -> None:
-    start = time.perf_counter()
-    begin(journal, "m-1")
-    for index in range(20):
-        vfio_event(journal, "m-1", "pre-copy-p2p", T0 + index)
-    for index in range(4):
-        journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + index))
-    journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 30, {"events": 20})
-    journal.flush()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
-
-
-# --- reading only (orchestrator history) -----------------------------------------------------------
-
-
-def _files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
-
-
-def test_a_missing_journal_reads_as_empty_and_nothing_is_created(tmp_path: Path) -> None:
-    path = tmp_path / "no" / "such" / "journal.sqlite"
-    with Journal.open_readonly(path) as journal:
-        assert journal.readonly
-        assert journal.list_migrations() == []
-        assert journal.list_migrations(domain="vm1") == []
-        with pytest.raises(BadInput) as caught:
-            journal.get_migration("3f2a")
-    assert "there is no journal there yet" in caught.value.line()
-    assert not (tmp_path / "no").exists(), "reading created a directory"
+def test_an_unknown_id_says_how_to_list(path: Path, journal: Journal) -> None:
+    with pytest.raises(BadInput) as caught:
+        journal.get_migration("nope")
+    hint = f"list them with: orchestrator history --journal '{path}'"
+    assert caught.value.line() == f"no migration nope in {path}; {hint}"
+    with pytest.raises(BadInput):
+        journal.get_migration("")
 
 
 def test_the_default_journal_hint_needs_no_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -494,243 +420,220 @@ def test_the_default_journal_hint_needs_no_option(monkeypatch: pytest.MonkeyPatc
     with Journal.open_readonly(journal_path()) as journal, pytest.raises(BadInput) as caught:
         journal.get_migration("3f2a")
     assert caught.value.line().endswith("; list them with: orchestrator history")
-    assert _files(tmp_path) == []
+    assert files(tmp_path) == []
+
+
+# --- bad calls ------------------------------------------------------------------------------------
+
+
+def test_bad_values_are_refused_at_the_call(journal: Journal) -> None:
+    begin(journal, "m-1")
+    with pytest.raises(ValueError, match="event kind"):
+        journal.record_event("m-1", "h", "source", "bogus", "x", None, None, None, T0, None)
+    with pytest.raises(ValueError):
+        journal.record_device_action("m-1", "hostdev0", "explode", "starting", T0)
+    with pytest.raises(ValueError):
+        journal.finish_migration("m-1", "exploded", None, None, None, T0, {})
+    with pytest.raises(ValueError):
+        journal.finish_migration("m-1", Outcome.RUNNING, None, None, None, T0, {})
+    with pytest.raises(ValueError):
+        journal.begin_migration("../m-2", "migrate", "vm1", "a", "b", "p", T0)
+    assert [r["k"] for r in journal.records("m-1")] == ["begin"]  # nothing of the refused calls written
+
+
+def test_a_refused_begin_leaves_no_run_log_behind(journal: Journal) -> None:
+    with pytest.raises(ValueError):
+        journal.begin_migration("m-2", "teleport", "vm1", "a", "b", "p", T0)
+    assert not runlog.path_of(journal.runs, "m-2").exists(), "a refused begin left a run log without records"
+    begin(journal, "m-2")  # the id is still free
+    assert [r["k"] for r in journal.records("m-2")] == ["begin"]
+
+
+def test_a_begin_that_cannot_be_written_is_refused(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if data.startswith(b'{"k":"begin"'):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    # a run log without its begin is invisible to history and to recover: the migration must not go on
+    with pytest.raises(OrchestratorError):
+        begin(journal, "m-1")
+
+
+def test_a_closed_journal_refuses_writes_and_reads(path: Path) -> None:
+    journal = Journal.open(path)
+    begin(journal, "m-1")
+    finish(journal, "m-1")
+    journal.close()
+    journal.close()  # idempotent
+    with pytest.raises(OrchestratorError, match="not open for writing"):
+        begin(journal, "m-2")
+    with pytest.raises(OrchestratorError):  # not an empty history
+        journal.list_migrations()
+    with pytest.raises(OrchestratorError) as caught:
+        journal.get_migration("m-1")
+    assert not isinstance(caught.value, BadInput), f"a closed journal misleads: {caught.value.line()}"
+
+
+# --- room for the run log ---------------------------------------------------------------------------
+
+
+def test_a_run_that_cannot_reserve_its_room_is_refused_leaving_nothing(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise ENOSPC
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with pytest.raises(EnvironmentProblem) as caught:
+        begin(journal, "m-1")
+    assert caught.value.code == ExitCode.ENVIRONMENT == 7
+    line = caught.value.line()
+    assert os.strerror(errno.ENOSPC) in line and str(runlog.path_of(journal.runs, "m-1")) in line
+    assert "\n" not in line
+    assert files(journal.runs) == []
+    assert journal.list_migrations() == []
+    monkeypatch.undo()
+    begin(journal, "m-1")  # room again: the id is free
+
+
+def test_a_short_room_drops_story_records_and_keeps_the_vital_ones(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_fallocate = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        if len(calls) > 1:  # the first reservation only: the disk is full after it
+            raise ENOSPC
+        real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(runlog, "MARGIN", runlog.RESERVE - 2048)  # ~2 KiB of room for the story
+    begin(journal, "m-1")
+    for index in range(30):
+        vfio_event(journal, "m-1", f"state-{index}", T0 + index)
+    assert journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 40, "prepare") is None
+    journal.record_phase("m-1", "switching-over", T0 + 41)
+    journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 42))
+    journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 50, {"events": 30})
+    assert len(calls) > 1, "the room was never found short"
+
+    record = journal.get_migration("m-1")
+    kept = len(record.events)
+    assert 0 < kept < 30
+    assert [e.state for e in record.events] == [f"state-{i}" for i in range(kept)]
+    assert [(a.device_id, a.status) for a in record.device_actions] == [("hostdev0", "starting")]
+    assert len(record.hook_runs) == 1
+    assert (record.migration.outcome, record.migration.summary) == ("succeeded", None)
+    dropped = 30 - kept + 2  # the events that did not fit, the phase and the summary
+    assert journal.failures == [f"the run log of migration m-1 dropped {dropped} records: its disk was full"]
+
+
+def test_a_runs_directory_removed_by_another_process_meanwhile_refuses_no_run(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+    removed: list[bool] = []
+
+    def open_after_removal(file: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if str(file).endswith(".log") and flags & os.O_CREAT and journal.runs.is_dir() and not removed:
+            # another orchestrator removed the empty directory (its import done) after our mkdir
+            journal.runs.rmdir()
+            removed.append(True)
+        return real_open(file, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_after_removal)
+    begin(journal, "m-1")
+    assert removed and [r["k"] for r in journal.records("m-1")] == ["begin"]
+
+
+# --- reading only (orchestrator history) -----------------------------------------------------------
+
+
+def test_a_missing_or_empty_journal_reads_as_empty_and_nothing_is_created(tmp_path: Path) -> None:
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    for path in (tmp_path / "no" / "such" / "journal.sqlite", tmp_path / "empty.sqlite"):
+        with Journal.open_readonly(path) as journal:
+            assert journal.readonly
+            assert journal.list_migrations() == journal.unfinished() == []
+            assert journal.list_migrations(domain="vm1") == []
+            with pytest.raises(BadInput):
+                journal.get_migration("3f2a")
+            with pytest.raises(OrchestratorError, match="not open for writing"):
+                begin(journal, "m-1")
+    assert files(tmp_path) == ["empty.sqlite"], "reading created a file or directory"
+    assert (tmp_path / "empty.sqlite").read_bytes() == b""
 
 
 def test_a_readonly_journal_reads_records_and_refuses_writes(path: Path) -> None:
     with Journal.open(path) as writer:
         begin(writer, "m-1")
         vfio_event(writer, "m-1", "pre-copy-p2p-prepare", T0 + 1)
-    before = _files(path.parent)
+        finish(writer, "m-1")
+        begin(writer, "m-2", started=T0 + 10)  # its run log stays: this process still runs
+    listing = (files(path.parent), files(runlog.directory_of(path)))
+    assert listing == (["journal.sqlite", "journal.sqlite.runs"], ["m-2.log"])
+    before = path.read_bytes()
     with Journal.open_readonly(path) as journal:
-        assert [m.id for m in journal.list_migrations()] == ["m-1"]
+        listed = [(m.id, m.outcome) for m in journal.list_migrations()]
+        assert listed == [("m-2", "running"), ("m-1", "succeeded")]
         assert [e.state for e in journal.get_migration("m-1").events] == ["pre-copy-p2p-prepare"]
-        with pytest.raises(OrchestratorError, match="read-only"):
-            begin(journal, "m-2")
-        with pytest.raises(OrchestratorError, match="read-only"):
-            journal.mark_stale(T0)
-        journal.flush()  # nothing to wait for
-    assert _files(path.parent) == before == ["journal.sqlite"], "SQLite's side files were left behind"
+        with pytest.raises(OrchestratorError, match="not open for writing"):
+            begin(journal, "m-3")
+    assert (files(path.parent), files(runlog.directory_of(path))) == listing, "side files were left"
+    assert path.read_bytes() == before
 
 
-def test_a_readonly_reader_sees_a_live_writer(path: Path, journal: Journal) -> None:
-    begin(journal, "m-1")
-    journal.flush()
-    with Journal.open_readonly(path) as reader:
-        assert reader.get_migration("m-1").migration.outcome == "running"
+# --- a journal replaced, damaged, or on a full disk -----------------------------------------------------
+
+
+def test_a_journal_replaced_by_garbage_keeps_the_run_log_and_is_never_touched(
+    path: Path, tmp_path: Path
+) -> None:
+    garbage = b"an admin's notes, moved over the journal by mistake\n" * 200
+    with Journal.open(path) as journal:
+        begin(journal, "m-1")
         vfio_event(journal, "m-1", "pre-copy", T0 + 1)
-        journal.flush()
-        assert len(reader.get_migration("m-1").events) == 1
-
-
-def test_a_readonly_reader_does_not_mark_a_dead_process_but_reads_it_as_interrupted(path: Path) -> None:
-    with Journal.open(path) as writer:
-        begin(writer, "m-dead")
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
-    )
-    raw = sqlite3.connect(path)
-    raw.execute("UPDATE migrations SET pid = ?", (int(dead.stdout),))
-    raw.commit()
-    raw.close()
-
-    with Journal.open_readonly(path) as reader:
-        (row,) = reader.list_migrations()
-        assert (row.outcome, row.error, row.ended) == ("interrupted", "orchestrator process died", None)
-        assert reader.get_migration("m-dead").migration.outcome == "interrupted"
-    raw = sqlite3.connect(path)
-    assert raw.execute("SELECT outcome FROM migrations").fetchall() == [("running",)], "the reader wrote"
-    raw.close()
-    with Journal.open(path) as writer:  # a writer marks it, as before
-        assert writer.get_migration("m-dead").migration.outcome == "interrupted"
-
-
-def test_a_readonly_open_of_an_empty_file_reads_as_empty(tmp_path: Path) -> None:
-    empty = tmp_path / "journal.sqlite"
-    empty.write_bytes(b"")
-    with Journal.open_readonly(empty) as journal:
-        assert journal.list_migrations() == []
-    assert empty.read_bytes() == b""
-
-
-def test_a_readonly_open_refuses_what_open_refuses(path: Path, tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="it is a directory"):
-        Journal.open_readonly(tmp_path)
-    with pytest.raises(BadInput) as caught:
-        Journal.open_readonly(_not_a_database(tmp_path)).list_migrations()
-    assert "--journal PATH" in caught.value.line()
-    Journal.open(path).close()
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
-    with pytest.raises(EnvironmentProblem, match="newer than this orchestrator"):
-        Journal.open_readonly(path)
-
-
-# --- another process holding the write lock (issue 10) ----------------------------------------------
-
-LOCK_HOLDER = textwrap.dedent(
-    """
-    import sqlite3, sys, time
-    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")  # the journal's write lock, as an admin's sqlite3 shell would hold it
-    print("locked", flush=True)
-    if sys.argv[2] == "stdin":
-        sys.stdin.readline()
-    else:
-        time.sleep(float(sys.argv[2]))
-    conn.execute("ROLLBACK")
-    """
-)
-
-
-@contextlib.contextmanager
-def write_lock_held_elsewhere(path: Path, hold: str) -> Iterator[subprocess.Popen[str]]:
-    """A child process holding the journal's write lock for `hold` seconds, or until its stdin closes."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(path), hold],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None
-    assert child.stdout is not None
-    try:
-        assert child.stdout.readline() == "locked\n"
-        yield child
-    finally:
-        child.stdin.close()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-def test_a_write_lock_held_8_s_by_another_process_delays_records_but_loses_none(
-    path: Path, journal: Journal
-) -> None:
-    begin(journal, "m-1")
-    with write_lock_held_elsewhere(path, "8") as holder:
-        locked_at = time.monotonic()
-        with Journal.open(path) as other:  # opening an existing journal needs no write lock
-            assert [m.id for m in other.list_migrations()] == ["m-1"]
-        assert time.monotonic() - locked_at < 2
-        for index in range(50):
-            vfio_event(journal, "m-1", f"state-{index}", T0 + index)
-        time.sleep(0.3)  # the writer is now retrying event 1
-        start = time.perf_counter()
-        reason = journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 60, "detail")
-        waited = time.perf_counter() - start
-        assert waited < 0.25, f"a drain hook would have waited {waited * 1000:.0f} ms for the journal"
-        assert reason is None  # durable already, in the intents file, which a reader sees with the journal
-        with Journal.open_readonly(path) as reader:
-            assert [(a.seq, a.device_id, a.status) for a in reader.device_actions("m-1")] == [
-                (51, "hostdev0", "starting")
-            ]
-        journal.record_hook("m-1", hook_result(Trigger.DRAIN, 0, T0 + 61))
-        journal.finish_migration("m-1", Outcome.SUCCEEDED, True, None, 0, T0 + 70, {"events": 50})
-        journal.flush()  # waits while the writer waits for the lock: that time is not its timeout's
-        held = time.monotonic() - locked_at
-        assert holder.wait(timeout=5) == 0
-    assert held > 7, "the lock was not held as long as the test needs"
-    assert journal.failures == []
-    record = journal.get_migration("m-1")
-    assert [e.state for e in record.events if e.kind == "vfio"] == [f"state-{i}" for i in range(50)]
-    assert [(a.device_id, a.status) for a in record.device_actions] == [("hostdev0", "starting")]
-    assert len(record.hook_runs) == 1
-    assert (record.migration.outcome, record.migration.summary) == ("succeeded", {"events": 50})
-    seqs = sorted([e.seq for e in record.events] + [h.seq for h in record.hook_runs] + [51])
-    assert seqs == list(range(1, 53))
-    assert not intents.directory_of(path).is_dir(), "the ended migration's intents file was left"
-
-
-def test_without_an_intents_file_a_locked_journal_makes_starting_late_not_lost(
-    path: Path, journal: Journal
-) -> None:
-    intents.directory_of(path).write_text("not a directory")  # the intents directory cannot be made
-    begin(journal, "m-1")
-    with write_lock_held_elsewhere(path, "stdin"):
-        start = time.perf_counter()
-        reason = journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 60, "detail")
-        waited = time.perf_counter() - start
-        assert waited < 0.25, f"a drain hook would have waited {waited * 1000:.0f} ms for the journal"
-        assert reason is not None and "before its hooks started" in reason  # committed at once: it could not
-    journal.flush()  # the lock is gone: the queued record lands
-    assert journal.failures == []
-    assert [(a.device_id, a.status) for a in journal.get_migration("m-1").device_actions] == [
-        ("hostdev0", "starting")
-    ]
-
-
-def test_a_write_lock_held_beyond_the_retry_budget_is_a_reported_loss(
-    path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(journal_module, "_RETRY_BUDGET_S", 0.5)
-    begin(journal, "m-1")
-    with write_lock_held_elsewhere(path, "stdin") as holder:
-        start = time.monotonic()
-        for index in range(3):
-            vfio_event(journal, "m-1", f"lost-{index}", T0 + index)
+        journal.record_device_action("m-1", "hostdev0", "drain", "starting", T0 + 2, "prepare")
+        log = runlog.path_of(journal.runs, "m-1")
+        replacement = tmp_path / "garbage"
+        replacement.write_bytes(garbage)
+        replacement.replace(path)
+        finish(journal, "m-1", {"events": 1})
+        (failure,) = journal.failures
+    assert "is not an SQLite database" in failure and str(log) in failure and "\n" not in failure
+    assert [r["k"] for r in runlog.read(log)] == ["begin", "event", "action", "summary", "end"]
+    other = sqlite3.connect(tmp_path / "other.sqlite", isolation_level=None)  # a -wal with records in it
+    for statement in ("PRAGMA journal_mode = WAL", "PRAGMA wal_autocheckpoint = 0", "CREATE TABLE t (x)"):
+        other.execute(statement)
+    wal = Path(f"{path}-wal")
+    stale = Path(f"{tmp_path}/other.sqlite-wal").read_bytes()
+    other.close()
+    wal.write_bytes(stale)
+    for opening in (Journal.open_readonly, Journal.open):
         with pytest.raises(EnvironmentProblem) as caught:
-            journal.flush()
-        elapsed = time.monotonic() - start
-        assert holder.stdin is not None
-        holder.stdin.write("release\n")
-        holder.stdin.flush()
-        assert holder.wait(timeout=5) == 0
-    # the first record was retried for the budget; the next ones once each, while the lock stayed held
-    assert 0.5 <= elapsed < 3, elapsed
-    line = caught.value.line()
-    assert line.startswith(f"the journal {path} did not record event 1 of migration m-1: another process")
-    assert "held its write lock for 0.5 s (database is locked)" in line
-    assert f"fuser -v '{path}'" in line
-    failures = journal.failures
-    assert len(failures) == 3
-    assert failures[0] == line
-    assert all("still holds its write lock" in f for f in failures[1:])
-    assert [f.split(" did not record ")[1][:10] for f in failures[1:]] == ["event 2 of", "event 3 of"]
-
-    vfio_event(journal, "m-1", "landed", T0 + 10)  # the lock is free: records land again
-    journal.flush()  # the loss was reported once
-    assert [e.state for e in journal.get_migration("m-1").events] == ["landed"]
-    assert len(journal.failures) == 3  # ... and stays listed
-    journal.close()
-
-
-def test_failures_list_every_lost_record_without_raising(
-    journal: Journal, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(journal_module, "_FAILURES_KEPT", 4)
-    begin(journal, "m-1")
-    assert journal.failures == []
-    for _ in range(6):
-        failing_write(journal)
-    vfio_event(journal, "m-1", "pre-copy", T0)
-    with pytest.raises(OrchestratorError):
-        journal.flush()
-    failures = journal.failures  # reading raises nothing and reports nothing
-    assert len(failures) == 5
-    assert [f.split(" did not record ")[1].split(":")[0] for f in failures[:4]] == [
-        f"event {seq} of migration m-1" for seq in range(1, 5)
-    ]
-    assert all("NOT NULL constraint failed" in f and "\n" not in f for f in failures[:4])
-    assert failures[4] == f"the journal {journal.path} failed 2 more writes"
-    assert journal.failures == failures
-    assert len(journal.get_migration("m-1").events) == 1
-
-
-# --- a corrupt journal (issue 10) -------------------------------------------------------------------
+            opening(path)
+        assert caught.value.code == ExitCode.ENVIRONMENT
+        assert f"mv '{path}' '{path}.not-a-journal'" in caught.value.line()
+        assert path.read_bytes() == garbage, "SQLite touched the file that is not a journal"
+        assert wal.read_bytes() == stale
+    assert log.exists()
 
 
 def journal_with_data(path: Path) -> bytes:
-    """A closed journal of 30 migrations with events (tens of pages); its bytes."""
+    """A closed journal of 30 ended migrations with events (tens of pages); its bytes."""
     with Journal.open(path) as writer:
         for index in range(30):
             begin(writer, f"m-{index}", started=T0 + index)
             for event in range(20):
                 vfio_event(writer, f"m-{index}", "x" * 100, T0 + event)
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+            finish(writer, f"m-{index}")
+    assert files(path.parent) == [path.name], "side files (or an empty run log directory) were left"
     return path.read_bytes()
 
 
@@ -748,23 +651,18 @@ CORRUPTIONS = {
 }
 
 
-def _read(path: Path) -> None:
-    with Journal.open_readonly(path) as journal:
+def _read(journal: Journal) -> None:
+    with journal:
         journal.list_migrations()
         journal.get_migration("m-3")
 
 
-def _checked_in_background_then_opened(path: Path) -> None:
-    """What `migrate` and `evacuate` do: the check started first, awaited before the journal opens."""
-    wait = check_in_background(path)
-    Journal.open(path, check=not wait()).close()
-
-
 OPENINGS: dict[str, Callable[[Path], object]] = {
     "open(check=True)": lambda path: Journal.open(path, check=True).close(),
-    "checked in the background": _checked_in_background_then_opened,
-    "open": lambda path: Journal.open(path).close(),
-    "open_readonly and read": _read,
+    # what `migrate` and `evacuate` do: the check started first, awaited before the journal opens
+    "checked in the background": lambda p: Journal.open(p, check=not check_in_background(p)()).close(),
+    "open and read": lambda path: _read(Journal.open(path)),  # open alone reads the header only
+    "open_readonly and read": lambda path: _read(Journal.open_readonly(path)),
 }
 
 
@@ -789,28 +687,25 @@ def test_a_corrupt_journal_is_one_line_saying_how_to_move_it_aside(
         OPENINGS[opening](path)
     assert_corruption_line(caught.value, path)
     assert path.read_bytes() == damaged, "a corrupt journal was written to"
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "side files were left behind"
-
-    # the hint works: moved aside, a new journal is created and used
-    path.rename(f"{path}.corrupt")
+    assert files(path.parent) == [path.name], "side files were left behind"
+    path.rename(f"{path}.corrupt")  # the hint works: a new journal is created and used
     with Journal.open(path, check=True) as fresh:
         begin(fresh, "m-new")
-        fresh.flush()
+        finish(fresh, "m-new")
         assert [m.id for m in fresh.list_migrations()] == ["m-new"]
+        assert fresh.failures == []
 
 
 def test_check_finds_damage_that_open_without_it_does_not_read(path: Path) -> None:
     data = bytearray(journal_with_data(path))
-    with Journal.open(path) as journal:  # which pages the events index lives on
+    with Journal.open(path) as journal:
         conn = sqlite3.connect(path)
-        (root,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'events_by_migration'"
-        ).fetchone()
+        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'events_by_migration'"
+        (root,) = conn.execute(sql).fetchone()
         conn.close()
         journal.check()  # a sound journal
     page = int.from_bytes(data[16:18], "big")
-    start = (root - 1) * page
-    data[start : start + page] = bytes(page)  # the index's root page zeroed
+    data[(root - 1) * page : root * page] = bytes(page)  # the index's root page zeroed
     path.write_bytes(bytes(data))
     with Journal.open(path) as journal:  # the migrations table is intact: open reads only that
         assert len(journal.list_migrations()) == 30
@@ -830,203 +725,92 @@ def test_a_background_check_of_a_sound_or_missing_journal_passes_and_creates_not
     assert not path.parent.exists(), "checking created the journal's directory"
     journal_with_data(path)
     assert check_in_background(path)() is True
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "side files were left behind"
+    assert files(path.parent) == [path.name], "side files were left behind"
 
 
 def test_a_corrupt_journal_names_a_leftover_write_ahead_log_in_the_hint(path: Path) -> None:
     journal_with_data(path)
     wal = Path(f"{path}-wal")
     wal.write_bytes(b"records of a crashed writer")
-    error = journal_module._corrupt(
-        path, "*** in database main ***\nPage 9: btreeInitPage() returns error code 11"
-    )
-    assert error.line().startswith(
-        f"the journal {path} is corrupt: Page 9: btreeInitPage() returns error code 11;"
-    )
-    assert f"mv '{path}' '{path}.corrupt' && mv '{wal}' '{path}.corrupt-wal' (a new" in error.line()
+    detail = "*** in database main ***\nPage 9: btreeInitPage() returns error code 11"
+    line = JournalCorrupt(path, detail).line()
+    assert line.startswith(f"the journal {path} is corrupt: Page 9: btreeInitPage() returns error code 11;")
+    assert f"mv '{path}' '{path}.corrupt' && mv '{wal}' '{path}.corrupt-wal' (a new" in line
 
 
-def test_a_read_after_close_is_an_error_not_a_traceback(path: Path) -> None:
-    journal = Journal.open(path)
-    journal.close()
-    with pytest.raises(OrchestratorError, match="is closed"):
-        journal.list_migrations()
+def test_a_full_disk_hidden_behind_a_failed_rollback_is_named(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hidden = sqlite3.OperationalError("cannot rollback - no transaction is active")
+
+    def free(blocks: int) -> Callable[[object], os.statvfs_result]:
+        return lambda _: os.statvfs_result((4096, 4096, 1 << 20, blocks, blocks, 1000, 900, 900, 0, 255))
+
+    monkeypatch.setattr(os, "statvfs", free(1))  # 4 KiB left
+    full = journal_db.disk_full(path, hidden)
+    assert full is not None and full.code == ExitCode.ENVIRONMENT
+    problem = journal_db.db_error(path, hidden)
+    assert isinstance(problem, EnvironmentProblem)
+    assert problem.line().startswith(f"the disk of the journal {path} is full (SQLite: cannot rollback")
+    assert "--journal PATH" in problem.line()
+    monkeypatch.setattr(os, "statvfs", free(1 << 18))  # 1 GiB left: something else went wrong
+    assert journal_db.disk_full(path, hidden) is None
+    assert "is full" not in journal_db.db_error(path, hidden).line()
+    assert journal_db.disk_full(path, ENOSPC) is not None
 
 
-# --- crash recovery (issue 10) ----------------------------------------------------------------------
+# --- journals of older orchestrators ------------------------------------------------------------------
 
 
-def dead_pid() -> int:
-    child = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
-    )
-    return int(child.stdout)
-
-
-def raw_update(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
+def insert_legacy(path: Path, mid: str, pid: int, host: str = HOST, **more: object) -> None:
+    """A migrations row as an orchestrator before the run log wrote it (by default: left running)."""
+    columns = {"id": mid, "kind": "migrate", "domain": "vm1", "source_uri": "a", "destination_uri": "b",
+               "policy": "p", "started": T0, "outcome": "running", "pid": pid, "host": host,
+               **more}  # fmt: skip
     conn = sqlite3.connect(path)
-    conn.execute(sql, params)
+    marks = ", ".join("?" for _ in columns)
+    conn.execute(f"INSERT INTO migrations ({', '.join(columns)}) VALUES ({marks})", tuple(columns.values()))
     conn.commit()
     conn.close()
 
 
-def raw_row(path: Path, migration_id: str) -> tuple[object, ...]:
-    conn = sqlite3.connect(path)
-    row = conn.execute(
-        "SELECT outcome, error, ended, recovered, summary FROM migrations WHERE id = ?", (migration_id,)
-    ).fetchone()
-    conn.close()
-    return tuple(row)
-
-
-@pytest.fixture
-def crashed(path: Path, journal: Journal) -> Journal:
-    """Migrations of every kind: only 'dead-running' and 'dead-interrupted' (this host) are unfinished."""
-    ids = ["live", "dead-running", "dead-interrupted", "dead-succeeded", "other-host", "dead-recovered"]
-    for index, migration_id in enumerate(ids):
-        begin(journal, migration_id, started=T0 + index)
-    journal.finish_migration("dead-interrupted", Outcome.INTERRUPTED, None, "SIGTERM", 130, T0 + 100)
-    journal.finish_migration("dead-succeeded", Outcome.SUCCEEDED, True, None, 0, T0 + 100)
-    journal.flush()
+def test_a_legacy_running_row_of_a_dead_process_is_unfinished_and_reads_as_interrupted(path: Path) -> None:
+    Journal.open(path).close()
     dead = dead_pid()
-    raw_update(path, "UPDATE migrations SET pid = ? WHERE id != 'live'", (dead,))
-    raw_update(path, "UPDATE migrations SET host = 'elsewhere' WHERE id = 'other-host'")
-    raw_update(path, "UPDATE migrations SET recovered = ? WHERE id = 'dead-recovered'", (T0 + 50,))
-    return journal
-
-
-def test_migrate_reconciles_only_a_vm_with_an_unfinished_migration(
-    crashed: Journal, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from orchestrator import cli, recovery
-    from orchestrator.recovery import RecoveryReport
-
-    asked: list[str] = []
-
-    def recover_before(
-        journal: Journal, hosts: object, domain: str, on_line: object = None
-    ) -> RecoveryReport:
-        asked.append(domain)
-        return RecoveryReport()
-
-    monkeypatch.setattr(recovery, "recover_before", recover_before)
-    for row in crashed.unfinished():
-        raw_update(crashed.path, "UPDATE migrations SET domain = 'vm-left' WHERE id = ?", (row.id,))
-    cli.reconcile(crashed, [], "vm-clean", print)  # nothing of its own to finish: recover is not asked
-    cli.reconcile(crashed, [], "vm-left", print)
-    assert asked == ["vm-left"]
-
-
-def test_reconciling_a_vm_with_nothing_to_finish_imports_nothing_of_recover(path: Path) -> None:
-    program = textwrap.dedent(
-        """
-        import sys
-        from pathlib import Path
-        from orchestrator import cli
-        from orchestrator.journal import Journal
-        with Journal.open(Path(sys.argv[1])) as journal:
-            cli.reconcile(journal, [], "vm1", print)
-        print("orchestrator.recovery" in sys.modules)
-        """
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", program, str(path)], capture_output=True, text=True, check=True
-    )
-    assert child.stdout == "False\n"
-
-
-def test_unfinished_lists_dead_unrecovered_migrations_of_this_host(crashed: Journal) -> None:
-    assert [m.id for m in crashed.unfinished()] == ["dead-running", "dead-interrupted"]
-    assert [m.id for m in crashed.unfinished(os.uname().nodename)] == ["dead-running", "dead-interrupted"]
-    assert [m.id for m in crashed.unfinished("elsewhere")] == ["other-host"]
-    assert crashed.unfinished("nowhere") == []
-
-
-def test_mark_recovered_commits_at_once_and_only_once(path: Path, crashed: Journal) -> None:
-    summary = {"undrained": ["hostdev0"]}
-    assert crashed.mark_recovered(
-        "dead-running", Outcome.ROLLED_BACK, "undrained by recover", T0 + 200, summary
-    )
-    # committed before it returned: another connection sees it
-    assert raw_row(path, "dead-running") == (
-        "rolled-back",
-        "undrained by recover",
-        T0 + 200,
-        T0 + 200,
-        json.dumps(summary, separators=(",", ":")),
-    )
-    # an end already recorded stays; a summary not given is kept
-    assert crashed.mark_recovered("dead-interrupted", "interrupted", "nothing left drained", T0 + 300)
-    assert raw_row(path, "dead-interrupted") == (
-        "interrupted",
-        "nothing left drained",
-        T0 + 100,
-        T0 + 300,
-        None,
-    )
-    assert crashed.unfinished() == []
-    # never twice, never an unknown id
-    assert not crashed.mark_recovered("dead-running", Outcome.FAILED, "again", T0 + 400)
-    assert raw_row(path, "dead-running")[:2] == ("rolled-back", "undrained by recover")
-    assert not crashed.mark_recovered("no-such-id", Outcome.FAILED, None, T0 + 400)
-    with pytest.raises(ValueError, match="cannot be 'running'"):
-        crashed.mark_recovered("dead-running", Outcome.RUNNING, None, T0)
-    assert crashed.failures == []
-    crashed.flush()
-
-
-def test_mark_stale_never_touches_a_recovered_migration(path: Path, crashed: Journal) -> None:
-    # 'dead-recovered' is running (its recover was cut short before writing the outcome, say)
-    before = raw_row(path, "dead-recovered")
-    assert crashed.mark_stale(T0 + 500) == ["dead-running"]
-    assert raw_row(path, "dead-recovered") == before
-    with Journal.open(path):  # every open marks stale migrations
-        pass
-    assert raw_row(path, "dead-recovered") == before
-    with Journal.open_readonly(path) as reader:  # ... and a reader does not read it as interrupted
-        assert reader.get_migration("dead-recovered").migration.outcome == "running"
-        assert [m.id for m in reader.unfinished()] == ["dead-running", "dead-interrupted"]
-    assert raw_row(path, "dead-running")[:3] == ("interrupted", "orchestrator process died", T0 + 500)
-
-
-def test_device_actions_are_public_in_sequence(journal: Journal) -> None:
-    begin(journal, "m-1")
-    assert journal.record_device_action("m-1", "hostdev0", DeviceAction.DRAIN, "starting", T0, "d0") is None
-    vfio_event(journal, "m-1", "pre-copy-p2p", T0 + 1)
-    journal.record_device_action("m-1", "hostdev0", "drain", ActionStatus.DONE, T0 + 2)
-    journal.record_device_action("m-1", "hostdev1", "drain", "starting", T0 + 3, "d1")
-    journal.record_device_action("m-1", "hostdev0", "undrain", "starting", T0 + 4)
-    journal.record_device_action("m-1", "hostdev0", "undrain", "done", T0 + 5)
-    journal.flush()
-    actions = journal.device_actions("m-1")
-    assert [(a.seq, a.device_id, a.action, a.status) for a in actions] == [
-        (1, "hostdev0", "drain", "starting"),
-        (3, "hostdev0", "drain", "done"),
-        (4, "hostdev1", "drain", "starting"),
-        (5, "hostdev0", "undrain", "starting"),
-        (6, "hostdev0", "undrain", "done"),
-    ]
-    assert actions == journal.get_migration("m-1").device_actions
-    assert still_drained(actions) == {"hostdev1": "d1"}
-    assert journal.device_actions("no-such-id") == ()
+    insert_legacy(path, "legacy", dead)
+    insert_legacy(path, "other-host", dead, host="elsewhere")
+    insert_legacy(path, "recovered", dead, recovered=T0 + 5)
+    insert_legacy(path, "ended", dead, outcome="interrupted", exit_code=130, ended=T0 + 1)
+    insert_legacy(path, "live", os.getpid())
+    with Journal.open(path) as journal:
+        assert [m.id for m in journal.unfinished()] == ["legacy"]
+        assert [m.id for m in journal.unfinished("elsewhere")] == ["other-host"]
+        outcomes = {m.id: m.outcome for m in journal.list_migrations()}
+        row = journal.get_migration("legacy").migration
+    assert (row.outcome, row.error, row.recovered) == ("interrupted", "orchestrator process died", None)
+    assert [outcomes[m] for m in ("legacy", "other-host", "ended", "live")] == ["interrupted", "running"] * 2
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT outcome FROM migrations WHERE id = 'legacy'").fetchone() == ("running",)
+    conn.close()
 
 
 def test_a_schema_1_journal_reads_for_recovery(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite"
     conn = sqlite3.connect(path)
-    conn.executescript(journal_module._SCHEMA.split(journal_module._V2_MARKER)[0])
-    conn.execute(
-        "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, outcome, "
-        "pid, host) VALUES ('old', 'migrate', 'vm1', 'a', 'b', 'p', ?, 'running', ?, ?)",
-        (T0, dead_pid(), os.uname().nodename),
-    )
+    conn.executescript(journal_db._SCHEMA.split(journal_db._V2_MARKER)[0])
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
+    insert_legacy(path, "old", dead_pid())
     with Journal.open_readonly(path) as reader:
+        (listed,) = reader.list_migrations()
+        assert (listed.id, listed.outcome, listed.drain_mode) == ("old", "interrupted", None)
+        assert reader.device_actions("old") == ()
         (row,) = reader.unfinished()
         assert (row.id, row.outcome, row.recovered) == ("old", "interrupted", None)
-        assert reader.device_actions("old") == ()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1, "the reader upgraded it"
+    conn.close()
 
 
 @pytest.mark.parametrize("old_version", [1, 2])
@@ -1035,274 +819,30 @@ def test_an_older_journal_is_upgraded_keeping_its_rows_and_taking_new_kinds(
 ) -> None:
     path = tmp_path / f"v{old_version}.sqlite"
     conn = sqlite3.connect(path)
-    first, rest = journal_module._SCHEMA.split(journal_module._V2_MARKER)
-    conn.executescript(first + (journal_module._V2_MARKER + rest if old_version == 2 else ""))
-    conn.execute(
-        "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, ended, "
-        "outcome, pid, host) VALUES ('old', 'migrate', 'vm1', 'a', 'b', 'p', ?, ?, 'succeeded', 1, 'h')",
-        (T0, T0 + 3),
-    )
+    first, rest = journal_db._SCHEMA.split(journal_db._V2_MARKER)
+    conn.executescript(first + (journal_db._V2_MARKER + rest if old_version == 2 else ""))
     conn.execute(f"PRAGMA user_version = {old_version}")
     conn.commit()
     with pytest.raises(sqlite3.IntegrityError):  # the old CHECK: what the upgrade must lift
         conn.execute(
             "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, pid, "
-            "host) "
-            "VALUES ('x', 'evacuation', '*', 'a', 'b', 'p', 0, 1, 'h')"
+            "host) VALUES ('x', 'evacuation', '*', 'a', 'b', 'p', 0, 1, 'h')"
         )
     conn.close()
+    insert_legacy(path, "old", 1, host="h", outcome="succeeded", ended=T0 + 3)
     with Journal.open(path) as journal:
         (old,) = journal.list_migrations()
         assert (old.id, old.outcome, old.ended) == ("old", Outcome.SUCCEEDED, T0 + 3)
         journal.begin_migration("e-1", MigrationKind.EVACUATION, "*", "a", "b,c", "p", T0 + 10)
-        journal.begin_migration(
-            "m-2", MigrationKind.EVACUATE_ITEM, "vm2", "a", "b", "p", T0 + 11, parent="e-1"
-        )
+        item = MigrationKind.EVACUATE_ITEM
+        journal.begin_migration("m-2", item, "vm2", "a", "b", "p", T0 + 11, parent="e-1")
         journal.finish_migration("m-2", Outcome.REFUSED, False, "events off", 2, T0 + 12)
-        journal.flush()
+        journal.finish_migration("e-1", Outcome.PARTIAL, True, None, 8, T0 + 13)
+        assert journal.failures == []
         assert [row.id for row in journal.children("e-1")] == ["m-2"]
         assert journal.get_migration("m-2").migration.outcome is Outcome.REFUSED
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-
-
-# --- the intents file: the hot path's `starting` records (orchestrator/intents.py) --------------------
-
-KILLED_MID_DRAIN = """
-import os, sys
-from orchestrator.journal import Journal
-journal = Journal.open(__import__("pathlib").Path(sys.argv[1]))
-journal.begin_migration("m-dead", "migrate", "vm1", "qemu:///system", "qemu+ssh://dst/system", "p", 1.0e9)
-print("begun", flush=True)
-sys.stdin.readline()  # the journal is write-locked by another process now
-assert journal.record_device_action("m-dead", "hostdev0", "drain", "starting", 1.0e9 + 1, "prepare") is None
-journal.record_device_action("m-dead", "hostdev1", "drain", "starting", 1.0e9 + 2, "prepare")
-journal.record_device_action("m-dead", "hostdev1", "drain", "done", 1.0e9 + 3)
-journal.record_device_action("m-dead", "hostdev1", "undrain", "starting", 1.0e9 + 4, "resumed")
-os._exit(9)  # killed: nothing of the above reached SQLite (locked), the writer thread dies with it
-"""
-
-
-def test_a_drain_started_by_a_killed_process_is_found_and_adopted_from_its_intents_file(path: Path) -> None:
-    with Journal.open(path):
-        pass  # the schema exists, so the child's open needs no write lock
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_MID_DRAIN, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    assert child.stdout.readline() == "begun\n"
-    with write_lock_held_elsewhere(path, "stdin"):  # until the child is dead
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        assert child.wait(timeout=30) == 9
-    with Journal.open_readonly(path) as reader:  # history: the truth, before any recover
-        actions = reader.device_actions("m-dead")
-    assert [(a.seq, a.device_id, str(a.action), str(a.status)) for a in actions] == [
-        (1, "hostdev0", "drain", "starting"),
-        (2, "hostdev1", "drain", "starting"),
-        (4, "hostdev1", "undrain", "starting"),
-    ]  # `done` is queued only: it never reached the journal (that is what the writer's queue is)
-    assert still_drained(actions) == {"hostdev0": "prepare", "hostdev1": "prepare"}
-    with Journal.open(path) as journal:
-        assert [m.id for m in journal.unfinished()] == ["m-dead"]
-        # recover's own records go on after the intents' (never the same sequence number)
-        assert journal.adopt_intents("m-dead") == 3
-        assert journal.adopt_intents("m-dead") == 0
-        journal.record_device_action("m-dead", "hostdev0", "undrain", "starting", 2.0e9, "recover")
-        journal.flush()
-        seqs = [a.seq for a in journal.device_actions("m-dead")]
-        assert seqs == [1, 2, 4, 5]
-        assert intents.read(intents.directory_of(path), "m-dead") != []
-        assert journal.mark_recovered("m-dead", Outcome.ROLLED_BACK, "recovered", 2.0e9 + 1)
-        assert not intents.directory_of(path).exists(), "the recovered migration's intents file was left"
-        assert [a.seq for a in journal.device_actions("m-dead")] == [1, 2, 4, 5]
-
-
-def event_names(path: Path, migration_id: str = "m1") -> list[str]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        rows = conn.execute("SELECT name FROM events WHERE migration_id = ?", (migration_id,))
-        return sorted(row[0] for row in rows)
-
-
-def in_thread(work: Callable[[], object]) -> None:
-    other = threading.Thread(target=work)
-    other.start()
-    other.join()
-
-
-def test_records_made_while_holding_reach_the_writer_when_the_block_ends(
-    journal: Journal, path: Path
-) -> None:
-    begin(journal, "m1")
-    journal.flush()
-    with journal.holding():
-        assert journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare") is None
-        # durable at once, in the intents file; the journal's copy waits for the block's end
-        assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
-        journal.record_event("m1", "source", "source", "vfio", "VFIO_MIGRATION", "nic0", "prepare", T0, T0)
-        with journal.holding():  # nested: the outer block hands them over
-            journal.record_phase("m1", "switching-over", T0 + 2)
-        # another thread's records are not held; its flush commits them, and nothing of this block
-        in_thread(lambda: journal.record_phase("m1", "other-thread", T0 + 3))
-        in_thread(journal.flush)
-        assert event_names(path) == ["phase other-thread"]
-        assert journal.device_actions("m1") != []  # (from the intents file)
-    in_thread(journal.flush)
-    assert event_names(path) == ["VFIO_MIGRATION", "phase other-thread", "phase switching-over"]
-    assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
-
-
-def test_waiting_for_the_writer_inside_a_block_hands_the_block_over_first(
-    journal: Journal, path: Path
-) -> None:
-    begin(journal, "m1")
-    with journal.holding():
-        journal.record_phase("m1", "switching-over", T0 + 1)
-        journal.flush()  # "everything written so far": the block's records included, at once
-        assert event_names(path) == ["phase switching-over"]
-        journal.record_phase("m1", "settling", T0 + 2)
-        started = time.monotonic()
-        # a record its caller waits for (ticketed) is not held: no wait for itself until a timeout
-        assert journal.mark_recovered("m1", Outcome.SUCCEEDED, None, T0 + 3)
-        assert time.monotonic() - started < journal_module.FLUSH_TIMEOUT_S
-        assert event_names(path) == ["phase settling", "phase switching-over"]
-
-
-@contextlib.contextmanager
-def drain_held_by_another_thread(journal: Journal) -> Iterator[None]:
-    """Another thread (an event thread) inside a holding block that recorded m1's drain of nic0."""
-    inside, leave = threading.Event(), threading.Event()
-
-    def event_thread() -> None:
-        with journal.holding():
-            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
-            inside.set()
-            leave.wait(10)
-
-    other = threading.Thread(target=event_thread)
-    other.start()
-    try:
-        assert inside.wait(10)
-        yield
-    finally:
-        leave.set()
-        other.join()
-
-
-def test_a_migration_finished_while_another_thread_holds_its_drain_keeps_its_intents_file_until_then(
-    journal: Journal, path: Path
-) -> None:
-    begin(journal, "m1")
-    with drain_held_by_another_thread(journal):
-        journal.finish_migration("m1", Outcome.SUCCEEDED, True, None, 0, T0 + 5)
-        journal.flush()
-        # the drain is in no table yet: its intents file is its only record and must stay
-        assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
-    journal.flush()
-    assert [(a.device_id, str(a.status)) for a in journal.device_actions("m1")] == [("nic0", "starting")]
-    assert intents.read(intents.directory_of(path), "m1") == [], "its file outlived its committed records"
-
-
-def test_a_journal_closed_while_another_thread_holds_records_keeps_their_intents_file(path: Path) -> None:
-    journal = Journal.open(path)
-    begin(journal, "m1")
-    with drain_held_by_another_thread(journal):
-        journal.close()
-    assert any("closed before the drain of nic0" in line for line in journal.failures)
-    assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
-
-
-def test_a_journal_closed_while_a_block_holds_records_keeps_the_intents_file_and_says_so(path: Path) -> None:
-    journal = Journal.open(path)
-    begin(journal, "m1")
-    with pytest.raises(OrchestratorError, match="closed before the drain of nic0"):
-        with journal.holding():
-            journal.record_device_action("m1", "nic0", "drain", "starting", T0 + 1, "prepare")
-            journal.close()
-        journal.close()  # reports what the block could not hand over
-    assert [i.device_id for i in intents.read(intents.directory_of(path), "m1")] == ["nic0"]
-    with Journal.open_readonly(path) as reader:
-        assert [a.device_id for a in reader.device_actions("m1")] == ["nic0"]  # from the file
-
-
-def test_an_intents_file_is_read_line_by_line_and_what_cannot_be_parsed_is_skipped(tmp_path: Path) -> None:
-    log = intents.IntentLog(tmp_path / "j.sqlite")
-    assert log.open("m-1")
-    assert log.append("m-1", intents.Intent(3, "nic0\nnic1 \u00e9", "drain", "starting", 1.5, None))
-    with open(intents.directory_of(tmp_path / "j.sqlite") / "m-1", "ab") as raw:
-        raw.write(b'[4, "nic2", "drain"\n{"not": "a list"}\n[5, 6, "drain", "starting", 1, null]\n[7, "ni')
-    assert intents.read(log.directory, "m-1") == [
-        intents.Intent(3, "nic0\nnic1 \u00e9", "drain", "starting", 1.5, None)
-    ]
-    assert not log.append("m-2", intents.Intent(1, "nic0", "drain", "starting", 1.0, None))  # never opened
-    assert not log.open("../escape") and not log.open("")
-    assert intents.read(log.directory, "../j.sqlite") == []
-    log.close(keep={"m-1"})
-    assert (log.directory / "m-1").exists()
-    log.open("m-3")
-    log.close(keep=set())
-    assert sorted(p.name for p in log.directory.iterdir()) == ["m-1"]
-
-
-# --- the writer: bursts gathered, committed together --------------------------------------------------
-
-
-def test_a_burst_of_records_is_committed_in_one_transaction(journal: Journal) -> None:
-    begin(journal, "m-1")
-    statements: list[str] = []
-    assert journal._writer_conn is not None
-    journal._writer_conn.set_trace_callback(statements.append)
-    for index in range(40):  # one switchover's worth of events, queued faster than the writer gathers
-        vfio_event(journal, "m-1", f"state-{index}", T0 + index)
-    journal.flush()
-    assert [e.state for e in journal.get_migration("m-1").events] == [f"state-{i}" for i in range(40)]
-    commits = [s for s in statements if s.strip().upper() == "COMMIT"]
-    assert 1 <= len(commits) <= 2, statements  # not one per record
-
-
-def test_waiting_for_the_writer_cuts_its_gathering_short(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(journal_module, "_GATHER_S", 3600.0)  # were it not cut short, flush would hang
-    with Journal.open(path) as journal:
-        begin(journal, "m-1")  # flushes
-        vfio_event(journal, "m-1", "pre-copy", T0)
-        journal.flush()
-        assert [e.state for e in journal.get_migration("m-1").events] == ["pre-copy"]
-        vfio_event(journal, "m-1", "stop-copy", T0 + 1)
-    with Journal.open_readonly(path) as reader:  # close() cut it short too, and committed the event
-        assert [e.state for e in reader.get_migration("m-1").events] == ["pre-copy", "stop-copy"]
-
-
-@pytest.mark.parametrize("where", ["a link to a directory", "group-writable", "a file"])
-def test_an_intents_directory_that_is_not_a_private_one_is_not_written_to(tmp_path: Path, where: str) -> None:
-    journal = tmp_path / "j.sqlite"
-    directory = intents.directory_of(journal)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    if where == "a link to a directory":
-        directory.symlink_to(elsewhere)
-    elif where == "group-writable":
-        directory.mkdir(mode=0o770)
-        directory.chmod(0o770)
-    else:
-        directory.write_text("")
-    log = intents.IntentLog(journal)
-    assert not log.open("m-1")  # the journal then commits `starting` synchronously
-    assert not log.append("m-1", intents.Intent(1, "nic0", "drain", "starting", 1.0, None))
-    assert list(elsewhere.iterdir()) == []
-
-
-def test_a_record_sqlite_cannot_take_in_a_burst_loses_only_itself(journal: Journal) -> None:
-    # A lone surrogate (JSON from an event can carry one) cannot be encoded for SQLite: the burst it
-    # came in is committed one by one, that record is a reported failure, the writer goes on.
-    begin(journal, "m-1")
-    vfio_event(journal, "m-1", "pre-copy", T0)
-    vfio_event(journal, "m-1", "bad \udc80", T0 + 1)
-    vfio_event(journal, "m-1", "stop-copy", T0 + 2)
-    with pytest.raises(OrchestratorError):
-        journal.flush()
-    assert len(journal.failures) == 1 and "event 2 of migration m-1" in journal.failures[0]
-    vfio_event(journal, "m-1", "stop", T0 + 3)
-    journal.flush()  # the writer still runs
-    assert [e.state for e in journal.get_migration("m-1").events] == ["pre-copy", "stop-copy", "stop"]
+        assert journal.get_migration("e-1").migration.kind is MigrationKind.EVACUATION
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    assert counts(path)[0] == 3

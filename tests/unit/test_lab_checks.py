@@ -147,43 +147,6 @@ def test_peer_tells_timeouts_in_the_devices_quiet_time_from_the_others(replies, 
     assert (stats["timeouts_quiet"], stats["timeouts_other"]) == (quiet, other), stats
 
 
-def test_a_process_that_starts_a_lab_is_no_subreaper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """libvirtd waits for the QEMU it stops to vanish: a QEMU orphaned to a subreaper that does not reap
-    it (a process that ran hooks and started a lab: demo, bench, tests) would hold each destroy 40 s."""
-    import ctypes
-
-    from orchestrator import hooks
-
-    def flag() -> int:
-        value = ctypes.c_int(-1)
-        assert ctypes.CDLL(None).prctl(37, ctypes.byref(value), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
-        return value.value
-
-    seen: list[int] = []
-
-    class Exits:
-        pid = 4242
-
-        def __init__(self, *_args: object, **_kwargs: object) -> None:
-            seen.append(flag())
-
-        def poll(self) -> int:
-            return 1
-
-    was = hooks.become_subreaper()
-    monkeypatch.setattr(hosts.subprocess, "Popen", Exits)
-    host = hosts.LabHost("lab-a", tmp_path / "lab-a", 0)
-    host.dir.mkdir()
-    try:
-        with pytest.raises(EnvironmentProblem, match="lab host lab-a failed to start"):
-            hosts._start(host, timeout=1.0)
-        assert seen == [0]
-        assert not hooks.become_subreaper() and flag() == 0, "for good"
-    finally:  # as it was for the other tests of this session
-        hooks._subreaper["on"] = was
-        hooks._prctl_subreaper(was)
-
-
 def test_a_lab_daemon_is_found_by_its_command_line_and_whole_paths(tmp_path: Path) -> None:
     """`down` finds a virtlogd whose pid file is gone by its command line; a lab at /b/a is not the
     lab at /a (a path is compared whole, not as a substring)."""

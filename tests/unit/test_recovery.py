@@ -1,19 +1,21 @@
 """Recovery after the orchestrator died, on the scripted libvirt and a real journal.
 
-A killed orchestrator leaves its journal as the driver wrote it up to the kill: each test writes that
-journal (a migration row of a dead process, its device actions so far) and puts the VM where libvirt
+A killed orchestrator leaves its run log as the migration and its hook supervisor wrote it up to the
+kill: each test writes such a run log (its begin names a dead process) and puts the VM where libvirt
 left it; `Recovery` then finishes. The three facts every time: every device that may be drained is
-undrained exactly once, the VM runs on exactly one host, the journal tells the truth. (The lab tests
-kill a real `orchestrator migrate` with SIGKILL at each phase; test_migration checks that a drain is
-journaled before its hooks start.)
+undrained exactly once, never while its drain may still run; the VM runs on exactly one host; the
+journal tells the truth. `plan` (the decision alone) is tested table-driven first; the tests with real
+processes follow (a live supervisor of a dead run, a hook whose supervisor died). The lab tests kill a
+real `orchestrator migrate` at each phase.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +25,17 @@ import pytest
 from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner, Model
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
+from orchestrator import procfs, runlog
 from orchestrator.convergence import GATE_FLOOR_MS
-from orchestrator.hooks import ProcessToken, Trigger
+from orchestrator.hooks import Hook, HookRunner, Trigger
 from orchestrator.hypervisor import RUNNING, MigrateRequest
-from orchestrator.journal import ActionStatus, DeviceAction, Journal, still_drained
+from orchestrator.journal import Journal
 from orchestrator.locks import MigrationLock, lock_dir
-from orchestrator.recovery import Recovery, RecoveryReport
+from orchestrator.policy import parse_policy
+from orchestrator.records import ActionStatus, DeviceAction, still_drained
+from orchestrator.recovery import DevicePlan, Recovery, RecoveryReport, plan
 from orchestrator.report import Outcome
+from orchestrator.supervisor import Supervisor, hook_path
 
 
 def dead_pid() -> int:
@@ -37,6 +43,146 @@ def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+# Records as a migration and its supervisor write them (orchestrator.runlog).
+def action(device: str, what: str, status: str) -> dict[str, Any]:
+    return {"k": "action", "device_id": device, "action": what, "status": status, "at": 1.0, "detail": None}
+
+
+def start(run: str, trigger: str, device: str, hook: int = 0, **more: Any) -> dict[str, Any]:
+    record = {"k": "hook-start", "run": run, "trigger": trigger, "device_id": device, "hook": hook}
+    record |= {"label": "true", "argv": ["/bin/true"], "pid": None, "started": 1.0, "timeout_ms": 250}
+    return record | more
+
+
+def end(run: str, ok: bool = True) -> dict[str, Any]:
+    return {
+        "k": "hook-end",
+        "run": run,
+        "exit_code": 0 if ok else 1,
+        "error": None if ok else "exited with status 1",
+    }
+
+
+SUPERVISED = {"k": "supervised", "pid": 4242}
+POLICY = parse_policy(policy_text(), "p.toml")
+TWO_UNDRAINS = parse_policy(
+    policy_text() + '[[hooks.undrain]]\nname = "second"\nargv = ["/bin/true"]\n', "p.toml"
+)
+
+
+@pytest.mark.parametrize(
+    ("records", "policy", "supervised", "expected"),
+    [
+        pytest.param([], POLICY, True, [], id="nothing drained"),
+        pytest.param(
+            [action("nic0", "drain", "starting"), start("1", "drain", "nic0"), end("1")],
+            POLICY,
+            True,
+            [DevicePlan("nic0", run=(0,), why="drained, and not undrained")],
+            id="drained: every undrain hook runs",
+        ),
+        pytest.param(
+            [action("nic0", "drain", "starting"), SUPERVISED],
+            POLICY,
+            True,
+            [DevicePlan("nic0", why="its drain never started a hook: nothing to undo")],
+            id="the supervisor says no drain hook ever started",
+        ),
+        pytest.param(
+            [action("nic0", "drain", "starting")],
+            POLICY,
+            False,
+            [DevicePlan("nic0", run=(0,), why="drained, and not undrained")],
+            id="no word from the supervisor: assumed drained",
+        ),
+        pytest.param(
+            [
+                action("nic0", "drain", "starting"),
+                start("1", "drain", "nic0"),
+                action("nic0", "undrain", "done"),
+            ],
+            POLICY,
+            True,
+            [],
+            id="undrained, as the orchestrator recorded",
+        ),
+        pytest.param(
+            [
+                action("nic0", "drain", "starting"),
+                start("1", "drain", "nic0"),
+                action("nic0", "undrain", "starting"),
+                start("2", "undrain", "nic0"),
+                end("2"),
+            ],
+            POLICY,
+            True,
+            [DevicePlan("nic0", ended=True, ok=True, why="its undrain ran to its end")],
+            id="the undrain ran to its end under the supervisor: never again",
+        ),
+        pytest.param(
+            [
+                action("nic0", "drain", "starting"),
+                start("1", "drain", "nic0"),
+                action("nic0", "undrain", "starting"),
+                start("2", "undrain", "nic0"),
+                end("2", ok=False),
+            ],
+            POLICY,
+            True,
+            [DevicePlan("nic0", ended=True, ok=False, why="its undrain ran to its end")],
+            id="... and failed: reported, not run again",
+        ),
+        pytest.param(
+            [
+                action("nic0", "drain", "starting"),
+                start("1", "drain", "nic0"),
+                action("nic0", "undrain", "starting"),
+                start("2", "undrain", "nic0", hook=1),
+                end("2"),
+            ],
+            TWO_UNDRAINS,
+            True,
+            [DevicePlan("nic0", run=(0,), why="drained, and not undrained")],
+            id="only the undrain hook that never started runs",
+        ),
+        pytest.param(
+            [
+                action("nic1", "drain", "starting"),
+                start("1", "drain", "nic1"),
+                action("nic0", "drain", "starting"),
+                start("2", "undrain", "nic1"),
+                end("2"),
+                SUPERVISED,
+            ],
+            POLICY,
+            True,
+            [
+                DevicePlan("nic1", ended=True, ok=True, why="its undrain ran to its end"),
+                DevicePlan("nic0", why="its drain never started a hook: nothing to undo"),
+            ],
+            id="two devices, each its own way",
+        ),
+    ],
+)
+def test_plan(
+    records: list[dict[str, Any]], policy: Any, supervised: bool, expected: list[DevicePlan]
+) -> None:
+    assert plan(records, policy, supervised=supervised) == expected
+
+
+def test_with_an_armed_drain_hook_a_drain_written_down_may_have_happened() -> None:
+    armed = parse_policy(
+        '[[hooks.drain]]\nargv = ["/bin/true"]\narmed = true\n[[hooks.undrain]]\nargv = ["/bin/true"]\n',
+        "p.toml",
+    )
+    assert plan([action("nic0", "drain", "starting"), SUPERVISED], armed, supervised=True) == [
+        DevicePlan("nic0", run=(0,), why="drained, and not undrained")
+    ]
+
+
+# --- recovery on the scripted libvirt -------------------------------------------------------------
 
 
 class World:
@@ -50,46 +196,45 @@ class World:
 
     def left(
         self,
-        actions: list[tuple[str, str, str]] | list[tuple[str, str, str, str]],
+        records: list[dict[str, Any]],
         *,
         phase: str = "switching-over",
         policy: str | None = None,
+        supervisor: int | None = None,
     ) -> str:
-        """The journal a killed migration leaves: its row (of a dead process) and its device actions."""
+        """The run log a killed migration leaves: its begin (of a dead process), then `records`."""
         migration_id = "m-killed"
-        self.journal.begin_migration(
-            migration_id,
-            "migrate",
-            "vm1",
-            SRC,
-            DST,
-            "/etc/orchestrator/policies/p.toml",
-            self.clock.time(),
-            policy_text=policy_text() if policy is None else policy,
-        )
-        self.journal.record_phase(migration_id, phase, self.clock.time())
-        for device, action, status, *detail in actions:
-            self.journal.record_device_action(
-                migration_id, device, action, status, self.clock.time(), detail[0] if detail else "prepare"
-            )
-        self.journal.flush()
-        with sqlite3.connect(self.path) as conn:
-            conn.execute("UPDATE migrations SET pid = ? WHERE id = ?", (dead_pid(), migration_id))
+        begin = {
+            "k": "begin",
+            "id": migration_id,
+            "kind": "migrate",
+            "domain": "vm1",
+            "source_uri": SRC,
+            "destination_uri": DST,
+            "policy": "/etc/orchestrator/policies/p.toml",
+            "started": 1.0,
+            "pid": dead_pid(),
+            "host": os.uname().nodename,
+            "policy_text": policy_text() if policy is None else policy,
+            "supervisor": supervisor if supervisor is not None else dead_pid(),
+        }
+        log = runlog.RunLog.create(runlog.directory_of(self.path), migration_id)
+        # A `supervised` record is the run's own supervisor's.
+        records = [{**r, "pid": begin["supervisor"]} if r["k"] == "supervised" else r for r in records]
+        for record in [begin, {"k": "phase", "phase": phase, "at": 2.0}, *records]:
+            log.write(record, vital=True)
+        log.close()
         return migration_id
 
     def vm_on(self, host: FakeHost) -> None:
         host.add("vm1", domain_xml(["nic0", "nic1"]))
 
-    def recover(self, **options: Any) -> RecoveryReport:
+    def recovery(self, **options: Any) -> Recovery:
         hosts = {SRC: self.source, DST: self.destination}
-        return Recovery(
-            self.journal,
-            hosts.__getitem__,
-            runner=self.runner,
-            clock=self.clock,
-            locks=lock_dir(self.path),
-            **options,
-        ).run()
+        return Recovery(self.journal, hosts.__getitem__, runner=self.runner, clock=self.clock, **options)
+
+    def recover(self, **options: Any) -> RecoveryReport:
+        return self.recovery(**options).run()
 
     def where(self) -> list[str]:
         return [
@@ -105,10 +250,12 @@ class World:
         record = self.journal.get_migration(migration_id)
         assert record.migration.outcome is outcome and record.migration.recovered is not None
         assert still_drained(record.device_actions) == {}
+        assert not runlog.path_of(runlog.directory_of(self.path), migration_id).exists(), "imported"
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "run"))
     w = World(tmp_path)
     yield w
     w.journal.close()
@@ -117,7 +264,14 @@ def world(tmp_path: Path) -> Iterator[World]:
 def test_killed_after_drains_started_the_vm_moved_alone_each_is_undrained_once(world: World) -> None:
     # p2p: the job went on without its client and succeeded.
     migration_id = world.left(
-        [("nic0", "drain", "starting"), ("nic0", "drain", "done"), ("nic1", "drain", "starting")]
+        [
+            action("nic0", "drain", "starting"),
+            start("1", "drain", "nic0"),
+            end("1"),
+            action("nic0", "drain", "done"),
+            action("nic1", "drain", "starting"),
+            start("2", "drain", "nic1"),
+        ]
     )
     world.vm_on(world.destination)
     report = world.recover()
@@ -132,41 +286,10 @@ def test_killed_after_drains_started_the_vm_moved_alone_each_is_undrained_once(w
     world.journal_true(migration_id, Outcome.SUCCEEDED)
     record = world.journal.get_migration(migration_id)
     assert "died in phase switching-over" in (record.migration.error or "")
+    assert [a.status for a in record.device_actions[-2:]] == [ActionStatus.STARTING, ActionStatus.DONE]
     undrain = world.runner.of(Trigger.UNDRAIN, "nic0")[0]
     assert undrain.values["state"] == "running" and undrain.values["migration_id"] == migration_id
     assert world.recover().recovered == [] and world.undrains("nic0") == 1, "recovered exactly once"
-
-
-def test_a_drain_only_the_intents_file_holds_is_undrained_and_journaled(world: World) -> None:
-    # Killed after the drains' `starting` reached the intents file (orchestrator.intents), before the
-    # journal's writer committed them: the journal has no device action at all.
-    migration_id = world.left([("nic0", "drain", "starting"), ("nic1", "drain", "starting")])
-    with sqlite3.connect(world.path) as conn:
-        conn.execute("DELETE FROM device_actions WHERE migration_id = ?", (migration_id,))
-    intents_dir = world.path.with_name(world.path.name + ".intents")
-    assert (intents_dir / migration_id).exists()
-    world.vm_on(world.source)
-    (done,) = world.recover().recovered
-    assert (done.outcome, done.location, sorted(done.undrained)) == (
-        "rolled-back",
-        "source",
-        ["nic0", "nic1"],
-    )
-    assert world.undrains("nic0") == 1 and world.undrains("nic1") == 1
-    world.journal_true(migration_id, Outcome.ROLLED_BACK)
-    steps = [
-        (a.seq, a.device_id, a.action, a.status)
-        for a in world.journal.get_migration(migration_id).device_actions
-    ]
-    assert steps[:2] == [
-        (2, "nic0", DeviceAction.DRAIN, ActionStatus.STARTING),
-        (3, "nic1", DeviceAction.DRAIN, ActionStatus.STARTING),
-    ]
-    with sqlite3.connect(world.path) as conn:  # in the journal itself now, not only read from the file
-        assert conn.execute(
-            "SELECT count(*) FROM device_actions WHERE migration_id = ? AND seq < 4", (migration_id,)
-        ).fetchone() == (2,)
-    assert not (intents_dir / migration_id).exists()
 
 
 def test_killed_before_any_drain_leaves_nothing_to_undrain(world: World) -> None:
@@ -177,9 +300,36 @@ def test_killed_before_any_drain_leaves_nothing_to_undrain(world: World) -> None
     world.journal_true(migration_id, Outcome.ROLLED_BACK)
 
 
-def test_an_undrain_that_started_but_never_ended_runs_again(world: World) -> None:
+def test_an_undrain_the_supervisor_saw_to_its_end_is_not_run_again(world: World) -> None:
     migration_id = world.left(
-        [("nic0", "drain", "starting"), ("nic0", "drain", "done"), ("nic0", "undrain", "starting")]
+        [
+            action("nic0", "drain", "starting"),
+            start("1", "drain", "nic0"),
+            end("1"),
+            action("nic0", "undrain", "starting"),
+            start("2", "undrain", "nic0"),
+            end("2"),
+            SUPERVISED,
+        ]
+    )
+    world.vm_on(world.destination)
+    (done,) = world.recover().recovered
+    assert (done.awaited, done.undrained, done.failed) == (["nic0"], [], [])
+    assert world.runner.runs == [], "not run a second time"
+    world.journal_true(migration_id, Outcome.SUCCEEDED)
+    last = world.journal.get_migration(migration_id).device_actions[-1]
+    assert (last.action, last.status) == (DeviceAction.UNDRAIN, ActionStatus.ENDED)
+
+
+def test_an_undrain_that_started_but_never_reached_the_supervisor_runs(world: World) -> None:
+    migration_id = world.left(
+        [
+            action("nic0", "drain", "starting"),
+            start("1", "drain", "nic0"),
+            end("1"),
+            action("nic0", "undrain", "starting"),
+            SUPERVISED,
+        ]
     )
     world.vm_on(world.destination)
     (done,) = world.recover().recovered
@@ -187,89 +337,17 @@ def test_an_undrain_that_started_but_never_ended_runs_again(world: World) -> Non
     world.journal_true(migration_id, Outcome.SUCCEEDED)
 
 
-def spawned(*processes: ProcessToken) -> tuple[str, str, str, str]:
-    return ("nic0", "undrain", "spawned", "hook processes " + " ".join(map(str, processes)))
-
-
-def test_an_undrain_under_way_is_waited_for_not_run_again(world: World) -> None:
-    """Killed once every undrain hook had started: recover waits for the orphaned hook, runs nothing."""
-    hook = subprocess.Popen(["cat"], stdin=subprocess.PIPE, start_new_session=True)  # ends at EOF
-    migration_id = world.left(
-        [("nic0", "drain", "starting"), ("nic0", "undrain", "starting"), spawned(ProcessToken.of(hook.pid))]
-    )
-    world.vm_on(world.destination)
-    waiting = threading.Event()
-    lines: list[str] = []
-
-    def on_line(line: str) -> None:
-        lines.append(line)
-        if "is under way" in line:
-            waiting.set()
-
-    box: list[RecoveryReport] = []
-    recovery = Recovery(
-        world.journal,
-        {SRC: world.source, DST: world.destination}.__getitem__,
-        runner=world.runner,
-        clock=world.clock,
-        locks=lock_dir(world.path),
-        on_line=on_line,
-    )
-    thread = threading.Thread(target=lambda: box.append(recovery.run()))
-    thread.start()
-    try:
-        assert waiting.wait(30), lines
-        assert thread.is_alive(), "recover waits while the undrain runs"
-    finally:
-        assert hook.stdin is not None
-        hook.stdin.close()  # the orphaned undrain hook ends
-        thread.join(30)
-    assert hook.wait() == 0
-    (done,) = box[0].recovered
-    assert (done.awaited, done.undrained, done.failed) == (["nic0"], [], [])
-    assert world.runner.runs == [], "not run a second time"
-    assert int(box[0].exit_code) == 0
-    world.journal_true(migration_id, Outcome.SUCCEEDED)
-    last = world.journal.get_migration(migration_id).device_actions[-1]
-    assert (last.action, last.status) == (DeviceAction.UNDRAIN, ActionStatus.ENDED)
-    assert f"process {hook.pid}" in (last.detail or "")
-    assert world.recover().recovered == [] and world.runner.runs == []
-
-
-def test_a_spawned_undrain_whose_hooks_are_gone_runs_again(world: World) -> None:
-    """Their result never journaled, and nothing left to wait for: it may not have happened."""
-    me = ProcessToken.of(os.getpid())
-    gone = [ProcessToken(dead_pid(), me.start), ProcessToken(os.getpid(), (me.start or 0) + 1)]  # reused PID
-    world.left([("nic0", "drain", "starting"), ("nic0", "undrain", "starting"), spawned(*gone)])
-    world.vm_on(world.destination)
-    (done,) = world.recover().recovered
-    assert (done.undrained, done.awaited) == (["nic0"], []) and world.undrains("nic0") == 1
-
-
-def test_an_undrain_under_way_past_its_timeout_is_killed_and_run_again(world: World) -> None:
-    hook = subprocess.Popen(["cat"], stdin=subprocess.PIPE, start_new_session=True)
-    try:
-        world.left([("nic0", "drain", "starting"), spawned(ProcessToken.of(hook.pid))])
-        world.vm_on(world.destination)
-        world.clock.advance(3600)  # long past any undrain hook's timeout
-        (done,) = world.recover().recovered
-        assert hook.wait(30) == -signal.SIGKILL, "its group was killed"
-        assert (done.undrained, done.awaited) == (["nic0"], []) and world.undrains("nic0") == 1
-    finally:
-        if hook.poll() is None:
-            hook.kill()
-            hook.wait()
-
-
-def test_an_undrain_that_ended_is_not_run_again(world: World) -> None:
-    world.left([("nic0", "drain", "starting"), ("nic0", "undrain", "starting"), ("nic0", "undrain", "done")])
+def test_a_drain_that_never_started_a_hook_is_not_undrained(world: World) -> None:
+    migration_id = world.left([action("nic0", "drain", "starting"), SUPERVISED])
     world.vm_on(world.source)
     (done,) = world.recover().recovered
-    assert done.undrained == [] and world.runner.runs == []
+    assert done.undrained == [] and world.runner.runs == [], "never drained: nothing to undo"
+    record = world.journal.get_migration(migration_id)
+    assert record.migration.outcome is Outcome.ROLLED_BACK
 
 
 def test_the_vm_on_neither_host_is_failed_and_needs_an_admin(world: World) -> None:
-    migration_id = world.left([("nic0", "drain", "starting")])
+    migration_id = world.left([action("nic0", "drain", "starting")])
     report = world.recover()
     assert report.recovered[0].outcome == "failed" and int(report.exit_code) == 9
     assert world.undrains("nic0") == 1, "undrained all the same: no workload stays drained"
@@ -277,7 +355,7 @@ def test_the_vm_on_neither_host_is_failed_and_needs_an_admin(world: World) -> No
 
 
 def test_a_failing_undrain_in_recovery_needs_an_admin(world: World) -> None:
-    world.left([("nic0", "drain", "starting")])
+    world.left([action("nic0", "drain", "starting")])
     world.vm_on(world.destination)
     world.runner.behaviours[(Trigger.UNDRAIN, "nic0")] = Behaviour(error="exited with status 1")
     report = world.recover()
@@ -289,7 +367,7 @@ def test_the_journaled_policy_is_the_one_run(world: World) -> None:
         'argv = ["/bin/true", "{device_id}"]\non_failure = "continue"',
         'argv = ["/bin/echo", "journaled", "{device_id}"]\non_failure = "continue"',
     )
-    world.left([("nic0", "drain", "starting")], policy=journaled)
+    world.left([action("nic0", "drain", "starting")], policy=journaled)
     world.vm_on(world.destination)
     world.recover()
     (undrain,) = world.runner.of(Trigger.UNDRAIN)
@@ -297,9 +375,11 @@ def test_the_journaled_policy_is_the_one_run(world: World) -> None:
 
 
 def test_a_migration_without_its_policy_is_reported_not_guessed(world: World) -> None:
-    world.left([("nic0", "drain", "starting")], policy="")
-    with sqlite3.connect(world.path) as conn:
-        conn.execute("UPDATE migrations SET policy_text = NULL")
+    world.left([action("nic0", "drain", "starting")], policy="")
+    path = runlog.path_of(runlog.directory_of(world.path), "m-killed")
+    records = runlog.read(path)
+    records[0]["policy_text"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     world.vm_on(world.destination)
     report = world.recover()
     assert report.recovered == [] and "did not journal its policy" in report.skipped[0]["error"]
@@ -307,13 +387,38 @@ def test_a_migration_without_its_policy_is_reported_not_guessed(world: World) ->
 
 
 def test_recovery_waits_for_a_migration_holding_the_vm(world: World) -> None:
-    world.left([("nic0", "drain", "starting")])
+    world.left([action("nic0", "drain", "starting")])
     world.vm_on(world.destination)
     uuid = world.destination.domains["vm1"].uuid()
-    with MigrationLock.acquire(lock_dir(world.path), SRC, uuid, "m-other"):
+    with MigrationLock.acquire(lock_dir(), uuid, "m-other", domain="vm1"):
         report = world.recover()
     assert report.recovered == [] and "m-other" in report.skipped[0]["error"]
     assert world.runner.runs == [], "nothing undrained while another run holds the VM"
+
+
+def test_a_migration_of_an_older_orchestrator_is_recovered_from_its_device_actions(world: World) -> None:
+    """No run log: a journal row left 'running' and its device actions; recover's records follow them."""
+    world.journal.close()
+    with sqlite3.connect(world.path) as conn:
+        conn.execute(
+            "INSERT INTO migrations (id, kind, domain, source_uri, destination_uri, policy, started, "
+            "outcome, pid, host, policy_text, phase) VALUES ('m-old', 'migrate', 'vm1', ?, ?, 'p', 1.0, "
+            "'running', ?, ?, ?, 'switching-over')",
+            (SRC, DST, dead_pid(), os.uname().nodename, policy_text()),
+        )
+        conn.execute("INSERT INTO device_actions VALUES ('m-old', 1, 'nic0', 'drain', 'starting', 1.0, NULL)")
+    world.journal = Journal.open(world.path)
+    world.vm_on(world.source)
+    (done,) = world.recover().recovered
+    assert done.undrained == ["nic0"] and world.undrains("nic0") == 1
+    record = world.journal.get_migration("m-old")
+    assert record.migration.outcome is Outcome.ROLLED_BACK and record.migration.recovered is not None
+    assert [(a.seq, a.status) for a in record.device_actions] == [
+        (1, ActionStatus.STARTING),
+        (2, ActionStatus.STARTING),
+        (4, ActionStatus.DONE),  # its undrain hook run is 3
+    ], "its own records kept, recover's after them"
+    assert world.recover().recovered == []
 
 
 # --- a libvirt job the dead orchestrator left running -------------------------------------------
@@ -325,7 +430,7 @@ def orphan_job(world: World, downtime_ms: int) -> str:
     guest = world.source.add("vm1", domain_xml(["nic0"]))
     guest.set_max_downtime(downtime_ms)
     world.source.start_migration(guest, MigrateRequest(DST), world.destination, lambda _error: None)
-    return world.left([("nic0", "drain", "starting")])
+    return world.left([action("nic0", "drain", "starting")])
 
 
 def test_a_job_left_running_is_waited_for(world: World) -> None:
@@ -349,3 +454,96 @@ def test_a_job_held_at_the_gate_is_aborted_even_when_waiting(world: World) -> No
     (done,) = world.recover(job="wait").recovered
     assert done.outcome == "rolled-back" and "held at the gate" in done.notes[0]
     assert world.where() == [SRC] and world.undrains("nic0") == 1
+
+
+# --- with real processes: a dead run's supervisor, and a hook whose supervisor died -----------------
+
+
+def test_recovery_waits_for_the_dead_runs_supervisor_before_it_undrains(world: World, tmp_path: Path) -> None:
+    """The orchestrator died while a drain hook runs under its supervisor: recover waits for that hook's
+    end (the supervisor writes it, then exits), and only then undrains."""
+    release = tmp_path / "release"
+    supervisor = Supervisor.start({**os.environ, "PATH": hook_path()})
+    migration_id = world.left([action("nic0", "drain", "starting")], supervisor=supervisor.pid)
+    log = runlog.RunLog.reopen(runlog.path_of(runlog.directory_of(world.path), migration_id))
+    runner = HookRunner(supervisor)
+    runner.attach(migration_id, log.fd)
+    wait = 'while [ ! -e "$1" ]; do sleep 0.01; done'
+    runner.start(
+        Hook(Trigger.DRAIN, ("/bin/sh", "-c", wait, "sh", str(release)), timeout_ms=60000),
+        {},
+        "nic0",
+        index=0,
+    )
+    log.close()
+    supervisor.close()  # the orchestrator is gone: its supervisor finishes the drain hook, then exits
+    world.vm_on(world.destination)
+    lines: list[str] = []
+    waiting = threading.Event()
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if "still runs its hooks: waiting" in line:
+            waiting.set()
+
+    box: list[RecoveryReport] = []
+    thread = threading.Thread(target=lambda: box.append(world.recovery(on_line=on_line).run()))
+    thread.start()
+    try:
+        assert waiting.wait(30), lines
+        assert world.runner.runs == [], "no undrain while the drain may still run"
+    finally:
+        release.touch()
+        thread.join(60)
+    (done,) = box[0].recovered
+    assert done.undrained == ["nic0"] and world.undrains("nic0") == 1
+    record = world.journal.get_migration(migration_id)
+    drain_run = next(r for r in record.hook_runs if r.trigger == "drain")
+    undrain = next(a for a in record.device_actions if a.action is DeviceAction.UNDRAIN)
+    assert drain_run.exit_code == 0 and drain_run.seq < undrain.seq, (
+        "the drain's end is recorded before the undrain"
+    )
+
+
+def test_a_hook_whose_supervisor_died_is_waited_for_to_its_deadline_then_killed(world: World) -> None:
+    hook = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    found = procfs.proc(hook.pid)
+    assert found is not None
+    try:
+        migration_id = world.left(
+            [
+                action("nic0", "drain", "starting"),
+                start(
+                    "1",
+                    "drain",
+                    "nic0",
+                    pid=hook.pid,
+                    start=found.start,
+                    tag="ORCH_HOOK_RUN=1.1",
+                    timeout_ms=300,
+                ),
+            ]
+        )
+        world.vm_on(world.source)
+        (done,) = world.recover().recovered
+        assert hook.wait(30) < 0, "killed, with its group"
+        assert done.undrained == ["nic0"] and world.undrains("nic0") == 1
+        record = world.journal.get_migration(migration_id)
+        (drain_run,) = [r for r in record.hook_runs if r.trigger == "drain"]
+        assert "recover killed it at its deadline" in (drain_run.error or "")
+    finally:
+        if hook.poll() is None:
+            hook.kill()
+            hook.wait()
+
+
+def test_recover_runs_its_undrain_hooks_under_its_own_supervisor_and_records_them(world: World) -> None:
+    world.runner = HookRunner(Supervisor.start({**os.environ, "PATH": hook_path()}))  # type: ignore[assignment]
+    migration_id = world.left([action("nic0", "drain", "starting")])
+    world.vm_on(world.source)
+    (done,) = world.recover().recovered
+    assert done.undrained == ["nic0"]
+    record = world.journal.get_migration(migration_id)
+    (undrain_run,) = [r for r in record.hook_runs if r.trigger == "undrain"]
+    assert undrain_run.ok and undrain_run.argv == ("/bin/true", "nic0"), "recorded by the supervisor"
+    assert sys.executable  # the supervisor was the one this test started (closed with the process)
