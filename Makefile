@@ -1,5 +1,5 @@
 # The two commands of the README's quickstart. Both set everything up first (idempotently).
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench man
 
 setup:
 	bash deploy/setup.sh
@@ -16,6 +16,12 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy orchestrator
+
+# Man pages generated from the CLI's own help (`orchestrator --help` stays the source), one per command:
+# build/man/man1/orchestrator*.1 (`man -l build/man/man1/orchestrator-migrate.1`). deploy/setup.sh
+# also installs them into .venv/share/man.
+man:
+	.venv/bin/python -m orchestrator.manpages build/man/man1
 
 # All benchmarks, one after the other, each on its own lab (over an hour on an idle 2-core machine:
 # drain latency ~25 minutes, the RDMA survival matrix most of the rest); results in bench-results/.

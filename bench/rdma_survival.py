@@ -205,8 +205,10 @@ class Migration:
     outage_ms: list[float]  # every outage the peer saw in that time
     quiet_ms: float | None  # the device's quiet time: its first outage of >= 80 % of the transition
     quiet_timed_out: bool | None  # whether the peer timed out in it
-    margins_ms: list[float]  # per disarm: quiet start + peer timeout - disarm (< 0: too late)
-    peer_margins_ms: list[float]  # the peer's own margins_ms of the same disarms (its nearest outage)
+    timeout_left_ms: list[float]  # per disarm: quiet start + peer timeout - disarm (< 0: too late)
+    peer_timeout_left_ms: list[
+        float
+    ]  # the peer's own timeout_left_ms of the same disarms (its nearest outage)
     drained_ms: float | None  # the report's device record: drain finished to undrain started
     drain_hook_ms: float | None  # the drain hook's run (armed: the line written to its answer)
     trigger: str  # what drained the device: prepare, late, gate, start, ...
@@ -228,8 +230,8 @@ class CellRun:
         """The numbers of the table."""
         ms = self.migrations
         counts = [m.timeouts for m in ms]
-        margins = [v for m in ms for v in m.margins_ms]
-        peer_margins = [v for m in ms for v in m.peer_margins_ms]
+        margins = [v for m in ms for v in m.timeout_left_ms]
+        peer_margins = [v for m in ms for v in m.peer_timeout_left_ms]
         drained = [m.drained_ms for m in ms if m.drained_ms is not None]
         hook = [m.drain_hook_ms for m in ms if m.drain_hook_ms is not None]
         walls = [m.wall_s for m in ms]
@@ -241,10 +243,10 @@ class CellRun:
             "timeouts_total": sum(counts),
             "timeouts_in_device_quiet": in_quiet,  # at most one per migration
             "timeouts_elsewhere": sum(counts) - in_quiet,  # probes answered late: CPU contention
-            "margin_ms_min": rounded(min(margins) if margins else math.nan, 2),
-            "margin_ms_median": rounded(median(margins), 2),
-            "peer_margin_ms_min": rounded(min(peer_margins) if peer_margins else math.nan, 2),
-            "peer_margin_ms_median": rounded(median(peer_margins), 2),
+            "timeout_left_ms_min": rounded(min(margins) if margins else math.nan, 2),
+            "timeout_left_ms_median": rounded(median(margins), 2),
+            "peer_timeout_left_ms_min": rounded(min(peer_margins) if peer_margins else math.nan, 2),
+            "peer_timeout_left_ms_median": rounded(median(peer_margins), 2),
             "drained_ms_median": rounded(median(drained), 1),
             "drained_ms_max": rounded(max(drained) if drained else math.nan, 1),
             "drain_hook_ms_median": rounded(median(hook), 1),
@@ -258,7 +260,7 @@ class CellRun:
             "late_drains": sum(1 for m in ms if m.late),
             "triggers": dict(Counter(m.trigger for m in ms)),
             "gates": dict(Counter(m.gate for m in ms if m.gate)),
-            "disarms": sum(len(m.margins_ms) for m in ms),
+            "disarms": sum(len(m.timeout_left_ms) for m in ms),
         }
 
 
@@ -391,7 +393,7 @@ def analyse(
     The device's quiet time is the first outage that starts during the migration and lasts at least 80 %
     of the transition (shorter ones are probes answered late: CPU contention); without a transition,
     its longest outage. The margin of a disarm during the migration is the peer's formula applied to
-    that outage: quiet start + timeout - disarm. (The peer's own `margins_ms`, also kept, attribute each
+    that outage: quiet start + timeout - disarm. (The peer's own `timeout_left_ms`, also kept, attribute each
     disarm to its nearest outage, which for a gated or start drain, seconds before the switchover, can
     be a short one of CPU contention.)
     """
@@ -408,12 +410,12 @@ def analyse(
         "outage_ms": [round((o["end"] - o["start"]) * 1000, 1) for o in new_outages if o.get("end")],
         "quiet_ms": None if quiet is None else round((quiet["end"] - quiet["start"]) * 1000, 1),
         "quiet_timed_out": None if quiet is None else bool(quiet.get("timed_out")),
-        "margins_ms": []
+        "timeout_left_ms": []
         if quiet is None
         else [
             round((quiet["start"] + timeout_ms / 1000 - d) * 1000, 2) for d in disarms if began <= d <= ended
         ],
-        "peer_margins_ms": [float(v) for v in after.get("margins_ms", [])[first_disarm:]],
+        "peer_timeout_left_ms": [float(v) for v in after.get("timeout_left_ms", [])[first_disarm:]],
     }
 
 
@@ -541,8 +543,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[Bench, float]:
                 bench.runs[cell.name].migrations.append(migration)
                 print(
                     f"[{step}/{len(plan)}] {cell.name} round {number} {migration.direction}: "
-                    f"{migration.timeouts} peer timeout(s), margin {migration.margins_ms} ms, drained "
-                    f"{fmt(migration.drained_ms, '.0f', 1)} ms ({migration.trigger}), "
+                    f"{migration.timeouts} peer timeout(s), timeout left {migration.timeout_left_ms} ms, "
+                    f"drained {fmt(migration.drained_ms, '.0f', 1)} ms ({migration.trigger}), "
                     f"{migration.wall_s:.2f} s ({time.monotonic() - began:.0f} s)",
                     file=sys.stderr,
                     flush=True,
@@ -564,7 +566,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[Bench, float]:
 def table(bench: Bench) -> str:
     """The results as a fixed-width table, one row per cell."""
     header = (
-        f"{'cell':<26} {'migr':>4} {'to/migr':>7} {'max':>3} {'in quiet':>8} {'margin min':>10} "
+        f"{'cell':<26} {'migr':>4} {'to/migr':>7} {'max':>3} {'in quiet':>8} {'left min':>10} "
         f"{'median ms':>9} {'drained ms':>10} {'hook ms':>7} {'wall s':>7}  gate/trigger"
     )
     lines = [header, "-" * len(header)]
@@ -574,7 +576,7 @@ def table(bench: Bench) -> str:
         lines.append(
             f"{one.cell.name:<26} {s['migrations']:>4} {fmt(s['timeouts_per_migration_mean'], '.2f', 7)} "
             f"{fmt(s['timeouts_per_migration_max'], 'd', 3)} {s['timeouts_in_device_quiet']:>8} "
-            f"{fmt(s['margin_ms_min'], '.1f', 10)} {fmt(s['margin_ms_median'], '.1f', 9)} "
+            f"{fmt(s['timeout_left_ms_min'], '.1f', 10)} {fmt(s['timeout_left_ms_median'], '.1f', 9)} "
             f"{fmt(s['drained_ms_median'], '.0f', 10)} {fmt(s['drain_hook_ms_median'], '.1f', 7)} "
             f"{fmt(s['wall_s_median'], '.2f', 7)}  {how}"
         )
@@ -604,7 +606,7 @@ def results(bench: Bench, args: argparse.Namespace, elapsed: float) -> dict[str,
                 **asdict(one.cell),
                 **one.summary(),
                 "timeouts_per_migration": [m.timeouts for m in one.migrations],
-                "margins_ms": [v for m in one.migrations for v in m.margins_ms],
+                "timeout_left_ms": [v for m in one.migrations for v in m.timeout_left_ms],
                 "migrations_detail": [asdict(m) for m in one.migrations],
             }
             for name, one in bench.runs.items()
@@ -618,12 +620,13 @@ COLOURS = {"prepare": "#ff7f0e", "gated": "#2ca02c", "start": "#1f77b4"}
 
 def render_svg(bench: Bench, args: argparse.Namespace) -> str:
     """One row per cell, three horizontal bar panels: peer timeouts per migration (bar: mean, tick: max),
-    the disarm margin (bar: median, tick: min; < 0 too late) and the migration's wall time (median)."""
+    the timeout left at the disarm (bar: median, tick: min; < 0 too late) and the migration's wall time
+    (median)."""
     runs = list(bench.runs.values())
     row_h, top, left = 22, 70, 200
     panels = [
         ("peer timeouts per migration", 200),
-        ("disarm margin, ms (median, | min)", 260),
+        ("timeout left at the disarm, ms (median, | min)", 260),
         ("wall s", 160),
     ]
     gap = 30
@@ -695,7 +698,7 @@ def render_svg(bench: Bench, args: argparse.Namespace) -> str:
     hi = max([1.0, *(float(t) for _, t in timeouts if t is not None)]) * 1.3
     panel(x0, panels[0][1], panels[0][0], 0.0, hi, timeouts)
     x0 += panels[0][1] + gap
-    margins = [(s["margin_ms_median"], s["margin_ms_min"]) for s in summaries]
+    margins = [(s["timeout_left_ms_median"], s["timeout_left_ms_min"]) for s in summaries]
     values = [v for pair in margins for v in pair if v is not None]
     lo = min([0.0, *values]) * 1.2 - 5
     hi = max([args.timeout_ms, *values]) * 1.2 + 5

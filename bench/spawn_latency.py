@@ -8,7 +8,8 @@ spawn (and the first of each round rotating) so that all see the same machine co
 process: libvirt, lxml, sqlite3 and the orchestrator imported; libvirt's event loop thread running
 with a test:///default connection open; the journal open; 6 idle threads; ~8 MiB of heap; 40
 extra close-on-exec descriptors standing in for connections and other hooks' pipes, and 2 that are
-not close-on-exec (a library's careless descriptor). The hook's environment is `hook_env`'s.
+not close-on-exec (a library's careless descriptor). The hook's environment is the orchestrator's (with
+the hooks' PATH) and the placeholders' ORCH_* values.
 
 For each start: CLOCK_REALTIME just before the call, again when it returns (`call`), and the hook's
 own first-instruction time (`first instruction`). The variants:
@@ -24,10 +25,11 @@ own first-instruction time (`first instruction`). The variants:
   a close action for every descriptor /proc/self/fd lists without FD_CLOEXEC;
 - posix_spawn-cloexec: the same without the scan, trusting close-on-exec (leaks the 2 careless
   descriptors: shown for what the scan costs, not a candidate);
-- _spawn: orchestrator.hooks._spawn as it is now (the variant it uses on this machine);
-- _spawn-path: the same, with the hook given by name and found on PATH (its directory last; here
-  the parent checks each candidate with access());
-- _spawn-static: the same with the hook linked statically (no dynamic loader: the hook's share).
+- supervisor: orchestrator.hooks.HookRunner.start as a migration calls it now: one message to the hook
+  supervisor (a small process forked before any thread), which starts the hook with posix_spawnp and
+  writes its start into the run log (here: none attached);
+- supervisor-path: the same, with the hook given by name and found on PATH (its directory last);
+- supervisor-static: the same with the hook linked statically (no dynamic loader: the hook's share).
 
 After the timed runs every variant starts `sleep` once and the descriptors the child holds (from
 /proc/PID/fd) are counted: anything above 2 leaked from this process.
@@ -38,6 +40,7 @@ Usage: .venv/bin/python bench/spawn_latency.py [--count N] [--gap-ms MS] [--json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import signal
@@ -56,6 +59,7 @@ from common import BenchError, compile_hook, in_work_dir, machine, percentile, r
 
 from orchestrator import hooks, virt
 from orchestrator.journal import Journal
+from orchestrator.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
 
 IDLE_THREADS = 6
 HEAP_OBJECTS = 25_000  # small dicts with a string each: ~8 MiB
@@ -67,10 +71,14 @@ SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # what Popen's restore_signals resets
 
 @dataclass
 class Started:
-    """A started hook: its pid and how to reap it and close its pipe."""
+    """A started hook: its pid (0: found by `find_pid`, when needed) and how to reap it, close its pipe."""
 
     pid: int
     finish: Callable[[], None]
+    find_pid: Callable[[], int] | None = None
+
+    def process(self) -> int:
+        return self.pid or (self.find_pid() if self.find_pid is not None else 0)
 
 
 Start = Callable[[list[str], dict[str, str]], Started]
@@ -161,23 +169,47 @@ def posix_spawn(argv: list[str], env: dict[str, str], *, scan: bool = True) -> S
     return Started(pid, finish)
 
 
+_RUNNERS: dict[str, hooks.HookRunner] = {}  # by PATH: a supervisor each, started before any thread
+
+
+def start_supervisors(*envs: dict[str, str]) -> None:
+    """One hook supervisor per environment (PATH), forked now, as the CLI forks its own first thing."""
+    for env in envs:
+        _RUNNERS.setdefault(env["PATH"], hooks.HookRunner(Supervisor.start(env)))
+
+
+def _pid_of(runner: hooks.HookRunner, run: str) -> int:
+    """The process of a supervised run, by its ORCH_HOOK_RUN entry (the benchmark's leak count only)."""
+    tag = f"{HOOK_RUN_ENV}={runner.supervisor.tag(run)}".encode()
+    for _ in range(1000):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    environ = Path(f"/proc/{entry.name}/environ").read_bytes()
+                except OSError:
+                    continue
+                if tag in environ.split(b"\0"):
+                    return int(entry.name)
+        time.sleep(0.001)
+    raise BenchError(f"no process of run {run}")
+
+
 def orchestrator_spawn(argv: list[str], env: dict[str, str]) -> Started:
-    """orchestrator.hooks._spawn, as HookRunner.start calls it."""
-    process, error = hooks._spawn(argv, env)
-    if process is None:
-        raise BenchError(f"_spawn failed: {error}")
+    """HookRunner.start, as a migration's event thread calls it: one message to the supervisor."""
+    runner = _RUNNERS[env["PATH"]]
+    running = runner.start(hooks.Hook(hooks.Trigger.DRAIN, tuple(argv), timeout_ms=60000), {})
+    run = running.run or ""
 
     def finish() -> None:
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+        result = running.wait()
+        if result.pid is None:  # it never started: the benchmark measured nothing
+            raise BenchError(f"the supervisor could not start the hook: {result.error}")
 
-    return Started(process.pid, finish)
+    return Started(0, finish, lambda: _pid_of(runner, run))
 
 
 def variants() -> list[Variant]:
     """The variants, in the order of the table."""
-    spawn = "Popen"
     return [
         Variant("popen", "Popen, close_fds, new session (before)", popen),
         Variant("popen-no-close-fds", "Popen, close_fds=False", lambda a, e: popen(a, e, close_fds=False)),
@@ -189,9 +221,9 @@ def variants() -> list[Variant]:
             "os.posix_spawn, CLOEXEC only (leaks)",
             lambda a, e: posix_spawn(a, e, scan=False),
         ),
-        Variant("_spawn", f"hooks._spawn, {spawn} (after)", orchestrator_spawn),
-        Variant("_spawn-path", "hooks._spawn, hook found on PATH", orchestrator_spawn, hook="path"),
-        Variant("_spawn-static", "hooks._spawn, static hook", orchestrator_spawn, hook="static"),
+        Variant("supervisor", "HookRunner.start via the hook supervisor (now)", orchestrator_spawn),
+        Variant("supervisor-path", "the supervisor, hook found on PATH", orchestrator_spawn, hook="path"),
+        Variant("supervisor-static", "the supervisor, static hook", orchestrator_spawn, hook="static"),
     ]
 
 
@@ -296,9 +328,11 @@ def count_leaks(all_variants: list[Variant], env: dict[str, str]) -> None:
             # The call returns when the child has begun its exec: the kernel closes close-on-exec
             # descriptors a little later, and sleep's dynamic loader opens libc for a moment.
             time.sleep(0.1)
-            held = [int(entry.name) for entry in Path(f"/proc/{started.pid}/fd").iterdir()]
+            pid = started.process()
+            held = [int(entry.name) for entry in Path(f"/proc/{pid}/fd").iterdir()]
         finally:
-            os.killpg(started.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.process(), signal.SIGKILL)
             started.finish()
         variant.leaked = sum(1 for fd in held if fd > 2)
 
@@ -331,9 +365,10 @@ def run_in_thread(target: Callable[[], None]) -> None:
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build the hooks, shape the process, measure every variant; returns the JSON document."""
     hook, static_hook = compile_hook(work), compile_hook(work, static=True)
-    env = hooks.hook_env(VALUES)
+    env = {**os.environ, "PATH": hook_path(), **hooks.hook_values_env(VALUES)}
     setup = Setup(hook, static_hook, work / "hook.log", env, {**env, "PATH": f"{env['PATH']}:{work}"})
     inherited = len(_careless_fds())  # from whoever started us: they leak too where nothing closes them
+    start_supervisors(setup.env, setup.path_env)  # before the threads of the orchestrator's shape
     ballast = shape_process(work)
     all_variants = variants()
     began = time.monotonic()

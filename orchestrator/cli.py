@@ -30,6 +30,7 @@ from orchestrator import cli_values
 from orchestrator.errors import ExitCode, NothingToDo, OrchestratorError
 from orchestrator.render import (
     emit_json,
+    evacuation_failure_line,
     info,
     outlast_the_terminal,
     priority,
@@ -51,7 +52,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"], "default_map": HELP_DEFAULTS},
 )
 lab_app = typer.Typer(
@@ -101,6 +102,7 @@ class QemuBehaviour(enum.StrEnum):
 
     V11_0 = "11.0"
     V10_0 = "10.0"
+    V11_0_EVENT = "11.0-event"  # QEMU's first design: the prepare as VFIO_MIGRATION_PREPARE
 
 
 def package_version() -> str:
@@ -478,9 +480,30 @@ def job_options(
     return options
 
 
+def complete_domain(ctx: typer.Context, incomplete: str) -> list[str]:
+    """The shell's completion of a DOMAIN: the domains of the -c URI (else $LIBVIRT_DEFAULT_URI, else
+    qemu:///system), where that is cheap: a daemon of this machine (a URI without a host), read-only.
+    Nothing on a remote URI (an ssh connection per Tab) or any failure."""
+    from urllib.parse import urlsplit
+
+    uri = ctx.params.get("connect") or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
+    if urlsplit(uri).hostname:
+        return []
+    try:
+        from orchestrator.virt import domain_names
+    except ImportError:  # no libvirt-python: no names
+        return []
+    return [name for name in domain_names(uri) if name.startswith(incomplete)]
+
+
+DomainArg = Annotated[
+    str, typer.Argument(metavar="DOMAIN", help="Domain name or UUID.", autocompletion=complete_domain)
+]
+
+
 @app.command("migrate")
 def migrate_cmd(
-    domain: Annotated[str, typer.Argument(metavar="DOMAIN", help="Domain name or UUID.")],
+    domain: DomainArg,
     dest_uri: Annotated[str, typer.Argument(metavar="DESTURI", help="Destination libvirt URI.")],
     connect: ConnectOpt = None,
     policy: PolicyOpt = None,
@@ -567,7 +590,8 @@ def migrate_cmd(
         )
     if not dry_run:
         start_supervisor()  # first: before any thread exists (the journal's check starts one)
-    checked = check_journal(journal)  # reads the whole journal while the rest starts up
+    # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
+    checked = None if dry_run else check_journal(journal)
     from orchestrator import migration as mig
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -613,7 +637,7 @@ def migrate_cmd(
     outlast_the_terminal()
     live = LiveMigration()
     with (
-        open_journal(journal, checked) as jour,
+        open_journal(journal, checked, writing=not dry_run) as jour,
         open_hosts(request.source_uri, request.destination_uri) as (src, dst),
     ):
         if not dry_run:  # a dry run changes nothing, undrains included
@@ -626,7 +650,7 @@ def migrate_cmd(
             on_progress=live.progress,
             on_entry=live.entry,
             on_plan=live.plan,
-            lock_dir=lock_dir(),
+            lock_dir=None if dry_run else lock_dir(),
             lock_wait_s=lock_wait,
         )
         # until the report is out and the journal closed
@@ -812,22 +836,23 @@ def check_journal(path: Path | None) -> Callable[[], bool]:
 
 
 @contextlib.contextmanager
-def open_journal(path: Path | None, checked: Callable[[], bool] | None = None) -> Any:
+def open_journal(
+    path: Path | None, checked: Callable[[], bool] | None = None, *, writing: bool = True
+) -> Any:
     """The journal, verified before anything changes (by `checked`, started with `check_journal`, if
-    given), closed (flushed) on the way out. Dry runs are journaled too (planned or refused: `history`
-    tells the whole story). A record it lost is in the report and its exit code; closing says it once
-    more on stderr."""
+    given), closed on the way out; None when not `writing` (a dry run, Ansible's check mode, writes
+    nothing, the journal included: not even a new journal file)."""
     from orchestrator.journal import Journal, journal_path
 
+    if not writing:
+        yield None
+        return
     verified = checked is not None and checked()  # raises for a damaged journal
     jour = Journal.open(journal_path(path), check=not verified)
     try:
         yield jour
     finally:
-        try:
-            jour.close()
-        except OrchestratorError as exc:
-            info(f"orchestrator: warning: {exc.line()}")
+        jour.close()
 
 
 def reconcile(jour: Any, hosts: list[Any], domain: str, say: Callable[[str], None]) -> None:
@@ -874,6 +899,9 @@ def recover_cmd(
     job_wait: Annotated[
         float, typer.Option("--job-wait", metavar="SECONDS", help="How long to wait for such a job.")
     ] = 300.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what it would do (asking both hosts); do nothing.")
+    ] = False,
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -882,30 +910,55 @@ def recover_cmd(
     from orchestrator.journal import Journal, journal_path
     from orchestrator.recovery import Recovery, open_libvirt_host
 
-    if job_wait <= 0:
-        raise_bad(f"--job-wait must be > 0 seconds, not {job_wait:g}", "give a positive number")
+    if not (math.isfinite(job_wait) and 0 < job_wait <= MAX_LOCK_WAIT_S):
+        raise_bad(
+            f"--job-wait must be a number of seconds above 0 and at most {MAX_LOCK_WAIT_S:g}, "
+            f"not {job_wait:g}",
+            "give how long to wait for a libvirt job a dead orchestrator left running",
+        )
     path = journal_path(journal)
     if not path.exists():
         info(f"nothing to recover: no journal at {path}")
         if as_json:
             emit_json({"recovered": [], "skipped": [], "exit_code": 0})
         return
-    start_supervisor()  # before any thread exists: it runs recover's undrain hooks
+    if not dry_run:
+        start_supervisor()  # before any thread exists: it runs recover's undrain hooks
     outlast_the_terminal()
     with Journal.open(path, check=True) as jour:
+        unfinished = [row for row in jour.unfinished() if domain is None or row.domain == domain]
+        if unfinished and not dry_run:  # how it will go, before it may wait for minutes
+            jobs = (
+                "aborted"
+                if job is JobChoice.ABORT
+                else f"waited for (at most {job_wait:g} s; --job abort aborts them)"
+            )
+            info(
+                f"recover: {len(unfinished)} unfinished migration(s); libvirt jobs they left running are "
+                f"{jobs}, a job held at the gate is aborted; --dry-run shows what would be done"
+            )
         recovery = Recovery(jour, open_libvirt_host, job=job.value, job_wait_s=job_wait, on_line=info)
         # The first signal stops it as Ctrl-C does; later ones cannot cut its close or the journal's.
         signals = on_signals(None)
         try:
-            report = recovery.run(domain)
+            report = recovery.run(domain, dry_run=dry_run)
         finally:
             signals.ended()
             recovery.close()
     if as_json:
         emit_json(report.to_json())
     elif report.recovered or report.skipped:
+        if report.dry_run:
+            info("dry run: nothing was done; the table says what recover would do")
         table(
-            ["MIGRATION", "DOMAIN", "OUTCOME", "RUNS ON", "UNDRAINED", "FAILED"],
+            [
+                "MIGRATION",
+                "DOMAIN",
+                "OUTCOME",
+                "RUNS ON",
+                "WOULD UNDRAIN" if report.dry_run else "UNDRAINED",
+                "FAILED",
+            ],
             [
                 [
                     r.migration_id,
@@ -943,7 +996,9 @@ def evacuate_cmd(
         list[str], typer.Option("--to", metavar="URI", help="A destination URI; repeat for several.")
     ],
     connect: ConnectOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", metavar="N", help="Migrations at once.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-j", metavar="N", help="Migrations at once.")
+    ] = 2,
     per_destination: Annotated[
         int,
         typer.Option("--per-destination", metavar="N", help="Incoming migrations at once per destination."),
@@ -983,7 +1038,8 @@ def evacuate_cmd(
     """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
     if not dry_run:
         start_supervisor()  # first: before any thread exists (the journal's check starts one)
-    checked = check_journal(journal)  # reads the whole journal while the rest starts up
+    # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
+    checked = None if dry_run else check_journal(journal)
     from orchestrator.evacuation import Evacuation, EvacuationRequest
     from orchestrator.locks import lock_dir
     from orchestrator.policy import DrainMode, resolve_policy
@@ -1017,13 +1073,13 @@ def evacuate_cmd(
     request.validate()
     outlast_the_terminal()
     live = LiveEvacuation()
-    with open_journal(journal, checked) as jour:
+    with open_journal(journal, checked, writing=not dry_run) as jour:
         evacuation = Evacuation(
             request,
             journal=jour,
             on_status=live.status,
             on_line=live.line,
-            lock_dir=lock_dir(),
+            lock_dir=None if dry_run else lock_dir(),
             reconcile=None
             if dry_run
             else (lambda hosts, name: reconcile(jour, list(hosts), name, live.line)),
@@ -1039,11 +1095,7 @@ def evacuate_cmd(
     else:
         show_evacuation(report)
     if report.exit_code:
-        state = "interrupted" if report.interrupted else ("not empty: " + ", ".join(report.left))
-        sys.stderr.write(
-            f"{priority(3)}orchestrator: error: evacuation {report.evacuation_id} of {report.source}: {state}"
-            f"{'; ' + report.message if report.message else ''}; re-run the same command to move the rest\n"
-        )
+        sys.stderr.write(f"{priority(3)}orchestrator: error: {evacuation_failure_line(report)}\n")
         raise SystemExit(int(report.exit_code))
 
 
@@ -1053,9 +1105,6 @@ def evacuate_cmd(
 def yes_no(value: bool | None) -> str:
     """A table cell for a tri-state."""
     return "-" if value is None else ("yes" if value else "no")
-
-
-DomainArg = Annotated[str, typer.Argument(metavar="DOMAIN", help="Domain name or UUID.")]
 
 
 @events_app.command("status")

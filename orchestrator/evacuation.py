@@ -357,8 +357,9 @@ class Evacuation:
         return self.report
 
     def _begin(self) -> None:
-        """The evacuation's own journal row: `history` lists it, and `history ID` shows its VMs."""
-        if self.journal is None:
+        """The evacuation's own journal row: `history` lists it, and `history ID` shows its VMs. A dry run
+        (Ansible's check mode) writes nothing."""
+        if self.journal is None or self.request.dry_run:
             return
         request = self.request
         policy = request.policy
@@ -469,8 +470,8 @@ class Evacuation:
                 self._migrate_with_retries(item, source, destination, result)
             else:
                 self._move_definition(item, source, destination, result)
-        except OrchestratorError as exc:
-            result.error = exc.line()
+        except OrchestratorError as exc:  # its pre-flight said no (journaled as refused): as in a dry run
+            result.outcome, result.error = "refused", exc.line()
         except Exception as exc:  # one VM's bug must not stop the others
             result.error = f"internal error: {exc!r}"
         result.seconds = round(time.monotonic() - began, 3)

@@ -183,6 +183,7 @@ class HookResult:
     # The supervisor's run: its start and end are in the run log already (None: the orchestrator's own
     # result, an armed hook's answer, which the migration records itself).
     run: str | None = None
+    arming: bool = False  # an armed hook's own process (its start, or an unclean exit), not an action
 
     @property
     def ok(self) -> bool:
@@ -270,6 +271,7 @@ class ArmedHook:
         self._action = "drain" if hook.trigger is Trigger.DRAIN else "undrain"
         self.run = supervisor.next_run()
         self.arming = self._result(None, started=time.time(), start_monotonic=time.monotonic())
+        self.arming.arming = True
         try:
             argv = fill_argv(hook.argv, values)
         except ValueError as exc:
@@ -360,6 +362,7 @@ class ArmedHook:
         if end is None or end.pid is None or (end.error is None and end.exit_code == 0):
             return None  # a clean exit; or it never started (its arming said why)
         result = self._result(None, started=time.time(), start_monotonic=time.monotonic())
+        result.arming = True
         result.exit_code = end.exit_code if end is not None else None
         result.error = (
             f"armed hook {end.error}" if end is not None and end.error else "armed hook did not exit"

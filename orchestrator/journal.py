@@ -173,7 +173,8 @@ def rows_of(records: Iterable[Mapping[str, Any]], first_seq: int = 0) -> _Rows:
         elif k == "action":
             rows.actions.append((mid, rows.next_seq(), *(r.get(c) for c in _ACTION_FIELDS)))
         elif k == "hook":
-            rows.hook_runs.append(_hook_run(mid, rows.next_seq(), r, r))
+            label = f"{r.get('label')} (armed process)" if r.get("arming") else r.get("label")
+            rows.hook_runs.append(_hook_run(mid, rows.next_seq(), {**r, "label": label}, r))
         elif k == "hook-start":
             starts[str(r.get("run"))] = r
         elif k == "hook-end":

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from orchestrator import domxml
-from orchestrator.convergence import Schedule
+from orchestrator import domxml, vfio
+from orchestrator.convergence import GATE_FLOOR_MS, Schedule
 from orchestrator.digest import sha256_hex
 from orchestrator.errors import BadInput, OrchestratorError, shell_uri
 from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 # before undraining on our own: the guest resumes within milliseconds of the job's end.
 SETTLE_S = 15.0
 POLL_S = 0.1  # how often the job's statistics are read (the schedule, the gate and progress use them)
-_FOLLOWED_EVENTS = ("MIGRATION", "RESUME", "SHUTDOWN", "STOP", "VFIO_MIGRATION")
+_FOLLOWED_EVENTS = ("MIGRATION", "RESUME", "SHUTDOWN", "STOP", *vfio.EVENTS)
 
 
 class JournalLike(Protocol):
@@ -347,11 +347,16 @@ def plan_lines(request: Request, devices: Sequence[str], events_note: str) -> li
         f"migrate {request.domain} live ({mode}) {request.source_uri} -> {request.destination_uri}: "
         + ", ".join(e for e in extras if e)
     )
+    gated = switchover.drain is DrainMode.GATED
+    first = "once the gate opens" if gated else "from the start"
     steps = "; ".join(
-        f"{step.downtime_ms} ms " + (schedule.describe(i).split(" ", 2)[2] if i else "from the start")
+        f"{step.downtime_ms} ms " + (schedule.describe(i).split(" ", 2)[2] if i else first)
         for i, step in enumerate(schedule.steps)
     )
-    lines.append(f"downtime limit: {steps}")
+    floor = (
+        f"{GATE_FLOOR_MS} ms (the gate's floor) until every covered device is drained, then " if gated else ""
+    )
+    lines.append(f"downtime limit: {floor}{steps}")
     covered = ", ".join(devices) if devices else "none known from the XML"
     lines.append(
         f"devices covered: {covered}; also any device id matching {list(policy.devices.match)} that emits"
@@ -459,11 +464,11 @@ class Migration:
         def on_event(domain: str, name: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
             received = self.clock.time()
             # The subscription already filtered the domain and the event names (see _subscribe).
-            if name != "VFIO_MIGRATION":
+            if name not in vfio.EVENTS:
                 self._record_qemu(host, role, name, seconds + micros / 1e6, received, data)
                 return
             try:
-                event = VfioEvent.from_qmp(host, role, domain, seconds, micros, data, received)
+                event = VfioEvent.from_qmp(host, role, domain, seconds, micros, data, received, name)
             except ValueError as exc:
                 self._note(str(exc))
                 return
@@ -633,12 +638,13 @@ class Migration:
         return report
 
     def _record_unmoved(self, exit_code: int) -> None:
-        """A run that changed nothing (planned, unchanged, refused) is journaled too, so that `history`
-        tells the whole story."""
+        """A run that changed nothing (unchanged, refused) is journaled too, so that `history` tells the
+        whole story; a dry run (Ansible's check mode) writes nothing at all."""
         report = self.report
         report.ended = self.clock.time()
-        self._begin()
-        self.runner.detach()
+        if self.request.dry_run:
+            return
+        self._begin(hooks=False)
         self.journal.finish_migration(
             self.id, report.outcome.value, False, report.error, exit_code, report.ended, report.to_json()
         )
@@ -700,7 +706,9 @@ class Migration:
                 more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
                 self.report.journal_error = lost[0] + more
 
-    def _begin(self) -> None:
+    def _begin(self, *, hooks: bool = True) -> None:
+        """The migration's first record (its run log begins); with `hooks`, the hook supervisor records
+        each hook's start and end there too (a run that changed nothing runs none)."""
         policy = self.request.policy
         text = _policy_text(policy.path)
         self.journal.begin_migration(
@@ -715,10 +723,10 @@ class Migration:
             drain_mode=self.request.switchover.drain.value,
             policy_text=text,
             policy_sha256=sha256_hex(text.encode()) if text is not None else None,
-            supervisor=self.runner.supervisor_pid,
+            supervisor=self.runner.supervisor_pid if hooks else None,
         )
         log = self.journal.run_log(self.id)
-        if log is not None:  # the supervisor records each hook's start and end there itself
+        if hooks and log is not None:  # the supervisor records each hook's start and end there itself
             self.runner.attach(self.id, log.fd)
 
     def _preflight(self) -> Guest | None:
@@ -1028,6 +1036,13 @@ class Migration:
             report.devices = machine.devices()
             report.undrain_failed = machine.undrain_failed
             report.gate = machine.gate.value if machine.gate is not None else None
+        report.location = location.value if location is not None else Location.SOURCE.value  # never left
+        if report.undrain_failed:  # in the journal's error too, not only in the exit code
+            failed = sorted(
+                {h.device_id or "?" for h in report.failed_hooks() if h.trigger is Trigger.UNDRAIN}
+            )
+            undrain = f"the undrain of {', '.join(failed)} failed: its workloads may still be drained"
+            report.error = f"{report.error}; {undrain}" if report.error else undrain
         if report.outcome is Outcome.SUCCEEDED:
             there = self.destination.find_domain(self.request.destination_domain)
             stats = there.completed_job_stats() if there is not None else None
@@ -1148,7 +1163,7 @@ class _Arrivals:
 
 
 def _hook_text(result: HookResult) -> str:
-    device = f" {result.device_id}" if result.device_id else ""
+    device = f" {result.device_id}" if result.device_id else " (armed process)" if result.arming else ""
     status = "ok" if result.ok else (result.error or "failed")
     return f"{result.trigger}{device}: {result.label} ({result.duration_ms:.0f} ms, {status})"
 

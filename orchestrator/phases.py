@@ -179,6 +179,7 @@ class _Device:
     qom_path: str = ""
     # An undrain decided while the drain hooks still ran: (reason, the event or None), done when they end.
     undrain_wanted: tuple[str, VfioEvent | None] | None = field(default=None)
+    skipped: bool = False  # not drained because the migration was being aborted (said once)
 
 
 class MigrationMachine:
@@ -215,6 +216,8 @@ class MigrationMachine:
         self._devices: dict[str, _Device] = {}
         self._abort: tuple[str, Outcome] | None = None
         self._job_started: float | None = None
+        self._released_at: float | None = None  # when the gate let QEMU switch over (epoch seconds)
+        self._last_quiesced: float | None = None  # QEMU time of the last source device to go quiet
         self._step = 0
         self._stall = StallDetector(schedule.stall_timeout_s) if schedule.stall_timeout_s else None
 
@@ -304,8 +307,10 @@ class MigrationMachine:
         if self.phase is Phase.JOB_RUNNING:
             self.advance(Phase.SWITCHING_OVER)
         if device.record.quiet_at is None:
-            device.record.quiet_at = event.qemu_time
-        early = self.gate in (Gate.CLOSED, Gate.DRAINING)
+            self._quiet(device.record, event, signal.signal)
+        if signal.signal is Signal.QUIESCED:
+            self._last_quiesced = event.qemu_time
+        early = self.gate in (Gate.CLOSED, Gate.DRAINING, Gate.PASSED_EARLY)
         if early:
             self.gate = Gate.PASSED_EARLY  # QEMU switched over before every drain had finished
         if device.status is not DrainStatus.IDLE:
@@ -313,6 +318,9 @@ class MigrationMachine:
         if not self._hooks_enabled:
             return []
         if self._abort is not None:
+            if device.skipped:  # its prepare, then its P2P state: said once
+                return []
+            device.skipped = True
             return [Note(f"{event.device_id} not drained: the migration is being aborted ({self._abort[0]})")]
         trigger = ("late" if signal.late else "prepare") + (" (gate passed early)" if early else "")
         return self._drain(device, trigger, event, late=signal.late)
@@ -424,6 +432,32 @@ class MigrationMachine:
         return decide_outcome(self.job, self.job_error, self._abort, location)
 
     # --- internals ------------------------------------------------------------------------------
+    def _quiet(self, record: DeviceRecord, event: VfioEvent, signal: Signal) -> None:
+        """When the device went quiet, as well as this run knows it (see DeviceRecord)."""
+        if signal is Signal.QUIESCING:
+            record.quiet_at, record.quiet_bound, record.quiet_source = (
+                event.qemu_time,
+                "exact",
+                "its prepare event",
+            )
+            return
+        # No prepare (QEMU < 11.0): its first P2P state comes once the transition has ENDED. Anything known
+        # to precede the transition bounds its start from below.
+        before = [
+            (at, why)
+            for at, why in (
+                (self._last_quiesced, "the previous device's P2P state"),
+                (self._released_at, "the gate's release"),
+            )
+            if at is not None and at <= event.qemu_time
+        ]
+        if before:
+            record.quiet_at, record.quiet_source = max(before)
+            record.quiet_bound = "at least"
+        else:
+            record.quiet_at, record.quiet_bound = event.qemu_time, "at most"
+            record.quiet_source = "its first P2P state, once the transition had ended"
+
     def _device(self, device_id: str) -> _Device:
         device = self._devices.get(device_id)
         if device is None:
@@ -437,16 +471,12 @@ class MigrationMachine:
         self, device: _Device, trigger: str, event: VfioEvent | None, *, late: bool = False
     ) -> list[Action]:
         record = device.record
+        if not self._drain_hooks:  # nothing to run: the device is followed, nothing is drained
+            record.trigger, device.status = "observed only", DrainStatus.DRAINED
+            return []
         record.trigger, record.late = trigger, late
         record.drain_started = self.clock.time()
         device.status, device.pending = DrainStatus.DRAINING, self._drain_hooks
-        if not self._drain_hooks:
-            device.status, record.drain_finished, record.drain_ok = (
-                DrainStatus.DRAINED,
-                record.drain_started,
-                True,
-            )
-            return []
         state = event.state if event else trigger
         when = event.qemu_time if event else None
         return [RunHooks(Trigger.DRAIN, record.device_id, str(state), device.qom_path, when, trigger)]
@@ -491,6 +521,7 @@ class MigrationMachine:
         if self.gate is not Gate.DRAINING or self.drains_running() or self._abort is not None:
             return []
         self.gate = Gate.OPEN
+        self._released_at = self.clock.time()
         return [
             SetDowntime(
                 self._downtime(),

@@ -76,6 +76,11 @@ _ESCAPES = {
 }
 
 
+def _plain(number: float) -> str:
+    """A number as a person writes it: 2000000, not 2e+06; 0.5 as 0.5."""
+    return str(int(number)) if float(number).is_integer() else f"{number:.6g}"
+
+
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS, keep_end: float = 1 / 3) -> str:
     """`text` on one line (control characters escaped), cut in the middle to `limit` characters, keeping
     `keep_end` of them from its end."""
@@ -185,7 +190,8 @@ class MigrationSettings:
                 continue
             if not low <= value <= high:
                 raise BadInput(
-                    f"{option} must be between {low:g} and {high:g}, not {value:g}", f"fix {option}"
+                    f"{option} must be between {_plain(low)} and {_plain(high)}, not {_plain(value)}",
+                    f"fix {option}",
                 )
             changes[field] = value
         for field, flag in (

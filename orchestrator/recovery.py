@@ -50,6 +50,7 @@ from orchestrator.supervisor import KILL_GRACE_S, KILL_WAIT_S, ORPHAN_GRACE_S, T
 
 JOB_WAIT_S = 300.0  # job="wait": how long to wait for a libvirt job the dead orchestrator left running
 _JOB_POLL_S = 0.5
+PROGRESS_EVERY_S = 5.0  # while recover waits (a supervisor, a job), a line this often
 JOB_CHOICES = ("wait", "abort")
 SUPERVISOR_SLACK_S = 5.0  # beyond the policy's longest hook timeout: a supervisor still alive is killed
 
@@ -83,10 +84,11 @@ class Recovered:
 
 @dataclass
 class RecoveryReport:
-    """What `orchestrator recover` prints with --json."""
+    """What `orchestrator recover` prints with --json (with `dry_run`: what it would do, nothing done)."""
 
     recovered: list[Recovered] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # could not be recovered now, and why
+    dry_run: bool = False
 
     @property
     def exit_code(self) -> ExitCode:
@@ -99,6 +101,7 @@ class RecoveryReport:
         return {
             "recovered": [r.to_json() for r in self.recovered],
             "skipped": self.skipped,
+            "dry_run": self.dry_run,
             "exit_code": int(self.exit_code),
         }
 
@@ -212,14 +215,15 @@ class Recovery:
         self._opened: dict[str, Hypervisor] = {}
         self._pause = threading.Condition()
 
-    def run(self, domain: str | None = None) -> RecoveryReport:
-        """Recover every unfinished migration (of `domain` only, if given), oldest first."""
-        report = RecoveryReport()
+    def run(self, domain: str | None = None, *, dry_run: bool = False) -> RecoveryReport:
+        """Recover every unfinished migration (of `domain` only, if given), oldest first; with `dry_run`,
+        say what it would do (asking both hosts, reading the run logs) and do nothing."""
+        report = RecoveryReport(dry_run=dry_run)
         for row in self.journal.unfinished():
             if domain is not None and row.domain != domain:
                 continue
             try:
-                report.recovered.append(self._recover(row))
+                report.recovered.append(self._preview(row) if dry_run else self._recover(row))
             except OrchestratorError as exc:
                 report.skipped.append({"migration_id": row.id, "domain": row.domain, "error": exc.line()})
                 self._say(f"{row.domain}: migration {row.id} not recovered: {exc.line()}")
@@ -273,6 +277,40 @@ class Recovery:
             self._say(f"{row.domain}: migration {row.id} {outcome.value} ({what}; the VM runs on {location})")
             return result
 
+    def _preview(self, row: MigrationRow) -> Recovered:
+        """What `_recover` would do for `row`, from the run log and both hosts' answers; nothing done,
+        nothing locked, nothing written."""
+        source, destination = self._host(row.source_uri), self._host(row.destination_uri)
+        policy = self._policy(row)
+        legacy = not self.journal.records(row.id)
+        notes = [
+            f"would wait for the dead run's hook supervisor (process {pid}) to finish its hooks"
+            for pid, start in ([] if legacy else self.journal.supervisors(row.id))
+            if _same_process(pid, start)
+        ]
+        dom = source.find_domain(row.domain)
+        if dom is not None and dom.job_stats() is not None:
+            held = dom.max_downtime() == GATE_FLOOR_MS
+            notes.append(
+                "would abort the libvirt job held at the gate"
+                if held or self.job == "abort"
+                else f"would wait for the libvirt job still running (at most {self.job_wait_s:g} s)"
+            )
+        location = self._location(row, source, destination)
+        result = Recovered(row.id, row.domain, _outcome(location).value, location, notes=notes)
+        drained = still_drained(self.journal.device_actions(row.id)) if legacy else None
+        for device in self._plans(row, policy, legacy=drained):
+            if device.ended:
+                (result.awaited if device.ok else result.failed).append(device.device_id)
+            elif device.run:
+                result.undrained.append(device.device_id)
+        undrain = ", ".join(result.undrained) or "nothing"
+        self._say(
+            f"{row.domain}: migration {row.id} would be recovered: undrain {undrain}; the VM runs on "
+            f"{location}" + "".join(f"; {note}" for note in notes)
+        )
+        return result
+
     def _plans(
         self, row: MigrationRow, policy: Policy, *, legacy: Mapping[str, Any] | None
     ) -> list[DevicePlan]:
@@ -295,9 +333,10 @@ class Recovery:
             if not _same_process(pid, start):
                 continue
             self._say(
-                f"{row.domain}: the dead run's hook supervisor (process {pid}) still runs its hooks: waiting"
+                f"{row.domain}: the dead run's hook supervisor (process {pid}) still runs its hooks: waiting "
+                f"for them (at most {bound:g} s, the policy's longest hook timeout and its kill)"
             )
-            if not _wait_gone(pid, start, bound):
+            if not self._wait_gone_telling(row, pid, start, bound, "the dead run's hooks to end"):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, 9)
                 _wait_gone(pid, start, KILL_WAIT_S)
@@ -305,6 +344,19 @@ class Recovery:
             else:
                 notes.append(f"waited for the dead run's hook supervisor (process {pid}) to finish its hooks")
         return notes
+
+    def _wait_gone_telling(
+        self, row: MigrationRow, pid: int, start: Any, timeout_s: float, what: str
+    ) -> bool:
+        """`_wait_gone`, saying every PROGRESS_EVERY_S that it still waits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if _wait_gone(pid, start, min(PROGRESS_EVERY_S, max(left, 0.0))):
+                return True
+            if left <= PROGRESS_EVERY_S:
+                return False
+            self._say(f"{row.domain}: still waiting for {what} ({left - PROGRESS_EVERY_S:.0f} s left)")
 
     def _settle_orphans(self, row: MigrationRow, policy: Policy) -> None:
         """Hooks whose end no supervisor wrote (it died too): wait for each to its deadline, then kill its
@@ -426,10 +478,24 @@ class Recovery:
             )
             self._say(f"{row.domain}: {note}")
         else:
-            self._say(f"{row.domain}: waiting for the libvirt job the dead orchestrator left running")
+            self._say(
+                f"{row.domain}: waiting for the libvirt job the dead orchestrator left running (at most "
+                f"{self.job_wait_s:g} s, --job-wait; to abort it instead: orchestrator recover --job abort)"
+            )
             note = "waited for the libvirt job that was still running"
-        deadline = self.clock.monotonic() + self.job_wait_s
-        while dom.job_stats() is not None:
+        began = self.clock.monotonic()
+        deadline, told = began + self.job_wait_s, began
+        while (stats := dom.job_stats()) is not None:
+            now = self.clock.monotonic()
+            if now - told >= PROGRESS_EVERY_S:
+                told = now
+                left = (
+                    f", {stats.memory_remaining >> 20} MiB left" if stats.memory_remaining is not None else ""
+                )
+                self._say(
+                    f"{row.domain}: the libvirt job still runs ({now - began:.0f} s of at most "
+                    f"{self.job_wait_s:g}{left}); --job abort aborts it instead"
+                )
             if self.clock.monotonic() > deadline:
                 raise OrchestratorError(
                     f"the libvirt job of {row.domain} still runs after {self.job_wait_s:g} s",

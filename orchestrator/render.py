@@ -239,29 +239,33 @@ def show_report(report: Report) -> None:
         rows = []
         for device in report.devices.values():
             started = report.started
+            bound = {"at least": ">=", "at most": "<="}.get(device.quiet_bound or "", "")
             rows.append(
                 [
                     device.device_id,
                     device.trigger or "-",
-                    _at(device.drain_finished, started),
+                    "failed" if device.drain_ok is False else _at(device.drain_finished, started),
                     _at(device.quiet_at, started),
-                    "-" if device.margin_ms is None else f"{device.margin_ms:+.1f} ms",
+                    "-" if device.lead_ms is None else f"{bound}{device.lead_ms:+.1f} ms",
                     "-" if device.drained_ms is None else f"{device.drained_ms:.0f} ms",
                     _at(device.undrain_finished, started),
                 ]
             )
         out.write("\n")
-        table(
-            ["DEVICE", "DRAINED BY", "DRAIN DONE", "QUIET AT", "MARGIN", "DRAINED FOR", "UNDRAIN DONE"], rows
-        )
+        table(["DEVICE", "DRAINED BY", "DRAIN DONE", "QUIET AT", "LEAD", "DRAINED FOR", "UNDRAIN DONE"], rows)
+        if any(d.lead_ms is not None for d in report.devices.values()):
+            out.write(
+                "(LEAD: how long before the device went quiet its drain had finished; >= and <= when QEMU "
+                "sent no prepare event and the quiet time is bounded)\n"
+            )
     if report.hooks:
         out.write("\n")
         table(
             ["HOOK", "DEVICE", "START", "DURATION", "RESULT"],
             [
                 [
-                    f"{hook.trigger} {hook.label}",
-                    hook.device_id or "-",
+                    f"{hook.trigger} {hook.label}" + (" (armed process)" if hook.arming else ""),
+                    hook.device_id or ("every device" if hook.arming else "-"),
                     _at(hook.started, report.started),
                     f"{hook.duration_ms:.0f} ms",
                     "ok" if hook.ok else (hook.error or "failed"),
@@ -283,6 +287,13 @@ def show_report(report: Report) -> None:
         out.write(f"failed: {hook_failure(hook)}\n")
     for note in report.notes:
         out.write(f"note: {note}\n")
+
+
+def _where(report: Report) -> str:
+    """Where the VM runs after the migration, in words (its URI for one host)."""
+    location = report.location or "source"
+    uri = {"source": report.source, "destination": report.destination}.get(location)
+    return f"the {location} ({uri})" if uri else {"both": "both hosts"}.get(location, "neither host")
 
 
 def _at(when: float | None, start: float) -> str:
@@ -311,7 +322,7 @@ def failure_line(report: Report, journal: str | None = None) -> str | None:
     hints = {
         "rolled-back": f"{report.domain} still runs on {report.source}; {history}",
         "aborted": f"{report.domain} still runs on {report.source}, devices undrained; fix the hook, retry",
-        "interrupted": f"{report.domain} runs where the job left it; {history}",
+        "interrupted": f"{report.domain} runs on {_where(report)}; {history}",
         "failed": f"check where {report.domain} runs (virsh -c '{report.source}' list --all, and on "
         f"'{report.destination}'); {history}",
     }
@@ -345,6 +356,27 @@ def show_evacuation(report: EvacuationReport) -> None:
     state = "empty" if report.empty else f"not empty: {', '.join(report.left)}"
     out.write(f"\nevacuation {report.evacuation_id}: {report.source} is {state}")
     out.write(f" ({report.message})\n" if report.message else "\n")
+
+
+def evacuation_failure_line(report: EvacuationReport) -> str:
+    """The one line an evacuation that did not empty its host leaves on stderr: what is left, and what
+    would move it (a re-run only helps what a re-run can change)."""
+    state = "interrupted" if report.interrupted else ("not empty: " + ", ".join(report.left))
+    line = f"evacuation {report.evacuation_id} of {report.source}: {state}"
+    if report.message:
+        line += f"; {report.message}"
+    refused = sorted(r.domain for r in report.results if r.outcome == "refused")
+    failed = sorted(
+        r.domain for r in report.results if r.outcome not in ("refused", "succeeded", "unchanged", "planned")
+    )
+    todo = []
+    if refused:
+        todo.append(f"fix what refused {', '.join(refused)} (the ERROR column), then re-run")
+    if report.unplaced:
+        todo.append("free memory on a destination or add one (--to), then re-run")
+    if report.interrupted or failed:
+        todo.append("re-run the same command to move the rest")
+    return line + "; " + "; ".join(todo or ["see: orchestrator history " + report.evacuation_id])
 
 
 def time_text(epoch: float) -> str:

@@ -104,11 +104,15 @@ class TimelineEntry:
 
 @dataclass
 class DeviceRecord:
-    """One device's drain, as the report, `--json` and the journal show it.
+    """One device's drain, as the report, `--json` and the journal show it; only what happened.
 
-    `quiet_at` is when the device stopped answering its peers: QEMU's timestamp of its prepare event
-    (the transition starts right after it), or, when there was none (QEMU < 11.0), of the first
-    quiesced state, which is when the transition ended: the margin is then an upper bound.
+    `quiet_at` is when the device stopped answering its peers, as well as the run knows it, and
+    `quiet_bound` says how well: "exact" (QEMU's timestamp of its prepare event: the transition starts
+    right after it), "at least" (QEMU < 11.0 sends no prepare: the latest event known to precede the
+    transition, the previous device's P2P state or the gate's release; the lead is then at least the
+    one shown) or "at most" (nothing known before it: its own first P2P state, when the transition had
+    ended; the lead is then at most the one shown). A device with no drain hook reports no drain
+    (`trigger` "observed only"); a failed drain reports no lead and no drained time.
     """
 
     device_id: str
@@ -118,28 +122,32 @@ class DeviceRecord:
     drain_finished: float | None = None  # every drain hook ended
     drain_ok: bool | None = None
     quiet_at: float | None = None
+    quiet_bound: str | None = None  # "exact", "at least" or "at most" (see above)
+    quiet_source: str | None = None  # the event `quiet_at` was taken from, in words
     undrain_started: float | None = None
     undrain_finished: float | None = None
     undrain_reason: str = ""
     late: bool = False
 
     @property
-    def margin_ms(self) -> float | None:
-        """Positive: the drain finished this long before the device went quiet."""
-        if self.drain_finished is None or self.quiet_at is None:
+    def lead_ms(self) -> float | None:
+        """The drain's lead: how long before the device went quiet its drain had finished (negative: it
+        finished after; the device raced it). None without a successful drain."""
+        if self.drain_finished is None or self.quiet_at is None or self.drain_ok is not True:
             return None
         return round((self.quiet_at - self.drain_finished) * 1000, 3)
 
     @property
     def drained_ms(self) -> float | None:
-        """How long the device's workloads stayed drained (drain finished to undrain started)."""
-        if self.drain_finished is None or self.undrain_started is None:
+        """How long the device's workloads stayed drained (drain finished to undrain started); None
+        when the drain failed or never ran."""
+        if self.drain_finished is None or self.undrain_started is None or self.drain_ok is not True:
             return None
         return round((self.undrain_started - self.drain_finished) * 1000, 3)
 
     def to_json(self) -> dict[str, Any]:
-        """One JSON object, with the derived margin and drained time."""
-        return {**asdict(self), "margin_ms": self.margin_ms, "drained_ms": self.drained_ms}
+        """One JSON object, with the derived lead and drained time."""
+        return {**asdict(self), "lead_ms": self.lead_ms, "drained_ms": self.drained_ms}
 
 
 @dataclass
@@ -159,6 +167,9 @@ class Report:
     job_s: float | None = None
     downtime_ms: int | None = None
     gate: str | None = None  # gated mode: how the gate went ("opened", "passed early", "never opened")
+    # Where the VM runs once the migration is over, as both hosts said: "source", "destination", "both",
+    # "neither" (None: the run never got that far, e.g. a refusal; it runs where it ran)
+    location: str | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
     hooks: list[HookResult] = field(default_factory=list)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
@@ -200,6 +211,7 @@ class Report:
             "exit_code": int(self.exit_code),
             "error": self.error,
             "gate": self.gate,
+            "location": self.location,
             "timings": {
                 "total_s": round(self.ended - self.started, 3) if self.ended else None,
                 "job_s": None if self.job_s is None else round(self.job_s, 3),

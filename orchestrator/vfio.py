@@ -15,7 +15,9 @@ hw/vfio/migration.c:
 
 QEMU's QAPI documents prepare states in general ("states with a 'prepare' suffix ... the device is just
 about to transition to the corresponding state"), so any `X-prepare` whose X is a P2P state is the
-prepare for X, and a state this model does not know is kept (and noted), never dropped.
+prepare for X, and a state this model does not know is kept (and noted), never dropped. QEMU's first
+design of the feature (in its review thread) sent a separate event, VFIO_MIGRATION_PREPARE, whose
+`device-state` is the state about to be entered: it reads as that state's prepare (`from_qmp`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class Signal(StrEnum):
     RUNNING = "running"  # the device runs again: on the destination, or on the source after a failure
 
 
+EVENT = "VFIO_MIGRATION"
+PREPARE_EVENT = "VFIO_MIGRATION_PREPARE"  # QEMU's first design: device-state = the state about to come
+EVENTS = (EVENT, PREPARE_EVENT)
 # The states in which a device no longer answers its peers (the P2P states and stop-copy).
 P2P_STATES = frozenset({DeviceState.PRE_COPY_P2P, DeviceState.RUNNING_P2P})
 QUIET_STATES = P2P_STATES | {DeviceState.STOP_COPY}
@@ -106,8 +111,10 @@ class VfioEvent:
         micros: int,
         details: str | Mapping[str, Any] | None,
         received: float,
+        name: str = EVENT,
     ) -> VfioEvent:
-        """Build an event from a QMP VFIO_MIGRATION event as libvirt delivers it.
+        """Build an event from a QMP VFIO_MIGRATION event as libvirt delivers it (`name`
+        VFIO_MIGRATION_PREPARE: QEMU's first design, read as the prepare of the state it names).
 
         `details` is the event's `data`: the JSON text libvirt hands the callback, or already a mapping.
         An empty `device-id` (a device added without an id) is replaced by the last component of the
@@ -116,7 +123,7 @@ class VfioEvent:
         """
 
         def malformed(problem: str) -> ValueError:
-            return ValueError(f"malformed VFIO_MIGRATION event from {host} for domain {domain}: {problem}")
+            return ValueError(f"malformed {name} event from {host} for domain {domain}: {problem}")
 
         if details is None:
             raise malformed("it has no data")
@@ -139,6 +146,8 @@ class VfioEvent:
                 raise malformed(f"{key!r} is {value!r}, expected a string")
             fields[key] = value
         raw_state = fields["device-state"]
+        if name == PREPARE_EVENT and raw_state and not raw_state.endswith(_PREPARE_SUFFIX):
+            raw_state += _PREPARE_SUFFIX  # "about to enter pre-copy-p2p" is pre-copy-p2p-prepare
         state: str | None = known_state(raw_state)
         if state is None and _STATE_WORD.match(raw_state):
             state = raw_state  # a newer QEMU's state: kept, and noted by the tracker

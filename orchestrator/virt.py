@@ -470,6 +470,22 @@ class Host:
         threading.Thread(target=job, name=f"migrate-{dom.name()}", daemon=True).start()
 
 
+def domain_names(uri: str) -> list[str]:
+    """The names of the domains of `uri`, read-only, for the shell's completion: empty on any failure
+    (completion never errs, never prompts for a password)."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no libvirt message on the terminal
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError:
+        return []
+    try:
+        return sorted(dom.name() for dom in conn.listAllDomains())
+    except libvirt.libvirtError:
+        return []
+    finally:
+        conn.close()
+
+
 def _raw(dom: Guest | None) -> VirDomain:
     """The libvirt object behind a domain of this module (None stays None)."""
     if dom is None:

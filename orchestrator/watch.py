@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
+from orchestrator import vfio
 from orchestrator.errors import ConnectError, OrchestratorError, shell_uri
 
 RETRY_S = 5.0
@@ -55,10 +56,14 @@ def open_libvirt_host(uri: str) -> HostLike:
 
 
 def event_record(
-    host: str, domain: str, seconds: int, micros: int, data: dict[str, Any] | None
+    host: str, domain: str, seconds: int, micros: int, data: dict[str, Any] | None, event: str = vfio.EVENT
 ) -> dict[str, Any]:
-    """One relayed event: QEMU's timestamp, when we got it, where, and what."""
+    """One relayed event: QEMU's timestamp, when we got it, where, and what (a VFIO_MIGRATION_PREPARE,
+    QEMU's first design, relayed as the prepare state it announces, as VFIO_MIGRATION would say it)."""
     data = data or {}
+    state = data.get("device-state")
+    if event == vfio.PREPARE_EVENT and isinstance(state, str) and not state.endswith("-prepare"):
+        state += "-prepare"
     return {
         "qemu_time": seconds + micros / 1_000_000,
         "received": time.time(),
@@ -66,7 +71,7 @@ def event_record(
         "domain": domain,
         "device_id": data.get("device-id"),
         "qom_path": data.get("qom-path"),
-        "state": data.get("device-state"),
+        "state": state,
     }
 
 
@@ -181,7 +186,7 @@ class Watcher:
         try:
             host.on_close(self._gone(uri))
             sub = host.subscribe_monitor_events(
-                self._relay(uri), events=["VFIO_MIGRATION"], domain=self.domain
+                self._relay(uri), events=list(vfio.EVENTS), domain=self.domain
             )
         except BaseException:
             host.close()
@@ -235,8 +240,8 @@ class Watcher:
         return False
 
     def _relay(self, uri: str) -> MonitorCallback:
-        def write(dom: str, _event: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
-            line = json.dumps(event_record(uri, dom, seconds, micros, data))
+        def write(dom: str, event: str, seconds: int, micros: int, data: dict[str, Any] | None) -> None:
+            line = json.dumps(event_record(uri, dom, seconds, micros, data, event))
             with self._lock:
                 self._out.write(line + "\n")
                 self._out.flush()

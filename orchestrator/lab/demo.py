@@ -75,10 +75,11 @@ def run(name: str, root: Path | None, out: TextIO) -> list[Report]:
             took = f"{timings['total_s']:.2f} s, downtime {timings['downtime_ms']} ms, gate {report.gate}"
             out.write(f"--- {report.outcome.value}, {took}{error}\n")
             for device in report.devices.values():
-                margin = (
-                    "-" if device.margin_ms is None else f"{device.margin_ms:.0f} ms before it went quiet"
+                bound = {"at least": "at least ", "at most": "at most "}.get(device.quiet_bound or "", "")
+                lead = (
+                    "-" if device.lead_ms is None else f"{bound}{device.lead_ms:.0f} ms before it went quiet"
                 )
-                out.write(f"    {device.device_id}: drained by {device.trigger}, {margin}\n")
+                out.write(f"    {device.device_id}: drained by {device.trigger}, {lead}\n")
         out.write("\n" + summary([stop_peer(p) for p in peers]) + "\n")
         out.write(
             f"\nThe lab is still up in {root}: {', '.join(h.name for h in hosts)} (guest {name} on "
@@ -130,7 +131,7 @@ def summary(stats: list[dict[str, Any]]) -> str:
     """One line per device's peers: timeouts (the product's promise is zero) and the margin left."""
     lines = []
     for s in stats:
-        margins = ", ".join(f"{m:.1f} ms" for m in s["margins_ms"]) or "-"
+        left = ", ".join(f"{m:.1f} ms" for m in s["timeout_left_ms"]) or "-"
         other = (
             f"; {s['timeouts_other']} more outside it: the device answered late on a busy machine, "
             "which no drain prevents"
@@ -140,6 +141,6 @@ def summary(stats: list[dict[str, Any]]) -> str:
         lines.append(
             f"RDMA peers of {s['device']}: {s['timeouts_quiet']} timeouts in the device's quiet time "
             f"({s['timeout_ms']:.0f} ms timeout, {len(s['outages'])} outages, disarmed "
-            f"{len(s['disarms'])}x, margin left {margins}){other}"
+            f"{len(s['disarms'])}x, timeout left when disarmed {left}){other}"
         )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from orchestrator.errors import BadInput, EnvironmentProblem
 from orchestrator.lab.hosts import LabHost, connect, lab_root, status
+from orchestrator.lab.simulator import BEHAVIOURS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
@@ -45,7 +46,7 @@ class GuestSpec:
     name: str
     devices: int = 1
     device_prefix: str = "nic"
-    behaviour: str = "11.0"  # "11.0" (prepare state) or "10.0"
+    behaviour: str = "11.0"  # "11.0" (prepare state), "10.0" or "11.0-event" (a prepare event of its own)
     precopy: bool = True
     p2p: bool = True
     transition_ms: int = 300
@@ -87,8 +88,10 @@ class GuestSpec:
             raise BadInput(f"--devices must be 0 to 16, not {self.devices}", "pick fewer devices")
         if not _DEVICE_ID.match(f"{self.device_prefix}0"):
             raise BadInput(f"invalid device prefix {self.device_prefix!r}", "start with a letter")
-        if self.behaviour not in ("11.0", "10.0"):
-            raise BadInput(f"--qemu-behaviour must be 11.0 or 10.0, not {self.behaviour!r}", "pick one")
+        if self.behaviour not in BEHAVIOURS:
+            raise BadInput(
+                f"--qemu-behaviour must be {', '.join(BEHAVIOURS)}, not {self.behaviour!r}", "pick one"
+            )
         if not 0 <= self.transition_ms <= 60000:
             raise BadInput(
                 f"--transition-ms must be 0 to 60000, not {self.transition_ms}", "pick a smaller value"

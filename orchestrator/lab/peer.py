@@ -59,9 +59,10 @@ class PeerStats:
     arms: list[float] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
 
-    def margins_ms(self) -> list[float]:
+    def timeout_left_ms(self) -> list[float]:
         """For each disarm: how much of the peers' timeout was left when it came, counted from the
-        device going quiet (its last answer); negative = too late, a timeout.
+        device going quiet (its last answer); negative = too late, a timeout. (Not the report's `lead`,
+        which is the orchestrator's view: its drain's end against QEMU's timestamp of the quiet.)
 
         The disarm belongs to the nearest outage: the last one that began before it (even if it had
         already ended: a disarm that late is that outage's) or the first one after it.
@@ -97,7 +98,7 @@ class PeerStats:
     def to_json(self) -> dict[str, Any]:
         """The report."""
         doc = asdict(self)
-        doc["margins_ms"] = self.margins_ms()
+        doc["timeout_left_ms"] = self.timeout_left_ms()
         doc["timeouts_quiet"] = self.timeouts_quiet
         doc["timeouts_other"] = self.timeouts_other
         return doc

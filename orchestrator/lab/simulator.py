@@ -27,8 +27,9 @@ entries, so they travel with the domain when it migrates:
 - ORCH_SIM_OVERRIDES: per-device overrides of the settings below, comma-separated
   `id:key=value[:key=value]` entries with keys `precopy` and `p2p`; example: `nic1:precopy=off`.
   An id with no vfio-pci `-device` is an error.
-- ORCH_SIM_BEHAVIOUR: `11.0` (emits pre-copy-p2p-prepare before the P2P transition, default) or
-  `10.0` (QEMU 9.1-10.x: no prepare state).
+- ORCH_SIM_BEHAVIOUR: `11.0` (emits pre-copy-p2p-prepare before the P2P transition, default),
+  `10.0` (QEMU 9.1-10.x: no prepare state) or `11.0-event` (QEMU's first design of the feature: the
+  prepare as an event of its own, VFIO_MIGRATION_PREPARE, device-state the state about to come).
 - ORCH_SIM_PRECOPY, ORCH_SIM_P2P: `on` (default) or `off`: the device's migration features.
 - ORCH_SIM_TRANSITION_MS: how long the transition into P2P takes (default 300).
 - ORCH_SIM_FAIL_TRANSITION: a device state (e.g. `running`): the transition into P2P fails after
@@ -67,6 +68,7 @@ from typing import Any
 
 from orchestrator.lab.realtime import make_realtime
 
+BEHAVIOURS = ("11.0", "10.0", "11.0-event")  # QEMU 11.0, 9.1-10.x, and 11.0's first design
 STATES = (
     "stop",
     "running",
@@ -120,6 +122,9 @@ class SimConfig:
 
     devices: tuple[DeviceConfig, ...]
     prepare_state: bool = True
+    # QEMU's first design (its review thread): the prepare as an event of its own, VFIO_MIGRATION_PREPARE,
+    # whose device-state is the state about to be entered
+    prepare_event: bool = False
     transition_s: float = 0.3
     fail_transition: str | None = None
     answering: frozenset[str] = frozenset({"running", "pre-copy"})
@@ -154,8 +159,8 @@ class SimConfig:
                 f"{OVERRIDES} names {', '.join(sorted(overrides))}, which no vfio-pci -device declares"
             )
         behaviour = env.get("ORCH_SIM_BEHAVIOUR", "11.0")
-        if behaviour not in ("11.0", "10.0"):
-            raise ConfigError(f"ORCH_SIM_BEHAVIOUR={behaviour!r}: expected 11.0 or 10.0")
+        if behaviour not in BEHAVIOURS:
+            raise ConfigError(f"ORCH_SIM_BEHAVIOUR={behaviour!r}: expected {', '.join(BEHAVIOURS)}")
         try:
             transition_ms = int(env.get("ORCH_SIM_TRANSITION_MS", "300"))
         except ValueError:
@@ -167,7 +172,8 @@ class SimConfig:
         fabric = env.get("ORCH_SIM_FABRIC")
         return cls(
             devices=tuple(devices),
-            prepare_state=behaviour == "11.0",
+            prepare_state=behaviour != "10.0",
+            prepare_event=behaviour == "11.0-event",
             transition_s=max(transition_ms, 0) / 1000,
             fail_transition=fail,
             answering=answering,
@@ -333,10 +339,16 @@ class Simulator:
                 device.quiet = False
         if not device.emits:
             return None
-        return qmp_event(
-            "VFIO_MIGRATION",
-            {"device-id": device.config.device_id, "qom-path": device.config.qom_path, "device-state": state},
-        )
+        data = {
+            "device-id": device.config.device_id,
+            "qom-path": device.config.qom_path,
+            "device-state": state,
+        }
+        if self.config.prepare_event and state.endswith("-prepare"):
+            return qmp_event(
+                "VFIO_MIGRATION_PREPARE", {**data, "device-state": state.removesuffix("-prepare")}
+            )
+        return qmp_event("VFIO_MIGRATION", data)
 
     def on_command(self, command: Mapping[str, Any]) -> None:
         """libvirt -> QEMU: note what the migration is doing."""

@@ -64,11 +64,11 @@ def test_the_shipped_rdma_drain_means_zero_peer_timeouts(lab_env: Any, tmp_path:
     assert actions == [("drain", "rdma-drain"), ("undrain", "rdma-undrain")]
     assert all(h["ok"] for h in doc["hooks"]), "armed (device None) and acted (nic0)"
     assert doc["drain_mode"] == "gated" and doc["gate"] == "opened", doc["gate"]
-    assert doc["devices"]["nic0"]["trigger"] == "gate" and doc["devices"]["nic0"]["margin_ms"] > 0
+    assert doc["devices"]["nic0"]["trigger"] == "gate" and doc["devices"]["nic0"]["lead_ms"] > 0
     assert peer["outages"], "the device did go quiet during its P2P transition"
     assert peer["timeouts_quiet"] == 0, json.dumps(peer)
     assert len(peer["disarms"]) == 1 and len(peer["arms"]) == 1
-    assert peer["margins_ms"][0] > 0, "disarmed before the device went quiet"
+    assert peer["timeout_left_ms"][0] > 0, "disarmed before the device went quiet"
 
 
 @pytest.mark.parametrize(("policy", "behaviour"), [("default", "11.0"), ("rdma-drain", "10.0")])

@@ -236,6 +236,7 @@ class Model:
     complete_s: float = 0.05  # from the last device's stop-copy to the job's end
     never_resumes: set[str] = field(default_factory=set)  # devices whose destination 'running' never comes
     script: list[tuple[float, tuple[Any, ...]]] | None = None
+    ignores_cancel: bool = False  # a cancel lands only when the script ends the job (QEMU mid-switchover)
     job_error: str = "migration to dst failed: operation failed: job 'migration out' failed"
 
 
@@ -388,7 +389,10 @@ class FakeQemu:
         if self.ended:
             return False
         self.cancelled = True
-        self.clock.after(0.01, lambda: self._fail("operation aborted: migration out job: canceled by client"))
+        if not self.model.ignores_cancel:
+            self.clock.after(
+                0.01, lambda: self._fail("operation aborted: migration out job: canceled by client")
+            )
         return True
 
     def _fail(self, error: str) -> None:

@@ -3,15 +3,23 @@ AnsibleModule.run_command, the modules run as Ansible runs them (arguments in, o
 
 from __future__ import annotations
 
+import enum
 import importlib
 import json
+import re
 import sys
+import types
+import typing
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import ModuleType
 from typing import Any
 
 import pytest
+import typer.main
+
+from orchestrator import cli as cli_module
+from orchestrator.migration import COMPRESSION_METHODS
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "collections"
 PREFIX = "ansible_collections.vfio.orchestrator.plugins"
@@ -299,3 +307,380 @@ def test_vfio_events_nothing_to_do_is_ok_with_the_cli_line(
         == result["skipped_reason"]
         == "nothing to do: vm1 has no VFIO device; only VFIO PCI or mdev hostdevs ..."
     )
+
+
+# --- every option of the CLI is a module option -----------------------------------------------------
+
+COMMANDS = {"migrate": "vfio_migrate", "evacuate": "vfio_evacuate"}
+
+# The CLI options no module option stands for, each with why. Every other option (and argument) of
+# `orchestrator migrate` and `orchestrator evacuate` must be an option of its module.
+NOT_MODULE_OPTIONS = {
+    # Always passed (orchestrator_cli.run): the module reads the CLI's JSON document, never its tables.
+    "--json": "always passed",
+    # Ansible's own check mode: build_args passes --dry-run when the task runs with --check.
+    "--dry-run": "check mode",
+}
+
+# The CLI options that take one comma-separated string where the module takes a list, and the values
+# the CLI accepts in it (the module option's `choices`; None: any).
+JOINED_CHOICES: dict[str, tuple[str, ...] | None] = {
+    "--comp-methods": COMPRESSION_METHODS,
+    "--migrate-disks": None,
+}
+
+REQUIRED = {
+    "domain": "vm1",
+    "dest_uri": "qemu+ssh://b/system",
+    "source_uri": "qemu+ssh://a/system",
+    "destinations": ["qemu+ssh://b/system", "qemu+ssh://c/system"],
+}
+README = COLLECTIONS / "ansible_collections" / "vfio" / "orchestrator" / "README.md"
+
+
+@pytest.fixture(scope="module")
+def cli() -> dict[str, Any]:
+    """The Click commands `orchestrator migrate` and `orchestrator evacuate`, as the CLI builds them."""
+    group = typer.main.get_command(cli_module.app)
+    return {name: group.commands[name] for name in COMMANDS}
+
+
+@pytest.fixture(scope="module")
+def callbacks() -> dict[str, Any]:
+    """The Python functions behind the commands (their annotations carry the options' types)."""
+    return {info.name: info.callback for info in cli_module.app.registered_commands if info.name in COMMANDS}
+
+
+@pytest.fixture
+def no_cli_env(cli: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No option of the commands takes its value from the environment ($LIBVIRT_DEFAULT_URI, ...)."""
+    for command in cli.values():
+        for param in command.params:
+            for name in [param.envvar] if isinstance(param.envvar, str) else param.envvar or ():
+                monkeypatch.delenv(name, raising=False)
+
+
+def mapping(module: ModuleType, param: Any) -> list[Any]:
+    """The module's CliOption entries that pass this CLI option."""
+    return [entry for entry in module.CLI_OPTIONS if entry.flag in param.opts]
+
+
+def base_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """The module's parameters as Ansible hands them over: defaults, and the required ones given."""
+    params = {key: entry.get("default") for key, entry in spec.items()}
+    params.update({key: value for key, value in REQUIRED.items() if spec.get(key, {}).get("required")})
+    return params
+
+
+def parse(command: Any, args: list[str]) -> dict[str, Any]:
+    """The CLI's parameters for `args` (the subcommand's name first), parsed by its own Click command."""
+    assert args[0] == command.name
+    return {key: plain(value) for key, value in command.make_context(args[0], args[1:]).params.items()}
+
+
+def plain(value: Any) -> Any:
+    """A parsed value as the module gives it: an enum's value, a path's text, a list for a tuple."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+def python_type(hint: Any) -> Any:
+    """The type in `Annotated[T | None, typer.Option(...)]`: T."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
+
+
+def ansible_type(hint: Any, joined: bool) -> dict[str, Any]:
+    """The argument_spec fields (type, elements, choices) an option of this Python type needs."""
+    kind = python_type(hint)
+    if joined:
+        assert kind is str, f"a comma-separated option is a str, not {kind}"
+        return {"type": "list", "elements": "str"}
+    if typing.get_origin(kind) is list:
+        return {"type": "list", "elements": {str: "str"}[typing.get_args(kind)[0]]}
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return {"type": "str", "choices": [member.value for member in kind]}
+    return {"type": {bool: "bool", int: "int", float: "float", str: "str", Path: "path"}[kind]}
+
+
+def samples(entry: dict[str, Any]) -> list[Any]:
+    """Values of a module option to pass through the CLI: both bools, every choice, ..."""
+    kind, choices = entry["type"], entry.get("choices")
+    if kind == "list":
+        return [list(choices[:2]) if choices else ["vm-a*", "vm-b*"]]
+    return {
+        "bool": [True, False],
+        "int": [7],
+        "float": [2.5],
+        "path": ["/srv/vm1.xml"],
+        "str": list(choices) if choices else ["qemu+ssh://x/system"],
+    }[kind]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_cli_option_is_a_module_option(
+    plugins: dict[str, ModuleType], cli: dict[str, Any], name: str
+) -> None:
+    module = plugins[COMMANDS[name]]
+    spec = module.ARGUMENT_SPEC
+    missing, wrong = [], []
+    for param in cli[name].params:
+        if param.param_type_name == "argument":  # DOMAIN, DESTURI: build_args passes them first
+            if not spec.get(param.name, {}).get("required"):
+                missing.append(f"{param.metavar} (a required option {param.name})")
+            continue
+        if set(param.opts) & NOT_MODULE_OPTIONS.keys():
+            continue
+        entries = mapping(module, param)
+        if not entries:
+            missing.append("/".join(param.opts + param.secondary_opts))
+            continue
+        if len(entries) > 1:
+            wrong.append(f"{param.opts[0]}: passed by {[entry.option for entry in entries]}")
+        (entry, *_) = entries
+        off = param.secondary_opts[0] if param.secondary_opts else None
+        if entry.off != off:
+            wrong.append(f"{entry.option}=false must pass {off}, not {entry.off}")
+        # Required when the CLI requires it; vfio_evacuate also requires source_uri (-c): emptying a
+        # host is never left to $LIBVIRT_DEFAULT_URI.
+        if param.required and not spec[entry.option].get("required"):
+            wrong.append(f"{entry.option} must be required, as {param.opts[0]} is")
+    assert not missing, (
+        f"`orchestrator {name}` options that {COMMANDS[name]} lacks: {', '.join(missing)} (add each to the "
+        "module's ARGUMENT_SPEC, CLI_OPTIONS and DOCUMENTATION and to the README's table, or to "
+        "NOT_MODULE_OPTIONS here with why)"
+    )
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_module_option_is_a_cli_option(
+    plugins: dict[str, ModuleType], cli: dict[str, Any], name: str
+) -> None:
+    module = plugins[COMMANDS[name]]
+    flags = {flag for param in cli[name].params for flag in param.opts + param.secondary_opts}
+    arguments = {param.name for param in cli[name].params if param.param_type_name == "argument"}
+    stale = [entry.flag for entry in module.CLI_OPTIONS if entry.flag not in flags]
+    stale += [entry.off for entry in module.CLI_OPTIONS if entry.off and entry.off not in flags]
+    assert not stale, f"not options of `orchestrator {name}`: {stale}"
+    passed = {entry.option for entry in module.CLI_OPTIONS}
+    common = plugins["orchestrator_cli"].COMMON_ARGUMENT_SPEC.keys()
+    assert set(module.ARGUMENT_SPEC) == passed | arguments | common
+    assert len(passed) == len(module.CLI_OPTIONS), "a module option is passed twice"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_module_options_have_the_types_of_the_cli_options(
+    plugins: dict[str, ModuleType], cli: dict[str, Any], callbacks: dict[str, Any], name: str
+) -> None:
+    module = plugins[COMMANDS[name]]
+    hints = typing.get_type_hints(callbacks[name], include_extras=True)
+    for param in cli[name].params:
+        entries = mapping(module, param) if param.param_type_name == "option" else []
+        option = entries[0].option if entries else param.name
+        if option not in module.ARGUMENT_SPEC:
+            continue  # --json, --dry-run
+        joined = param.opts[0] in JOINED_CHOICES
+        expected = ansible_type(hints[param.name], joined)
+        if joined and JOINED_CHOICES[param.opts[0]]:
+            expected["choices"] = list(JOINED_CHOICES[param.opts[0]])
+        spec = module.ARGUMENT_SPEC[option]
+        got = {key: spec[key] for key in ("type", "elements", "choices") if key in spec}
+        assert got == expected, f"{option} ({param.opts[0]})"
+        assert bool(entries and entries[0].joined) == joined, f"{option}: comma-separated or not"
+        # No default of its own: omitted, the CLI's (or the policy's) applies. A flag that can only
+        # turn something on may default to false, which passes nothing.
+        default = spec.get("default")
+        assert default is None or (default is False and param.default is False), f"{option}: {default!r}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.usefixtures("no_cli_env")
+def test_module_options_reach_the_cli_as_its_options(
+    plugins: dict[str, ModuleType], cli: dict[str, Any], name: str
+) -> None:
+    """Each module option, built into argv by the module and parsed by the CLI's own Click command,
+    sets that CLI option to its value and nothing else; the module's defaults pass nothing."""
+    module, command = plugins[COMMANDS[name]], cli[name]
+    spec = module.ARGUMENT_SPEC
+    base = base_params(spec)
+    minimal = module.build_args(base, False)
+    if name == "migrate":
+        assert minimal == ["migrate", REQUIRED["domain"], REQUIRED["dest_uri"]]
+    else:
+        to = [arg for uri in REQUIRED["destinations"] for arg in ("--to", uri)]
+        assert minimal == ["evacuate", "-c", REQUIRED["source_uri"], *to]
+    assert module.build_args(base, True) == [*minimal, "--dry-run"]
+    defaults = parse(command, minimal)
+    assert parse(command, [*minimal, "--dry-run"]) == {**defaults, "dry_run": True}
+
+    by_flag = {flag: param for param in command.params for flag in param.opts}
+    for entry in module.CLI_OPTIONS:
+        param = by_flag[entry.flag]
+        for value in samples(spec[entry.option]):
+            parsed = parse(command, module.build_args({**base, entry.option: value}, False))
+            if isinstance(value, bool):
+                expected = value if value or entry.off else defaults[param.name]
+            elif entry.joined:
+                expected = ",".join(value)
+            else:
+                expected = value
+            assert parsed[param.name] == expected, f"{entry.option}={value!r}"
+            rest = {key: item for key, item in parsed.items() if key != param.name}
+            assert rest == {key: item for key, item in defaults.items() if key != param.name}, entry.option
+
+
+def test_an_empty_optional_string_passes_nothing_an_empty_required_one_is_passed(
+    plugins: dict[str, ModuleType],
+) -> None:
+    migrate, evacuate = plugins["vfio_migrate"], plugins["vfio_evacuate"]
+    params = {**base_params(migrate.ARGUMENT_SPEC), "source_uri": "", "policy": "", "drain": None}
+    assert migrate.build_args(params, False) == ["migrate", REQUIRED["domain"], REQUIRED["dest_uri"]]
+    # An empty source URI of an evacuation goes to the CLI, which refuses it: never the default host.
+    params = {**base_params(evacuate.ARGUMENT_SPEC), "source_uri": ""}
+    assert evacuate.build_args(params, False)[:3] == ["evacuate", "-c", ""]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_the_documentation_has_the_argument_spec(plugins: dict[str, ModuleType], name: str) -> None:
+    yaml = pytest.importorskip("yaml")
+    module = plugins[COMMANDS[name]]
+    documented = yaml.safe_load(module.DOCUMENTATION)["options"]
+    assert documented.keys() == module.ARGUMENT_SPEC.keys()
+    for option, spec in module.ARGUMENT_SPEC.items():
+        doc = documented[option]
+        for key in ("type", "elements", "choices", "default"):
+            assert doc.get(key) == spec.get(key), f"{option}: {key}"
+        assert bool(doc.get("required")) == bool(spec.get("required")), option
+    check_mode = yaml.safe_load(module.DOCUMENTATION)["attributes"]["check_mode"]["description"]
+    assert "nothing is written to the journal" in " ".join(check_mode)
+
+
+def readme_table() -> dict[str, list[str]]:
+    """The collection README's table of options: first cell -> the other cells."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| module option | CLI option |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        first, *cells = (cell.strip() for cell in line.strip().strip("|").split("|"))
+        assert first not in rows, f"README: {first} twice"
+        rows[first] = cells
+    return rows
+
+
+def test_the_readme_table_is_the_modules_and_the_cli(
+    plugins: dict[str, ModuleType], cli: dict[str, Any]
+) -> None:
+    rows = readme_table()
+    options = {option for name in COMMANDS for option in plugins[COMMANDS[name]].ARGUMENT_SPEC}
+    assert {first for first in rows if first.startswith("`")} == {f"`{option}`" for option in options}
+    for name, module_name in COMMANDS.items():
+        module, column = plugins[module_name], 1 + list(COMMANDS).index(name)
+        arguments = {p.name: p for p in cli[name].params if p.param_type_name == "argument"}
+        for option in options:
+            cells = rows[f"`{option}`"]
+            spec = module.ARGUMENT_SPEC.get(option)
+            mark = "-" if spec is None else "required" if spec.get("required") else "yes"
+            assert cells[column] == mark, f"README: {option} in {module_name}"
+            if spec is None:
+                continue
+            entries = [entry for entry in module.CLI_OPTIONS if entry.option == option]
+            if option in arguments:
+                assert re.findall(r"`([A-Z_]+)`", cells[0]) == [arguments[option].metavar], option
+            else:
+                flags = {flag for entry in entries for flag in (entry.flag, entry.off) if flag}
+                assert set(re.findall(r"`(-[-\w]*)`", cells[0])) == flags, f"README: {option}"
+            joined = bool(entries and entries[0].joined)
+            assert ("comma-separated" in cells[0]) == joined, f"README: {option}"
+        # every option of the command is in the table, --json and --dry-run too
+        written = {flag for cells in rows.values() for flag in re.findall(r"`(-[-\w]*)`", cells[0])}
+        for param in cli[name].params:
+            if param.param_type_name == "option":
+                assert set(param.opts) & written, f"README: {param.opts[0]} is not in the table"
+
+
+def test_vfio_migrate_passes_the_new_options_as_ansible_validates_them(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    doc = {**ROLLED_BACK, "outcome": "planned", "changed": False, "error": None, "hooks": [], "notes": []}
+    args = {
+        "domain": "vm1",
+        "dest_uri": "qemu+ssh://b/system",
+        "drain": "gated",
+        "max_downtime": "500",  # Ansible converts it
+        "lock_wait": 30,
+        "auto_converge": "yes",
+        "compressed": False,  # the CLI has no off option: passes nothing
+        "comp_methods": "zstd,xbzrle",  # Ansible splits a comma-separated string
+        "tls": True,
+        "migrate_disks": ["vda", "vdb"],
+        "_ansible_check_mode": True,
+    }
+    result, argv = run_module(plugins["vfio_migrate"], args, 0, json.dumps(doc), "", monkeypatch, capsys)
+    assert not result.get("failed"), result
+    options = argv[4:]
+    for expected in (
+        ["--drain", "gated"],
+        ["--max-downtime", "500"],
+        ["--lock-wait", "30.0"],
+        ["--comp-methods", "zstd,xbzrle"],
+        ["--migrate-disks", "vda,vdb"],
+    ):
+        assert any(options[i : i + 2] == expected for i in range(len(options))), (expected, argv)
+    assert {"--auto-converge", "--tls", "--dry-run", "--json"} <= set(options)
+    assert "--compressed" not in options and "--parallel" not in options
+
+
+def test_vfio_evacuate_passes_the_new_options(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    doc = {"source": "qemu+ssh://a/system", "changed": False, "empty": True, "plan": [], "results": []}
+    args = {
+        "source_uri": "qemu+ssh://a/system",
+        "destinations": ["qemu+ssh://b/system"],
+        "drain": "start",
+        "bandwidth": 1024,
+        "max_downtime": 300,
+        "timeout": 600,
+    }
+    result, argv = run_module(plugins["vfio_evacuate"], args, 0, json.dumps(doc), "", monkeypatch, capsys)
+    assert not result.get("failed"), result
+    assert argv[1:] == [
+        "evacuate",
+        "-c",
+        "qemu+ssh://a/system",
+        "--to",
+        "qemu+ssh://b/system",
+        "--drain",
+        "start",
+        "--bandwidth",
+        "1024",
+        "--max-downtime",
+        "300",
+        "--timeout",
+        "600.0",
+        "--json",
+    ]
+
+
+def test_a_drain_the_cli_does_not_know_fails_before_the_cli_runs(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    args = {"domain": "vm1", "dest_uri": "qemu+ssh://b/system", "drain": "later"}
+    monkeypatch.setattr(basic, "_ANSIBLE_ARGS", json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode())
+    monkeypatch.setattr(basic, "_ANSIBLE_PROFILE", "legacy", raising=False)
+    with pytest.raises(SystemExit):
+        plugins["vfio_migrate"].main()
+    result = json.loads(capsys.readouterr().out)
+    assert result["failed"] is True
+    assert "drain" in result["msg"] and "prepare, gated, start" in result["msg"]

@@ -4,6 +4,7 @@ and bad option values as one line in our own words."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -109,7 +110,13 @@ def test_version_imports_nothing_heavy() -> None:
         (["lab", "up"], ["-n, --hosts N", "--lab-dir PATH"]),
         (
             ["lab", "guest"],
-            ["{DOMAIN}", "--host HOST", "--devices N", "--qemu-behaviour <11.0|10.0>", "--transition-ms MS"],
+            [
+                "{DOMAIN}",
+                "--host HOST",
+                "--devices N",
+                "--qemu-behaviour <11.0|10.0|11.0-event>",
+                "--transition-ms MS",
+            ],
         ),
         (["lab", "peer"], ["{DOMAIN}", "--interval-ms MS", "--timeout-ms MS", "--duration SECONDS"]),
         (["lab", "demo"], ["--name DOMAIN", "--lab-dir PATH"]),
@@ -140,7 +147,7 @@ def test_help_shows_readable_metavars(
         (["history", "--limit", "many"], "Invalid value for '--limit': 'many' is not a whole number"),
         (
             ["lab", "guest", "vm1", "--host", "lab-a", "--qemu-behaviour", "9.0"],
-            "Invalid value for '--qemu-behaviour': '9.0' is not one of '11.0', '10.0'",
+            "Invalid value for '--qemu-behaviour': '9.0' is not one of '11.0', '10.0', '11.0-event'",
         ),
         (
             ["events", "enable", "vm1", "--mode", "sideways"],
@@ -279,3 +286,42 @@ def test_sha256_without_hashlib_is_hashlibs() -> None:
 
     for data in (b"", b"abc", bytes(range(256)) * 99):
         assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+
+
+def complete(*words: str) -> list[str]:
+    """What the shell's completion offers for the last word (bash's protocol), from the real program."""
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator"],
+        env={
+            **os.environ,
+            "_ORCHESTRATOR_COMPLETE": "complete_bash",
+            "COMP_WORDS": " ".join(["orchestrator", *words]),
+            "COMP_CWORD": str(len(words)),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_shell_completes_commands_options_and_local_domain_names() -> None:
+    assert complete("mig") == ["migrate"]
+    assert {"--drain", "--dry-run"} <= set(complete("migrate", "--dr"))
+    assert "-j" in complete("evacuate", "-")
+    pytest.importorskip("libvirt", exc_type=ImportError)  # a machine without libvirt-python: no names
+    # The test driver's domain "test", read-only; a remote URI is never asked (an ssh connection per Tab).
+    assert complete("migrate", "-c", "test:///default", "t") == ["test"]
+    assert complete("events", "status", "-c", "test:///default", "") == ["test"]
+    assert complete("migrate", "-c", "qemu+ssh://nowhere.invalid/system", "t") == []
+
+
+def test_a_range_is_said_in_plain_numbers() -> None:
+    from orchestrator.errors import BadInput
+    from orchestrator.policy import resolve_policy
+
+    with pytest.raises(BadInput) as caught:
+        resolve_policy("default").migration.overridden(max_downtime_ms=2000001)
+    assert "--max-downtime must be between 1 and 2000000, not 2000001" in caught.value.line()

@@ -231,7 +231,7 @@ from orchestrator import recovery
 class Recovery:
     def __init__(self, *args, **kwargs):
         pass
-    def run(self, domain):
+    def run(self, domain, dry_run=False):
         storming.start()
         while True:  # as long as it takes: the first signal stops it (KeyboardInterrupt)
             time.sleep(0.01)

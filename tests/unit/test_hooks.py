@@ -364,6 +364,7 @@ def test_result_to_json() -> None:
         "error",
         "output_tail",
         "run",
+        "arming",
         "ok",
     }
     assert record["trigger"] == "drain"

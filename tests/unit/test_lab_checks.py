@@ -122,7 +122,7 @@ def test_peer_margins_pair_each_disarm_with_its_nearest_outage(outages, disarm, 
     from orchestrator.lab.peer import Outage, PeerStats
 
     stats = PeerStats("vm", "nic0", 5.0, 30.0, disarms=[disarm], outages=[Outage(s, e) for s, e in outages])
-    assert stats.margins_ms() == [pytest.approx(margin, abs=0.01)]
+    assert stats.timeout_left_ms() == [pytest.approx(margin, abs=0.01)]
 
 
 @pytest.mark.parametrize(

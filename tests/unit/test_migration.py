@@ -143,7 +143,7 @@ def test_success_drains_on_prepare_and_undrains_when_the_destination_runs(world:
     assert drain.values["state"] == "pre-copy-p2p-prepare" and undrain.values["state"] == "running"
     device = report.devices["nic0"]
     assert device.trigger == "prepare" and not device.late
-    assert device.margin_ms is not None and device.margin_ms < 0, "a prepare drain races the device"
+    assert device.lead_ms is not None and device.lead_ms < 0, "a prepare drain races the device"
     record = world.record(report)
     steps = [(a.action, a.status) for a in record.device_actions]
     assert steps == [
@@ -257,6 +257,20 @@ def test_a_failing_undrain_needs_an_admin(world: World) -> None:
     report = world.run()
     assert report.outcome is Outcome.SUCCEEDED and report.undrain_failed and report.exit_code == 9
     assert_invariant(world.runner)
+    said = "the undrain of nic0 failed: its workloads may still be drained"
+    assert report.error == said and world.record(report).migration.error == said, "history says it too"
+
+
+def test_a_failed_drain_then_a_failed_undrain_is_an_abort_that_says_both(world: World) -> None:
+    """rdma-drain without reachable peers: its drain fails (abort), its undrain too."""
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(error="answered fail: no peer answered")
+    world.runner.behaviours[(Trigger.UNDRAIN, None)] = Behaviour(error="answered fail: no peer answered")
+    report = world.run(policy_text(drain="gated"), model=Model(dirty_ms=20))
+    assert report.outcome is Outcome.ABORTED and report.exit_code == 9 and report.location == "source"
+    error = world.record(report).migration.error or ""
+    assert error.startswith("drain hook drain0 for nic0 failed") and error.endswith(
+        "the undrain of nic0 failed: its workloads may still be drained"
+    ), error
 
 
 # --- interrupts at each phase -------------------------------------------------------------------
@@ -436,7 +450,7 @@ def test_gated_drains_every_device_before_releasing_the_switchover(world: World)
     for device in model.devices:
         assert device.quiet_at is not None and device.quiet_at > released_at
         record = report.devices[device.device_id]
-        assert record.trigger == "gate" and record.margin_ms is not None and record.margin_ms > 0
+        assert record.trigger == "gate" and record.lead_ms is not None and record.lead_ms > 0
 
 
 def test_gated_on_qemu_10_still_drains_ahead(world: World) -> None:
@@ -573,6 +587,8 @@ def test_dry_run_plans_and_changes_nothing(world: World) -> None:
     report = world.run(policy_text(drain="gated"), dry_run=True)
     assert report.outcome is Outcome.PLANNED and world.source.migrations == [] and world.runner.runs == []
     assert any(line.startswith("drain gated:") for line in report.plan)
+    assert any(line.startswith("downtime limit: 1 ms (the gate's floor) until") for line in report.plan)
+    assert world.journal.list_migrations() == [], "a dry run writes nothing, the journal included"
 
 
 def test_an_active_libvirt_job_is_refused(world: World) -> None:
@@ -745,3 +761,110 @@ def test_events_that_need_no_action_are_all_recorded_in_their_order_after_the_ne
         if (a.device_id, a.action, a.status) == ("nic1", DeviceAction.DRAIN, ActionStatus.STARTING)
     ]
     assert started.seq < seq[("nic0", "pre-copy-p2p")] < seq[("nic1", "pre-copy-p2p-prepare")]
+
+
+# --- the report states only what happened ----------------------------------------------------------
+
+
+def test_a_policy_without_drain_hooks_reports_no_drain(world: World) -> None:
+    report = world.run(policy_text(drain_hooks=0))
+    device = report.devices["nic0"]
+    assert device.trigger == "observed only" and world.runner.of(Trigger.DRAIN) == []
+    assert (device.drain_started, device.drain_finished, device.drain_ok, device.lead_ms) == (None,) * 4
+    assert device.to_json()["drained_ms"] is None
+
+
+def test_a_failed_drain_reports_no_lead_and_no_drained_time(world: World) -> None:
+    world.runner.behaviours[(Trigger.DRAIN, None)] = Behaviour(error="exited with status 3")
+    report = world.run(policy_text(on_failure="continue"))
+    device = report.devices["nic0"]
+    assert device.drain_ok is False and device.drain_finished is not None
+    assert device.lead_ms is None and device.drained_ms is None
+
+
+@pytest.mark.parametrize(
+    ("drain", "bounds"),
+    [
+        # Gated: the gate's release precedes every transition; then each device's P2P state the next's.
+        ("gated", [("at least", "the gate's release"), ("at least", "the previous device's P2P state")]),
+        # On the prepare event alone: nothing known before the first device's transition.
+        (
+            "prepare",
+            [
+                ("at most", "its first P2P state, once the transition had ended"),
+                ("at least", "the previous device's P2P state"),
+            ],
+        ),
+    ],
+)
+def test_on_qemu_10_the_quiet_time_is_the_earliest_known_bound_and_says_so(
+    world: World, drain: str, bounds: list[tuple[str, str]]
+) -> None:
+    devices = [FakeDevice("nic0", prepare=False), FakeDevice("nic1", prepare=False)]
+    report = world.run(policy_text(drain=drain), model=Model(devices=devices))
+    assert report.outcome is Outcome.SUCCEEDED
+    seen = [(report.devices[d].quiet_bound, report.devices[d].quiet_source) for d in ("nic0", "nic1")]
+    assert seen == bounds
+    first_p2p = [e.at for e in report.timeline if e.text == "nic0 -> pre-copy-p2p"]
+    assert report.devices["nic1"].quiet_at == first_p2p[0], "nic1's transition began after nic0's ended"
+
+
+def test_an_early_pass_of_the_gate_is_said_of_every_device(world: World) -> None:
+    devices = [FakeDevice("nic0"), FakeDevice("nic1")]
+    report = world.run(policy_text(drain="gated"), model=Model(devices=devices, dirty_ms=0))
+    assert report.gate == "passed early"
+    assert {d.trigger for d in report.devices.values()} == {"prepare (gate passed early)"}
+
+
+def test_the_gate_drains_a_device_known_only_from_its_events(world: World) -> None:
+    """The domain XML lists no VFIO device (added another way): its pre-copy event makes it known,
+    and the gate drains it before releasing QEMU, not on its prepare event."""
+    world.source.add("vm1", domain_xml([]))  # -global migration-events=on, no device listed
+    report = world.run(policy_text(drain="gated"), place=False)
+    assert report.outcome is Outcome.SUCCEEDED and report.gate == "opened"
+    assert report.devices["nic0"].trigger == "gate"
+    assert any("draining 1 device(s)" in e.text for e in report.timeline)
+    world.three_facts(report, DST)
+
+
+def test_a_device_left_undrained_by_an_abort_is_said_once(world: World) -> None:
+    """nic0's drain fails (abort) while QEMU goes on switching over: nic1's prepare, then its P2P state,
+    come while the job is being aborted; that nic1 was not drained is said once, not per event."""
+    world.runner.behaviours[(Trigger.DRAIN, "nic0")] = Behaviour(
+        error="exited with status 3", duration_s=0.01
+    )
+    script = [
+        (0.1, ("vfio", "src", "nic0", "pre-copy")),
+        (0.0, ("vfio", "src", "nic1", "pre-copy")),
+        (0.2, ("vfio", "src", "nic0", "pre-copy-p2p-prepare")),
+        (0.3, ("vfio", "src", "nic0", "pre-copy-p2p")),
+        (0.0, ("vfio", "src", "nic1", "pre-copy-p2p-prepare")),
+        (0.3, ("vfio", "src", "nic1", "pre-copy-p2p")),
+        (0.1, ("end", "operation aborted: canceled by client")),
+        (0.0, ("vfio", "src", "nic0", "running")),
+        (0.0, ("vfio", "src", "nic1", "running")),
+    ]
+    devices = [FakeDevice("nic0"), FakeDevice("nic1")]
+    report = world.run(model=Model(devices=devices, script=script, ignores_cancel=True))
+    assert report.outcome is Outcome.ABORTED
+    said = [n for n in report.notes if n.startswith("nic1 not drained")]
+    assert len(said) == 1, report.notes
+    world.three_facts(report, SRC)
+
+
+def test_qemus_first_design_a_prepare_event_of_its_own_drains_on_it(world: World) -> None:
+    data = {"device-id": "nic0", "qom-path": "/machine/peripheral/nic0"}
+    script = [
+        (0.1, ("vfio", "src", "nic0", "pre-copy")),
+        (0.2, ("qemu", "src", "VFIO_MIGRATION_PREPARE", {**data, "device-state": "pre-copy-p2p"})),
+        (0.3, ("vfio", "src", "nic0", "pre-copy-p2p")),
+        (0.1, ("end", None)),
+        (0.0, ("vfio", "dst", "nic0", "running")),
+    ]
+    report = world.run(model=Model(script=script))
+    assert report.outcome is Outcome.SUCCEEDED
+    device = report.devices["nic0"]
+    assert (device.trigger, device.late, device.quiet_bound) == ("prepare", False, "exact")
+    (drain,) = world.runner.of(Trigger.DRAIN)
+    assert drain.values["state"] == "pre-copy-p2p-prepare"
+    world.three_facts(report, DST)

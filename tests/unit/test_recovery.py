@@ -547,3 +547,44 @@ def test_recover_runs_its_undrain_hooks_under_its_own_supervisor_and_records_the
     (undrain_run,) = [r for r in record.hook_runs if r.trigger == "undrain"]
     assert undrain_run.ok and undrain_run.argv == ("/bin/true", "nic0"), "recorded by the supervisor"
     assert sys.executable  # the supervisor was the one this test started (closed with the process)
+
+
+def test_a_dry_run_says_what_it_would_do_and_does_nothing(world: World) -> None:
+    migration_id = world.left(
+        [
+            action("nic0", "drain", "starting"),
+            start("1", "drain", "nic0"),
+            end("1"),
+            action("nic1", "drain", "starting"),
+            start("2", "drain", "nic1"),
+            end("2"),
+            action("nic1", "undrain", "starting"),
+            start("3", "undrain", "nic1"),
+            end("3"),
+            SUPERVISED,
+        ]
+    )
+    world.vm_on(world.destination)
+    path = runlog.path_of(runlog.directory_of(world.path), migration_id)
+    before = path.read_bytes()
+    lines: list[str] = []
+    report = world.recovery(on_line=lines.append).run(dry_run=True)
+    (would,) = report.recovered
+    assert (would.undrained, would.awaited, would.location) == (["nic0"], ["nic1"], "destination")
+    assert report.dry_run and report.to_json()["dry_run"] is True
+    assert world.runner.runs == [] and path.read_bytes() == before, "nothing run, nothing written"
+    assert any("would be recovered: undrain nic0" in line for line in lines), lines
+    assert [row.id for row in world.journal.unfinished()] == [migration_id], "still to recover"
+
+
+def test_waiting_for_a_job_says_so_every_few_seconds_and_names_the_way_out(world: World) -> None:
+    world.source.model = Model(dirty_ms=10_000, devices=[FakeDevice("nic0")])  # never converges
+    guest = world.source.add("vm1", domain_xml(["nic0"]))
+    world.source.start_migration(guest, MigrateRequest(DST), world.destination, lambda _error: None)
+    world.left([action("nic0", "drain", "starting")])
+    lines: list[str] = []
+    report = world.recovery(on_line=lines.append, job_wait_s=12).run()
+    assert "still runs after 12 s" in report.skipped[0]["error"]
+    assert any("at most 12 s" in line and "recover --job abort" in line for line in lines), lines
+    progress = [line for line in lines if "the libvirt job still runs" in line]
+    assert len(progress) == 2 and all("--job abort" in line for line in progress), lines

@@ -408,9 +408,10 @@ class Run:
                     continue
                 assert line.endswith(b"\r\n")
                 message = json.loads(line)
-                assert message["event"] == "VFIO_MIGRATION"
+                assert message["event"] in ("VFIO_MIGRATION", "VFIO_MIGRATION_PREPARE")
                 self.seen.append(message["data"])
-                self.trace.append(f"{message['data']['device-id']} {message['data']['device-state']}")
+                prefix = "PREPARE " if message["event"] == "VFIO_MIGRATION_PREPARE" else ""
+                self.trace.append(f"{prefix}{message['data']['device-id']} {message['data']['device-state']}")
             elif step.kind == "quiet":
                 assert step.device is not None
                 step.device.quiet = True
@@ -470,6 +471,26 @@ SEQUENCES = {
             "nic0 pre-copy",
             "MIGRATION active",
             "MIGRATION_PASS",
+            "quiet nic0",
+            "wait 0.1",
+            "nic0 pre-copy-p2p",
+            "quiet nic0",
+            "nic0 stop-copy",
+            *SOURCE_TAIL,
+            "nic0 stop",
+            "SHUTDOWN",
+        ],
+    ),
+    "source 11.0, its first design: a prepare event of its own": (
+        ONE,
+        {"ORCH_SIM_BEHAVIOUR": "11.0-event", "ORCH_SIM_TRANSITION_MS": "100"},
+        SOURCE,
+        [
+            "MIGRATION setup",
+            "nic0 pre-copy",
+            "MIGRATION active",
+            "MIGRATION_PASS",
+            "PREPARE nic0 pre-copy-p2p",
             "quiet nic0",
             "wait 0.1",
             "nic0 pre-copy-p2p",

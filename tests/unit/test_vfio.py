@@ -237,3 +237,24 @@ def test_event_to_json() -> None:
         "state": "running",
     }
     assert json.loads(json.dumps(record)) == record
+
+
+# QEMU's first design of the feature, from its review thread: a separate event, its device-state the
+# state about to be entered (the line as QEMU would write it on its monitor).
+FIRST_DESIGN = (
+    '{"timestamp": {"seconds": 1700000000, "microseconds": 250000}, "event": "VFIO_MIGRATION_PREPARE", '
+    '"data": {"device-id": "nic0", "qom-path": "/machine/peripheral/nic0", "device-state": "pre-copy-p2p"}}'
+)
+
+
+def test_a_separate_prepare_event_is_the_prepare_of_the_state_it_names() -> None:
+    message = json.loads(FIRST_DESIGN)
+    ev = VfioEvent.from_qmp(
+        "src", Role.SOURCE, "vm1", 1700000000, 250000, message["data"], 1.0, message["event"]
+    )
+    assert ev.state is DeviceState.PRE_COPY_P2P_PREPARE and ev.device_id == "nic0"
+    tracker = MigrationTracker()
+    signal = tracker.feed(ev)
+    assert signal is not None and signal.signal is Signal.QUIESCING, "drained on it, as on the prepare state"
+    again = {**message["data"], "device-state": "pre-copy-p2p-prepare"}  # said both ways: read once
+    assert VfioEvent.from_qmp("src", Role.SOURCE, "vm1", 0, 0, again, 1.0, message["event"]).state == ev.state

@@ -176,7 +176,7 @@ def test_a_domain_found_nowhere_is_a_warning_once_and_still_watched(make: Any, l
         "orchestrator: warning: domain 'vm9' exists on none of the watched hosts; "
         "watching for it anyway (it may be created or migrated in)"
     ]
-    assert net.host(A).filters == {"events": ["VFIO_MIGRATION"], "domain": "vm9"}
+    assert net.host(A).filters == {"events": ["VFIO_MIGRATION", "VFIO_MIGRATION_PREPARE"], "domain": "vm9"}
     net.host(B).emit("vm9", "resuming")  # migrated in later
     assert [r["domain"] for r in records(out)] == ["vm9"]
 

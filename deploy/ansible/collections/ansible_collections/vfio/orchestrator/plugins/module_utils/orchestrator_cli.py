@@ -14,6 +14,7 @@ __metaclass__ = type  # noqa: UP001 - Ansible boilerplate
 
 import json
 import os
+from collections import namedtuple
 
 # The CLI's documented exit codes (README "Exit codes").
 EXIT_OK = 0
@@ -31,6 +32,41 @@ NOTHING_TO_DO_PREFIX = "orchestrator: nothing to do: "
 COMMON_ARGUMENT_SPEC = {
     "orchestrator": {"type": "str", "default": "orchestrator"},
 }
+
+# A module option that becomes a CLI option (see cli_args): `flag` for a value, or for a bool that is
+# true; `off` for a bool that is false (None: the CLI has no such flag, false passes nothing); a list
+# passes `flag` once per element, or once with its elements comma-separated when `joined`.
+CliOption = namedtuple("CliOption", ("option", "flag", "off", "joined"), defaults=(None, False))
+
+# The migration settings `orchestrator migrate` and `orchestrator evacuate` share, in the order of
+# their --help. Omitted (parallel and tls: false), each passes nothing: the CLI's default applies,
+# which for most of them is the policy's.
+MIGRATION_ARGUMENT_SPEC = {
+    "policy": {"type": "str"},
+    "drain": {"type": "str", "choices": ["prepare", "gated", "start"]},
+    "bandwidth": {"type": "int"},
+    "max_downtime": {"type": "int"},
+    "timeout": {"type": "float"},
+    "auto_converge": {"type": "bool"},
+    "compressed": {"type": "bool"},
+    "comp_methods": {"type": "list", "elements": "str", "choices": ["mt", "xbzrle", "zlib", "zstd"]},
+    "parallel": {"type": "bool", "default": False},
+    "parallel_connections": {"type": "int"},
+    "tls": {"type": "bool", "default": False},
+}
+MIGRATION_CLI_OPTIONS = (
+    CliOption("policy", "--policy"),
+    CliOption("drain", "--drain"),
+    CliOption("bandwidth", "--bandwidth"),
+    CliOption("max_downtime", "--max-downtime"),
+    CliOption("timeout", "--timeout"),
+    CliOption("auto_converge", "--auto-converge"),
+    CliOption("compressed", "--compressed"),
+    CliOption("comp_methods", "--comp-methods", joined=True),
+    CliOption("parallel", "--parallel"),
+    CliOption("parallel_connections", "--parallel-connections"),
+    CliOption("tls", "--tls"),
+)
 
 
 def error_line(stderr):
@@ -95,6 +131,34 @@ def run(module, args):
             stderr=err,
         )
     return rc, document, error_line(err), argv
+
+
+def cli_args(params, options, argument_spec):
+    """The CLI's options for the module's `options` (CliOption), in their order.
+
+    An option that is None passes nothing (the CLI's default applies), and so does an optional string
+    left empty (`policy: ""`); a required one is passed as given, for the CLI to judge (an empty
+    source URI must never fall back to the default host).
+    """
+    args = []
+    for option, flag, off, joined in options:
+        value = params.get(option)
+        if value is None or (value == "" and not argument_spec[option].get("required")):
+            continue
+        if isinstance(value, bool):
+            chosen = flag if value else off
+            if chosen:
+                args.append(chosen)
+        elif isinstance(value, list):
+            if joined:
+                if value:
+                    args += [flag, ",".join(str(item) for item in value)]
+            else:
+                for item in value:
+                    args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def fail_message(rc, document, error):

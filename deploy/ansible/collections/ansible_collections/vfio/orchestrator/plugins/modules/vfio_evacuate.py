@@ -27,6 +27,8 @@ description:
   - An O(include) glob that matches nothing on the source is not an error (nothing to move); the task
     reports C(changed=false) and says why in C(msg) and RV(skipped_reason).
   - An unreachable destination is reported in RV(unreachable) and the others are used.
+  - Every option of C(orchestrator evacuate) is an option of the module (C(--dry-run) is check mode);
+    an option left out leaves the policy's or the CLI's default, as on the command line.
 author:
   - VFIO orchestrator maintainers (@vfio-orchestrator)
 requirements:
@@ -49,7 +51,8 @@ options:
     type: int
   per_destination:
     description:
-      - At most this many incoming migrations at once per destination. When omitted, the CLI's default.
+      - At most this many incoming migrations at once per destination. When omitted, the CLI's default
+        (2).
     type: int
   include:
     description:
@@ -67,6 +70,66 @@ options:
         policies) or path of a policy TOML file, used for every VM. C({domain}) in the policy's
         C(data_uri) is replaced by each VM's name.
     type: str
+  drain:
+    description:
+      - When the drain hooks run, for every VM (C(--drain)); overrides the policy's C(switchover.drain).
+      - V(prepare) on each device's prepare event (QEMU 11.0; a late fallback on older QEMU), V(gated)
+        holds the switchover (downtime limit at its floor) until every device is drained, V(start)
+        drains before the migration job starts.
+      - When omitted, the policy's C(switchover.drain).
+    type: str
+    choices: [prepare, gated, start]
+  bandwidth:
+    description:
+      - Bandwidth limit of every migration in MiB/s (C(--bandwidth)). When omitted, the policy's
+        C(bandwidth_mib).
+    type: int
+  max_downtime:
+    description:
+      - The most downtime QEMU may use for each VM, in milliseconds (C(--max-downtime)); caps the steps of
+        the policy's convergence schedule.
+      - When omitted, the policy's C(max_downtime_ms) (else QEMU's own limit).
+    type: int
+  timeout:
+    description:
+      - Abort a VM's migration job when it runs longer than this many seconds (C(--timeout)); the VM keeps
+        running on the source. When omitted, the policy's C(completion_timeout_s).
+    type: float
+  auto_converge:
+    description:
+      - V(true) throttles the vCPUs of a guest that does not converge (C(--auto-converge)).
+      - When omitted or V(false), the policy's C(auto_converge) applies (V(false) in the shipped policies);
+        the CLI has no option that turns off what the policy turns on.
+    type: bool
+  compressed:
+    description:
+      - V(true) compresses the migration data (C(--compressed)).
+      - When omitted or V(false), the policy's C(compressed) applies (V(false) in the shipped policies); the
+        CLI has no option that turns off what the policy turns on.
+    type: bool
+  comp_methods:
+    description:
+      - The compression methods (C(--comp-methods), comma-separated).
+      - When omitted, libvirt's default.
+    type: list
+    elements: str
+    choices: [mt, xbzrle, zlib, zstd]
+  parallel:
+    description:
+      - Send each VM's data over several connections (multifd, C(--parallel)); QEMU's default of 2 unless
+        O(parallel_connections) says how many.
+    type: bool
+    default: false
+  parallel_connections:
+    description:
+      - How many connections for each VM's data, 1 to 255 (C(--parallel-connections); implies
+        O(parallel)).
+    type: int
+  tls:
+    description:
+      - Encrypt the migration data with TLS (C(--tls)); the hosts need libvirt's migration TLS set up.
+    type: bool
+    default: false
   inactive:
     description:
       - Also move the persistent shut-off VMs (their definition only).
@@ -85,6 +148,7 @@ options:
     description:
       - Path of the SQLite journal (C(--journal)). When omitted, C($ORCH_JOURNAL), else
         C(/var/lib/orchestrator/journal.sqlite).
+      - In check mode nothing is written to it.
     type: path
   orchestrator:
     description:
@@ -95,8 +159,9 @@ attributes:
   check_mode:
     support: full
     description:
-      - Runs the CLI with C(--dry-run) (the plan only, nothing moves); C(changed) is V(true) when the plan
-        would move something. RV(empty) then tells whether the source is empty now, not after the move.
+      - Runs the CLI with C(--dry-run), the plan and each VM's pre-flight only; nothing moves, no hook runs
+        and nothing is written to the journal. C(changed) is V(true) when the plan would move something.
+        RV(empty) then tells whether the source is empty now, not after the move.
   diff_mode:
     support: partial
     description: Shows where each moved (or, in check mode, planned) VM runs before and after.
@@ -135,11 +200,23 @@ EXAMPLES = r"""
     exclude: ["db-scratch-*"]
     inactive: true
     journal: /var/lib/orchestrator/journal.sqlite
+
+- name: Drain before each job starts; 1 GiB/s, 300 ms of downtime and 10 minutes at most per VM
+  vfio.orchestrator.vfio_evacuate:
+    source_uri: qemu+ssh://hv1.example.com/system
+    destinations: [qemu+ssh://hv2.example.com/system]
+    policy: rdma-drain
+    drain: start
+    bandwidth: 1024
+    max_downtime: 300
+    timeout: 600
 """
 
 RETURN = r"""
 evacuation_id:
-  description: The evacuation's id; each VM's migration is in the journal under it.
+  description:
+    - The evacuation's id; each VM's migration is in the journal under it.
+    - In check mode, the dry run's id; nothing is written to the journal.
   returned: when the CLI printed its report
   type: str
   sample: 9d41c07a2b3e4f10
@@ -278,6 +355,10 @@ from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli
     EXIT_NOT_EMPTY,
     EXIT_NOTHING_TO_DO,
     EXIT_OK,
+    MIGRATION_ARGUMENT_SPEC,
+    MIGRATION_CLI_OPTIONS,
+    CliOption,
+    cli_args,
     fail_message,
     run,
 )
@@ -287,27 +368,42 @@ OTHER_FIELDS = ("evacuation_id", "source", "destinations", "message")
 PLAN_KEYS = ("domain", "destination", "memory_mib", "order", "reason", "running")
 
 
+ARGUMENT_SPEC = {
+    "source_uri": {"type": "str", "required": True},
+    "destinations": {"type": "list", "elements": "str", "required": True},
+    "concurrency": {"type": "int"},
+    "per_destination": {"type": "int"},
+    "include": {"type": "list", "elements": "str"},
+    "exclude": {"type": "list", "elements": "str"},
+    **MIGRATION_ARGUMENT_SPEC,
+    "inactive": {"type": "bool", "default": False},
+    "force": {"type": "bool", "default": False},
+    "reserve": {"type": "int"},
+    "journal": {"type": "path"},
+    **COMMON_ARGUMENT_SPEC,
+}
+
+# The module's options that are options of `orchestrator evacuate` (check mode is --dry-run; --json is
+# always passed). The collection's README has them as a table, and tests/unit/test_ansible_modules.py
+# checks both against the CLI's own options.
+CLI_OPTIONS = (
+    CliOption("source_uri", "-c"),
+    CliOption("destinations", "--to"),
+    CliOption("concurrency", "--concurrency"),
+    CliOption("per_destination", "--per-destination"),
+    CliOption("include", "--include"),
+    CliOption("exclude", "--exclude"),
+    *MIGRATION_CLI_OPTIONS,
+    CliOption("inactive", "--inactive"),
+    CliOption("reserve", "--reserve"),
+    CliOption("force", "--force"),
+    CliOption("journal", "--journal"),
+)
+
+
 def build_args(params, check_mode):
     """The CLI's arguments for the module's options."""
-    args = ["evacuate", "-c", params["source_uri"]]
-    for uri in params["destinations"]:
-        args += ["--to", uri]
-    for option, flag in (
-        ("concurrency", "--concurrency"),
-        ("per_destination", "--per-destination"),
-        ("reserve", "--reserve"),
-    ):
-        if params[option] is not None:
-            args += [flag, str(params[option])]
-    for option, flag in (("include", "--include"), ("exclude", "--exclude")):
-        for glob in params[option] or ():
-            args += [flag, glob]
-    for option, flag in (("policy", "--policy"), ("journal", "--journal")):
-        if params[option]:
-            args += [flag, params[option]]
-    for option, flag in (("inactive", "--inactive"), ("force", "--force")):
-        if params[option]:
-            args.append(flag)
+    args = ["evacuate", *cli_args(params, CLI_OPTIONS, ARGUMENT_SPEC)]
     if check_mode:
         args.append("--dry-run")
     return args
@@ -363,20 +459,7 @@ def placement_diff(document, check_mode):
 
 def main():
     module = AnsibleModule(
-        argument_spec={
-            "source_uri": {"type": "str", "required": True},
-            "destinations": {"type": "list", "elements": "str", "required": True},
-            "concurrency": {"type": "int"},
-            "per_destination": {"type": "int"},
-            "include": {"type": "list", "elements": "str"},
-            "exclude": {"type": "list", "elements": "str"},
-            "policy": {"type": "str"},
-            "inactive": {"type": "bool", "default": False},
-            "force": {"type": "bool", "default": False},
-            "reserve": {"type": "int"},
-            "journal": {"type": "path"},
-            **COMMON_ARGUMENT_SPEC,
-        },
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=True,
     )
     check_mode = module.check_mode

@@ -20,6 +20,8 @@ description:
     again (exactly once, on every path), and records the migration in its journal.
   - A VM that already runs on the destination is success with C(changed=false), so the task is
     idempotent.
+  - Every option of C(orchestrator migrate) is an option of the module (C(--dry-run) is check mode);
+    an option left out leaves the policy's or the CLI's default, as on the command line.
   - A failed, rolled-back or aborted migration fails the task with C(changed=false) (the VM then runs on
     the source, its workloads undrained); C(changed) is the CLI's own C(changed) field. C(msg) gives the
     error and, one line each, every hook that failed with its label, device, error and the end of its
@@ -49,6 +51,15 @@ options:
       - Policy name (looked up in C($ORCH_POLICY_DIR), C(/etc/orchestrator/policies), then the shipped
         policies) or path of a policy TOML file. When omitted, the default observe-only policy.
     type: str
+  drain:
+    description:
+      - When the drain hooks run (C(--drain)); overrides the policy's C(switchover.drain).
+      - V(prepare) on each device's prepare event (QEMU 11.0; a late fallback on older QEMU), V(gated)
+        holds the switchover (downtime limit at its floor) until every device is drained, V(start)
+        drains before the migration job starts.
+      - When omitted, the policy's C(switchover.drain).
+    type: str
+    choices: [prepare, gated, start]
   migrateuri:
     description:
       - Migration data URI (C(tcp://HOST:PORT), C(unix:///PATH)); overrides the policy's C(data_uri).
@@ -69,8 +80,48 @@ options:
     type: float
   bandwidth:
     description:
-      - Bandwidth limit in MiB/s. When omitted, the policy's C(bandwidth_mib).
+      - Bandwidth limit in MiB/s (C(--bandwidth)). When omitted, the policy's C(bandwidth_mib).
     type: int
+  max_downtime:
+    description:
+      - The most downtime QEMU may use, in milliseconds (C(--max-downtime)); caps the steps of the policy's
+        convergence schedule.
+      - When omitted, the policy's C(max_downtime_ms) (else QEMU's own limit).
+    type: int
+  auto_converge:
+    description:
+      - V(true) throttles the vCPUs of a guest that does not converge (C(--auto-converge)).
+      - When omitted or V(false), the policy's C(auto_converge) applies (V(false) in the shipped policies);
+        the CLI has no option that turns off what the policy turns on.
+    type: bool
+  compressed:
+    description:
+      - V(true) compresses the migration data (C(--compressed)).
+      - When omitted or V(false), the policy's C(compressed) applies (V(false) in the shipped policies); the
+        CLI has no option that turns off what the policy turns on.
+    type: bool
+  comp_methods:
+    description:
+      - The compression methods (C(--comp-methods), comma-separated).
+      - When omitted, libvirt's default.
+    type: list
+    elements: str
+    choices: [mt, xbzrle, zlib, zstd]
+  parallel:
+    description:
+      - Send the data over several connections (multifd, C(--parallel)); QEMU's default of 2 unless
+        O(parallel_connections) says how many.
+    type: bool
+    default: false
+  parallel_connections:
+    description:
+      - How many connections for the data, 1 to 255 (C(--parallel-connections); implies O(parallel)).
+    type: int
+  tls:
+    description:
+      - Encrypt the migration data with TLS (C(--tls)); both hosts need libvirt's migration TLS set up.
+    type: bool
+    default: false
   persistent:
     description:
       - Define the VM on the destination (V(true), C(--persistent)) or not (V(false), C(--no-persistent)).
@@ -82,10 +133,46 @@ options:
         there (V(false), C(--keep-source)).
       - When omitted, the policy's C(undefine_source).
     type: bool
+  copy_storage_all:
+    description:
+      - Copy the VM's non-shared disks too (C(--copy-storage-all)).
+    type: bool
+    default: false
+  migrate_disks:
+    description:
+      - Copy only these disks, by target (C(--migrate-disks), comma-separated), for example V([vda, vdb]).
+    type: list
+    elements: str
+  disks_uri:
+    description:
+      - Where the destination takes the disks' copy, C(tcp://HOST:PORT) or C(unix:///PATH)
+        (C(--disks-uri)); needed with a C(unix://) O(migrateuri).
+    type: str
+  dname:
+    description:
+      - The domain's name on the destination (C(--dname)). When omitted, its name on the source.
+    type: str
+  xml:
+    description:
+      - Path of the domain XML for the destination (C(--xml)), read on the host the task runs on.
+    type: path
+  postcopy:
+    description:
+      - V(true) is refused and fails the task (C(--postcopy)), as VFIO devices forbid post-copy migration;
+        the option is there so that the refusal says why.
+    type: bool
+    default: false
+  lock_wait:
+    description:
+      - When another migration of the VM runs, wait up to this many seconds (0 to 86400) for it to end
+        instead of failing at once (C(--lock-wait)).
+      - When omitted, 0 (fail at once).
+    type: float
   journal:
     description:
       - Path of the SQLite journal (C(--journal)). When omitted, C($ORCH_JOURNAL), else
         C(/var/lib/orchestrator/journal.sqlite).
+      - In check mode nothing is written to it.
     type: path
   orchestrator:
     description:
@@ -96,8 +183,9 @@ attributes:
   check_mode:
     support: full
     description:
-      - Runs the CLI with C(--dry-run) (pre-flight and plan, nothing migrates, nothing is journaled);
-        C(changed) is V(true) when the VM would move, V(false) when it already runs on the destination.
+      - Runs the CLI with C(--dry-run), the pre-flight and plan only; nothing migrates, no hook runs and
+        nothing is written to the journal. C(changed) is V(true) when the VM would move, V(false) when it
+        already runs on the destination.
   diff_mode:
     support: partial
     description: Shows where the domain runs before and after; not a diff of its configuration.
@@ -135,6 +223,19 @@ EXAMPLES = r"""
     bandwidth: 2000
     undefinesource: false
     journal: /var/lib/orchestrator/journal.sqlite
+
+- name: Hold the switchover until every device is drained, over TLS, waiting for a running migration
+  vfio.orchestrator.vfio_migrate:
+    domain: vm3
+    source_uri: qemu+ssh://hv1.example.com/system
+    dest_uri: qemu+ssh://hv2.example.com/system
+    policy: rdma-drain
+    drain: gated
+    max_downtime: 500
+    auto_converge: true
+    tls: true
+    parallel_connections: 4
+    lock_wait: 120
 """
 
 RETURN = r"""
@@ -146,7 +247,9 @@ outcome:
   type: str
   sample: succeeded
 migration_id:
-  description: The migration's id in the journal (C(orchestrator history ID) shows its timeline).
+  description:
+    - The migration's id in the journal (C(orchestrator history ID) shows its timeline).
+    - In check mode, the dry run's id; nothing is written to the journal.
   returned: when the CLI printed its report
   type: str
   sample: 3f2a9c1e0b7d4e55
@@ -251,6 +354,10 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wan
 from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli import (  # noqa: E402
     COMMON_ARGUMENT_SPEC,
     EXIT_OK,
+    MIGRATION_ARGUMENT_SPEC,
+    MIGRATION_CLI_OPTIONS,
+    CliOption,
+    cli_args,
     fail_message,
     run,
 )
@@ -272,30 +379,52 @@ REPORT_FIELDS = (
 )
 
 
+ARGUMENT_SPEC = {
+    "domain": {"type": "str", "required": True},
+    "dest_uri": {"type": "str", "required": True},
+    "source_uri": {"type": "str"},
+    **MIGRATION_ARGUMENT_SPEC,
+    "p2p": {"type": "bool"},
+    "persistent": {"type": "bool"},
+    "undefinesource": {"type": "bool"},
+    "migrateuri": {"type": "str"},
+    "listen_address": {"type": "str"},
+    "copy_storage_all": {"type": "bool", "default": False},
+    "migrate_disks": {"type": "list", "elements": "str"},
+    "disks_uri": {"type": "str"},
+    "dname": {"type": "str"},
+    "xml": {"type": "path"},
+    "postcopy": {"type": "bool", "default": False},
+    "lock_wait": {"type": "float"},
+    "journal": {"type": "path"},
+    **COMMON_ARGUMENT_SPEC,
+}
+
+# The module's options that are options of `orchestrator migrate` (DOMAIN and DESTURI are its
+# arguments; check mode is --dry-run; --json is always passed). The collection's README has them as a
+# table, and tests/unit/test_ansible_modules.py checks both against the CLI's own options.
+CLI_OPTIONS = (
+    CliOption("source_uri", "-c"),
+    *MIGRATION_CLI_OPTIONS,
+    CliOption("p2p", "--p2p", off="--direct"),
+    CliOption("persistent", "--persistent", off="--no-persistent"),
+    CliOption("undefinesource", "--undefinesource", off="--keep-source"),
+    CliOption("migrateuri", "--migrateuri"),
+    CliOption("listen_address", "--listen-address"),
+    CliOption("copy_storage_all", "--copy-storage-all"),
+    CliOption("migrate_disks", "--migrate-disks", joined=True),
+    CliOption("disks_uri", "--disks-uri"),
+    CliOption("dname", "--dname"),
+    CliOption("xml", "--xml"),
+    CliOption("postcopy", "--postcopy"),
+    CliOption("lock_wait", "--lock-wait"),
+    CliOption("journal", "--journal"),
+)
+
+
 def build_args(params, check_mode):
     """The CLI's arguments for the module's options."""
-    args = ["migrate", params["domain"], params["dest_uri"]]
-    if params["source_uri"]:
-        args += ["-c", params["source_uri"]]
-    for option, flag in (
-        ("policy", "--policy"),
-        ("migrateuri", "--migrateuri"),
-        ("listen_address", "--listen-address"),
-        ("journal", "--journal"),
-    ):
-        if params[option]:
-            args += [flag, params[option]]
-    if params["timeout"] is not None:
-        args += ["--timeout", repr(float(params["timeout"]))]
-    if params["bandwidth"] is not None:
-        args += ["--bandwidth", str(params["bandwidth"])]
-    for option, yes, no in (
-        ("p2p", "--p2p", "--direct"),
-        ("persistent", "--persistent", "--no-persistent"),
-        ("undefinesource", "--undefinesource", "--keep-source"),
-    ):
-        if params[option] is not None:
-            args.append(yes if params[option] else no)
+    args = ["migrate", params["domain"], params["dest_uri"], *cli_args(params, CLI_OPTIONS, ARGUMENT_SPEC)]
     if check_mode:
         args.append("--dry-run")
     return args
@@ -343,21 +472,7 @@ def is_changed(document, check_mode):
 
 def main():
     module = AnsibleModule(
-        argument_spec={
-            "domain": {"type": "str", "required": True},
-            "dest_uri": {"type": "str", "required": True},
-            "source_uri": {"type": "str"},
-            "policy": {"type": "str"},
-            "migrateuri": {"type": "str"},
-            "listen_address": {"type": "str"},
-            "p2p": {"type": "bool"},
-            "timeout": {"type": "float"},
-            "bandwidth": {"type": "int"},
-            "persistent": {"type": "bool"},
-            "undefinesource": {"type": "bool"},
-            "journal": {"type": "path"},
-            **COMMON_ARGUMENT_SPEC,
-        },
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=True,
     )
     rc, document, error, argv = run(module, build_args(module.params, module.check_mode))
