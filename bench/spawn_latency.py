@@ -435,10 +435,10 @@ def table(doc: dict[str, Any]) -> str:
         )
     before, after = (
         doc["variants"]["popen"]["first_instruction"],
-        doc["variants"]["_spawn"]["first_instruction"],
+        doc["variants"]["supervisor"]["first_instruction"],
     )
     lines.append(
-        f"before -> after (popen -> _spawn), to the first instruction: p50 {before['p50_ms']:.3f} -> "
+        f"before -> after (popen -> supervisor), to the first instruction: p50 {before['p50_ms']:.3f} -> "
         f"{after['p50_ms']:.3f} ms, p99 {before['p99_ms']:.3f} -> {after['p99_ms']:.3f} ms"
     )
     config = doc["config"]

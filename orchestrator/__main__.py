@@ -1,5 +1,5 @@
 """`python -m orchestrator`."""
 
-from orchestrator.cli import entry
+from orchestrator.entry import main
 
-entry()
+main()

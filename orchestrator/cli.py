@@ -589,7 +589,7 @@ def migrate_cmd(
             "give how long to wait for another migration of the VM",
         )
     if not dry_run:
-        start_supervisor()  # first: before any thread exists (the journal's check starts one)
+        start_supervisor()  # forked already by the program's entry; here for in-process callers
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
     checked = None if dry_run else check_journal(journal)
     from orchestrator import migration as mig
@@ -796,7 +796,9 @@ def on_signals(
     if context is not None:  # else (outside a command) the caller restores
         # The `orchestrator` program itself (console script, `python -m orchestrator`) exits when
         # the command ends; a program running the CLI in-process gets its own handlers back.
-        ours = getattr(sys.modules.get("__main__"), "main", None) is main
+        from orchestrator import entry as program
+
+        ours = getattr(sys.modules.get("__main__"), "main", None) in (main, program.main)
         context.call_on_close(guard.ignore_to_exit if ours else guard.restore)
     return guard
 
@@ -805,8 +807,8 @@ MAX_LOCK_WAIT_S = 86400.0  # a day: longer than any migration a run could wait f
 
 
 def start_supervisor() -> None:
-    """Fork the hook supervisor now (orchestrator.supervisor): a command that may run hooks calls it
-    first, before any thread exists."""
+    """Fork the hook supervisor now, unless the program's entry has (orchestrator.entry): a command that
+    may run hooks calls it first, before any thread of its own exists."""
     from orchestrator import supervisor
 
     supervisor.shared()
@@ -1037,7 +1039,7 @@ def evacuate_cmd(
 ) -> None:
     """Move every running VM off the source host (-c) to the --to hosts; exit 0 when it is empty."""
     if not dry_run:
-        start_supervisor()  # first: before any thread exists (the journal's check starts one)
+        start_supervisor()  # forked already by the program's entry; here for in-process callers
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
     checked = None if dry_run else check_journal(journal)
     from orchestrator.evacuation import Evacuation, EvacuationRequest
