@@ -21,7 +21,7 @@ lint:
 # build/man/man1/orchestrator*.1 (`man -l build/man/man1/orchestrator-migrate.1`). deploy/setup.sh
 # also installs them into .venv/share/man.
 man:
-	.venv/bin/python -m orchestrator.manpages build/man/man1
+	.venv/bin/python -m orchestrator.commands.manpages build/man/man1
 
 # All benchmarks, one after the other, each on its own lab (over an hour on an idle 2-core machine:
 # drain latency ~25 minutes, the RDMA survival matrix most of the rest); results in bench-results/.

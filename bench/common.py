@@ -21,9 +21,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.core.errors import OrchestratorError
+from orchestrator.edges.virt import Host
 from orchestrator.lab import hosts as lab_hosts
-from orchestrator.virt import Host
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench-results"
@@ -146,7 +146,7 @@ int main(int argc, char **argv)
 """
 
 
-# The armed form of the same hook (the orchestrator's armed-hook protocol, orchestrator/hooks.py
+# The armed form of the same hook (the orchestrator's armed-hook protocol, orchestrator/core/hooks.py
 # ArmedHook): it prints `ready`, then loops on a blocking read of stdin; its first statement after the
 # read returns takes the time (CLOCK_REALTIME), and for each line `ACTION DEVICE STATE QEMU_TIME` it
 # appends "<argv[2]> <DEVICE> <seconds.nanoseconds>" to the file argv[1] with one write and answers

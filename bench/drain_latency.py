@@ -72,11 +72,11 @@ from common import (
     xml,
 )
 
-from orchestrator.errors import OrchestratorError
-from orchestrator.journal import Journal
+from orchestrator.core.errors import OrchestratorError
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.virt import Host, Subscription
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab_hosts
-from orchestrator.virt import Host, Subscription
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SVG = REPO / "bench-results" / "drain_latency.svg"

@@ -51,9 +51,9 @@ from common import (
     xml,
 )
 
+from orchestrator.edges.virt import Host
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab_hosts
-from orchestrator.virt import Host
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SVG = REPO / "bench-results" / "evacuation.svg"

@@ -25,7 +25,7 @@ own first-instruction time (`first instruction`). The variants:
   a close action for every descriptor /proc/self/fd lists without FD_CLOEXEC;
 - posix_spawn-cloexec: the same without the scan, trusting close-on-exec (leaks the 2 careless
   descriptors: shown for what the scan costs, not a candidate);
-- supervisor: orchestrator.hooks.HookRunner.start as a migration calls it now: one message to the hook
+- supervisor: orchestrator.core.hooks.HookRunner.start as a migration calls it now: one message to the hook
   supervisor (a small process forked before any thread), which starts the hook with posix_spawnp and
   writes its start into the run log (here: none attached);
 - supervisor-path: the same, with the hook given by name and found on PATH (its directory last);
@@ -57,9 +57,10 @@ import libvirt
 import lxml.etree
 from common import BenchError, compile_hook, in_work_dir, machine, percentile, rounded, write_json
 
-from orchestrator import hooks, virt
-from orchestrator.journal import Journal
-from orchestrator.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
+from orchestrator.core import hooks
+from orchestrator.edges import virt
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
 
 IDLE_THREADS = 6
 HEAP_OBJECTS = 25_000  # small dicts with a string each: ~8 MiB

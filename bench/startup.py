@@ -23,7 +23,7 @@ Also reported, to explain the difference:
 - `python -X importtime` of `migrate --help` for both variants: the top-level imports by cumulative
   time, and the time per package (sum of self times), the slowest first;
 - where the time of the "after" variant goes, measured inside one process: importing typer,
-  importing orchestrator.cli, building the Click commands (`typer.main.get_command`: an upper bound
+  importing orchestrator.commands.cli, building the Click commands (`typer.main.get_command`: an upper bound
   of what lazy command registration could save) and running `migrate --help`.
 
 Usage: .venv/bin/python bench/startup.py [--runs 20] [--json PATH] [--before-rev REV]
@@ -52,19 +52,21 @@ from typing import Any
 from common import BenchError, percentile, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-# The last commit whose orchestrator/cli.py had Typer's rich help (before the start-up work).
+# The last commit whose orchestrator/commands/cli.py had Typer's rich help (before the start-up work).
 BEFORE_REV = "b689d8f707c03879ce4ee561ecc40fef40e11ba4"
 COMMANDS: tuple[tuple[str, ...], ...] = (("--help",), ("migrate", "--help"))
 VARIANTS = ("before", "after", "installed")
 # What the console script `.venv/bin/orchestrator` does.
-LAUNCH = "import sys; from orchestrator.cli import main; sys.argv[0] = 'orchestrator'; sys.exit(main())"
+LAUNCH = (
+    "import sys; from orchestrator.commands.cli import main; sys.argv[0] = 'orchestrator'; sys.exit(main())"
+)
 # Where the time of one `migrate --help` goes, inside one process (printed as JSON).
 PHASES = """\
 import json, sys, time
 t0 = time.perf_counter()
 import typer
 t1 = time.perf_counter()
-import orchestrator.cli as cli
+import orchestrator.commands.cli as cli
 t2 = time.perf_counter()
 command = typer.main.get_command(cli.app)
 t3 = time.perf_counter()
@@ -73,7 +75,7 @@ try:
 except SystemExit:
     pass
 t4 = time.perf_counter()
-sys.stderr.write(json.dumps({"import typer": t1 - t0, "import orchestrator.cli": t2 - t1,
+sys.stderr.write(json.dumps({"import typer": t1 - t0, "import orchestrator.commands.cli": t2 - t1,
                              "get_command (all commands built)": t3 - t2, "run migrate --help": t4 - t3}))
 """
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -222,9 +224,9 @@ def run_once(setup: Setup, variant: str, args: Sequence[str]) -> float:
 
 
 def check_variant(setup: Setup, variant: str) -> str:
-    """The file `orchestrator.cli` is imported from in `variant`, so that each runs the code meant."""
+    """The file `orchestrator.commands.cli` is imported from in `variant`, so each runs the code meant."""
     result = subprocess.run(
-        [setup.python, "-c", "import orchestrator.cli as c; print(c.__file__)"],
+        [setup.python, "-c", "import orchestrator.commands.cli as c; print(c.__file__)"],
         capture_output=True,
         text=True,
         cwd=setup.neutral,
@@ -235,7 +237,7 @@ def check_variant(setup: Setup, variant: str) -> str:
     tree = setup.tree(variant)
     if result.returncode != 0 or (tree is not None and not where.startswith(str(tree))):
         raise BenchError(
-            f"{variant}: orchestrator.cli comes from {where or result.stderr.strip()}, not {tree}"
+            f"{variant}: orchestrator.commands.cli comes from {where or result.stderr.strip()}, not {tree}"
         )
     return where
 

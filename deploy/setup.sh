@@ -121,7 +121,7 @@ fi
 # (PYTHONDONTWRITEBYTECODE, a root-owned checkout run by another user) would otherwise compile every
 # changed module at each start, ~60 ms of `orchestrator migrate`.
 "$venv/bin/python" -m compileall -q "$repo/orchestrator" >/dev/null || die "cannot byte-compile $repo/orchestrator"
-# Man pages from the CLI's own help (orchestrator.manpages) into the venv's share/man, where man(1)
+# Man pages from the CLI's own help (orchestrator.commands.manpages) into the venv's share/man, where man(1)
 # looks with $venv/bin on PATH (else: man -M "$venv/share/man" orchestrator-migrate). Generating takes
 # ~0.2 s, so only when a module, or the installed packages, changed since the last time: a re-run
 # costs a few `test -nt` (no process). The stamp is taken before generating: an edit made meanwhile
@@ -136,7 +136,7 @@ man_stale() {
 if man_stale; then
     mkdir -p "$man1"
     touch "$man_stamp.new"
-    if "$venv/bin/python" -m orchestrator.manpages "$man1"; then
+    if "$venv/bin/python" -m orchestrator.commands.manpages "$man1"; then
         mv "$man_stamp.new" "$man_stamp"
     else  # a nicety: not worth failing the set-up over (a module mid-edit); tried again next run
         rm -f "$man_stamp.new"

@@ -1,7 +1,7 @@
 """The `orchestrator` program's first lines: what must happen before anything else is imported.
 
 A command that may run hooks (migrate, evacuate, recover) forks its hook supervisor here, while the
-process is small and has no thread (orchestrator.supervisor): the supervisor is then a copy of a
+process is small and has no thread (orchestrator.edges.supervisor): the supervisor is then a copy of a
 ~10 MB interpreter, not of one that loaded Typer and libvirt. Then the CLI.
 """
 
@@ -18,9 +18,9 @@ def main() -> NoReturn:
     """Fork the hook supervisor when the command may run hooks, then run the CLI (`cli.entry`)."""
     args = sys.argv[1:]
     if args and args[0] in HOOK_COMMANDS and not _NO_HOOKS.intersection(args):
-        from orchestrator import supervisor
+        from orchestrator.edges import supervisor
 
         supervisor.shared()
-    from orchestrator.cli import entry
+    from orchestrator.commands.cli import entry
 
     entry()

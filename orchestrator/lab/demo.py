@@ -15,12 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from orchestrator.core.policy import resolve_policy
+from orchestrator.core.report import Report, TimelineEntry
+from orchestrator.edges.virt import Host
+from orchestrator.flows.migration import Migration, Request
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab
-from orchestrator.migration import Migration, Request
-from orchestrator.policy import resolve_policy
-from orchestrator.report import Report, TimelineEntry
-from orchestrator.virt import Host
 
 DEVICES = 2
 BANDWIDTH_MIB = 32

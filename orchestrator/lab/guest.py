@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from orchestrator.errors import BadInput, EnvironmentProblem
+from orchestrator.core.errors import BadInput, EnvironmentProblem
 from orchestrator.lab.hosts import LabHost, connect, lab_root, status
 from orchestrator.lab.simulator import BEHAVIOURS
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator import procfs
-from orchestrator.errors import BadInput, EnvironmentProblem
-from orchestrator.hypervisor import DomainInfo
+from orchestrator.core.errors import BadInput, EnvironmentProblem
+from orchestrator.core.hypervisor import DomainInfo
+from orchestrator.edges import procfs
 
 if TYPE_CHECKING:
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
 
 DEFAULT_ROOT = Path("/var/lib/orchestrator/lab")
 ROOT_ENV = "ORCH_LAB_DIR"
@@ -182,7 +182,7 @@ def _daemon_pids(daemon: str, host_dir: Path) -> list[int]:
 
 def connect(host: LabHost) -> Host:
     """A connection to a lab host (libvirt is imported only here: the lab's pure parts load without it)."""
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
 
     return Host.open(host.uri, keepalive=False)
 

@@ -22,7 +22,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from orchestrator.procfs import set_child_subreaper
+from orchestrator.edges.procfs import set_child_subreaper
 
 
 def main(argv: Sequence[str] | None = None) -> int:

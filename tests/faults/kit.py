@@ -246,7 +246,7 @@ class Case:
 
 
 def still_drained(actions: list[dict[str, Any]]) -> set[str]:
-    """Devices a migration's device actions leave drained (the rule of orchestrator.journal.still_drained)."""
+    """Devices a migration's device actions leave drained (the rule of core.records.still_drained)."""
     drained: set[str] = set()
     for row in sorted(actions, key=lambda r: r["seq"]):
         if row["action"] == "drain" and row["status"] == "starting":

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.journal import Journal
-from orchestrator.records import still_drained
+from orchestrator.core.records import still_drained
+from orchestrator.edges.journal import Journal
 
 
 def test_records_of_a_second_process_follow_the_first_ones(tmp_path: Path) -> None:

@@ -42,9 +42,9 @@ from typing import Any
 from lab.test_migrate import cli
 
 from faults.kit import Case, assert_three_facts
-from orchestrator.journal import Journal
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.virt import Host
 from orchestrator.lab import hosts as lab
-from orchestrator.virt import Host
 
 ONE_LINE = re.compile(r"\Aorchestrator: error: [^\n]+\n\Z")
 

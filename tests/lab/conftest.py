@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.hypervisor import MigrateRequest
+from orchestrator.core.hypervisor import MigrateRequest
+from orchestrator.edges.virt import Host, Subscription
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab
-from orchestrator.virt import Host, Subscription
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

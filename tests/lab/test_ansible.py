@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import domxml
+from orchestrator.core import domxml
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "deploy" / "ansible"

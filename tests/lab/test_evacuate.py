@@ -204,7 +204,7 @@ def test_evacuate_bad_input(lab_env: Any, tmp_path: Path) -> None:
 def test_inactive_vms_move_by_definition_only(lab_env: Any, tmp_path: Path) -> None:
     import uuid
 
-    from orchestrator import domxml
+    from orchestrator.core import domxml
     from orchestrator.lab import guest as lab_guest
 
     name = f"off-{uuid.uuid4().hex[:8]}"

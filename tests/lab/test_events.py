@@ -10,7 +10,7 @@ from typing import Any
 
 from lab.test_migrate import Run, cli
 
-from orchestrator import domxml
+from orchestrator.core import domxml
 
 HOSTDEV_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>

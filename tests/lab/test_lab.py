@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.errors import ConnectError, MigrationError
+from orchestrator.core.errors import ConnectError, MigrationError
+from orchestrator.edges.virt import Host
 from orchestrator.lab import hosts as lab
-from orchestrator.virt import Host
 
 SOURCE_11 = ["pre-copy", "pre-copy-p2p-prepare", "pre-copy-p2p", "stop-copy", "stop"]
 SOURCE_10 = ["pre-copy", "pre-copy-p2p", "stop-copy", "stop"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.errors import ExitCode
+from orchestrator.core.errors import ExitCode
 from orchestrator.lab import hosts as lab
 
 LAB_HOSTS = ["lab-a", "lab-b", "lab-c"]

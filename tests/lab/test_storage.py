@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from lab.test_migrate import Run, Scenario, assert_paired
 
-from orchestrator.errors import BadInput
+from orchestrator.core.errors import BadInput
 from orchestrator.lab import guest as lab_guest
 
 DISK_MIB = 16

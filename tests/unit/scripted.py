@@ -2,7 +2,7 @@
 
 This fake stands in for libvirt and QEMU because a unit test has neither (the lab tests prove the same
 paths on real daemons). It implements exactly the narrow interface a migration uses
-(`orchestrator.hypervisor.Hypervisor` and `Guest`) and the hook runner's `start`/`run`, and runs the
+(`orchestrator.core.hypervisor.Hypervisor` and `Guest`) and the hook runner's `start`/`run`, and runs the
 whole migration on ONE thread, deterministically:
 
 - `FakeClock.wait()` is where time passes: it runs the next scheduled item (a QEMU event, a hook's end,
@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import MigrationError, OrchestratorError
-from orchestrator.hooks import Hook, HookResult, Trigger
-from orchestrator.hypervisor import (
+from orchestrator.core.errors import MigrationError, OrchestratorError
+from orchestrator.core.hooks import Hook, HookResult, Trigger
+from orchestrator.core.hypervisor import (
     GONE,
     PAUSED,
     RUNNING,

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import typer.main
 
-from orchestrator import cli as cli_module
-from orchestrator.migration import COMPRESSION_METHODS
+from orchestrator.commands import cli as cli_module
+from orchestrator.flows.migration import COMPRESSION_METHODS
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "collections"
 PREFIX = "ansible_collections.vfio.orchestrator.plugins"

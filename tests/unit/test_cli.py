@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.commands.cli import main
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -45,8 +45,8 @@ def test_history_of_a_missing_journal_creates_nothing(
 
 
 def test_history_reads_an_existing_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.journal import Journal
-    from orchestrator.records import MigrationKind
+    from orchestrator.core.records import MigrationKind
+    from orchestrator.edges.journal import Journal
 
     journal = tmp_path / "journal.sqlite"
     with Journal.open(journal) as writer:
@@ -81,12 +81,13 @@ def test_version_is_the_installed_package_metadata(capsys: pytest.CaptureFixture
 def test_version_imports_nothing_heavy() -> None:
     probe = (
         "import sys\n"
-        "from orchestrator.cli import main\n"
+        "from orchestrator.commands.cli import main\n"
         "try:\n"
         "    main(['--version'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('pydantic', 'libvirt', 'lxml', 'rich', 'orchestrator.virt', 'orchestrator.migration')\n"
+        "heavy = ('pydantic', 'libvirt', 'lxml', 'rich',\n"
+        "         'orchestrator.edges.virt', 'orchestrator.flows.migration')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy), file=sys.stderr)\n"
     )
     done = subprocess.run(
@@ -190,7 +191,7 @@ def test_lab_hints_for_the_default_lab_need_no_option(monkeypatch: pytest.Monkey
 
 
 def _every_command() -> list[list[str]]:
-    from orchestrator import cli
+    from orchestrator.commands import cli
 
     argvs = [[info.name or ""] for info in cli.app.registered_commands]
     for group in cli.app.registered_groups:
@@ -205,7 +206,7 @@ def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
 ) -> None:
     import typer
 
-    from orchestrator import cli
+    from orchestrator.commands import cli
 
     def through(command: object, argv: list[str]) -> tuple[int, str, str]:
         try:
@@ -228,14 +229,15 @@ def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
 def test_anything_but_a_command_first_gets_the_whole_tree(argv: list[str]) -> None:
     import typer
 
-    from orchestrator import cli
+    from orchestrator.commands import cli
 
     assert list(cli._command_for(argv).commands) == list(typer.main.get_command(cli.app).commands)
 
 
 def _entry(argv: list[str]) -> subprocess.CompletedProcess[str]:
     probe = (
-        f"import sys\nsys.argv = ['orchestrator', *{argv!r}]\nfrom orchestrator.cli import entry\nentry()\n"
+        f"import sys\nsys.argv = ['orchestrator', *{argv!r}]\n"
+        "from orchestrator.commands.cli import entry\nentry()\n"
     )
     return subprocess.run(
         [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60
@@ -254,7 +256,7 @@ def test_entry_flushes_what_it_printed_and_keeps_the_exit_code() -> None:
 def test_entry_leaves_at_once_only_when_no_thread_is_left_to_finish(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from orchestrator import cli
+    from orchestrator.commands import cli
 
     left: list[int] = []
     monkeypatch.setattr(cli.os, "_exit", left.append)
@@ -282,7 +284,7 @@ def test_entry_leaves_at_once_only_when_no_thread_is_left_to_finish(monkeypatch:
 def test_sha256_without_hashlib_is_hashlibs() -> None:
     import hashlib
 
-    from orchestrator.digest import sha256_hex
+    from orchestrator.core.digest import sha256_hex
 
     for data in (b"", b"abc", bytes(range(256)) * 99):
         assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
@@ -319,8 +321,8 @@ def test_the_shell_completes_commands_options_and_local_domain_names() -> None:
 
 
 def test_a_range_is_said_in_plain_numbers() -> None:
-    from orchestrator.errors import BadInput
-    from orchestrator.policy import resolve_policy
+    from orchestrator.core.errors import BadInput
+    from orchestrator.core.policy import resolve_policy
 
     with pytest.raises(BadInput) as caught:
         resolve_policy("default").migration.overridden(max_downtime_ms=2000001)

@@ -1,4 +1,4 @@
-"""How `migrate`, `evacuate` and `recover` end, driven through `orchestrator.cli.main` with the work
+"""How `migrate`, `evacuate` and `recover` end, driven through `orchestrator.commands.cli.main` with the work
 faked (no libvirt): every failure is exactly one `orchestrator: error:` line on stderr, and signals
 once the work has ended never kill the process before its report is out and its journal closed."""
 
@@ -15,24 +15,24 @@ from typing import Any
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.report import Outcome, Report
+from orchestrator.commands.cli import main
+from orchestrator.core.report import Outcome, Report
 
 SOURCE, DESTINATION = "qemu+unix:///system?socket=/a", "qemu+unix:///system?socket=/b"
 
 
 @pytest.fixture
 def no_libvirt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`orchestrator.virt` (the libvirt edge) replaced: hosts that are never asked anything."""
+    """`orchestrator.edges.virt` (the libvirt edge) replaced: hosts that are never asked anything."""
 
     @contextlib.contextmanager
     def open_hosts(*_uris: str) -> Iterator[tuple[object, object]]:
         yield object(), object()
 
-    virt = types.ModuleType("orchestrator.virt")
+    virt = types.ModuleType("orchestrator.edges.virt")
     virt.open_hosts = open_hosts  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "orchestrator.virt", virt)
-    monkeypatch.setattr("orchestrator.cli.reconcile", lambda *_args, **_kwargs: None)
+    monkeypatch.setitem(sys.modules, "orchestrator.edges.virt", virt)
+    monkeypatch.setattr("orchestrator.commands.cli.reconcile", lambda *_args, **_kwargs: None)
 
 
 def migration_ending(report: Report | BaseException) -> type:
@@ -73,7 +73,7 @@ def run_migrate(
 
 
 def failed_undrain() -> Report:
-    from orchestrator.hooks import HookResult, Trigger
+    from orchestrator.core.hooks import HookResult, Trigger
 
     hook = HookResult("rdma", Trigger.UNDRAIN, "nic0", ["rdma"], 1, 0.0, 0.0, 42, exit_code=3)
     hook.error = "exited with status 3"
@@ -103,7 +103,7 @@ def test_every_failure_of_migrate_is_one_line_on_stderr(
     words: str,
     as_json: bool,
 ) -> None:
-    monkeypatch.setattr("orchestrator.migration.Migration", migration_ending(made()))
+    monkeypatch.setattr("orchestrator.flows.migration.Migration", migration_ending(made()))
     got, out, err = run_migrate(tmp_path, capsys, *(["--json"] if as_json else []))
     assert got == code, err
     errors = [line for line in err if line.startswith("orchestrator: error: ")]
@@ -117,7 +117,7 @@ def test_every_failure_of_migrate_is_one_line_on_stderr(
 def test_a_successful_migrate_has_no_error_line(
     no_libvirt: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("orchestrator.migration.Migration", migration_ending(report(Outcome.SUCCEEDED)))
+    monkeypatch.setattr("orchestrator.flows.migration.Migration", migration_ending(report(Outcome.SUCCEEDED)))
     code, _out, err = run_migrate(tmp_path, capsys)
     assert code == 0 and not [line for line in err if "error" in line], err
 
@@ -134,14 +134,15 @@ from pathlib import Path
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it (unless its parent ignored it)
 
-virt = types.ModuleType("orchestrator.virt")
+virt = types.ModuleType("orchestrator.edges.virt")
 @contextlib.contextmanager
 def open_hosts(*uris):
     yield object(), object()
 virt.open_hosts = open_hosts
-sys.modules["orchestrator.virt"] = virt
+sys.modules["orchestrator.edges.virt"] = virt
 
-from orchestrator import cli, journal
+from orchestrator.commands import cli
+from orchestrator.edges import journal
 cli.reconcile = lambda *args, **kwargs: None
 state = Path(sys.argv[1])
 me = os.getpid()
@@ -186,8 +187,8 @@ sys.exit(code)
 """
 
 MIGRATE_WORK = r"""
-from orchestrator import migration
-from orchestrator.report import Outcome, Report
+from orchestrator.flows import migration
+from orchestrator.core.report import Outcome, Report
 
 class Migration:
     def __init__(self, request, *args, **kwargs):
@@ -207,7 +208,7 @@ ARGV = ["migrate", "vm1", "qemu+unix:///b", "-c", "qemu+unix:///a", "--journal",
 """
 
 EVACUATE_WORK = r"""
-from orchestrator import evacuation
+from orchestrator.flows import evacuation
 
 class Evacuation:
     def __init__(self, request, **kwargs):
@@ -226,7 +227,7 @@ ARGV = ["evacuate", "-c", "qemu+unix:///a", "--to", "qemu+unix:///b", "--journal
 """
 
 RECOVER_WORK = r"""
-from orchestrator import recovery
+from orchestrator.flows import recovery
 
 class Recovery:
     def __init__(self, *args, **kwargs):
@@ -292,15 +293,16 @@ HANGUP = r"""
 import contextlib, json, os, signal, sys, threading, types
 from pathlib import Path
 
-virt = types.ModuleType("orchestrator.virt")
+virt = types.ModuleType("orchestrator.edges.virt")
 @contextlib.contextmanager
 def open_hosts(*uris):
     yield object(), object()
 virt.open_hosts = open_hosts
-sys.modules["orchestrator.virt"] = virt
+sys.modules["orchestrator.edges.virt"] = virt
 
-from orchestrator import cli, migration
-from orchestrator.report import Outcome, Report
+from orchestrator.commands import cli
+from orchestrator.flows import migration
+from orchestrator.core.report import Outcome, Report
 cli.reconcile = lambda *args, **kwargs: None
 told = []
 
@@ -353,7 +355,7 @@ def test_a_hang_up_and_a_vanished_terminal_never_stop_a_migration(tmp_path: Path
 # it takes the handler to run: the handler must run anyway, once.
 BUSY_MAIN_THREAD = r"""
 import json, os, signal, sys, threading
-from orchestrator import cli
+from orchestrator.commands import cli
 
 called = threading.Event()
 names = []
@@ -383,7 +385,7 @@ def test_a_signal_is_handled_while_the_main_thread_is_inside_a_long_call() -> No
 
 FAILING_HANDLER = r"""
 import json, os, signal, sys, threading
-from orchestrator import cli
+from orchestrator.commands import cli
 
 calls = []
 second = threading.Event()

@@ -1,5 +1,5 @@
-"""Option values are converted without Pydantic (orchestrator/cli_values.py), with the same results and
-the same one-line errors as Typer's own conversion."""
+"""Option values are converted without Pydantic (orchestrator/commands/cli_values.py), with the
+same results and the same one-line errors as Typer's own conversion."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli_values import _leaf, _simple
+from orchestrator.commands.cli_values import _leaf, _simple
 
 RUN = r"""
 import sys
-import orchestrator.cli_values as values
+import orchestrator.commands.cli_values as values
 if sys.argv[1] == "typer":
     values.install = lambda: False
-from orchestrator.cli import main
+from orchestrator.commands.cli import main
 try:
     main(sys.argv[2:])
 except SystemExit:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from orchestrator import domxml
-from orchestrator.domxml import DomainXMLError, EventsStatus, VfioDevice
-from orchestrator.errors import BadInput
+from orchestrator.core import domxml
+from orchestrator.core.domxml import DomainXMLError, EventsStatus, VfioDevice
+from orchestrator.core.errors import BadInput
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "domxml"
 NS = {"qemu": domxml.QEMU_NS}

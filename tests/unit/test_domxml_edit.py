@@ -25,9 +25,9 @@ from unit.test_domxml import (
     pci,
 )
 
-from orchestrator import domxml, domxml_edit
-from orchestrator.domxml import DomainXMLError
-from orchestrator.errors import BadInput, NothingToDo
+from orchestrator.core import domxml, domxml_edit
+from orchestrator.core.domxml import DomainXMLError
+from orchestrator.core.errors import BadInput, NothingToDo
 
 MODES = ("override", "global")
 

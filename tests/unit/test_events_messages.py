@@ -1,4 +1,4 @@
-"""`orchestrator events` logic (orchestrator/events.py) against a fake host: every message names the
+"""`orchestrator events` logic (orchestrator/flows/events.py) against a fake host: every message names the
 domain, a domain without VFIO device is nothing to do (exit 6), and the hints paste into a shell."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator import events
-from orchestrator.cli import main
-from orchestrator.errors import BadInput, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.commands.cli import main
+from orchestrator.core.errors import BadInput, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.flows import events
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "domxml"
 URI = "qemu+unix:///system?socket=/var/lib/lab/sock"
@@ -140,10 +140,10 @@ def test_the_cli_prints_nothing_to_do_as_a_notice(monkeypatch: pytest.MonkeyPatc
             assert uri == URI
             return _Context(host)
 
-    # The CLI imports orchestrator.virt when the command runs; a stand-in module keeps libvirt out.
-    virt = types.ModuleType("orchestrator.virt")
+    # The CLI imports orchestrator.edges.virt when the command runs; a stand-in module keeps libvirt out.
+    virt = types.ModuleType("orchestrator.edges.virt")
     virt.Host = Opened  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "orchestrator.virt", virt)
+    monkeypatch.setitem(sys.modules, "orchestrator.edges.virt", virt)
     with pytest.raises(SystemExit) as exc:
         main(["events", "enable", "vm1", "-c", URI])
     assert exc.value.code == 6

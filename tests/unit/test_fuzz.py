@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from orchestrator import domxml, domxml_edit
-from orchestrator.errors import BadInput, NothingToDo, OrchestratorError
-from orchestrator.vfio import DeviceState, Role, VfioEvent
+from orchestrator.core import domxml, domxml_edit
+from orchestrator.core.errors import BadInput, NothingToDo, OrchestratorError
+from orchestrator.core.vfio import DeviceState, Role, VfioEvent
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "domxml"
 DOCUMENTS = {path.name: path.read_text(encoding="utf-8") for path in sorted(FIXTURES.glob("*.xml"))}

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import procfs
-from orchestrator.hooks import (
+from orchestrator.core.hooks import (
     OUTPUT_TAIL_BYTES,
     ArmedHook,
     Hook,
@@ -32,7 +31,8 @@ from orchestrator.hooks import (
     hook_values_env,
     preflight,
 )
-from orchestrator.supervisor import HOOK_RUN_ENV, hook_path, shared
+from orchestrator.edges import procfs
+from orchestrator.edges.supervisor import HOOK_RUN_ENV, hook_path, shared
 
 VALUES = {"domain": "vm1", "device_id": "hostdev0", "state": "pre-copy-p2p-prepare"}
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator import journal_db, procfs, runlog
-from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode, OrchestratorError
-from orchestrator.hooks import HookResult, Trigger
-from orchestrator.journal import DEFAULT_PATH, Journal, journal_path
-from orchestrator.journal_db import ENV_VAR, SCHEMA_VERSION, JournalCorrupt, check_in_background
-from orchestrator.records import ActionStatus, DeviceAction, EventKind, MigrationKind, still_drained
-from orchestrator.report import Outcome
-from orchestrator.vfio import Role
+from orchestrator.core.errors import BadInput, EnvironmentProblem, ExitCode, OrchestratorError
+from orchestrator.core.hooks import HookResult, Trigger
+from orchestrator.core.records import ActionStatus, DeviceAction, EventKind, MigrationKind, still_drained
+from orchestrator.core.report import Outcome
+from orchestrator.core.vfio import Role
+from orchestrator.edges import journal_db, procfs, runlog
+from orchestrator.edges.journal import DEFAULT_PATH, Journal, journal_path
+from orchestrator.edges.journal_db import ENV_VAR, SCHEMA_VERSION, JournalCorrupt, check_in_background
 
 T0 = 1_700_000_000.0
 HOST = os.uname().nodename

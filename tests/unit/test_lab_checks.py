@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.errors import BadInput, EnvironmentProblem, ExitCode
+from orchestrator.commands.cli import main
+from orchestrator.core.errors import BadInput, EnvironmentProblem, ExitCode
 from orchestrator.lab import hosts
 
 NOT_ROOT = "the lab must run as root (it starts libvirtd in mount namespaces); use sudo"

@@ -8,7 +8,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from orchestrator.errors import BadInput, EnvironmentProblem
+from orchestrator.core.errors import BadInput, EnvironmentProblem
 from orchestrator.lab import guest as lab_guest
 
 IMAGE = (Path("/img/vmlinuz"), Path("/img/initrd.img"))

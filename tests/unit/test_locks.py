@@ -2,7 +2,7 @@
 
 No test reads the wall clock to decide anything: "it waited" is shown by the order of events (the
 holder let go before the waiter got the lock, the waiter was refused before it got it), and the
-waiting loop's deadline by a fake clock standing in for `time` in orchestrator.locks.
+waiting loop's deadline by a fake clock standing in for `time` in orchestrator.edges.locks.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import orchestrator.locks
-from orchestrator.errors import EnvironmentProblem, ExitCode
-from orchestrator.locks import (
+import orchestrator.edges.locks
+from orchestrator.core.errors import EnvironmentProblem, ExitCode
+from orchestrator.edges.locks import (
     LockHolder,
     MigrationBusy,
     MigrationLock,
@@ -60,7 +60,7 @@ def _umask() -> int:
 
 
 def _watch_sleeps(monkeypatch: pytest.MonkeyPatch, on_sleep: Callable[[int], None]) -> list[float]:
-    """Has `on_sleep(n)` called as the n-th (from 1) sleep of orchestrator.locks begins (the real sleep
+    """Has `on_sleep(n)` called as the n-th (from 1) sleep of orchestrator.edges.locks begins (the real sleep
     follows); returns the list of the sleeps asked for."""
     asked: list[float] = []
 
@@ -69,12 +69,12 @@ def _watch_sleeps(monkeypatch: pytest.MonkeyPatch, on_sleep: Callable[[int], Non
         on_sleep(len(asked))
         time.sleep(seconds)
 
-    monkeypatch.setattr(orchestrator.locks, "time", SimpleNamespace(**{**vars(time), "sleep": sleep}))
+    monkeypatch.setattr(orchestrator.edges.locks, "time", SimpleNamespace(**{**vars(time), "sleep": sleep}))
     return asked
 
 
 class FakeClock:
-    """Stands in for `time` in orchestrator.locks: its monotonic clock moves only when it sleeps."""
+    """Stands in for `time` in orchestrator.edges.locks: its monotonic clock moves only when it sleeps."""
 
     def __init__(self, on_sleep: Callable[[int], None] = lambda n: None) -> None:
         self.now = 1000.0
@@ -333,7 +333,7 @@ def test_two_journals_meet_in_the_runtime_dir(runtime: Path) -> None:
 def test_wait_s_zero_or_negative_does_not_wait(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     with MigrationLock.acquire(directory, UUID, "m-1"):
-        monkeypatch.setattr(orchestrator.locks, "time", clock)
+        monkeypatch.setattr(orchestrator.edges.locks, "time", clock)
         for wait_s in (0.0, -5.0):
             with pytest.raises(MigrationBusy, match=r"by migration m-1 "):
                 MigrationLock.acquire(directory, UUID, "m-2", wait_s=wait_s)
@@ -345,7 +345,7 @@ def test_wait_s_keeps_trying_until_its_deadline_then_names_the_holder(
 ) -> None:
     clock = FakeClock()
     with MigrationLock.acquire(directory, UUID, "m-1", domain="vm1", source=SOURCE) as first:
-        monkeypatch.setattr(orchestrator.locks, "time", clock)
+        monkeypatch.setattr(orchestrator.edges.locks, "time", clock)
         start = clock.now
         with pytest.raises(MigrationBusy) as caught:
             MigrationLock.acquire(directory, UUID, "m-2", domain="vm1", wait_s=3.0)
@@ -371,7 +371,7 @@ def test_wait_s_gets_the_lock_whenever_the_holder_lets_go_within_the_wait(
             events.append("released")
             first.release()
 
-    monkeypatch.setattr(orchestrator.locks, "time", FakeClock(on_sleep))
+    monkeypatch.setattr(orchestrator.edges.locks, "time", FakeClock(on_sleep))
     with MigrationLock.acquire(directory, UUID, "m-2", wait_s=3600) as second:
         events.append("acquired")
         assert json.loads(second.path.read_text())["migration_id"] == "m-2"
@@ -488,7 +488,7 @@ HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from orchestrator.locks import MigrationLock
+    from orchestrator.edges.locks import MigrationLock
     lock = MigrationLock.acquire(
         Path(sys.argv[1]), sys.argv[2], sys.argv[3], domain=sys.argv[4], source=sys.argv[5]
     )

@@ -1,4 +1,4 @@
-"""Man pages generated from the CLI (orchestrator.manpages): one per command, naming every option of
+"""Man pages generated from the CLI (orchestrator.commands.manpages): one per command, naming every option of
 it, rendering without troff warnings, with the exit codes of ExitCode and the README."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import typer
 import typer.main
 
-from orchestrator import cli, manpages
-from orchestrator.errors import ExitCode
+from orchestrator.commands import cli, manpages
+from orchestrator.core.errors import ExitCode
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 GROFF = shutil.which("groff")
@@ -31,7 +31,7 @@ def commands(command: Any, path: tuple[str, ...] = ("orchestrator",)) -> dict[st
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Page name -> troff text, as `python -m orchestrator.manpages DIR` writes them."""
+    """Page name -> troff text, as `python -m orchestrator.commands.manpages DIR` writes them."""
     out = tmp_path_factory.mktemp("man1")
     assert manpages.main([str(out)]) == 0
     return {path.name.removesuffix(".1"): path.read_text(encoding="utf-8") for path in out.glob("*.1")}
@@ -241,7 +241,7 @@ def test_the_date_is_the_sources_not_the_clock(monkeypatch: pytest.MonkeyPatch) 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert manpages.main([]) == ExitCode.BAD_INPUT
-    assert "usage: python -m orchestrator.manpages DIR" in capsys.readouterr().err
+    assert "usage: python -m orchestrator.commands.manpages DIR" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert manpages.main([str(blocker / "man1")]) == ExitCode.ENVIRONMENT

@@ -22,18 +22,18 @@ from unit.scripted import (
     assert_invariant,
 )
 
-from orchestrator import migration as migration_module
-from orchestrator.convergence import GATE_FLOOR_MS
-from orchestrator.errors import BadInput
-from orchestrator.hooks import Trigger
-from orchestrator.hypervisor import RUNNING
-from orchestrator.journal import Journal
-from orchestrator.locks import MigrationBusy, MigrationLock
-from orchestrator.migration import Migration, Request
-from orchestrator.phases import Phase
-from orchestrator.policy import DrainMode, parse_policy
-from orchestrator.records import ActionStatus, DeviceAction, still_drained
-from orchestrator.report import Outcome, Report
+from orchestrator.core.convergence import GATE_FLOOR_MS
+from orchestrator.core.errors import BadInput
+from orchestrator.core.hooks import Trigger
+from orchestrator.core.hypervisor import RUNNING
+from orchestrator.core.phases import Phase
+from orchestrator.core.policy import DrainMode, parse_policy
+from orchestrator.core.records import ActionStatus, DeviceAction, still_drained
+from orchestrator.core.report import Outcome, Report
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.locks import MigrationBusy, MigrationLock
+from orchestrator.flows import migration as migration_module
+from orchestrator.flows.migration import Migration, Request
 
 SRC, DST = "qemu+unix:///system?socket=/src", "qemu+unix:///system?socket=/dst"
 
@@ -594,7 +594,7 @@ def test_dry_run_plans_and_changes_nothing(world: World) -> None:
 def test_an_active_libvirt_job_is_refused(world: World) -> None:
     world.source.model = Model(dirty_ms=10_000)
     guest = world.source.add("vm1", domain_xml(["nic0"]))
-    from orchestrator.hypervisor import MigrateRequest
+    from orchestrator.core.hypervisor import MigrateRequest
 
     world.source.start_migration(guest, MigrateRequest(DST), world.destination, lambda _e: None)
     with pytest.raises(BadInput, match="already has a libvirt job"):
@@ -666,7 +666,7 @@ def test_the_destination_is_followed_by_object_once_the_incoming_domain_exists(w
 
 
 def test_an_event_delivered_through_both_destination_subscriptions_counts_once() -> None:
-    from orchestrator.migration import _Arrivals
+    from orchestrator.flows.migration import _Arrivals
 
     delivered: list[tuple[str, int, int]] = []
     arrivals = _Arrivals(lambda _dom, name, s, us, _data: delivered.append((name, s, us)))
@@ -696,7 +696,7 @@ def test_an_event_delivered_through_both_destination_subscriptions_counts_once()
 def test_a_destination_naming_the_source_machine_is_caught_in_pre_flight(
     source: str, destination: str, p2p: bool, why: str | None
 ) -> None:
-    from orchestrator.migration import same_machine
+    from orchestrator.flows.migration import same_machine
 
     found = same_machine(source, destination, p2p=p2p, names=("ctl1", "ctl1.example.net"))
     assert (found is None) if why is None else (found is not None and why in found)

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner, Model, assert_invariant
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
-from orchestrator.hooks import Trigger
-from orchestrator.hypervisor import RUNNING
-from orchestrator.journal import Journal
-from orchestrator.migration import Migration, Request
-from orchestrator.policy import parse_policy
-from orchestrator.records import still_drained
-from orchestrator.report import Outcome
+from orchestrator.core.hooks import Trigger
+from orchestrator.core.hypervisor import RUNNING
+from orchestrator.core.policy import parse_policy
+from orchestrator.core.records import still_drained
+from orchestrator.core.report import Outcome
+from orchestrator.edges.journal import Journal
+from orchestrator.flows.migration import Migration, Request
 
 STATES = [
     "running",

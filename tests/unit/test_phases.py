@@ -1,4 +1,4 @@
-"""Table-driven tests of the phase machine (orchestrator/phases.py) and the convergence schedule.
+"""Table-driven tests of the phase machine (orchestrator/core/phases.py) and the convergence schedule.
 
 The decisions of one migration from its events: drain at the first signal that a device goes quiet,
 undrain when it runs again, each exactly once per migration; the outcome from the facts; the phase table.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
-from orchestrator.hooks import Trigger
-from orchestrator.hypervisor import JobStats, SystemClock
-from orchestrator.phases import (
+from orchestrator.core.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
+from orchestrator.core.hooks import Trigger
+from orchestrator.core.hypervisor import JobStats, SystemClock
+from orchestrator.core.phases import (
     NEXT_PHASES,
     JobState,
     Location,
@@ -20,9 +20,9 @@ from orchestrator.phases import (
     RunHooks,
     decide_outcome,
 )
-from orchestrator.policy import DowntimeStep, DrainMode, MigrationSettings, Switchover
-from orchestrator.report import Outcome
-from orchestrator.vfio import Role, VfioEvent
+from orchestrator.core.policy import DowntimeStep, DrainMode, MigrationSettings, Switchover
+from orchestrator.core.report import Outcome
+from orchestrator.core.vfio import Role, VfioEvent
 
 _ROLES = {"src": Role.SOURCE, "dst": Role.DESTINATION}
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import BadInput, ExitCode
-from orchestrator.hooks import Hook, OnFailure, Trigger
-from orchestrator.policy import (
+from orchestrator.core.errors import BadInput, ExitCode
+from orchestrator.core.hooks import Hook, OnFailure, Trigger
+from orchestrator.core.policy import (
     DEFAULT_POLICY_DIRS,
     MAX_BANDWIDTH_MIB,
     MAX_MESSAGE_CHARS,

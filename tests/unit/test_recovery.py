@@ -25,17 +25,17 @@ import pytest
 from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner, Model
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
-from orchestrator import procfs, runlog
-from orchestrator.convergence import GATE_FLOOR_MS
-from orchestrator.hooks import Hook, HookRunner, Trigger
-from orchestrator.hypervisor import RUNNING, MigrateRequest
-from orchestrator.journal import Journal
-from orchestrator.locks import MigrationLock, lock_dir
-from orchestrator.policy import parse_policy
-from orchestrator.records import ActionStatus, DeviceAction, still_drained
-from orchestrator.recovery import DevicePlan, Recovery, RecoveryReport, plan
-from orchestrator.report import Outcome
-from orchestrator.supervisor import Supervisor, hook_path
+from orchestrator.core.convergence import GATE_FLOOR_MS
+from orchestrator.core.hooks import Hook, HookRunner, Trigger
+from orchestrator.core.hypervisor import RUNNING, MigrateRequest
+from orchestrator.core.policy import parse_policy
+from orchestrator.core.records import ActionStatus, DeviceAction, still_drained
+from orchestrator.core.report import Outcome
+from orchestrator.edges import procfs, runlog
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.locks import MigrationLock, lock_dir
+from orchestrator.edges.supervisor import Supervisor, hook_path
+from orchestrator.flows.recovery import DevicePlan, Recovery, RecoveryReport, plan
 
 
 def dead_pid() -> int:
@@ -45,7 +45,7 @@ def dead_pid() -> int:
     return child.pid
 
 
-# Records as a migration and its supervisor write them (orchestrator.runlog).
+# Records as a migration and its supervisor write them (orchestrator.edges.runlog).
 def action(device: str, what: str, status: str) -> dict[str, Any]:
     return {"k": "action", "device_id": device, "action": what, "status": status, "at": 1.0, "detail": None}
 

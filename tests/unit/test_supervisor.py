@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import procfs, runlog
-from orchestrator.hooks import Hook, HookResult, HookRunner, Trigger
-from orchestrator.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
+from orchestrator.core.hooks import Hook, HookResult, HookRunner, Trigger
+from orchestrator.edges import procfs, runlog
+from orchestrator.edges.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
 
 
 @pytest.fixture
@@ -98,9 +98,9 @@ ORCHESTRATOR = textwrap.dedent(
     r"""
     import json, os, signal, sys, threading
     from pathlib import Path
-    from orchestrator import runlog
-    from orchestrator.hooks import Hook, HookRunner, Trigger
-    from orchestrator.supervisor import Supervisor
+    from orchestrator.edges import runlog
+    from orchestrator.core.hooks import Hook, HookRunner, Trigger
+    from orchestrator.edges.supervisor import Supervisor
 
     runs, mode, release = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     supervisor = Supervisor.start(dict(os.environ))

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import typer
 
-from orchestrator.cli import app, main
+from orchestrator.commands.cli import app, main
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 SERVICE = SYSTEMD_DIR / "orchestrator-evacuate.service"
@@ -470,7 +470,7 @@ def test_an_instance_names_its_own_file_and_needs_a_source(setting: str, given: 
 
 
 # --- exit codes: what `orchestrator evacuate` does, what the units count as success, the README --
-# `orchestrator evacuate` as the units run it, with only the libvirt edge (orchestrator.virt) faked:
+# `orchestrator evacuate` as the units run it, with only the libvirt edge (orchestrator.edges.virt) faked:
 # hosts by name, their node memory and running VMs. Planning, the exit code and the output are real.
 FAKE_LIBVIRT_EDGE = r"""
 import sys, types
@@ -511,11 +511,11 @@ class Host:
         pass
 
 
-virt = types.ModuleType("orchestrator.virt")
+virt = types.ModuleType("orchestrator.edges.virt")
 virt.Host = Host
-sys.modules["orchestrator.virt"] = virt
+sys.modules["orchestrator.edges.virt"] = virt
 sys.argv[0] = "orchestrator"
-from orchestrator.cli import entry
+from orchestrator.commands.cli import entry
 
 entry()
 """

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.vfio import (
+from orchestrator.core.vfio import (
     LEGAL_TRANSITIONS,
     DeviceSignal,
     DeviceState,

@@ -1,4 +1,4 @@
-"""`orchestrator watch` (orchestrator/watch.py) with the host opening faked: unreachable hosts at the
+"""`orchestrator watch` (orchestrator/flows/watch.py) with the host opening faked: unreachable hosts at the
 start are reported and retried, a repeated -c is watched once, a --domain found nowhere is a warning,
 no reachable host at all is one line and exit 3."""
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator import watch
-from orchestrator.cli import main
-from orchestrator.errors import ConnectError, ExitCode
+from orchestrator.commands.cli import main
+from orchestrator.core.errors import ConnectError, ExitCode
+from orchestrator.flows import watch
 
 A = "qemu+ssh://a/system"
 B = "qemu+unix:///system?socket=/run/b/libvirt-sock"

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from orchestrator.errors import EnvironmentProblem, OrchestratorError, shell_uri
-from orchestrator.records import EventKind
+from orchestrator.core.errors import EnvironmentProblem, OrchestratorError, shell_uri
+from orchestrator.core.records import EventKind
 
 SCHEMA_VERSION: Final = 3
 ENV_VAR: Final = "ORCH_JOURNAL"

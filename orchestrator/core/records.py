@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-from orchestrator.report import Outcome
+from orchestrator.core.report import Outcome
 
 
 class MigrationKind(StrEnum):

@@ -1,9 +1,9 @@
 """One VM's live migration: the driver that carries out the phase machine's decisions.
 
-`orchestrator.phases.MigrationMachine` decides what to do; this module does the I/O around it: the
+`orchestrator.core.phases.MigrationMachine` decides what to do; this module does the I/O around it: the
 pre-flight against both hosts, the monitor-event subscriptions, the hooks, the libvirt job and its
 statistics, the journal and the report. It reaches libvirt only through the narrow `Hypervisor` and
-`Guest` interface (`orchestrator.hypervisor`), so the unit tests drive every path of it on a scripted
+`Guest` interface (`orchestrator.core.hypervisor`), so the unit tests drive every path of it on a scripted
 fake, on a fake clock.
 
 Threads: libvirt's event thread delivers monitor events (the hot path: event -> decision -> spawn,
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from orchestrator import domxml, vfio
-from orchestrator.convergence import GATE_FLOOR_MS, Schedule
-from orchestrator.digest import sha256_hex
-from orchestrator.errors import BadInput, OrchestratorError, shell_uri
-from orchestrator.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
-from orchestrator.hypervisor import (
+from orchestrator.core import domxml, vfio
+from orchestrator.core.convergence import GATE_FLOOR_MS, Schedule
+from orchestrator.core.digest import sha256_hex
+from orchestrator.core.errors import BadInput, OrchestratorError, shell_uri
+from orchestrator.core.hooks import Hook, HookResult, HookRunner, OnFailure, Trigger, preflight
+from orchestrator.core.hypervisor import (
     ACTIVE_STATES,
     GONE,
     SHUT_OFF,
@@ -45,7 +45,7 @@ from orchestrator.hypervisor import (
     Subscription,
     SystemClock,
 )
-from orchestrator.phases import (
+from orchestrator.core.phases import (
     AbortJob,
     Action,
     JobState,
@@ -56,13 +56,20 @@ from orchestrator.phases import (
     RunHooks,
     SetDowntime,
 )
-from orchestrator.policy import DrainMode, MigrationMode, MigrationSettings, Policy, Switchover, WhenEventsOff
-from orchestrator.report import Outcome, Progress, Report, TimelineEntry
-from orchestrator.vfio import Role, VfioEvent
+from orchestrator.core.policy import (
+    DrainMode,
+    MigrationMode,
+    MigrationSettings,
+    Policy,
+    Switchover,
+    WhenEventsOff,
+)
+from orchestrator.core.report import Outcome, Progress, Report, TimelineEntry
+from orchestrator.core.vfio import Role, VfioEvent
 
 if TYPE_CHECKING:
-    from orchestrator.locks import MigrationLock
-    from orchestrator.runlog import RunLog
+    from orchestrator.edges.locks import MigrationLock
+    from orchestrator.edges.runlog import RunLog
 
 # How long after the job ends to wait for the events that undrain (destination or source `running`)
 # before undraining on our own: the guest resumes within milliseconds of the job's end.
@@ -72,7 +79,7 @@ _FOLLOWED_EVENTS = ("MIGRATION", "RESUME", "SHUTDOWN", "STOP", *vfio.EVENTS)
 
 
 class JournalLike(Protocol):
-    """What a migration writes to the journal (orchestrator.journal.Journal, or NullJournal)."""
+    """What a migration writes to the journal (orchestrator.edges.journal.Journal, or NullJournal)."""
 
     def begin_migration(
         self,
@@ -140,14 +147,14 @@ class JournalLike(Protocol):
 
 
 class Started(Protocol):
-    """A hook just asked for (orchestrator.hooks.SupervisedRun)."""
+    """A hook just asked for (orchestrator.core.hooks.SupervisedRun)."""
 
     def wait(self) -> HookResult:
         """Until it has ended; its result."""
 
 
 class Armed(Protocol):
-    """An armed hook (orchestrator.hooks.ArmedHook): started with the migration, woken per event."""
+    """An armed hook (orchestrator.core.hooks.ArmedHook): started with the migration, woken per event."""
 
     def wait_ready(self) -> HookResult:
         """Until it is ready (or failed to be); the arming's result."""
@@ -166,7 +173,7 @@ class Armed(Protocol):
 
 
 class Hooks(Protocol):
-    """What a migration needs of the hook runner (orchestrator.hooks.HookRunner, or a fake)."""
+    """What a migration needs of the hook runner (orchestrator.core.hooks.HookRunner, or a fake)."""
 
     def attach(self, log: str, fd: int) -> None:
         """Record every hook started from now on in the run log `log` (open as `fd`)."""
@@ -655,7 +662,7 @@ class Migration:
         MigrationBusy names the run that holds it."""
         if self.lock_dir is None or self._vm_lock is not None:
             return
-        from orchestrator.locks import MigrationLock
+        from orchestrator.edges.locks import MigrationLock
 
         self._vm_lock = MigrationLock.acquire(
             self.lock_dir,
@@ -987,7 +994,7 @@ class Migration:
         )
         # Carry the events property into the destination's live and persistent definitions (into the
         # user's own --xml when given).
-        from orchestrator.domxml_edit import destination_xml
+        from orchestrator.core.domxml_edit import destination_xml
 
         given = job.dest_xml
         migratable = given if given is not None else dom.xml(migratable=True)

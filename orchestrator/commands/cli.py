@@ -26,9 +26,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from orchestrator import cli_values
-from orchestrator.errors import ExitCode, NothingToDo, OrchestratorError
-from orchestrator.render import (
+from orchestrator.commands import cli_values
+from orchestrator.commands.render import (
     emit_json,
     evacuation_failure_line,
     info,
@@ -40,6 +39,7 @@ from orchestrator.render import (
     table,
     time_text,
 )
+from orchestrator.core.errors import ExitCode, NothingToDo, OrchestratorError
 
 # Click's default_map for a group's context: its own help flag is False unless given (see above).
 HELP_DEFAULTS: dict[str, Any] = {"help": False}
@@ -458,7 +458,7 @@ def job_options(
     xml: Path | None = None,
 ) -> Any:
     """The per-run options of the libvirt job (migration.JobOptions), checked."""
-    from orchestrator.migration import JobOptions
+    from orchestrator.flows.migration import JobOptions
 
     dest_xml = None
     if xml is not None:
@@ -490,7 +490,7 @@ def complete_domain(ctx: typer.Context, incomplete: str) -> list[str]:
     if urlsplit(uri).hostname:
         return []
     try:
-        from orchestrator.virt import domain_names
+        from orchestrator.edges.virt import domain_names
     except ImportError:  # no libvirt-python: no names
         return []
     return [name for name in domain_names(uri) if name.startswith(incomplete)]
@@ -592,11 +592,11 @@ def migrate_cmd(
         start_supervisor()  # forked already by the program's entry; here for in-process callers
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
     checked = None if dry_run else check_journal(journal)
-    from orchestrator import migration as mig
-    from orchestrator.locks import lock_dir
-    from orchestrator.policy import DrainMode, resolve_policy
-    from orchestrator.render import LiveMigration, failure_line
-    from orchestrator.virt import open_hosts
+    from orchestrator.commands.render import LiveMigration, failure_line
+    from orchestrator.core.policy import DrainMode, resolve_policy
+    from orchestrator.edges.locks import lock_dir
+    from orchestrator.edges.virt import open_hosts
+    from orchestrator.flows import migration as mig
 
     chosen = resolve_policy(policy)
     settings = chosen.migration.overridden(
@@ -809,7 +809,7 @@ MAX_LOCK_WAIT_S = 86400.0  # a day: longer than any migration a run could wait f
 def start_supervisor() -> None:
     """Fork the hook supervisor now, unless the program's entry has (orchestrator.entry): a command that
     may run hooks calls it first, before any thread of its own exists."""
-    from orchestrator import supervisor
+    from orchestrator.edges import supervisor
 
     supervisor.shared()
 
@@ -823,7 +823,7 @@ def plain_argument(what: str, text: str | None) -> None:
 
 def raise_bad(message: str, hint: str) -> NoReturn:
     """Raise the BadInput error for a CLI option."""
-    from orchestrator.errors import BadInput
+    from orchestrator.core.errors import BadInput
 
     raise BadInput(message, hint)
 
@@ -831,8 +831,8 @@ def raise_bad(message: str, hint: str) -> NoReturn:
 def check_journal(path: Path | None) -> Callable[[], bool]:
     """Start verifying the journal now, in the background (see journal.check_in_background), for
     `open_journal`: call first thing in a command, so that reading the whole file overlaps the imports."""
-    from orchestrator.journal import journal_path
-    from orchestrator.journal_db import check_in_background
+    from orchestrator.edges.journal import journal_path
+    from orchestrator.edges.journal_db import check_in_background
 
     return check_in_background(journal_path(path))
 
@@ -844,7 +844,7 @@ def open_journal(
     """The journal, verified before anything changes (by `checked`, started with `check_journal`, if
     given), closed on the way out; None when not `writing` (a dry run, Ansible's check mode, writes
     nothing, the journal included: not even a new journal file)."""
-    from orchestrator.journal import Journal, journal_path
+    from orchestrator.edges.journal import Journal, journal_path
 
     if not writing:
         yield None
@@ -862,8 +862,8 @@ def reconcile(jour: Any, hosts: list[Any], domain: str, say: Callable[[str], Non
     migrate it when that needs an admin."""
     if not any(row.domain == domain for row in jour.unfinished()):
         return  # the usual case: nothing to finish, and nothing of recover's to import
-    from orchestrator.errors import OrchestratorError as Refused
-    from orchestrator.recovery import recover_before
+    from orchestrator.core.errors import OrchestratorError as Refused
+    from orchestrator.flows.recovery import recover_before
 
     report = recover_before(jour, hosts, domain, on_line=say)
     if int(report.exit_code):
@@ -909,8 +909,8 @@ def recover_cmd(
 ) -> None:
     """Finish what an orchestrator that died left undone: undrain what it drained (once, with the policy
     it used), and record where each VM runs. Safe to run any time; systemd runs it before evacuations."""
-    from orchestrator.journal import Journal, journal_path
-    from orchestrator.recovery import Recovery, open_libvirt_host
+    from orchestrator.edges.journal import Journal, journal_path
+    from orchestrator.flows.recovery import Recovery, open_libvirt_host
 
     if not (math.isfinite(job_wait) and 0 < job_wait <= MAX_LOCK_WAIT_S):
         raise_bad(
@@ -1042,10 +1042,10 @@ def evacuate_cmd(
         start_supervisor()  # forked already by the program's entry; here for in-process callers
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
     checked = None if dry_run else check_journal(journal)
-    from orchestrator.evacuation import Evacuation, EvacuationRequest
-    from orchestrator.locks import lock_dir
-    from orchestrator.policy import DrainMode, resolve_policy
-    from orchestrator.render import LiveEvacuation
+    from orchestrator.commands.render import LiveEvacuation
+    from orchestrator.core.policy import DrainMode, resolve_policy
+    from orchestrator.edges.locks import lock_dir
+    from orchestrator.flows.evacuation import Evacuation, EvacuationRequest
 
     chosen = resolve_policy(policy)
     request = EvacuationRequest(
@@ -1116,8 +1116,8 @@ def events_status_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """One row per VFIO device: events on in the definition and in the running VM, and what QEMU knows."""
-    from orchestrator import events
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
+    from orchestrator.flows import events
 
     with Host.open(source_uri(connect)) as host:
         report = events.status(host, domain)
@@ -1146,8 +1146,8 @@ def events_status_cmd(
 def _events_change(
     domain: str, connect: str | None, *, enable: bool, mode: str | None, dry_run: bool, as_json: bool
 ) -> None:
-    from orchestrator import events
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
+    from orchestrator.flows import events
 
     with Host.open(source_uri(connect)) as host:
         report = events.change(host, domain, enable=enable, mode=mode, dry_run=dry_run)
@@ -1219,7 +1219,7 @@ def watch_cmd(
     A host unreachable at the start is reported and retried every few seconds while the others are
     watched; a host that goes away is reported. Exit 3 when no host can be reached.
     """
-    from orchestrator import watch
+    from orchestrator.flows import watch
 
     default: list[str | None] = [os.environ.get("LIBVIRT_DEFAULT_URI") or None]
     watch.run([source_uri(uri) for uri in connect or default], domain, out=sys.stdout, log=info)
@@ -1242,7 +1242,7 @@ def history_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List recorded migrations, or show one's timeline."""
-    from orchestrator.journal import Journal, journal_path
+    from orchestrator.edges.journal import Journal, journal_path
 
     # Read-only: a missing journal is "no migrations recorded", and nothing is created or marked.
     jour = Journal.open_readonly(journal_path(journal))

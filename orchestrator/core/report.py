@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import ExitCode
+from orchestrator.core.errors import ExitCode
 
 if TYPE_CHECKING:
-    from orchestrator.hooks import HookResult
-    from orchestrator.hypervisor import JobStats
+    from orchestrator.core.hooks import HookResult
+    from orchestrator.core.hypervisor import JobStats
 
 
 class Outcome(StrEnum):

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from orchestrator import domxml_edit
-from orchestrator.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
-from orchestrator.migration import JobOptions, JournalLike, Migration, Request
-from orchestrator.policy import DrainMode, MigrationSettings, Policy
-from orchestrator.render import hook_failure
-from orchestrator.report import Outcome, Report
+from orchestrator.commands.render import hook_failure
+from orchestrator.core import domxml_edit
+from orchestrator.core.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.core.policy import DrainMode, MigrationSettings, Policy
+from orchestrator.core.report import Outcome, Report
+from orchestrator.flows.migration import JobOptions, JournalLike, Migration, Request
 
 if TYPE_CHECKING:
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
 
 # libvirt errors worth another try: the destination or a connection was busy, not the VM broken.
 TRANSIENT = re.compile(
@@ -298,7 +298,7 @@ class Evacuation:
     def run(self) -> EvacuationReport:
         """Plan, then move; always returns the report (bad input and no source raise)."""
         self.request.validate()
-        from orchestrator.virt import (
+        from orchestrator.edges.virt import (
             Host,  # here, not at import: the planning logic is tested without libvirt
         )
 

@@ -2,7 +2,7 @@
 
 A host that cannot be reached at the start is reported (one line) and retried in the background
 every few seconds until it connects (reported too); the reachable ones are watched meanwhile. A host
-that goes away later is reported and the others are kept. The libvirt edge (`orchestrator.virt`) is
+that goes away later is reported and the others are kept. The libvirt edge (`orchestrator.edges.virt`) is
 imported only when a host is opened, so that the logic here runs without libvirt in unit tests.
 """
 
@@ -15,24 +15,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
-from orchestrator import vfio
-from orchestrator.errors import ConnectError, OrchestratorError, shell_uri
+from orchestrator.core import vfio
+from orchestrator.core.errors import ConnectError, OrchestratorError, shell_uri
 
 RETRY_S = 5.0
 """Seconds between two attempts to reach a host that was unreachable at the start."""
 
 MonitorCallback = Callable[[str, str, int, int, dict[str, Any] | None], None]
-"""(domain name, event name, seconds, microseconds, data), as orchestrator.virt delivers them."""
+"""(domain name, event name, seconds, microseconds, data), as orchestrator.edges.virt delivers them."""
 
 
 class SubscriptionLike(Protocol):
-    """What watch needs of orchestrator.virt.Subscription."""
+    """What watch needs of orchestrator.edges.virt.Subscription."""
 
     def cancel(self) -> None: ...
 
 
 class HostLike(Protocol):
-    """What watch needs of orchestrator.virt.Host."""
+    """What watch needs of orchestrator.edges.virt.Host."""
 
     def on_close(self, callback: Callable[[str], None]) -> None: ...
 
@@ -50,7 +50,7 @@ OpenHost = Callable[[str], HostLike]
 
 def open_libvirt_host(uri: str) -> HostLike:
     """Open `uri` through the libvirt edge (raises ConnectError with one clear line)."""
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
 
     return Host.open(uri)
 

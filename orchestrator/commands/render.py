@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from orchestrator.evacuation import EvacuationReport
-    from orchestrator.hooks import HookResult
-    from orchestrator.records import MigrationRecord, MigrationRow
-    from orchestrator.report import Progress, Report, TimelineEntry
+    from orchestrator.core.hooks import HookResult
+    from orchestrator.core.records import MigrationRecord, MigrationRow
+    from orchestrator.core.report import Progress, Report, TimelineEntry
+    from orchestrator.flows.evacuation import EvacuationReport
 
 PROGRESS_EVERY_S = 5.0  # a progress line this often when stderr is not a terminal
 _TAIL_CHARS = 300  # of a failed hook's output, in its one line

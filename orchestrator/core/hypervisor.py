@@ -1,6 +1,6 @@
 """What a migration needs of libvirt: a narrow interface, and the plain records that cross it.
 
-`orchestrator.virt` implements `Hypervisor` and `Guest` on libvirt (like VDSM's DomainAdapter, only
+`orchestrator.edges.virt` implements `Hypervisor` and `Guest` on libvirt (like VDSM's DomainAdapter, only
 the methods a migration uses); the unit tests implement them with a scripted fake on a fake clock
 (tests/unit/scripted.py). Nothing here imports libvirt, so the migration's logic is importable and
 testable without it.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.core.errors import OrchestratorError
 
 MonitorCallback = Callable[[str, str, int, int, dict[str, Any] | None], None]
 """(domain name, event name, seconds, microseconds, data) -> None; runs on libvirt's event thread."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from orchestrator.hypervisor import JobStats
-from orchestrator.policy import DowntimeStep, MigrationSettings, Switchover
+from orchestrator.core.hypervisor import JobStats
+from orchestrator.core.policy import DowntimeStep, MigrationSettings, Switchover
 
 # The gate: the lowest downtime limit. Not 0, although libvirt passes 0 on and QEMU takes it: with a
 # threshold of 0 QEMU never computes the exact pending size (it does so only below the threshold), and

@@ -12,12 +12,12 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import domxml, domxml_edit
-from orchestrator.errors import BadInput, NothingToDo, OrchestratorError, shell_uri
-from orchestrator.vfio import schema_support
+from orchestrator.core import domxml, domxml_edit
+from orchestrator.core.errors import BadInput, NothingToDo, OrchestratorError, shell_uri
+from orchestrator.core.vfio import schema_support
 
 if TYPE_CHECKING:  # annotations only: importing virt imports libvirt, which unit tests run without
-    from orchestrator.virt import Domain, Host
+    from orchestrator.edges.virt import Domain, Host
 
 OVERRIDE_MIN_LIBVIRT = 8_002_000  # <qemu:override> exists since libvirt 8.2.0
 COLD_BOOT = (

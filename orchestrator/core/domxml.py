@@ -10,7 +10,7 @@ namespace, which this module reads:
   their own `migration-events` option, which beats `-global` as in QEMU.
 
 Parsing resolves no entity and touches neither the network nor the disk. Nothing here writes XML:
-`orchestrator.domxml_edit` turns the events on and off on top of these readers.
+`orchestrator.core.domxml_edit` turns the events on and off on top of these readers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 
 from lxml import etree
 
-from orchestrator.errors import BadInput
+from orchestrator.core.errors import BadInput
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 EVENTS_PROPERTY = "migration-events"

@@ -1,6 +1,6 @@
 """The journal: every migration's record, kept in SQLite once it has ended.
 
-While a migration runs, its truth is its run log (orchestrator.runlog): each record is one write() on
+While a migration runs, its truth is its run log (orchestrator.edges.runlog): each record is one write() on
 the thread that acts, and the hook supervisor adds each hook's start and end. No writer thread, no
 SQLite on the way to a hook. When the migration ends, its run log is imported into the journal in ONE
 transaction and removed; a run log that could not be imported then (the journal locked, damaged,
@@ -31,20 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from orchestrator import procfs, runlog
-from orchestrator.errors import BadInput, EnvironmentProblem, OrchestratorError
-from orchestrator.journal_db import (
-    ENV_VAR,
-    PATH_HINT,
-    connect,
-    connect_existing,
-    create_schema,
-    db_error,
-    quick_check,
-    require_sqlite,
-    upgrade,
-)
-from orchestrator.records import (
+from orchestrator.core.errors import BadInput, EnvironmentProblem, OrchestratorError
+from orchestrator.core.records import (
     ActionStatus,
     DeviceAction,
     DeviceActionRow,
@@ -55,8 +43,20 @@ from orchestrator.records import (
     MigrationRecord,
     MigrationRow,
 )
-from orchestrator.report import Outcome
-from orchestrator.runlog import RunLog
+from orchestrator.core.report import Outcome
+from orchestrator.edges import procfs, runlog
+from orchestrator.edges.journal_db import (
+    ENV_VAR,
+    PATH_HINT,
+    connect,
+    connect_existing,
+    create_schema,
+    db_error,
+    quick_check,
+    require_sqlite,
+    upgrade,
+)
+from orchestrator.edges.runlog import RunLog
 
 DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
 _CANDIDATES_SHOWN: Final = 10

@@ -36,9 +36,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from orchestrator import procfs
-from orchestrator.digest import sha256_hex
-from orchestrator.errors import BadInput, EnvironmentProblem, shell_uri
+from orchestrator.core.digest import sha256_hex
+from orchestrator.core.errors import BadInput, EnvironmentProblem, shell_uri
+from orchestrator.edges import procfs
 
 LOCKS_DIRNAME: Final = "locks"
 _POLL_FIRST_S: Final = 0.01  # waiting for a lock: first sleep, doubling to ...

@@ -1,7 +1,7 @@
 """`orchestrator recover`: finish what an orchestrator that died left undone.
 
 A migration writes every drain down as `starting` in its run log before its hooks start, and its hook
-supervisor writes each hook's start and end there itself (orchestrator.runlog, orchestrator.supervisor).
+supervisor writes each hook's start and end there itself (edges.runlog, edges.supervisor).
 So whenever the orchestrator died (SIGKILL, OOM, the controller rebooting), its run log says which
 devices may still be drained and what became of every hook. For each migration of this host whose
 process is gone and that was never finished (`Journal.unfinished`), recovery, holding the VM's lock:
@@ -36,17 +36,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import procfs
-from orchestrator.convergence import GATE_FLOOR_MS
-from orchestrator.errors import ExitCode, OrchestratorError
-from orchestrator.hooks import Hook, HookResult, HookRunner, Trigger
-from orchestrator.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
-from orchestrator.journal import Journal
-from orchestrator.locks import MigrationLock, lock_dir
-from orchestrator.policy import Policy, parse_policy
-from orchestrator.records import MigrationRow, still_drained
-from orchestrator.report import Outcome
-from orchestrator.supervisor import KILL_GRACE_S, KILL_WAIT_S, ORPHAN_GRACE_S, Tree
+from orchestrator.core.convergence import GATE_FLOOR_MS
+from orchestrator.core.errors import ExitCode, OrchestratorError
+from orchestrator.core.hooks import Hook, HookResult, HookRunner, Trigger
+from orchestrator.core.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
+from orchestrator.core.policy import Policy, parse_policy
+from orchestrator.core.records import MigrationRow, still_drained
+from orchestrator.core.report import Outcome
+from orchestrator.edges import procfs
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.locks import MigrationLock, lock_dir
+from orchestrator.edges.supervisor import KILL_GRACE_S, KILL_WAIT_S, ORPHAN_GRACE_S, Tree
 
 JOB_WAIT_S = 300.0  # job="wait": how long to wait for a libvirt job the dead orchestrator left running
 _JOB_POLL_S = 0.5
@@ -578,7 +578,7 @@ def _outcome(location: str) -> Outcome:
 
 def open_libvirt_host(uri: str) -> Hypervisor:
     """A libvirt connection (imported here: the rest of recovery is tested without libvirt)."""
-    from orchestrator.virt import Host
+    from orchestrator.edges.virt import Host
 
     return Host.open(uri)
 

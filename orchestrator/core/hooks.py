@@ -1,7 +1,7 @@
 """Hook definitions and the hook runner (argv commands, never a shell).
 
 The types first (`Trigger`, `OnFailure`, `PLACEHOLDERS`, `Hook`) are the contract shared with `policy`.
-The runner below has every hook started by the hook supervisor (orchestrator.supervisor), which
+The runner below has every hook started by the hook supervisor (orchestrator.edges.supervisor), which
 records each one's start and end in the migration's run log, enforces its deadline and kills its
 tree: starting a hook is one message on a socket, cheap enough for the event thread the moment a
 prepare event arrives. Every run gets a `HookResult`, including runs that could not start.
@@ -24,8 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from orchestrator import trust
-from orchestrator.supervisor import (
+from orchestrator.edges import trust
+from orchestrator.edges.supervisor import (
     KILL_GRACE_S,
     KILL_WAIT_S,
     OUTPUT_TAIL_BYTES,
@@ -634,7 +634,7 @@ def preflight(hooks: Iterable[Hook]) -> list[str]:
 
     Checks: an empty argv; a program that is not an executable file (a path with a slash) or not found
     on PATH (a bare name); a program that someone other than root (or you) could change, or that sits
-    in a directory they could (orchestrator.trust: as policies); unknown placeholders or unmatched
+    in a directory they could (orchestrator.edges.trust: as policies); unknown placeholders or unmatched
     braces.
     """
     problems: list[str] = []

@@ -3,7 +3,7 @@
 Why a process of its own: it outlives a killed orchestrator. It starts each hook (fork+exec from a
 small, single-threaded process: posix_spawn), is the subreaper of every hook's tree, kills a whole
 tree on timeout, and writes each hook's start and end into the migration's run log itself
-(orchestrator.runlog). So a SIGKILLed orchestrator leaves a complete record of every hook, and
+(orchestrator.edges.runlog). So a SIGKILLed orchestrator leaves a complete record of every hook, and
 `recover` knows which drains may still run and which undrains ended, instead of guessing.
 
 The orchestrator talks to it over a unix SEQPACKET socket pair (one JSON message per packet, file
@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from orchestrator import procfs
-from orchestrator.errors import EnvironmentProblem
+from orchestrator.core.errors import EnvironmentProblem
+from orchestrator.edges import procfs
 
 HOOK_RUN_ENV: Final = "ORCH_HOOK_RUN"
 KILL_GRACE_S: Final = 0.2  # between SIGTERM and SIGKILL of a killed hook's tree

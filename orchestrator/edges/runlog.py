@@ -1,11 +1,11 @@
 """The run log: one append-only file per migration, the truth while it runs.
 
 Every step that changes the world is written down before it is taken, as one line of JSON written
-with ONE write() by the thread that acts; the hook supervisor (orchestrator.supervisor) writes each
+with ONE write() by the thread that acts; the hook supervisor (orchestrator.edges.supervisor) writes each
 hook's start and end into the same file itself. A killed orchestrator therefore leaves a complete
 record of what it did and of every hook, and `recover` reads it instead of guessing. When the run
 ends (or `recover` finishes it) the journal imports the file into SQLite in one transaction and
-removes it (orchestrator.journal).
+removes it (orchestrator.edges.journal).
 
 Layout: `<journal>.runs/<migration id>.log`, in a directory of our own that nobody else may write to.
 Room is reserved when the run begins: RESERVE bytes of zeros (posix_fallocate), written from the
@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from orchestrator.errors import EnvironmentProblem
+from orchestrator.core.errors import EnvironmentProblem
 
 RESERVE: Final = 256 * 1024  # reserved when a run begins
 CHUNK: Final = 256 * 1024  # reserved again while the room left is below MARGIN

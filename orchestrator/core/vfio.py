@@ -4,7 +4,7 @@ Pure logic: no libvirt, no I/O, no clock. The libvirt edge turns each VFIO_MIGRA
 a `VfioEvent` (`VfioEvent.from_qmp`) and feeds it to a `MigrationTracker`, which follows every device
 on both ends and answers with what the event means for the device's workloads: it is about to go quiet
 (a prepare state), it went quiet with no warning (QEMU < 11.0), or it runs again. Whether that drains or
-undrains anything is the migration's decision (`orchestrator.phases`). The sequences follow QEMU's
+undrains anything is the migration's decision (`orchestrator.core.phases`). The sequences follow QEMU's
 hw/vfio/migration.c:
 
 - source, precopy + P2P device: running -> pre-copy -> pre-copy-p2p-prepare (QEMU >= 11.0) -> pre-copy-p2p

@@ -27,12 +27,12 @@ from types import MappingProxyType
 from typing import TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
-from orchestrator import trust
-from orchestrator.errors import BadInput
-from orchestrator.hooks import PLACEHOLDERS, Hook, OnFailure, Trigger
+from orchestrator.core.errors import BadInput
+from orchestrator.core.hooks import PLACEHOLDERS, Hook, OnFailure, Trigger
+from orchestrator.edges import trust
 
 SYSTEM_POLICY_DIR = Path("/etc/orchestrator/policies")
-SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+SHIPPED_POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 # Searched in this order for a policy given by name; ORCH_POLICY_DIR, when set, comes first.
 DEFAULT_POLICY_DIRS: tuple[Path, ...] = (SYSTEM_POLICY_DIR, SHIPPED_POLICY_DIR)
 POLICY_DIR_ENV = "ORCH_POLICY_DIR"
@@ -369,7 +369,7 @@ class _Table:
 def _check_placeholders(argv: Sequence[str]) -> list[str]:
     """Problems with the `{placeholders}` of an argv, one sentence each; empty when all are known.
 
-    Stands in for `orchestrator.hooks.check_placeholders` until the hook runner provides it.
+    Stands in for `orchestrator.core.hooks.check_placeholders` until the hook runner provides it.
     """
     problems = []
     for arg in argv:

@@ -1,7 +1,7 @@
 """One migration as an explicit phase machine: what to do next, decided without any I/O.
 
 `MigrationMachine` takes every input a migration gets (VFIO events, hook results, job statistics, the
-job's end, interrupts) and answers with `Action`s for the driver (`orchestrator.migration`) to carry
+job's end, interrupts) and answers with `Action`s for the driver (`orchestrator.flows.migration`) to carry
 out: run a device's drain or undrain hooks, abort the job, change QEMU's downtime limit. It owns the
 invariant:
 
@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from orchestrator.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
-from orchestrator.hooks import Trigger
-from orchestrator.hypervisor import Clock, JobStats
-from orchestrator.policy import DrainMode
-from orchestrator.report import DeviceRecord, Outcome
-from orchestrator.vfio import DeviceState, MigrationTracker, Role, Signal, VfioEvent
+from orchestrator.core.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
+from orchestrator.core.hooks import Trigger
+from orchestrator.core.hypervisor import Clock, JobStats
+from orchestrator.core.policy import DrainMode
+from orchestrator.core.report import DeviceRecord, Outcome
+from orchestrator.core.vfio import DeviceState, MigrationTracker, Role, Signal, VfioEvent
 
 
 class Phase(StrEnum):

@@ -8,7 +8,7 @@ QEMU passthrough namespace, in one of two modes:
 - ``global``: ``-global vfio-pci.migration-events=on`` in `<qemu:commandline>`; it also reaches
   vfio-pci devices declared on the command line with ``-device``.
 
-What a document says is read by `orchestrator.domxml` (the read model); this module only edits.
+What a document says is read by `orchestrator.core.domxml` (the read model); this module only edits.
 Edits are textual and minimal, guided by the lxml tree: everything outside the inserted elements
 stays byte-for-byte as it was (libvirt's single quotes, comments, blank lines), and inserted
 elements follow the document's indentation and quoting, so a diff looks like a hand edit.
@@ -40,7 +40,7 @@ from typing import Literal
 
 from lxml import etree
 
-from orchestrator.domxml import (
+from orchestrator.core.domxml import (
     EVENTS_PROPERTY,
     QEMU_NS,
     VFIO_DRIVERS,
@@ -58,7 +58,7 @@ from orchestrator.domxml import (
     read_status,
     vfio_hostdevs,
 )
-from orchestrator.errors import BadInput, NothingToDo
+from orchestrator.core.errors import BadInput, NothingToDo
 
 GLOBAL_EVENTS_ON = f"vfio-pci.{EVENTS_PROPERTY}=on"
 

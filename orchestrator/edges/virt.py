@@ -3,7 +3,7 @@
 Nothing else in the project imports `libvirt`. Everything here is a small wrapper that turns
 libvirt's objects and exceptions into the project's own types, so that the rest of the code can be
 reasoned about (and unit-tested) without a daemon. `Host` and `Domain` implement the narrow interface
-a migration needs (`orchestrator.hypervisor.Hypervisor` and `Guest`).
+a migration needs (`orchestrator.core.hypervisor.Hypervisor` and `Guest`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from orchestrator.errors import BadInput, ConnectError, MigrationError, OrchestratorError, shell_uri
-from orchestrator.hypervisor import (
+from orchestrator.core.errors import BadInput, ConnectError, MigrationError, OrchestratorError, shell_uri
+from orchestrator.core.hypervisor import (
     GONE,
     DomainInfo,
     Guest,
@@ -111,7 +111,7 @@ class Subscription:
 
 
 class Domain:
-    """One libvirt domain on one host (implements `orchestrator.hypervisor.Guest`)."""
+    """One libvirt domain on one host (implements `orchestrator.core.hypervisor.Guest`)."""
 
     def __init__(self, host: Host, raw: VirDomain) -> None:
         self.host = host
