@@ -154,6 +154,8 @@ def decide_outcome(
         return (stopped, reason) if abort else (Outcome.ROLLED_BACK, job_error)
     if location is Location.DESTINATION:
         if job is JobState.SUCCEEDED:
+            if reason is not None:  # QEMU switched over before the abort reached it (e.g. prepare mode)
+                return Outcome.SUCCEEDED, f"the abort came too late, the VM had switched over ({reason})"
             return Outcome.SUCCEEDED, None
         # libvirt reported a failure after the destination took over (its finish or confirm phase).
         return Outcome.SUCCEEDED, f"the VM runs on the destination, although libvirt said: {job_error}"

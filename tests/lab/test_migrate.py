@@ -259,17 +259,23 @@ def test_killed_destination_undrains_on_source(lab_env: Any, tmp_path: Path, rec
 
 def test_drain_hook_timeout_with_abort_rolls_back(lab_env: Any, tmp_path: Path) -> None:
     # The deadline (500 ms) falls inside the 3 s transition, and leaves the hook time to record itself.
+    # In prepare mode the abort races libvirt's migrate-continue for QEMU's monitor (held by the
+    # transition): it usually wins; when it does not, the run must say so rather than claim success.
     sc = Scenario(lab_env, tmp_path, transition_ms=3000)
     sc.write_policy(drain="--sleep-ms=10000", drain_timeout_ms=500)
     run = sc.migrate()
-    assert run.code == 5, run.err
     doc = run.doc
-    assert doc["outcome"] == "aborted"
-    assert "timed out" in doc["error"]
+    assert "timed out" in doc["error"], run.err
     drain_results = [h for h in doc["hooks"] if h["trigger"] == "drain"]
     assert drain_results and drain_results[0]["timed_out"] is True
     assert_paired(sc, ["nic0"])
-    assert sc.running_on(0)
+    if doc["location"] == "source":
+        assert run.code == 5 and doc["outcome"] == "aborted", run.err
+        assert sc.running_on(0)
+    else:
+        assert run.code == 0 and doc["outcome"] == "succeeded", run.err
+        assert "the abort came too late" in doc["error"]
+        assert sc.running_on(1)
     sc.remove()
 
 

@@ -308,8 +308,12 @@ def test_decide_outcome(
     location: Location | None,
     outcome: Outcome,
 ) -> None:
-    decided, _error = decide_outcome(job, error, abort, location)
+    decided, why = decide_outcome(job, error, abort, location)
     assert decided is outcome
+    if job is JobState.SUCCEEDED and location is Location.DESTINATION:
+        # A success says nothing went wrong, unless an abort was asked for and came too late.
+        assert (why is None) is (abort is None)
+        assert abort is None or (why is not None and "came too late" in why and abort[0] in why)
 
 
 # --- the convergence schedule -------------------------------------------------------------------
