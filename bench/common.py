@@ -146,7 +146,7 @@ int main(int argc, char **argv)
 """
 
 
-# The armed form of the same hook (the orchestrator's armed-hook protocol, orchestrator/core/hooks.py
+# The armed form of the same hook (the orchestrator's armed-hook protocol, orchestrator/edges/armed_hook.py
 # ArmedHook): it prints `ready`, then loops on a blocking read of stdin; its first statement after the
 # read returns takes the time (CLOCK_REALTIME), and for each line `ACTION DEVICE STATE QEMU_TIME` it
 # appends "<argv[2]> <DEVICE> <seconds.nanoseconds>" to the file argv[1] with one write and answers

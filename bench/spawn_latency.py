@@ -25,9 +25,9 @@ own first-instruction time (`first instruction`). The variants:
   a close action for every descriptor /proc/self/fd lists without FD_CLOEXEC;
 - posix_spawn-cloexec: the same without the scan, trusting close-on-exec (leaks the 2 careless
   descriptors: shown for what the scan costs, not a candidate);
-- supervisor: orchestrator.core.hooks.HookRunner.start as a migration calls it now: one message to the hook
-  supervisor (a small process forked before any thread), which starts the hook with posix_spawnp and
-  writes its start into the run log (here: none attached);
+- supervisor: orchestrator.edges.hook_runner.HookRunner.start as a migration calls it now: one message
+  to the hook supervisor (a small process forked before any thread), which starts the hook with
+  posix_spawnp and writes its start into the run log (here: none attached);
 - supervisor-path: the same, with the hook given by name and found on PATH (its directory last);
 - supervisor-static: the same with the hook linked statically (no dynamic loader: the hook's share).
 
@@ -59,8 +59,10 @@ from common import BenchError, compile_hook, in_work_dir, machine, percentile, r
 
 from orchestrator.core import hooks
 from orchestrator.edges import virt
+from orchestrator.edges.hook_runner import HookRunner
 from orchestrator.edges.journal import Journal
-from orchestrator.edges.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
+from orchestrator.edges.supervisor import Supervisor, hook_path
+from orchestrator.edges.supervisor_process import HOOK_RUN_ENV
 
 IDLE_THREADS = 6
 HEAP_OBJECTS = 25_000  # small dicts with a string each: ~8 MiB
@@ -170,16 +172,16 @@ def posix_spawn(argv: list[str], env: dict[str, str], *, scan: bool = True) -> S
     return Started(pid, finish)
 
 
-_RUNNERS: dict[str, hooks.HookRunner] = {}  # by PATH: a supervisor each, started before any thread
+_RUNNERS: dict[str, HookRunner] = {}  # by PATH: a supervisor each, started before any thread
 
 
 def start_supervisors(*envs: dict[str, str]) -> None:
     """One hook supervisor per environment (PATH), forked now, as the CLI forks its own first thing."""
     for env in envs:
-        _RUNNERS.setdefault(env["PATH"], hooks.HookRunner(Supervisor.start(env)))
+        _RUNNERS.setdefault(env["PATH"], HookRunner(Supervisor.start(env)))
 
 
-def _pid_of(runner: hooks.HookRunner, run: str) -> int:
+def _pid_of(runner: HookRunner, run: str) -> int:
     """The process of a supervised run, by its ORCH_HOOK_RUN entry (the benchmark's leak count only)."""
     tag = f"{HOOK_RUN_ENV}={runner.supervisor.tag(run)}".encode()
     for _ in range(1000):

@@ -23,8 +23,8 @@ Also reported, to explain the difference:
 - `python -X importtime` of `migrate --help` for both variants: the top-level imports by cumulative
   time, and the time per package (sum of self times), the slowest first;
 - where the time of the "after" variant goes, measured inside one process: importing typer,
-  importing orchestrator.commands.cli, building the Click commands (`typer.main.get_command`: an upper bound
-  of what lazy command registration could save) and running `migrate --help`.
+  importing orchestrator.commands.program, building the Click commands (`typer.main.get_command`: an
+  upper bound of what lazy command registration could save) and running `migrate --help`.
 
 Usage: .venv/bin/python bench/startup.py [--runs 20] [--json PATH] [--before-rev REV]
 """
@@ -52,30 +52,31 @@ from typing import Any
 from common import BenchError, percentile, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-# The last commit whose orchestrator/commands/cli.py had Typer's rich help (before the start-up work).
+# The last commit whose orchestrator/cli.py had Typer's rich help (before the start-up work).
 BEFORE_REV = "b689d8f707c03879ce4ee561ecc40fef40e11ba4"
 COMMANDS: tuple[tuple[str, ...], ...] = (("--help",), ("migrate", "--help"))
 VARIANTS = ("before", "after", "installed")
-# What the console script `.venv/bin/orchestrator` does.
-LAUNCH = (
-    "import sys; from orchestrator.commands.cli import main; sys.argv[0] = 'orchestrator'; sys.exit(main())"
-)
+# The module of the CLI's `main` in each variant's tree: the package was sorted into subpackages since.
+CLI_MODULE = {"before": "orchestrator.cli", "after": "orchestrator.commands.program"}
+# What the console script `.venv/bin/orchestrator` does, with the CLI's `main` from {module}.
+LAUNCH = "import sys; from {module} import main; sys.argv[0] = 'orchestrator'; sys.exit(main())"
 # Where the time of one `migrate --help` goes, inside one process (printed as JSON).
 PHASES = """\
 import json, sys, time
 t0 = time.perf_counter()
 import typer
 t1 = time.perf_counter()
-import orchestrator.commands.cli as cli
+import orchestrator.commands.program
+from orchestrator.commands.app import app
 t2 = time.perf_counter()
-command = typer.main.get_command(cli.app)
+command = typer.main.get_command(app)
 t3 = time.perf_counter()
 try:
     command.main(args=["migrate", "--help"], prog_name="orchestrator", standalone_mode=False)
 except SystemExit:
     pass
 t4 = time.perf_counter()
-sys.stderr.write(json.dumps({"import typer": t1 - t0, "import orchestrator.commands.cli": t2 - t1,
+sys.stderr.write(json.dumps({"import typer": t1 - t0, "import orchestrator.commands.program": t2 - t1,
                              "get_command (all commands built)": t3 - t2, "run migrate --help": t4 - t3}))
 """
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -111,7 +112,7 @@ class Setup:
         if variant == "installed":
             return [str(Path(self.python).with_name("orchestrator")), *args]
         flags = ["-X", "importtime"] if importtime else []
-        return [self.python, *flags, "-c", LAUNCH, *args]
+        return [self.python, *flags, "-c", LAUNCH.format(module=CLI_MODULE[variant]), *args]
 
     def tree(self, variant: str) -> Path | None:
         """The package tree of `variant` (None: the installed one)."""
@@ -224,9 +225,10 @@ def run_once(setup: Setup, variant: str, args: Sequence[str]) -> float:
 
 
 def check_variant(setup: Setup, variant: str) -> str:
-    """The file `orchestrator.commands.cli` is imported from in `variant`, so each runs the code meant."""
+    """The file the CLI's `main` is imported from in `variant`, so each runs the code meant."""
+    module = CLI_MODULE.get(variant, CLI_MODULE["after"])  # installed: the code of this tree
     result = subprocess.run(
-        [setup.python, "-c", "import orchestrator.commands.cli as c; print(c.__file__)"],
+        [setup.python, "-c", f"import {module} as c; print(c.__file__)"],
         capture_output=True,
         text=True,
         cwd=setup.neutral,
@@ -236,9 +238,7 @@ def check_variant(setup: Setup, variant: str) -> str:
     where = result.stdout.strip()
     tree = setup.tree(variant)
     if result.returncode != 0 or (tree is not None and not where.startswith(str(tree))):
-        raise BenchError(
-            f"{variant}: orchestrator.commands.cli comes from {where or result.stderr.strip()}, not {tree}"
-        )
+        raise BenchError(f"{variant}: {module} comes from {where or result.stderr.strip()}, not {tree}")
     return where
 
 

@@ -15,12 +15,12 @@ _NO_HOOKS = frozenset({"--dry-run", "-h", "--help"})  # what runs no hook (and n
 
 
 def main() -> NoReturn:
-    """Fork the hook supervisor when the command may run hooks, then run the CLI (`cli.entry`)."""
+    """Fork the hook supervisor when the command may run hooks, then run the CLI (`program.entry`)."""
     args = sys.argv[1:]
     if args and args[0] in HOOK_COMMANDS and not _NO_HOOKS.intersection(args):
         from orchestrator.edges import supervisor
 
         supervisor.shared()
-    from orchestrator.commands.cli import entry
+    from orchestrator.commands.program import entry
 
     entry()

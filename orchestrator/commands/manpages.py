@@ -1,8 +1,8 @@
 """Man pages generated from the CLI: `orchestrator --help` stays the source.
 
 One troff page (man(7) macros) per command of the Click tree Typer builds from
-`orchestrator.commands.cli.app`: orchestrator(1), orchestrator-migrate(1), ...,
-orchestrator-events-enable(1), orchestrator-lab-guest(1).
+`orchestrator.commands.app.app`, every command registered (orchestrator.commands.program):
+orchestrator(1), orchestrator-migrate(1), ..., orchestrator-events-enable(1), orchestrator-lab-guest(1).
 Each is made of what `--help` prints for that command: its help text, its usage line, and the help
 record of every argument and option (names, metavar or choices, help, default, env var), taken from
 the parameters themselves, so a page cannot say something `--help` does not. Added around it: the
@@ -12,8 +12,8 @@ a test holds to `ExitCode` and the README's table) and SEE ALSO links between th
     python -m orchestrator.commands.manpages DIR     # writes DIR/orchestrator*.1 (`make man`: build/man/man1)
 
 A page is rewritten only when its text changed, and a page this module wrote earlier for a command
-that is gone is removed. The date on the pages is $SOURCE_DATE_EPOCH's, else the CLI source's mtime:
-the same tree gives the same pages.
+that is gone is removed. The date on the pages is $SOURCE_DATE_EPOCH's, else the newest mtime of the
+CLI's sources (orchestrator/commands/*.py): the same tree gives the same pages.
 """
 
 from __future__ import annotations
@@ -159,12 +159,13 @@ def _argument_tag(record: str) -> str:
 
 def cli_command() -> Command:
     """The whole Click command tree of `orchestrator` (every command, not the one-command tree
-    `orchestrator.commands.cli.main` builds for speed)."""
+    `orchestrator.commands.program.main` builds for speed)."""
     import typer.main
 
-    from orchestrator.commands import cli
+    from orchestrator.commands import program  # noqa: F401 - registers every command on the app
+    from orchestrator.commands.app import app
 
-    return typer.main.get_command(cli.app)
+    return typer.main.get_command(app)
 
 
 def _context(command: Command, name: str, parent: Context | None) -> Context:
@@ -334,20 +335,19 @@ def render(page: Page, *, version: str, date: str) -> str:
 
 
 def source_date() -> str:
-    """The pages' date: $SOURCE_DATE_EPOCH (reproducible builds), else when the CLI source changed."""
+    """The pages' date: $SOURCE_DATE_EPOCH (reproducible builds), else when a CLI source last changed
+    (the newest of orchestrator/commands/*.py)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     if epoch.isdigit():
         stamp = float(epoch)
     else:
-        from orchestrator.commands import cli
-
-        stamp = Path(cli.__file__).stat().st_mtime
+        stamp = max(source.stat().st_mtime for source in Path(__file__).parent.glob("*.py"))
     return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d")
 
 
 def render_all(root: Command | None = None, *, date: str | None = None) -> dict[str, str]:
     """File name -> troff text, for every command of the CLI (or of the tree under `root`)."""
-    from orchestrator.commands.cli import package_version
+    from orchestrator.commands.program import package_version
 
     version = f"orchestrator {package_version()}"
     when = source_date() if date is None else date

@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from orchestrator.core.hooks import HookResult
     from orchestrator.core.records import MigrationRecord, MigrationRow
     from orchestrator.core.report import Progress, Report, TimelineEntry
     from orchestrator.flows.evacuation import EvacuationReport
 
 PROGRESS_EVERY_S = 5.0  # a progress line this often when stderr is not a terminal
-_TAIL_CHARS = 300  # of a failed hook's output, in its one line
 
 
 class Outlasting:
@@ -86,17 +84,6 @@ def info(message: str) -> None:
     """A progress line on stderr (stdout stays for results)."""
     sys.stderr.write(priority(6) + message + "\n")
     sys.stderr.flush()
-
-
-def hook_failure(hook: HookResult) -> str:
-    """One line for a failed hook: which, for what, why, and the end of what it printed."""
-    device = f" for {hook.device_id}" if hook.device_id else ""
-    tail = " | ".join(line.strip() for line in hook.output_tail.strip().splitlines()[-3:] if line.strip())
-    if len(tail) > _TAIL_CHARS:
-        tail = "..." + tail[-_TAIL_CHARS:]
-    return f"{hook.trigger} hook {hook.label}{device}: {hook.error or 'failed'}" + (
-        f"; its output: {tail}" if tail else "; it printed nothing"
-    )
 
 
 def _mib(value: int) -> str:
@@ -231,6 +218,8 @@ def show_report(report: Report) -> None:
 
     The timeline itself was told on stderr as it happened, and `orchestrator history ID` shows it again.
     """
+    from orchestrator.core.report import hook_failure  # loaded already: `report` comes from there
+
     out = sys.stdout
     if report.plan and report.outcome.value in ("planned", "unchanged"):
         for line in report.plan:

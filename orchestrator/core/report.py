@@ -224,3 +224,17 @@ class Report:
             "plan": self.plan,
             "journal_error": self.journal_error,
         }
+
+
+_TAIL_CHARS = 300  # of a failed hook's output, in its one line
+
+
+def hook_failure(hook: HookResult) -> str:
+    """One line for a failed hook: which, for what, why, and the end of what it printed."""
+    device = f" for {hook.device_id}" if hook.device_id else ""
+    tail = " | ".join(line.strip() for line in hook.output_tail.strip().splitlines()[-3:] if line.strip())
+    if len(tail) > _TAIL_CHARS:
+        tail = "..." + tail[-_TAIL_CHARS:]
+    return f"{hook.trigger} hook {hook.label}{device}: {hook.error or 'failed'}" + (
+        f"; its output: {tail}" if tail else "; it printed nothing"
+    )

@@ -1,16 +1,17 @@
-"""The journal: every migration's record, kept in SQLite once it has ended.
+"""The journal: every migration's record, kept in SQLite once it has ended. `Journal` opens it (creating
+it if needed), writes each run, and closes it.
 
 While a migration runs, its truth is its run log (orchestrator.edges.runlog): each record is one write() on
 the thread that acts, and the hook supervisor adds each hook's start and end. No writer thread, no
 SQLite on the way to a hook. When the migration ends, its run log is imported into the journal in ONE
-transaction and removed; a run log that could not be imported then (the journal locked, damaged,
-replaced, or its disk full) stays whole on disk and is imported by the next open of the journal, or
-by `recover`, which also finishes the run logs of migrations whose process died (`unfinished`).
+transaction (orchestrator.edges.journal_import) and removed; a run log that could not be imported then
+(the journal locked, damaged, replaced, or its disk full) stays whole on disk and is imported by the next
+open of the journal, or by `recover`, which also finishes the run logs of migrations whose process died
+(`unfinished`).
 
-Reads (`history`) see the journal and the run logs not imported yet: a migration still running, or
-one whose process died and that `recover` has not finished, reads from its run log through the very
-same rows (it is imported into an in-memory database first). `Journal.open_readonly` creates and
-writes nothing; it refuses, without letting SQLite touch it, a file that is not a journal.
+Reads (`history`, `recover`) see the journal and the run logs not imported yet
+(orchestrator.edges.journal_reads: `Journal`'s read methods are its reader's). `Journal.open_readonly`
+creates and writes nothing; it refuses, without letting SQLite touch it, a file that is not a journal.
 
 Migrations recorded by orchestrators before the run log (rows left 'running', or 'interrupted' with no
 exit code, by a process that died) are listed by `unfinished` too; `recover` finishes them from their
@@ -20,13 +21,11 @@ device actions, and its records are added after theirs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -37,8 +36,6 @@ from orchestrator.core.records import (
     DeviceAction,
     DeviceActionRow,
     EventKind,
-    EventRow,
-    HookRunRow,
     MigrationKind,
     MigrationRecord,
     MigrationRow,
@@ -46,238 +43,51 @@ from orchestrator.core.records import (
 from orchestrator.core.report import Outcome
 from orchestrator.edges import procfs, runlog
 from orchestrator.edges.journal_db import (
-    ENV_VAR,
     PATH_HINT,
+    SCHEMA_VERSION,
     connect,
     connect_existing,
     create_schema,
     db_error,
     quick_check,
     require_sqlite,
-    upgrade,
 )
+from orchestrator.edges.journal_import import RunRows, import_run_log, rows_of
+from orchestrator.edges.journal_reads import JournalReader
 from orchestrator.edges.runlog import RunLog
 
-DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
-_CANDIDATES_SHOWN: Final = 10
 _VITAL: Final = frozenset({"begin", "action", "hook", "hook-end", "end", "recovered", "owner"})
-_MIGRATION_COLUMNS: Final = tuple(
-    [
-        "id",
-        "kind",
-        "domain",
-        "source_uri",
-        "destination_uri",
-        "policy",
-        "started",
-        "ended",
-        "outcome",
-        "changed",
-        "error",
-        "exit_code",
-        "summary",
-        "parent",
-        "pid",
-        "host",
-        "drain_mode",
-        "policy_text",
-        "policy_sha256",
-        "phase",
-        "recovered",
-    ]
-)
 _BEGIN_FIELDS: Final = tuple("id kind domain source_uri destination_uri policy started parent".split())  # noqa: SIM905
-_INSERT_MIGRATION: Final = (
-    f"INSERT OR REPLACE INTO migrations ({', '.join(_MIGRATION_COLUMNS)}) "  # noqa: S608 - constants
-    f"VALUES ({', '.join('?' for _ in _MIGRATION_COLUMNS)})"
-)
-_EVENT_FIELDS: Final = ("host", "role", "kind", "name", "device_id", "state", "qemu_time", "received")
-_ACTION_FIELDS: Final = ("device_id", "action", "status", "at", "detail")
-_LEGACY_UNFINISHED: Final = (
-    "SELECT * FROM migrations WHERE host = ? AND recovered IS NULL AND exit_code IS NULL "
-    "AND outcome IN ('running', 'interrupted') ORDER BY started, id"
-)
-
-
-def journal_path(explicit: Path | None = None) -> Path:
-    """The journal to use: `explicit` if given, else $ORCH_JOURNAL if set, else DEFAULT_PATH."""
-    if explicit is not None:
-        return explicit
-    from_env = os.environ.get(ENV_VAR)
-    return Path(from_env) if from_env else DEFAULT_PATH
-
-
-def _text(value: Any) -> Any:
-    """A string SQLite can store (a lone surrogate from an odd event's JSON is replaced)."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
-    return value
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else runlog._encode(value)
-
-
-def _alive(pid: Any, start: Any) -> bool:
-    """Whether the process `pid`, started at `start` (clock ticks after boot), still runs here."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    found = procfs.proc(pid)
-    return found is not None and not found.dead and (start is None or found.start == start)
-
-
-@dataclass
-class _Rows:
-    """A run log's records as the journal's rows (each a tuple of its table's columns, in order)."""
-
-    migration: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    hook_runs: list[tuple[Any, ...]] = field(default_factory=list)
-    actions: list[tuple[Any, ...]] = field(default_factory=list)
-    owner: tuple[Any, Any] = (None, None)  # the process writing it now: pid, start
-    supervisors: list[tuple[int, Any]] = field(default_factory=list)
-    finished: bool = False  # an end or a recovered record
-    seq: int = 0
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-
-def rows_of(records: Iterable[Mapping[str, Any]], first_seq: int = 0) -> _Rows:
-    """The journal's rows for a run log's records, numbered in their order from `first_seq` + 1."""
-    rows = _Rows(seq=first_seq)
-    starts: dict[str, Mapping[str, Any]] = {}
-    m = rows.migration
-    for r in records:
-        k, mid = r.get("k"), m.get("id")
-        if k == "begin":
-            m.update({c: r.get(c) for c in _MIGRATION_COLUMNS if c in r})
-            m.update(outcome=Outcome.RUNNING.value, phase="pre-flight")
-            rows.owner = (r.get("pid"), r.get("pid_start"))
-        elif k == "owner":
-            rows.owner = (r.get("pid"), r.get("pid_start"))
-        elif k == "phase":
-            m["phase"] = r.get("phase")
-            note = {
-                "host": "orchestrator",
-                "kind": "note",
-                "name": f"phase {r.get('phase')}",
-                "received": r.get("at"),
-            }
-            rows.events.append((mid, rows.next_seq(), *(note.get(c) for c in _EVENT_FIELDS), None))
-        elif k == "event":
-            rows.events.append(
-                (mid, rows.next_seq(), *(r.get(c) for c in _EVENT_FIELDS), _json(r.get("data")))
-            )
-        elif k == "action":
-            rows.actions.append((mid, rows.next_seq(), *(r.get(c) for c in _ACTION_FIELDS)))
-        elif k == "hook":
-            label = f"{r.get('label')} (armed process)" if r.get("arming") else r.get("label")
-            rows.hook_runs.append(_hook_run(mid, rows.next_seq(), {**r, "label": label}, r))
-        elif k == "hook-start":
-            starts[str(r.get("run"))] = r
-        elif k == "hook-end":
-            start = starts.pop(str(r.get("run")), {})
-            if not start.get("armed"):  # an armed hook's results are the orchestrator's `hook` records
-                rows.hook_runs.append(_hook_run(mid, rows.next_seq(), start, r))
-        elif k == "summary":
-            m["summary"] = _json(r.get("report"))
-        elif k == "end":
-            m.update({c: r.get(c) for c in ("outcome", "changed", "error", "exit_code", "ended")})
-            rows.finished = True
-        elif k == "recovered":
-            m.update(outcome=r.get("outcome"), error=r.get("error"), recovered=r.get("at"))
-            m["ended"] = m.get("ended") or r.get("at")
-            if r.get("summary") is not None:
-                m["summary"] = _json(r.get("summary"))
-            rows.finished = True
-        if k in ("begin", "owner") and r.get("supervisor"):
-            rows.supervisors.append((r["supervisor"], r.get("supervisor_start")))
-    for run in starts.values():  # still running (or its end was never recorded)
-        if not run.get("armed"):
-            rows.hook_runs.append(_hook_run(mid, rows.next_seq(), run, {}))
-    return rows
-
-
-def _hook_run(mid: Any, seq: int, start: Mapping[str, Any], end: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (
-        mid,
-        seq,
-        start.get("trigger") or "?",
-        start.get("device_id"),
-        start.get("label") or "?",
-        runlog._encode(list(start.get("argv") or [])),
-        start.get("attempt") or 1,
-        end.get("started") or start.get("started") or 0.0,
-        end.get("ended") or None,
-        end.get("duration_ms"),
-        end.get("exit_code"),
-        int(bool(end.get("timed_out"))),
-        end.get("error"),
-        end.get("output_tail"),
-    )
-
-
-def _insert(conn: sqlite3.Connection, rows: _Rows, *, merge: bool = False) -> None:
-    """Write a run log's rows (in the caller's transaction). A migration imported before is replaced
-    whole; `merge` (recover's records for a migration of an older orchestrator, which has no run log of
-    its own) keeps its rows and updates only what the new records say."""
-    m = {c: _text(v) for c, v in rows.migration.items()}
-    mid = m["id"]
-    if merge:
-        sets = {c: m[c] for c in ("outcome", "error", "ended", "summary", "recovered", "phase") if c in m}
-        if sets:
-            assignments = ", ".join(f"{c} = coalesce(?, {c})" for c in sets)
-            conn.execute(f"UPDATE migrations SET {assignments} WHERE id = ?", (*sets.values(), mid))  # noqa: S608
-    else:
-        if m.get("changed") is not None:
-            m["changed"] = int(bool(m["changed"]))
-        conn.execute(_INSERT_MIGRATION, tuple(m.get(c) for c in _MIGRATION_COLUMNS))
-        for table in ("events", "hook_runs", "device_actions"):
-            conn.execute(f"DELETE FROM {table} WHERE migration_id = ?", (mid,))  # noqa: S608 - constants
-    for table, values, width in (
-        ("events", rows.events, 11),
-        ("hook_runs", rows.hook_runs, 14),
-        ("device_actions", rows.actions, 7),
-    ):
-        marks = ", ".join("?" for _ in range(width))
-        conn.executemany(
-            f"INSERT INTO {table} VALUES ({marks})",  # noqa: S608 - constants
-            [(mid, *(_text(v) for v in row[1:])) for row in values],
-        )
-
-
-def _memory(rows: _Rows) -> sqlite3.Connection:
-    """An in-memory journal holding one run log's rows: read with the journal's own queries."""
-    conn = sqlite3.connect(":memory:", check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    for statement in upgrade(0):
-        conn.execute(statement)
-    _insert(conn, rows)
-    return conn
 
 
 class Journal:
     """The journal of migrations. Open with `Journal.open(path)` (or `Journal.open_readonly(path)` to
     read only); use as a context manager or `close()`. Thread-safe."""
 
-    def __init__(self, path: Path, reader: sqlite3.Connection | None, *, readonly: bool) -> None:
-        """Use `Journal.open` or `Journal.open_readonly`."""
+    def __init__(
+        self,
+        path: Path,
+        reader: sqlite3.Connection | None,
+        *,
+        readonly: bool,
+        version: int = SCHEMA_VERSION,
+    ) -> None:
+        """Use `Journal.open` or `Journal.open_readonly` (`version`: of the file as read)."""
         self.path = path
         self.runs = runlog.directory_of(path)
         self.readonly = readonly
-        self._reader = reader
         self._lock = threading.Lock()
         self._logs: dict[str, RunLog] = {}
         self._merge: set[str] = set()  # migrations of an older orchestrator that recover writes for
         self._failures: list[str] = []
         self._closed = False
-        self._version = 3  # of the file as read (a read-only journal is not upgraded)
         self._pid = os.getpid()
         me = procfs.proc(self._pid)
         self._pid_start = me.start if me is not None else None
         self._host = os.uname().nodename  # = socket.gethostname()
+        self._reads = JournalReader(
+            path, self.runs, reader, readonly=readonly, version=version, host=self._host
+        )
 
     @classmethod
     def open(cls, path: Path, *, check: bool = False) -> Journal:
@@ -342,20 +152,7 @@ class Journal:
         if version < 1:
             reader.close()
             reader = None
-        journal = cls(path, reader, readonly=True)
-        journal._version = version
-        return journal
-
-    def check(self) -> None:
-        """Verify the journal's file (`PRAGMA quick_check(1)`: reads the whole file once); raises the
-        one-line EnvironmentProblem naming it and how to move it aside or salvage it."""
-        with self._lock:
-            if self._reader is None:
-                return
-            try:
-                quick_check(self._reader, self.path)
-            except sqlite3.Error as exc:
-                raise db_error(self.path, exc, reading=True) from None
+        return cls(path, reader, readonly=True, version=version)
 
     @property
     def failures(self) -> list[str]:
@@ -589,7 +386,7 @@ class Journal:
         record = {"k": "hook-end", "run": run, "ended": time.time(), "error": error, "unknown": unknown}
         self._write(migration_id, record)
 
-    # --- importing ----------------------------------------------------------------------------------
+    # --- importing: run logs into the journal (orchestrator.edges.journal_import) ------------------
     def _import_open(self, migration_id: str) -> bool:
         with self._lock:
             log = self._logs.pop(migration_id, None)
@@ -604,37 +401,16 @@ class Journal:
             log.close()
         return done
 
-    def _import(self, path: Path, *, merge: bool = False) -> bool:
-        """Import one run log in one transaction; False (and a line in `failures`) when it cannot be."""
-        records = runlog.read(path)
-        if not records:
-            return False
+    def _import(self, path: Path, rows: RunRows | None = None, *, merge: bool = False) -> bool:
+        """Import one run log (its `rows`, read from it when None) in one transaction; False (and a line
+        in `failures`) when it cannot be."""
+        if rows is None:
+            records = runlog.read(path)
+            if not records:
+                return False
+            rows = rows_of(records)
         try:
-            with open(path, "rb") as handle:  # noqa: PTH123 - a lock on the file while it is imported
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                if not path.exists():  # another process imported it meanwhile
-                    return True
-                require_sqlite(self.path)
-                with contextlib.closing(connect(self.path)) as conn:
-                    first = 0
-                    if merge:
-                        row = conn.execute(
-                            "SELECT max(seq) FROM (SELECT seq FROM events WHERE migration_id = ?1 UNION ALL "
-                            "SELECT seq FROM hook_runs WHERE migration_id = ?1 UNION ALL "
-                            "SELECT seq FROM device_actions WHERE migration_id = ?1)",
-                            (path.stem,),
-                        ).fetchone()
-                        first = int(row[0] or 0)
-                    rows = rows_of(records, first)
-                    rows.migration.setdefault("id", path.stem)
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        _insert(conn, rows, merge=merge)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                        raise
+            import_run_log(self.path, path, rows, merge=merge)
         except (sqlite3.Error, OSError, OrchestratorError) as exc:
             problem = exc.line() if isinstance(exc, OrchestratorError) else db_error(self.path, exc).line()
             self._failed(
@@ -649,155 +425,48 @@ class Journal:
         done = []
         for path in runlog.pending(self.runs):
             rows = rows_of(runlog.read(path))
-            if rows.finished and not _alive(*rows.owner) and self._import(path):
+            if rows.finished and not procfs.same_process(*rows.owner) and self._import(path, rows):
                 path.unlink(missing_ok=True)
                 done.append(path.stem)
         with contextlib.suppress(OSError):  # empty now (or not there): no directory left behind
             self.runs.rmdir()
         return done
 
-    # --- reading -------------------------------------------------------------------------------------
-    def _select(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            if self._closed:
-                raise OrchestratorError(f"the journal {self.path} is closed; it cannot be read")
-            if self._reader is None:
-                return []
-            try:
-                return self._reader.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                if str(exc).startswith("no such table"):
-                    return []
-                raise db_error(self.path, exc, reading=True) from None
-
-    def _pending(self) -> dict[str, tuple[_Rows, list[dict[str, Any]]]]:
-        """The run logs not imported yet, by migration id: their rows and records."""
-        found = {}
-        for path in runlog.pending(self.runs):
-            records = runlog.read(path)
-            rows = rows_of(records)
-            if rows.migration.get("id") == path.stem:
-                found[path.stem] = (rows, records)
-        return found
-
-    def _read_row(self, rows: _Rows) -> MigrationRow:
-        """A run log's migration row as it reads now: running while its process lives, else interrupted
-        (its process died; `recover` finishes it)."""
-        with contextlib.closing(_memory(rows)) as conn:
-            row = MigrationRow.of(conn.execute("SELECT * FROM migrations").fetchone())
-        if rows.finished or row.outcome is not Outcome.RUNNING or _alive(*rows.owner):
-            return row
-        pid = rows.owner[0]
-        return replace(
-            row,
-            outcome=Outcome.INTERRUPTED,
-            error=f"the orchestrator (process {pid}) died in phase {row.phase}: run orchestrator recover",
-        )
-
-    def _legacy(self, row: MigrationRow) -> MigrationRow:
-        """A row an older orchestrator left running, as it reads now (its process died: interrupted)."""
-        if row.outcome is Outcome.RUNNING and row.host == self._host and not _alive(row.pid, None):
-            return replace(row, outcome=Outcome.INTERRUPTED, error="orchestrator process died")
-        return row
+    # --- reading (orchestrator.edges.journal_reads) ------------------------------------------------
+    def check(self) -> None:
+        """Verify the journal's file (`PRAGMA quick_check(1)`: reads the whole file once); raises the
+        one-line EnvironmentProblem naming it and how to move it aside or salvage it."""
+        self._reads.check()
 
     def list_migrations(self, limit: int = 50, domain: str | None = None) -> list[MigrationRow]:
         """The latest `limit` migrations, of `domain` if given, newest first (running ones included)."""
-        where, params = ("WHERE domain = ? ", (domain,)) if domain is not None else ("", ())
-        rows = self._select(
-            f"SELECT * FROM migrations {where}ORDER BY started DESC, id DESC LIMIT ?",  # noqa: S608
-            (*params, limit),
-        )
-        found = {row["id"]: self._legacy(MigrationRow.of(row)) for row in rows}
-        for mid, (pending, _records) in self._pending().items():
-            if domain is None or pending.migration.get("domain") == domain:
-                found[mid] = self._read_row(pending)
-        return sorted(found.values(), key=lambda r: (r.started, r.id), reverse=True)[:limit]
+        return self._reads.list_migrations(limit, domain)
 
     def children(self, parent: str) -> list[MigrationRow]:
         """The migrations of an evacuation (its items), in the order they started."""
-        rows = self._select("SELECT * FROM migrations WHERE parent = ? ORDER BY started, id", (parent,))
-        found = {row["id"]: self._legacy(MigrationRow.of(row)) for row in rows}
-        for mid, (pending, _records) in self._pending().items():
-            if pending.migration.get("parent") == parent:
-                found[mid] = self._read_row(pending)
-        return sorted(found.values(), key=lambda r: (r.started, r.id))
+        return self._reads.children(parent)
 
     def get_migration(self, id_or_prefix: str) -> MigrationRecord:
         """The migration with this id, or the only one whose id starts with it, with its events, hook
         runs and device actions in sequence order. Raises BadInput if none matches, or several do."""
-        pending = self._pending()
-        ids = [mid for mid in pending if mid == id_or_prefix] or [
-            mid for mid in pending if id_or_prefix and mid.startswith(id_or_prefix)
-        ]
-        rows = self._select("SELECT id FROM migrations WHERE id = ?", (id_or_prefix,))
-        if not rows and id_or_prefix and not (ids and ids[0] == id_or_prefix):
-            rows = self._select(
-                "SELECT id FROM migrations WHERE substr(id, 1, ?) = ? ORDER BY started DESC LIMIT ?",
-                (len(id_or_prefix), id_or_prefix, _CANDIDATES_SHOWN + 1),
-            )
-        candidates = list(dict.fromkeys([*ids, *(row["id"] for row in rows)]))
-        if not candidates:
-            missing = " (there is no journal there yet)" if self.readonly and self._reader is None else ""
-            raise BadInput(
-                f"no migration {id_or_prefix} in {self.path}{missing}",
-                f"list them with: orchestrator history --journal '{self.path}'"
-                if self.path != journal_path().expanduser().absolute()
-                else "list them with: orchestrator history",
-            )
-        if len(candidates) > 1 and id_or_prefix not in candidates:
-            shown = ", ".join(candidates[:_CANDIDATES_SHOWN])
-            more = ", ..." if len(candidates) > _CANDIDATES_SHOWN else ""
-            raise BadInput(
-                f"migration id {id_or_prefix} is ambiguous: it begins {shown}{more}", "give more of the id"
-            )
-        mid = id_or_prefix if id_or_prefix in candidates else candidates[0]
-        if mid in pending:
-            rows_of_log = pending[mid][0]
-            with contextlib.closing(_memory(rows_of_log)) as conn:
-                return _record(
-                    lambda sql, params: conn.execute(sql, params).fetchall(), mid, self._read_row(rows_of_log)
-                )
-        found = self._select("SELECT * FROM migrations WHERE id = ?", (mid,))
-        return _record(self._select, mid, self._legacy(MigrationRow.of(found[0])))
+        return self._reads.get_migration(id_or_prefix)
 
     def device_actions(self, migration_id: str) -> tuple[DeviceActionRow, ...]:
         """A migration's drain and undrain steps in sequence order (from its run log while it has one)."""
-        path = runlog.path_of(self.runs, migration_id)
-        if path.exists():
-            with contextlib.closing(_memory(rows_of(runlog.read(path)))) as conn:
-                rows = conn.execute("SELECT * FROM device_actions ORDER BY seq").fetchall()
-        else:
-            rows = self._select(
-                "SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq", (migration_id,)
-            )
-        return tuple(DeviceActionRow.of(row) for row in rows)
+        return self._reads.device_actions(migration_id)
 
     def records(self, migration_id: str) -> list[dict[str, Any]]:
         """The records of a migration's run log (none once it is imported)."""
-        return runlog.read(runlog.path_of(self.runs, migration_id))
+        return self._reads.records(migration_id)
 
     def unfinished(self, host: str | None = None) -> list[MigrationRow]:
         """Migrations of `host` (default: this host) whose process died before they ended and that
-        `recover` has not finished: run logs without an end, and rows an older orchestrator left. Oldest
-        first; a migration whose process (or whoever took it over) still runs is not unfinished."""
-        host = self._host if host is None else host
-        found = [
-            self._read_row(rows)
-            for rows, _records in self._pending().values()
-            if not rows.finished and rows.migration.get("host") == host and not _alive(*rows.owner)
-        ]
-        query = _LEGACY_UNFINISHED  # a schema-1 journal read as it is has no `recovered`: nothing was
-        if self._version < 2:
-            query = query.replace("recovered IS NULL AND ", "")
-        for row in self._select(query, (host,)):
-            legacy = MigrationRow.of(row)
-            if not _alive(legacy.pid, None):
-                found.append(replace(legacy, outcome=Outcome.INTERRUPTED))
-        return sorted(found, key=lambda r: (r.started, r.id))
+        `recover` has not finished (see JournalReader.unfinished). Oldest first."""
+        return self._reads.unfinished(host)
 
     def supervisors(self, migration_id: str) -> list[tuple[int, Any]]:
         """The hook supervisors that recorded into a migration's run log: (pid, start) each."""
-        return rows_of(self.records(migration_id)).supervisors
+        return self._reads.supervisors(migration_id)
 
     def close(self) -> None:
         """Close the journal (idempotent). A run log still open (a migration that did not finish) stays
@@ -807,20 +476,6 @@ class Journal:
                 return
             self._closed = True
             logs, self._logs = list(self._logs.values()), {}
-            reader, self._reader = self._reader, None
         for log in logs:
             log.close()
-        if reader is not None:
-            reader.close()
-
-
-def _record(select: Any, mid: str, migration: MigrationRow) -> MigrationRecord:
-    events = select("SELECT * FROM events WHERE migration_id = ? ORDER BY seq", (mid,))
-    runs = select("SELECT * FROM hook_runs WHERE migration_id = ? ORDER BY seq", (mid,))
-    actions = select("SELECT * FROM device_actions WHERE migration_id = ? ORDER BY seq", (mid,))
-    return MigrationRecord(
-        migration,
-        tuple(EventRow.of(row) for row in events),
-        tuple(HookRunRow.of(row) for row in runs),
-        tuple(DeviceActionRow.of(row) for row in actions),
-    )
+        self._reads.close()

@@ -1,5 +1,5 @@
-"""The journal's SQLite file: its schema and upgrades, connections, the check for damage, and the
-one-line errors for everything that can go wrong with it (never a traceback).
+"""The journal's SQLite file: where it is, its schema and upgrades, connections, the check for damage,
+and the one-line errors for everything that can go wrong with it (never a traceback).
 
 - A damaged file: `quick_check` raises EnvironmentProblem (exit 7) naming the file and how to move it
   aside or salvage it; `check_in_background` runs the same check next to a command's start-up.
@@ -23,6 +23,7 @@ from orchestrator.core.errors import EnvironmentProblem, OrchestratorError, shel
 from orchestrator.core.records import EventKind
 
 SCHEMA_VERSION: Final = 3
+DEFAULT_PATH: Final = Path("/var/lib/orchestrator/journal.sqlite")
 ENV_VAR: Final = "ORCH_JOURNAL"
 PATH_HINT: Final = f"use --journal PATH (or set {ENV_VAR})"
 BUSY_TIMEOUT_S: Final = 5.0  # opening, importing and reading wait this long for another process's lock
@@ -117,13 +118,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS device_actions_by_migration ON device_actions 
 _V2_MARKER: Final = "ALTER TABLE migrations ADD COLUMN drain_mode TEXT"
 # Version 3 rebuilds `migrations` without its CHECKs (SQLite cannot drop one otherwise): kinds and
 # outcomes are checked in Python, so that new ones (evacuations, planned and refused runs) fit old files.
-_MIGRATION_COLUMNS: Final = (
-    "id, kind, domain, source_uri, destination_uri, policy, started, ended, outcome, changed, error, "
-    "exit_code, summary, parent, pid, host, drain_mode, policy_text, policy_sha256, phase, recovered"
+MIGRATION_COLUMNS: Final = tuple(
+    "id kind domain source_uri destination_uri policy started ended outcome changed error exit_code summary "  # noqa: SIM905
+    "parent pid host drain_mode policy_text policy_sha256 phase recovered".split()
 )
-_V3_COPY: Final = (
-    f"INSERT INTO migrations_v3 ({_MIGRATION_COLUMNS}) SELECT {_MIGRATION_COLUMNS} FROM migrations"  # noqa: S608 - constants
-)
+_COLUMN_LIST: Final = ", ".join(MIGRATION_COLUMNS)
+_V3_COPY: Final = f"INSERT INTO migrations_v3 ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM migrations"  # noqa: S608 - constants
 _V3: Final = (
     """
 CREATE TABLE migrations_v3 (
@@ -158,6 +158,14 @@ CREATE INDEX IF NOT EXISTS migrations_by_started ON migrations (started);
 CREATE INDEX IF NOT EXISTS migrations_by_parent ON migrations (parent);
 """
 )
+
+
+def journal_path(explicit: Path | None = None) -> Path:
+    """The journal to use: `explicit` if given, else $ORCH_JOURNAL if set, else DEFAULT_PATH."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(ENV_VAR)
+    return Path(from_env) if from_env else DEFAULT_PATH
 
 
 def _sqlite_code(exc: BaseException) -> int | None:

@@ -1,5 +1,6 @@
 """What Linux says of a process (/proc/PID/stat) and the child-subreaper flag: standard library only,
-for the hook runner, the journal's liveness check, the lab and its reaper (which imports nothing else)."""
+for the hook runner, the liveness checks of the journal, the locks and recover, the lab and its reaper
+(which imports nothing else)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def alive(pid: int) -> bool:
         pass  # it exists, owned by someone else
     found = proc(pid)
     return found is None or not found.dead  # None: no /proc, and kill(0) is all we know
+
+
+def same_process(pid: object, start: object) -> bool:
+    """Whether the process `pid`, started at `start` (clock ticks after boot, as `Proc.start`; None: any
+    start), still runs here: not gone, not a zombie, and not another process that reused the pid."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    found = proc(pid)
+    return found is not None and not found.dead and (start is None or found.start == start)
 
 
 def environ(pid: int) -> bytes:

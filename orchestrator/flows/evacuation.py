@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from orchestrator.commands.render import hook_failure
 from orchestrator.core import domxml_edit
 from orchestrator.core.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.core.interfaces import JournalLike
 from orchestrator.core.policy import DrainMode, MigrationSettings, Policy
-from orchestrator.core.report import Outcome, Report
-from orchestrator.flows.migration import JobOptions, JournalLike, Migration, Request
+from orchestrator.core.report import Outcome, Report, hook_failure
+from orchestrator.core.request import JobOptions, Request
+from orchestrator.flows.migration import Migration
 
 if TYPE_CHECKING:
     from orchestrator.edges.virt import Host

@@ -38,15 +38,18 @@ from typing import Any
 
 from orchestrator.core.convergence import GATE_FLOOR_MS
 from orchestrator.core.errors import ExitCode, OrchestratorError
-from orchestrator.core.hooks import Hook, HookResult, HookRunner, Trigger
+from orchestrator.core.hooks import Hook, HookResult, Trigger
 from orchestrator.core.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
-from orchestrator.core.policy import Policy, parse_policy
+from orchestrator.core.policy import Policy
+from orchestrator.core.policy_toml import parse_policy
 from orchestrator.core.records import MigrationRow, still_drained
 from orchestrator.core.report import Outcome
 from orchestrator.edges import procfs
+from orchestrator.edges.hook_runner import HookRunner
 from orchestrator.edges.journal import Journal
 from orchestrator.edges.locks import MigrationLock, lock_dir
-from orchestrator.edges.supervisor import KILL_GRACE_S, KILL_WAIT_S, ORPHAN_GRACE_S, Tree
+from orchestrator.edges.process_tree import KILL_GRACE_S, KILL_WAIT_S, Tree
+from orchestrator.edges.supervisor_process import ORPHAN_GRACE_S
 
 JOB_WAIT_S = 300.0  # job="wait": how long to wait for a libvirt job the dead orchestrator left running
 _JOB_POLL_S = 0.5
@@ -286,7 +289,7 @@ class Recovery:
         notes = [
             f"would wait for the dead run's hook supervisor (process {pid}) to finish its hooks"
             for pid, start in ([] if legacy else self.journal.supervisors(row.id))
-            if _same_process(pid, start)
+            if procfs.same_process(pid, start)
         ]
         dom = source.find_domain(row.domain)
         if dom is not None and dom.job_stats() is not None:
@@ -330,7 +333,7 @@ class Recovery:
         bound = longest + KILL_GRACE_S + KILL_WAIT_S + ORPHAN_GRACE_S + SUPERVISOR_SLACK_S
         notes = []
         for pid, start in self.journal.supervisors(row.id):
-            if not _same_process(pid, start):
+            if not procfs.same_process(pid, start):
                 continue
             self._say(
                 f"{row.domain}: the dead run's hook supervisor (process {pid}) still runs its hooks: waiting "
@@ -551,11 +554,6 @@ class Recovery:
             self.on_line(line)
 
 
-def _same_process(pid: int, start: Any) -> bool:
-    found = procfs.proc(pid)
-    return found is not None and not found.dead and (start is None or found.start == start)
-
-
 def _wait_gone(pid: int, start: Any, timeout_s: float) -> bool:
     """Wait until the process `pid` (started at `start`, clock ticks) is gone, at most `timeout_s`; True
     if it is. It need not be our child: followed through a pidfd."""
@@ -564,10 +562,10 @@ def _wait_gone(pid: int, start: Any, timeout_s: float) -> bool:
     except OSError:
         return True  # gone
     try:
-        if not _same_process(pid, start):  # checked after opening: the pidfd is this process's
+        if not procfs.same_process(pid, start):  # checked after opening: the pidfd is this process's
             return True
         ready, _, _ = select.select([fd], [], [], max(0.0, timeout_s))
-        return bool(ready) or not _same_process(pid, start)
+        return bool(ready) or not procfs.same_process(pid, start)
     finally:
         os.close(fd)
 

@@ -15,10 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from orchestrator.core.policy import resolve_policy
 from orchestrator.core.report import Report, TimelineEntry
+from orchestrator.core.request import Request
+from orchestrator.edges.policy_files import resolve_policy
 from orchestrator.edges.virt import Host
-from orchestrator.flows.migration import Migration, Request
+from orchestrator.flows.migration import Migration
 from orchestrator.lab import guest as lab_guest
 from orchestrator.lab import hosts as lab
 

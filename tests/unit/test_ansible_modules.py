@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import typer.main
 
-from orchestrator.commands import cli as cli_module
-from orchestrator.flows.migration import COMPRESSION_METHODS
+from orchestrator.commands import program  # noqa: F401 - it registers every command on the app
+from orchestrator.commands.app import app
+from orchestrator.core.request import COMPRESSION_METHODS
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "collections"
 PREFIX = "ansible_collections.vfio.orchestrator.plugins"
@@ -341,14 +342,14 @@ README = COLLECTIONS / "ansible_collections" / "vfio" / "orchestrator" / "README
 @pytest.fixture(scope="module")
 def cli() -> dict[str, Any]:
     """The Click commands `orchestrator migrate` and `orchestrator evacuate`, as the CLI builds them."""
-    group = typer.main.get_command(cli_module.app)
+    group = typer.main.get_command(app)
     return {name: group.commands[name] for name in COMMANDS}
 
 
 @pytest.fixture(scope="module")
 def callbacks() -> dict[str, Any]:
     """The Python functions behind the commands (their annotations carry the options' types)."""
-    return {info.name: info.callback for info in cli_module.app.registered_commands if info.name in COMMANDS}
+    return {info.name: info.callback for info in app.registered_commands if info.name in COMMANDS}
 
 
 @pytest.fixture

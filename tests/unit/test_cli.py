@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands.cli import main
+from orchestrator.commands.app import app
+from orchestrator.commands.program import main
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -81,7 +82,7 @@ def test_version_is_the_installed_package_metadata(capsys: pytest.CaptureFixture
 def test_version_imports_nothing_heavy() -> None:
     probe = (
         "import sys\n"
-        "from orchestrator.commands.cli import main\n"
+        "from orchestrator.commands.program import main\n"
         "try:\n"
         "    main(['--version'])\n"
         "except SystemExit:\n"
@@ -191,10 +192,8 @@ def test_lab_hints_for_the_default_lab_need_no_option(monkeypatch: pytest.Monkey
 
 
 def _every_command() -> list[list[str]]:
-    from orchestrator.commands import cli
-
-    argvs = [[info.name or ""] for info in cli.app.registered_commands]
-    for group in cli.app.registered_groups:
+    argvs = [[info.name or ""] for info in app.registered_commands]
+    for group in app.registered_groups:
         argvs.append([group.name or ""])
         argvs += [[group.name or "", sub.name or ""] for sub in group.typer_instance.registered_commands]
     return argvs
@@ -206,7 +205,7 @@ def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
 ) -> None:
     import typer
 
-    from orchestrator.commands import cli
+    from orchestrator.commands import program
 
     def through(command: object, argv: list[str]) -> tuple[int, str, str]:
         try:
@@ -218,9 +217,9 @@ def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
         out, err = capsys.readouterr()
         return code, out, err
 
-    lazy = cli._command_for(words)
+    lazy = program._command_for(words)
     assert list(lazy.commands) == [words[0]]  # only the command asked for was built
-    full = typer.main.get_command(cli.app)
+    full = typer.main.get_command(app)
     for argv in ([*words, "--help"], [*words, "--no-such-option"]):
         assert through(lazy, argv) == through(full, argv)
 
@@ -229,15 +228,15 @@ def test_the_command_alone_has_the_help_and_errors_of_the_whole_tree(
 def test_anything_but_a_command_first_gets_the_whole_tree(argv: list[str]) -> None:
     import typer
 
-    from orchestrator.commands import cli
+    from orchestrator.commands import program
 
-    assert list(cli._command_for(argv).commands) == list(typer.main.get_command(cli.app).commands)
+    assert list(program._command_for(argv).commands) == list(typer.main.get_command(app).commands)
 
 
 def _entry(argv: list[str]) -> subprocess.CompletedProcess[str]:
     probe = (
         f"import sys\nsys.argv = ['orchestrator', *{argv!r}]\n"
-        "from orchestrator.commands.cli import entry\nentry()\n"
+        "from orchestrator.commands.program import entry\nentry()\n"
     )
     return subprocess.run(
         [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60
@@ -256,12 +255,12 @@ def test_entry_flushes_what_it_printed_and_keeps_the_exit_code() -> None:
 def test_entry_leaves_at_once_only_when_no_thread_is_left_to_finish(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from orchestrator.commands import cli
+    from orchestrator.commands import program
 
     left: list[int] = []
-    monkeypatch.setattr(cli.os, "_exit", left.append)
-    monkeypatch.setattr(cli, "main", lambda: None)
-    cli.entry()
+    monkeypatch.setattr(program.os, "_exit", left.append)
+    monkeypatch.setattr(program, "main", lambda: None)
+    program.entry()
     assert left == [0]  # only daemon threads (or none): straight out
     release = threading.Event()
     worker = threading.Thread(target=release.wait, daemon=False)  # e.g. a journal still writing
@@ -271,9 +270,9 @@ def test_entry_leaves_at_once_only_when_no_thread_is_left_to_finish(monkeypatch:
         def failing() -> None:
             raise SystemExit(9)
 
-        monkeypatch.setattr(cli, "main", failing)
+        monkeypatch.setattr(program, "main", failing)
         with pytest.raises(SystemExit) as exited:
-            cli.entry()
+            program.entry()
         assert exited.value.code == 9  # the normal exit, which waits for the thread
         assert left == [0]
     finally:
@@ -322,7 +321,7 @@ def test_the_shell_completes_commands_options_and_local_domain_names() -> None:
 
 def test_a_range_is_said_in_plain_numbers() -> None:
     from orchestrator.core.errors import BadInput
-    from orchestrator.core.policy import resolve_policy
+    from orchestrator.edges.policy_files import resolve_policy
 
     with pytest.raises(BadInput) as caught:
         resolve_policy("default").migration.overridden(max_downtime_ms=2000001)

@@ -1,5 +1,5 @@
-"""How `migrate`, `evacuate` and `recover` end, driven through `orchestrator.commands.cli.main` with the work
-faked (no libvirt): every failure is exactly one `orchestrator: error:` line on stderr, and signals
+"""How `migrate`, `evacuate` and `recover` end, driven through `orchestrator.commands.program.main` with the
+work faked (no libvirt): every failure is exactly one `orchestrator: error:` line on stderr, and signals
 once the work has ended never kill the process before its report is out and its journal closed."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.commands.cli import main
+from orchestrator.commands.program import main
 from orchestrator.core.report import Outcome, Report
 
 SOURCE, DESTINATION = "qemu+unix:///system?socket=/a", "qemu+unix:///system?socket=/b"
@@ -32,7 +32,7 @@ def no_libvirt(monkeypatch: pytest.MonkeyPatch) -> None:
     virt = types.ModuleType("orchestrator.edges.virt")
     virt.open_hosts = open_hosts  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "orchestrator.edges.virt", virt)
-    monkeypatch.setattr("orchestrator.commands.cli.reconcile", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr("orchestrator.commands.groundwork.reconcile", lambda *_args, **_kwargs: None)
 
 
 def migration_ending(report: Report | BaseException) -> type:
@@ -141,9 +141,9 @@ def open_hosts(*uris):
 virt.open_hosts = open_hosts
 sys.modules["orchestrator.edges.virt"] = virt
 
-from orchestrator.commands import cli
+from orchestrator.commands import evacuate, groundwork, migrate, program, recover
 from orchestrator.edges import journal
-cli.reconcile = lambda *args, **kwargs: None
+groundwork.reconcile = lambda *args, **kwargs: None
 state = Path(sys.argv[1])
 me = os.getpid()
 
@@ -163,18 +163,19 @@ def closing(self):
     return close(self)
 journal.Journal.close = closing
 
-emit_json = cli.emit_json
+emit_json = migrate.emit_json
 def emitting(document):
     signals_to_self(signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
     emit_json(document)
-cli.emit_json = emitting
+for command in (migrate, evacuate, recover):
+    command.emit_json = emitting
 """
 
 SIGNAL_EPILOGUE = r"""
 if sys.argv[3] == "program":  # this process is the orchestrator program (its __main__ has its main)
-    main = cli.main
+    main = program.main
 try:
-    cli.main(ARGV)
+    program.main(ARGV)
     code = 0
 except SystemExit as exc:
     code = exc.code
@@ -300,10 +301,10 @@ def open_hosts(*uris):
 virt.open_hosts = open_hosts
 sys.modules["orchestrator.edges.virt"] = virt
 
-from orchestrator.commands import cli
+from orchestrator.commands import groundwork, program
 from orchestrator.flows import migration
 from orchestrator.core.report import Outcome, Report
-cli.reconcile = lambda *args, **kwargs: None
+groundwork.reconcile = lambda *args, **kwargs: None
 told = []
 
 class Migration:
@@ -325,7 +326,9 @@ class Migration:
         return Report("3f2a9c0d1e2f", "vm1", "src", "dst", "default", outcome=Outcome.SUCCEEDED)
 migration.Migration = Migration
 try:
-    cli.main(["migrate", "vm1", "qemu+unix:///b", "-c", "qemu+unix:///a", "--journal", sys.argv[1], "--json"])
+    program.main(
+        ["migrate", "vm1", "qemu+unix:///b", "-c", "qemu+unix:///a", "--journal", sys.argv[1], "--json"]
+    )
     code = 0
 except SystemExit as exc:
     code = exc.code
@@ -355,11 +358,11 @@ def test_a_hang_up_and_a_vanished_terminal_never_stop_a_migration(tmp_path: Path
 # it takes the handler to run: the handler must run anyway, once.
 BUSY_MAIN_THREAD = r"""
 import json, os, signal, sys, threading
-from orchestrator.commands import cli
+from orchestrator.commands import signals
 
 called = threading.Event()
 names = []
-guard = cli.SignalGuard(lambda name: (names.append(name), called.set()))
+guard = signals.SignalGuard(lambda name: (names.append(name), called.set()))
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the main thread is "in a call"
 os.kill(os.getpid(), signal.SIGTERM)  # delivered to another thread then
 ran = called.wait(10)
@@ -385,7 +388,7 @@ def test_a_signal_is_handled_while_the_main_thread_is_inside_a_long_call() -> No
 
 FAILING_HANDLER = r"""
 import json, os, signal, sys, threading
-from orchestrator.commands import cli
+from orchestrator.commands import signals
 
 calls = []
 second = threading.Event()
@@ -396,7 +399,7 @@ def handler(name):
         raise RuntimeError("a bug")
     second.set()
 
-guard = cli.SignalGuard(handler)
+guard = signals.SignalGuard(handler)
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGINT)
 ran = second.wait(10)

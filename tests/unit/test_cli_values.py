@@ -1,4 +1,4 @@
-"""Option values are converted without Pydantic (orchestrator/commands/cli_values.py), with the
+"""Option values are converted without Pydantic (orchestrator/commands/values.py), with the
 same results and the same one-line errors as Typer's own conversion."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands.cli_values import _leaf, _simple
+from orchestrator.commands.values import _leaf, _simple
 
 RUN = r"""
 import sys
-import orchestrator.commands.cli_values as values
+import orchestrator.commands.values as values
 if sys.argv[1] == "typer":
     values.install = lambda: False
-from orchestrator.commands.cli import main
+from orchestrator.commands.program import main
 try:
     main(sys.argv[2:])
 except SystemExit:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.core.report import Outcome, Report
 from orchestrator.flows.evacuation import Candidate, Target, is_transient, place, select
-from orchestrator.flows.migration import Outcome, Report
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.commands.cli import main
+from orchestrator.commands.program import main
 from orchestrator.core.errors import BadInput, ExitCode, NothingToDo, OrchestratorError
 from orchestrator.flows import events
 

@@ -20,19 +20,18 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.hooks import (
-    OUTPUT_TAIL_BYTES,
-    ArmedHook,
     Hook,
     HookResult,
-    HookRunner,
     Trigger,
     check_placeholders,
     fill_argv,
     hook_values_env,
-    preflight,
 )
 from orchestrator.edges import procfs
-from orchestrator.edges.supervisor import HOOK_RUN_ENV, hook_path, shared
+from orchestrator.edges.armed_hook import ArmedHook
+from orchestrator.edges.hook_runner import HookRunner, preflight
+from orchestrator.edges.supervisor import hook_path, shared
+from orchestrator.edges.supervisor_process import HOOK_RUN_ENV, OUTPUT_TAIL_BYTES
 
 VALUES = {"domain": "vm1", "device_id": "hostdev0", "state": "pre-copy-p2p-prepare"}
 

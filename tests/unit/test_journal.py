@@ -22,8 +22,15 @@ from orchestrator.core.records import ActionStatus, DeviceAction, EventKind, Mig
 from orchestrator.core.report import Outcome
 from orchestrator.core.vfio import Role
 from orchestrator.edges import journal_db, procfs, runlog
-from orchestrator.edges.journal import DEFAULT_PATH, Journal, journal_path
-from orchestrator.edges.journal_db import ENV_VAR, SCHEMA_VERSION, JournalCorrupt, check_in_background
+from orchestrator.edges.journal import Journal
+from orchestrator.edges.journal_db import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    SCHEMA_VERSION,
+    JournalCorrupt,
+    check_in_background,
+    journal_path,
+)
 
 T0 = 1_700_000_000.0
 HOST = os.uname().nodename

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands.cli import main
+from orchestrator.commands.program import main
 from orchestrator.core.errors import BadInput, EnvironmentProblem, ExitCode
 from orchestrator.lab import hosts
 

@@ -13,7 +13,8 @@ import pytest
 import typer
 import typer.main
 
-from orchestrator.commands import cli, manpages
+from orchestrator.commands import manpages, program  # noqa: F401 - program registers every command
+from orchestrator.commands.app import app
 from orchestrator.core.errors import ExitCode
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -55,7 +56,7 @@ def sections(text: str) -> dict[str, str]:
 
 
 def test_every_command_has_a_page(written: dict[str, str]) -> None:
-    expected = commands(typer.main.get_command(cli.app))
+    expected = commands(typer.main.get_command(app))
     assert {
         "orchestrator",
         "orchestrator-migrate",
@@ -90,7 +91,7 @@ def test_each_page_is_a_man_page_of_its_command(written: dict[str, str]) -> None
 
 
 def test_each_page_names_every_option_and_argument_of_its_command(written: dict[str, str]) -> None:
-    for name, command in commands(typer.main.get_command(cli.app)).items():
+    for name, command in commands(typer.main.get_command(app)).items():
         text = written[name]
         options = sections(text)["OPTIONS"]
         assert "\\fB\\-h\\fR, \\fB\\-\\-help\\fR" in options, name

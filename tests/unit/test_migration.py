@@ -27,13 +27,15 @@ from orchestrator.core.errors import BadInput
 from orchestrator.core.hooks import Trigger
 from orchestrator.core.hypervisor import RUNNING
 from orchestrator.core.phases import Phase
-from orchestrator.core.policy import DrainMode, parse_policy
+from orchestrator.core.policy import DrainMode
+from orchestrator.core.policy_toml import parse_policy
 from orchestrator.core.records import ActionStatus, DeviceAction, still_drained
 from orchestrator.core.report import Outcome, Report
+from orchestrator.core.request import Request
 from orchestrator.edges.journal import Journal
 from orchestrator.edges.locks import MigrationBusy, MigrationLock
 from orchestrator.flows import migration as migration_module
-from orchestrator.flows.migration import Migration, Request
+from orchestrator.flows.migration import Migration
 
 SRC, DST = "qemu+unix:///system?socket=/src", "qemu+unix:///system?socket=/dst"
 
@@ -666,7 +668,7 @@ def test_the_destination_is_followed_by_object_once_the_incoming_domain_exists(w
 
 
 def test_an_event_delivered_through_both_destination_subscriptions_counts_once() -> None:
-    from orchestrator.flows.migration import _Arrivals
+    from orchestrator.flows.subscriptions import _Arrivals
 
     delivered: list[tuple[str, int, int]] = []
     arrivals = _Arrivals(lambda _dom, name, s, us, _data: delivered.append((name, s, us)))
@@ -696,7 +698,7 @@ def test_an_event_delivered_through_both_destination_subscriptions_counts_once()
 def test_a_destination_naming_the_source_machine_is_caught_in_pre_flight(
     source: str, destination: str, p2p: bool, why: str | None
 ) -> None:
-    from orchestrator.flows.migration import same_machine
+    from orchestrator.core.request import same_machine
 
     found = same_machine(source, destination, p2p=p2p, names=("ctl1", "ctl1.example.net"))
     assert (found is None) if why is None else (found is not None and why in found)

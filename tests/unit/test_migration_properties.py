@@ -19,11 +19,12 @@ from unit.test_migration import DST, SRC, domain_xml, policy_text
 
 from orchestrator.core.hooks import Trigger
 from orchestrator.core.hypervisor import RUNNING
-from orchestrator.core.policy import parse_policy
+from orchestrator.core.policy_toml import parse_policy
 from orchestrator.core.records import still_drained
 from orchestrator.core.report import Outcome
+from orchestrator.core.request import Request
 from orchestrator.edges.journal import Journal
-from orchestrator.flows.migration import Migration, Request
+from orchestrator.flows.migration import Migration
 
 STATES = [
     "running",

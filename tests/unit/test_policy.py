@@ -20,11 +20,8 @@ from hypothesis import strategies as st
 from orchestrator.core.errors import BadInput, ExitCode
 from orchestrator.core.hooks import Hook, OnFailure, Trigger
 from orchestrator.core.policy import (
-    DEFAULT_POLICY_DIRS,
     MAX_BANDWIDTH_MIB,
     MAX_MESSAGE_CHARS,
-    POLICY_DIR_ENV,
-    SHIPPED_POLICY_DIR,
     DeviceSelector,
     DowntimeStep,
     DrainMode,
@@ -35,10 +32,15 @@ from orchestrator.core.policy import (
     Switchover,
     TimeoutAction,
     WhenEventsOff,
+    one_line,
+)
+from orchestrator.core.policy_toml import parse_policy
+from orchestrator.edges.policy_files import (
+    DEFAULT_POLICY_DIRS,
+    POLICY_DIR_ENV,
+    SHIPPED_POLICY_DIR,
     available_policies,
     load_policy,
-    one_line,
-    parse_policy,
     resolve_policy,
 )
 

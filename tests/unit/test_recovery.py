@@ -26,12 +26,13 @@ from unit.scripted import Behaviour, FakeClock, FakeDevice, FakeHost, FakeRunner
 from unit.test_migration import DST, SRC, domain_xml, policy_text
 
 from orchestrator.core.convergence import GATE_FLOOR_MS
-from orchestrator.core.hooks import Hook, HookRunner, Trigger
+from orchestrator.core.hooks import Hook, Trigger
 from orchestrator.core.hypervisor import RUNNING, MigrateRequest
-from orchestrator.core.policy import parse_policy
+from orchestrator.core.policy_toml import parse_policy
 from orchestrator.core.records import ActionStatus, DeviceAction, still_drained
 from orchestrator.core.report import Outcome
 from orchestrator.edges import procfs, runlog
+from orchestrator.edges.hook_runner import HookRunner
 from orchestrator.edges.journal import Journal
 from orchestrator.edges.locks import MigrationLock, lock_dir
 from orchestrator.edges.supervisor import Supervisor, hook_path

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.core.hooks import Hook, HookResult, HookRunner, Trigger
+from orchestrator.core.hooks import Hook, HookResult, Trigger
 from orchestrator.edges import procfs, runlog
-from orchestrator.edges.supervisor import HOOK_RUN_ENV, Supervisor, hook_path
+from orchestrator.edges.hook_runner import HookRunner
+from orchestrator.edges.supervisor import Supervisor, hook_path
+from orchestrator.edges.supervisor_process import HOOK_RUN_ENV
 
 
 @pytest.fixture
@@ -99,7 +101,8 @@ ORCHESTRATOR = textwrap.dedent(
     import json, os, signal, sys, threading
     from pathlib import Path
     from orchestrator.edges import runlog
-    from orchestrator.core.hooks import Hook, HookRunner, Trigger
+    from orchestrator.core.hooks import Hook, Trigger
+    from orchestrator.edges.hook_runner import HookRunner
     from orchestrator.edges.supervisor import Supervisor
 
     runs, mode, release = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 import typer
 
-from orchestrator.commands.cli import app, main
+from orchestrator.commands.app import app
+from orchestrator.commands.program import main
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 SERVICE = SYSTEMD_DIR / "orchestrator-evacuate.service"
@@ -515,7 +516,7 @@ virt = types.ModuleType("orchestrator.edges.virt")
 virt.Host = Host
 sys.modules["orchestrator.edges.virt"] = virt
 sys.argv[0] = "orchestrator"
-from orchestrator.commands.cli import entry
+from orchestrator.commands.program import entry
 
 entry()
 """

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.commands.cli import main
+from orchestrator.commands.program import main
 from orchestrator.core.errors import ConnectError, ExitCode
 from orchestrator.flows import watch
 

@@ -1,8 +1,8 @@
 """Option values converted without Pydantic.
 
 Typer >= 0.22 converts every option value (bool flags excepted) with a Pydantic TypeAdapter: the first
-one imports Pydantic, ~70 ms of every command's start, a third of what `orchestrator migrate` costs
-over `virsh migrate`. Our options are plain: str, int, float, bool, Path, Enum choices, list[str],
+one imports Pydantic, a large part of every command's start (and of what `orchestrator migrate` costs
+over `virsh migrate`). Our options are plain: str, int, float, bool, Path, Enum choices, list[str],
 with no parser, range or file checks of Typer's own. `install()` has those converted here, in the
 CLI's own words ("'x' is not a whole number"), and leaves any other annotation, and any Typer that
 does not work this way, to Typer. It reaches into Typer's internals, so every step is guarded: if they
