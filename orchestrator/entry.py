@@ -2,7 +2,7 @@
 
 A command that may run hooks (migrate, evacuate, recover) forks its hook supervisor here, while the
 process is small and has no thread (orchestrator.edges.supervisor): the supervisor is then a copy of a
-~10 MB interpreter, not of one that loaded Typer and libvirt. Then the CLI.
+bare interpreter, not of one that loaded Typer and libvirt. Then the CLI.
 """
 
 from __future__ import annotations

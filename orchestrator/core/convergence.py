@@ -18,7 +18,7 @@ from orchestrator.core.policy import DowntimeStep, MigrationSettings, Switchover
 # The gate: the lowest downtime limit. Not 0, although libvirt passes 0 on and QEMU takes it: with a
 # threshold of 0 QEMU never computes the exact pending size (it does so only below the threshold), and
 # its shortcut "nothing pending" then fires on the stale estimate at the end of every pass, so a guest
-# dirtying 64 MiB/s switched over after its first pass (measured on the lab). At 1 ms a guest that
+# dirtying memory fast switched over after its first pass. At 1 ms a guest that
 # dirties anything is held; an idle one (nothing dirtied at all) still converges: the gate is passed early.
 GATE_FLOOR_MS = 1
 QEMU_DEFAULT_DOWNTIME_MS = 300  # QEMU's own default downtime-limit
@@ -76,8 +76,8 @@ def would_converge(stats: JobStats, downtime_ms: int) -> bool:
     """Whether QEMU would switch over now if its downtime limit were `downtime_ms`.
 
     QEMU's expected downtime (the data dirtied during its last pass over the bandwidth) is its own
-    estimate from the third dirty-bitmap sync on; until then it echoes the limit (read on the lab: 1 ms
-    through pass 2 at a 1 ms limit, then ~130 ms for a guest rewriting 4 MiB at 32 MiB/s).
+    estimate from the third dirty-bitmap sync on; until then it echoes the limit, whatever the guest
+    dirties.
     """
     return (
         stats.iteration >= FIRST_ESTIMATE_PASS

@@ -1,6 +1,6 @@
 """SHA-256 of bytes, as hex: the journal's policy digests and the lock files' names.
 
-`hashlib` loads OpenSSL when imported (~3 ms of every start of the program); CPython's own SHA-256
+`hashlib` loads OpenSSL when imported (a cost every start of the program would pay); CPython's own SHA-256
 (the module hashlib falls back on) gives the same digest without it. hashlib where a build lacks it.
 """
 

@@ -49,6 +49,7 @@ from orchestrator.edges.journal_db import (
     connect_existing,
     create_schema,
     db_error,
+    newer_schema,
     quick_check,
     require_sqlite,
 )
@@ -143,12 +144,9 @@ class Journal:
             if reader is not None:
                 reader.close()
             raise
-        if version > 3:
+        if version > SCHEMA_VERSION:
             reader.close()
-            raise EnvironmentProblem(
-                f"the journal {path} has schema version {version}, newer than this orchestrator's 3",
-                f"upgrade the orchestrator or {PATH_HINT}",
-            )
+            raise newer_schema(path, version)
         if version < 1:
             reader.close()
             reader = None

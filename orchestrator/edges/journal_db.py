@@ -349,8 +349,8 @@ def check_in_background(path: Path) -> Callable[[], bool]:
     says why), and it raises the same one-line EnvironmentProblem as `check` for a damaged file.
 
     For a command with other work to do before it opens the journal: `PRAGMA quick_check` reads the
-    whole file (~55 ms for a journal of 3000 migrations), and SQLite does that without the interpreter's
-    lock, next to the imports and the set-up that come first."""
+    whole file, which takes longer as the journal grows, and SQLite does that without the
+    interpreter's lock, next to the imports and the set-up that come first."""
     path = path.expanduser().absolute()
     verdict: list[JournalCorrupt | bool] = []
 
@@ -383,6 +383,14 @@ def check_in_background(path: Path) -> Callable[[], bool]:
     return wait
 
 
+def newer_schema(path: Path, version: int) -> EnvironmentProblem:
+    """The one-line error for a journal whose schema is newer than this orchestrator's."""
+    return EnvironmentProblem(
+        f"the journal {path} has schema version {version}, newer than this orchestrator's {SCHEMA_VERSION}",
+        f"upgrade the orchestrator or {PATH_HINT}",
+    )
+
+
 def create_schema(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # in WAL: durable at checkpoints, never corrupt
@@ -392,11 +400,7 @@ def create_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise EnvironmentProblem(
-                f"the journal {path} has schema version {version}, newer than this orchestrator's "
-                f"{SCHEMA_VERSION}",
-                f"upgrade the orchestrator or {PATH_HINT}",
-            )
+            raise newer_schema(path, version)
         if version < SCHEMA_VERSION:
             for statement in upgrade(version):
                 conn.execute(statement)

@@ -226,9 +226,8 @@ class Host:
         """The connection events are subscribed on: one of their own, so that nothing delays them.
         A QEMU event that reaches a connection while a thread waits on it for a reply (the migration
         call, which lasts the whole job, or a statistics poll) is read by that thread, queued, and
-        handed to the event loop through a timer: ~0.3 ms later than on an idle connection (measured,
-        bench/drain_latency.py: QEMU -> callback p50 0.64 ms on the calling connection, 0.34 ms on an
-        idle one)."""
+        handed to the event loop through a timer: later than on an idle connection (bench/drain_latency.py
+        and docs/PERFORMANCE.md have the figures)."""
         with self._events_lock:
             if self._events_conn is None:
                 self._events_conn = _connect(self.uri, self._keepalive)
@@ -263,7 +262,7 @@ class Host:
     def identity(self) -> frozenset[tuple[str, int]]:
         """The (UUID, ID) of every running domain. Domain IDs are counted per daemon, so two connections
         showing the same non-empty set reach the same daemon. Costs one call, where the host UUID
-        (getCapabilities) makes a fresh daemon probe every QEMU binary first (~16 s)."""
+        (getCapabilities) makes a fresh daemon probe every QEMU binary first, which takes seconds."""
         try:
             return frozenset((dom.UUIDString(), dom.ID()) for dom in self.conn.listAllDomains(1))
         except libvirt.libvirtError as exc:

@@ -9,9 +9,10 @@ abort, `orchestrator.flows.story` writes every record (journal, timeline, notes)
 only through the narrow `Hypervisor` and `Guest` interface (`orchestrator.core.hypervisor`), so the
 unit tests drive every path of it on a scripted fake, on a fake clock.
 
-Threads: libvirt's event thread delivers monitor events (the hot path: event -> decision -> spawn,
-nothing else first); hook waiter threads report each hook's end; the job's own thread reports its
-end; the caller's thread moves through the phases and reads the job's statistics. One lock (`_cv`,
+Threads (all of the program's: docs/ARCHITECTURE.md): libvirt's event thread delivers monitor events
+(the hot path: event -> decision -> spawn, nothing else first); the hook supervisor's reader thread and
+each armed hook's reader report the hooks' ends; the job's own thread reports its end; the caller's
+thread moves through the phases and reads the job's statistics. One lock (`_cv`,
 and `_job_end` on the same lock) guards the machine; actions are carried out after it is released,
 so a slow libvirt call never holds up an event.
 """
@@ -122,8 +123,8 @@ class Migration:
         machine_lock = threading.RLock()
         self._cv = threading.Condition(machine_lock)  # events, hooks' ends, phases
         # What the job's poll loop waits on: only the job's end, not every event. Woken by each event,
-        # that thread took the interpreter's lock just as the next device's event (often ~0.1 ms after a
-        # device's P2P state) needed it.
+        # that thread took the interpreter's lock just as the next device's event (which often follows a
+        # device's P2P state closely) needed it.
         self._job_end = threading.Condition(machine_lock)
         self.job = JobControl(self.story)
         self._job_done = False
@@ -153,9 +154,9 @@ class Migration:
                 self.story.vfio(event)
             else:
                 # A state the machine only notes (a device's P2P state, say): its records wait for the
-                # next event or the next poll (<= POLL_S). The next device's prepare event often comes
-                # ~0.1 ms after it, and recording it here (~0.1 ms on a CPU cold from the device's quiet
-                # time) delayed that event's drain by as much (measured on the lab, 8 devices).
+                # next event or the next poll (<= POLL_S). The next device's prepare event often follows
+                # it closely, and recording it here (slow on a CPU cold from the device's quiet time)
+                # delayed that event's drain by as much.
                 self.story.defer(event)
             with self._cv:
                 self._cv.notify_all()
@@ -191,7 +192,7 @@ class Migration:
                 self.runner.start(hook, values, device, done, index=index)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just started or told: Linux lets the parent run on first, and
-            # our bookkeeping below would otherwise delay the drain by ~1 ms on a busy host.
+            # our bookkeeping below would otherwise delay the drain on a busy host.
             os.sched_yield()
         self.story.flush()  # what happened before this action is recorded before what follows
         if failure:

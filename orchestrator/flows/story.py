@@ -2,8 +2,9 @@
 notes and hook runs.
 
 `Story` is the one writer of both for one migration, from any of its threads: the event thread, the
-hook waiters, the job's thread and the caller's. VFIO events that needed no action can be deferred (see
-`defer`): they are recorded, oldest first, before whatever is recorded next, or at the next poll.
+hook supervisor's and armed hooks' readers, the job's thread and the caller's. VFIO events that needed
+no action can be deferred (see `defer`): they are recorded, oldest first, before whatever is recorded
+next, or at the next poll.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from orchestrator.core.errors import BadInput, EnvironmentProblem
 from orchestrator.lab.hosts import LabHost, connect, lab_root, status
-from orchestrator.lab.simulator import BEHAVIOURS
+from orchestrator.lab.sim_settings import BEHAVIOURS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
@@ -32,7 +32,7 @@ DEFAULT_GUEST_IMAGE = Path("/var/lib/orchestrator/guest-image")
 WORKLOADS = ("idle", "dirty")
 DEFAULT_MEMORY_MIB = {"idle": 64, "dirty": 128}
 GUEST_KERNEL_MIB = 64  # what the guest's kernel and initramfs need beside the dirtied memory
-WORKLOAD_MIN_MEMORY_MIB = 96  # the kernel panics "deadlocked on memory" while booting below ~80 MiB
+WORKLOAD_MIN_MEMORY_MIB = 96  # with a margin: the kernel panics "deadlocked on memory" booting in less
 READY_MARKER = "orch-guest: ready"  # the workload guest's /init prints it on its serial console
 DISK_DIR = Path("/var/lib/libvirt/images")  # as a lab host sees it; each host has its own
 DISK_TARGET = "vda"

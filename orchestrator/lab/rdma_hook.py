@@ -7,8 +7,8 @@ stdin, disarms or re-arms that device's peers at once and answers `ok DEVICE` or
 it exits when stdin closes. No process start, no import at the event: the budget is the peers'.
 
 This runs on the drain path, where the peers' timeout (tens of ms) is the whole budget from QEMU's
-prepare event to the peers being disarmed: it imports nothing but `os`, `socket` and `sys` (starts
-in about 10 ms where the orchestrator's package would take 30 ms). Exit 0 when the peer
+prepare event to the peers being disarmed: it imports nothing but `os`, `socket` and `sys` (it
+starts several times faster than the orchestrator's package would). Exit 0 when the peer
 acknowledged; 1 with one line on stderr when no peer answered; 2 for a usage error.
 """
 

@@ -1,6 +1,6 @@
 """Real-time priority for the lab's stand-ins of hardware and remote hosts.
 
-The simulated device (its event proxy) and the RDMA peer stand-ins run on the same 2 shared cores as
+The simulated device (its event proxy) and the RDMA peer stand-ins run on the same few shared cores as
 TCG's QEMU, libvirtd and the orchestrator under test. A device or a peer is hardware or another host
 in real life: starved of CPU here, it would answer late and the peers would count outages that no
 drain could have prevented. SCHED_FIFO at the lowest real-time priority puts them ahead of every

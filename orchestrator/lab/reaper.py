@@ -2,9 +2,9 @@
 
 libvirtd daemonises QEMU (from its start, QEMU is an orphan) and, when it stops a domain, waits in
 200 ms steps for the process to be gone, which for an orphan means reaped by whoever adopted it. On a
-machine whose init reaps late (this sandbox's PID 1 reaps every ~2 s) every stopped QEMU held libvirt
-1.2 to 2.0 s, inside the migration call of every live migration (the source QEMU is stopped before the
-call returns): a lab migration took 1.84 or 2.65 s, depending only on that timer's phase. Started as
+machine whose init reaps late (on a timer of its own) every stopped QEMU held libvirt until that
+timer fired, inside the migration call of every live migration (the source QEMU is stopped before the
+call returns): a lab migration's length then depended on that timer's phase. Started as
 `python -m orchestrator.lab.reaper COMMAND [ARG...]`, this process makes itself the child subreaper
 (Linux), runs COMMAND as its child and reaps every child at once, orphans included, while COMMAND
 runs; it exits with COMMAND's status when COMMAND ends (what is left is init's again, as before: only

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import RECORD_HOOK, Run, cli
+from lab.runner import RECORD_HOOK, Run, cli
 
 ACTIVE = ("running", "paused")
 BACK_ON_SOURCE = ("rolled-back", "aborted", "interrupted")  # outcomes that say: it runs on the source

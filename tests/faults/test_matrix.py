@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import cli
+from lab.runner import cli
 
 from faults.kit import Case, assert_three_facts
 from orchestrator.edges.journal import Journal

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab.test_migrate import RECORD_HOOK, cli
+from lab.runner import RECORD_HOOK, cli
 
 from faults.kit import Case, assert_three_facts
 

@@ -9,7 +9,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import RECORD_HOOK, cli
+from lab.runner import RECORD_HOOK, cli
 
 
 def policy(lab: Any, tmp: Path, drain_opts: str = "") -> Path:

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import Run, cli
+from lab.runner import Run, cli
 
 from orchestrator.core import domxml
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab.test_migrate import cli
+from lab.runner import cli
 
 
 def migrate_with_peer(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab.test_migrate import Run, Scenario, assert_paired
+from lab.runner import Run, Scenario, assert_paired
 
 from orchestrator.core.errors import BadInput
 from orchestrator.lab import guest as lab_guest

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import Scenario
+from lab.runner import Scenario
 
 
 def command(sc: Scenario) -> list[str]:

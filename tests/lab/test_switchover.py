@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lab.test_migrate import RECORD_HOOK, Run, cli
+from lab.runner import RECORD_HOOK, Run, cli
 
 from orchestrator.lab.demo import start_peer, stop_peer
 

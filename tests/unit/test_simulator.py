@@ -18,26 +18,20 @@ from typing import Any
 
 import pytest
 
-from orchestrator.lab.simulator import (
+from orchestrator.lab.sim_model import Device, Simulator, Step, add_prepare_state, qmp_event, restamp
+from orchestrator.lab.sim_settings import (
     STATES,
     ConfigError,
-    Device,
     DeviceConfig,
-    Proxy,
     SimConfig,
-    Simulator,
-    Step,
-    add_prepare_state,
     device_options,
     domain_name,
     global_migration_events,
-    main,
     monitor_fd,
-    qmp_event,
-    restamp,
     vfio_devices,
     without_vfio_devices,
 )
+from orchestrator.lab.simulator import Proxy, main
 
 EVENTS_ON = ["-global", "vfio-pci.migration-events=on"]
 
