@@ -1,3 +1,3 @@
 """Live-migration orchestrator for VMs with VFIO devices."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
