@@ -296,20 +296,23 @@ class Evacuation:
             migration.interrupt("second interrupt")
 
     # --- the flow -----------------------------------------------------------------------------
+    @staticmethod
+    def open_host(uri: str) -> Host:
+        """A new libvirt connection to `uri`."""
+        from orchestrator.edges.virt import Host  # here, not at import: planning is tested without libvirt
+
+        return Host.open(uri)
+
     def run(self) -> EvacuationReport:
         """Plan, then move; always returns the report (bad input and no source raise)."""
         self.request.validate()
-        from orchestrator.edges.virt import (
-            Host,  # here, not at import: the planning logic is tested without libvirt
-        )
-
-        source = Host.open(self.request.source_uri)
+        source = self.open_host(self.request.source_uri)
         destinations: dict[str, Host] = {}
         try:
             source_identity = source.identity()
             for uri in self.request.destination_uris:
                 try:
-                    host = Host.open(uri)
+                    host = self.open_host(uri)
                 except ConnectError as exc:
                     self.report.unreachable.append({"uri": uri, "error": exc.message})
                     continue
@@ -532,26 +535,34 @@ class Evacuation:
             self.reconcile([source, destination], item.domain)
 
         def attempt() -> Report:
-            migration = Migration(
-                request,
-                source,
-                destination,
-                journal=self.journal,
-                parent=self.id,
-                on_progress=lambda p: self._progress.__setitem__(item.domain, p.fraction),
-                on_entry=lambda entry: self._say(f"{item.domain}: {entry.text}"),
-                lock_dir=self.lock_dir,
-            )
-            with self._lock:
-                if self._stopping:
-                    raise _Stopped
-                self._running[item.domain] = migration
+            # Each migration on a source connection of its own: libvirtd serves at most
+            # max_client_requests calls at once per connection (5 by default) and a migration call
+            # holds one for its whole job, so on one shared connection the fifth running migration
+            # would hold back every other call on it: the gate's release, statistics, aborts.
+            own = self.open_host(self.request.source_uri)
             try:
-                result.attempts += 1
-                return migration.run()
-            finally:
+                migration = Migration(
+                    request,
+                    own,
+                    destination,
+                    journal=self.journal,
+                    parent=self.id,
+                    on_progress=lambda p: self._progress.__setitem__(item.domain, p.fraction),
+                    on_entry=lambda entry: self._say(f"{item.domain}: {entry.text}"),
+                    lock_dir=self.lock_dir,
+                )
                 with self._lock:
-                    self._running.pop(item.domain, None)
+                    if self._stopping:
+                        raise _Stopped
+                    self._running[item.domain] = migration
+                try:
+                    result.attempts += 1
+                    return migration.run()
+                finally:
+                    with self._lock:
+                        self._running.pop(item.domain, None)
+            finally:
+                own.close()
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(1 + RETRIES),

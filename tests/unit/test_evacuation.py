@@ -70,3 +70,70 @@ def test_select(include, exclude, expected) -> None:
 def test_is_transient(outcome, error, undrain_failed, transient) -> None:
     report = Report("id", "vm", "a", "b", "p", outcome=outcome, error=error, undrain_failed=undrain_failed)
     assert is_transient(report) is transient
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+
+class _Conn:
+    """A stand-in libvirt connection that counts the migration calls running on it at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.running = 0
+        self.most = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_each_running_migration_has_a_source_connection_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirtd serves few calls at once per connection and a migration call holds one for its whole
+    job: running migrations that shared the evacuation's source connection would hold back every other
+    call on it (the gate's release, statistics, aborts). So each gets its own, closed after."""
+    import threading
+
+    from orchestrator.core.policy_toml import parse_policy
+    from orchestrator.flows import evacuation as evac
+
+    opened: list[_Conn] = []
+    shared, destination = _Conn("shared"), _Conn("destination")
+    all_in = threading.Barrier(4, timeout=30)  # all four running at once, as they would share one
+
+    def open_host(uri: str) -> _Conn:
+        conn = _Conn(f"{uri}#{len(opened)}")
+        opened.append(conn)
+        return conn
+
+    class FakeMigration:
+        def __init__(self, request: object, source: _Conn, dest: _Conn, **_: object) -> None:
+            self.request, self.source = request, source
+
+        def run(self) -> Report:
+            self.source.running += 1
+            self.source.most = max(self.source.most, self.source.running)
+            all_in.wait()
+            self.source.running -= 1
+            assert not self.source.closed
+            return Report("id", "vm", "a", "b", "default", outcome=Outcome.SUCCEEDED)
+
+    monkeypatch.setattr(evac.Evacuation, "open_host", staticmethod(open_host))
+    monkeypatch.setattr(evac, "Migration", FakeMigration)
+    policy = parse_policy("", "p.toml")
+    run = evac.Evacuation(evac.EvacuationRequest("qemu:///src", ("qemu:///dst",), policy, concurrency=4))
+    results = [evac.Result(f"vm{i}", "qemu:///dst", "failed", False) for i in range(4)]
+    threads = [
+        threading.Thread(
+            target=run._migrate_with_retries,
+            args=(evac.Placement(f"vm{i}", "qemu:///dst", 64, i, "fits"), shared, destination, results[i]),
+        )
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.outcome for r in results] == ["succeeded"] * 4
+    assert shared.most == 0 and len(opened) == 4
+    assert all(c.most == 1 and c.closed for c in opened)
