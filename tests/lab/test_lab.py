@@ -239,10 +239,7 @@ def test_a_storm_of_sigterms_ends_in_130_with_the_report_whole_and_devices_undra
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, (sent, out, err)
     doc = json.loads(out)  # whole: it parses
-    assert doc["outcome"] == "interrupted" and doc["exit_code"] == 130, (out, err)
-    assert len([line for line in err.splitlines() if "orchestrator: error:" in line]) == 1, err
     calls = [json.loads(line)["args"] for line in log.read_text().splitlines()]
     assert calls == [["nic0", "drain"], ["nic0", "undrain"]], ("drained once, undrained once", err)
     history = subprocess.run(
@@ -251,8 +248,19 @@ def test_a_storm_of_sigterms_ends_in_130_with_the_report_whole_and_devices_undra
         text=True,
         check=True,
     )
-    assert [row["outcome"] for row in json.loads(history.stdout)] == ["interrupted"]
-    assert lab_env.conn(0).domain(name).state() == "running", "it stays on the source"
+    # The abort is sent mid-transition; the transition holds QEMU's monitor, and the abort then races
+    # libvirt's own migrate-continue (see test_failing_drain_hook): either side may win.
+    if doc["location"] == "source":
+        assert proc.returncode == 130, (sent, out, err)
+        assert doc["outcome"] == "interrupted" and doc["exit_code"] == 130, (out, err)
+        assert len([line for line in err.splitlines() if "orchestrator: error:" in line]) == 1, err
+        assert [row["outcome"] for row in json.loads(history.stdout)] == ["interrupted"]
+        assert lab_env.conn(0).domain(name).state() == "running", "it stays on the source"
+    else:
+        assert proc.returncode == 0 and doc["outcome"] == "succeeded", (sent, out, err)
+        assert "the abort came too late" in doc["error"], out
+        assert [row["outcome"] for row in json.loads(history.stdout)] == ["succeeded"]
+        assert lab_env.conn(1).domain(name).state() == "running", "it runs on the destination"
     lab_env.remove(name)
 
 

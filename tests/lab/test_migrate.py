@@ -107,9 +107,14 @@ def test_cancelled_migration_undrains_on_source(lab_env: Any, tmp_path: Path, re
     assert lab_env.conn(0).domain(sc.name).abort_job()
     thread.join(120)
     (run,) = result
-    assert run.code == 4, run.err
     assert_paired(sc, ["nic0"])
-    assert sc.running_on(0)
+    # Mid-transition the abort races libvirt's migrate-continue for QEMU's monitor: either may win.
+    if run.doc["location"] == "source":
+        assert run.code == 4, run.err
+        assert sc.running_on(0)
+    else:
+        assert run.code == 0 and run.doc["outcome"] == "succeeded", run.err
+        assert sc.running_on(1)
     sc.remove()
 
 
@@ -153,17 +158,22 @@ def test_drain_hook_timeout_with_abort_rolls_back(lab_env: Any, tmp_path: Path) 
 
 
 def test_sigterm_mid_migration_aborts_undrains_and_exits_130(lab_env: Any, tmp_path: Path) -> None:
-    # The drain hook sends SIGTERM at the prepare event; a 1.5 s transition leaves the abort time to land
-    # (with 300 ms, a loaded host sometimes completed the switchover first: then the VM moved, exit 0).
+    # The drain hook sends SIGTERM at the prepare event, as the device's 1.5 s transition begins. The
+    # abort then races libvirt's migrate-continue for QEMU's monitor, which the transition holds: it
+    # usually lands; when it does not, the VM moved and the run must say the abort came too late.
     sc = Scenario(lab_env, tmp_path, transition_ms=1500)
     sc.write_policy(drain="--kill-orchestrator=TERM")
     run = sc.migrate()
-    assert run.code == 130, run.err
-    assert run.doc["outcome"] == "interrupted"
     assert_paired(sc, ["nic0"])
-    assert sc.running_on(0)
     rows = cli("history", "--journal", str(sc.journal), "--json").doc
-    assert rows[0]["outcome"] == "interrupted"
+    if run.doc["location"] == "source":
+        assert run.code == 130, run.err
+        assert run.doc["outcome"] == "interrupted" and rows[0]["outcome"] == "interrupted"
+        assert sc.running_on(0)
+    else:
+        assert run.code == 0 and run.doc["outcome"] == "succeeded", run.err
+        assert "the abort came too late" in run.doc["error"] and rows[0]["outcome"] == "succeeded"
+        assert sc.running_on(1)
     sc.remove()
 
 
