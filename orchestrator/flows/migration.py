@@ -208,13 +208,15 @@ class Migration:
             if not result.ok:
                 failure = f"{result.trigger} hook {result.label} for {device} failed: {result.error}"
             with self._cv:
+                if self.machine.pending(device) == 1:
+                    # The device's last hook: its end is recorded before the machine learns it. Once the
+                    # machine is not busy the main thread may settle and finish the run log, and a record
+                    # written after that would be lost.
+                    self.story.device_action(device, result.trigger.value, "failed" if failure else "done")
                 actions = self.machine.on_hook_done(
                     result.trigger, device, failure, on_failure is OnFailure.ABORT
                 )
-                finished = self.machine.pending(device) == 0
                 self._cv.notify_all()
-            if finished:
-                self.story.device_action(device, result.trigger.value, "failed" if failure else "done")
             self._execute(actions)
 
         return done

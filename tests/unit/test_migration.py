@@ -134,6 +134,27 @@ def world(tmp_path: Path) -> Iterator[World]:
 # --- prepare mode -------------------------------------------------------------------------------
 
 
+def test_a_devices_last_hook_end_is_journaled_before_the_run_may_settle(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a device's last hook is journaled before the machine learns it: once the machine is
+    not busy, the main thread may settle and finish the run log, and a record written after that is
+    lost (a fresh-clone run under load showed an undrain `starting` with no end)."""
+    seen: list[tuple[str, int]] = []
+    record = world.journal.record_device_action
+
+    def recording(migration_id: str, device: str, action: str, status: str, *rest: Any) -> str | None:
+        if status in ("done", "failed"):
+            assert world.migration is not None
+            seen.append((action, world.migration.machine.pending(device)))
+        return record(migration_id, device, action, status, *rest)
+
+    monkeypatch.setattr(world.journal, "record_device_action", recording)
+    report = world.run()
+    assert sorted(seen) == [("drain", 1), ("undrain", 1)], "the hook still counted as running"
+    world.three_facts(report, DST)
+
+
 def test_success_drains_on_prepare_and_undrains_when_the_destination_runs(world: World) -> None:
     report = world.run()
     assert report.outcome is Outcome.SUCCEEDED and report.changed and report.exit_code == 0
