@@ -142,8 +142,8 @@ class Guest(Protocol):
     def set_max_downtime(self, ms: int) -> None:
         """Set QEMU's downtime limit (applied at its next iteration; libvirt restores it after the job)."""
 
-    def max_downtime(self) -> int:
-        """QEMU's downtime limit now, in ms."""
+    def max_downtime(self) -> int | None:
+        """QEMU's downtime limit now, in ms; None when there is none to read (the job ended)."""
 
 
 class Hypervisor(Protocol):

@@ -190,12 +190,14 @@ class Domain:
         except libvirt.libvirtError as exc:
             raise translate(exc, f"setting the downtime limit of {self._name!r} to {ms} ms") from None
 
-    def max_downtime(self) -> int:
-        """QEMU's downtime limit now, in ms."""
+    def max_downtime(self) -> int | None:
+        """QEMU's downtime limit now, in ms; None when libvirt gives no value (the job just ended: the
+        binding then returns None rather than raising)."""
         try:
-            return int(self.raw.migrateGetMaxDowntime(0))
+            value = self.raw.migrateGetMaxDowntime(0)
         except libvirt.libvirtError as exc:
             raise translate(exc, f"reading the downtime limit of {self._name!r}") from None
+        return None if value is None or value < 0 else int(value)
 
 
 class Host:

@@ -180,8 +180,8 @@ def test_the_schedule_steps_are_read_back_from_qemu_at_their_times(lab_env: Any,
         while not stop.is_set():
             dom = conn.find_domain(name)
             if dom is not None and dom.job_stats() is not None:
-                value = dom.max_downtime()
-                if not seen or seen[-1] != value:
+                value = dom.max_downtime()  # None: the job ended meanwhile
+                if value is not None and (not seen or seen[-1] != value):
                     seen.append(value)
             stop.wait(0.05)
 

@@ -138,7 +138,7 @@ class FakeGuest:
         self.downtime_ms = ms
         self.downtime_log.append((self.host.clock.now, ms))
 
-    def max_downtime(self) -> int:
+    def max_downtime(self) -> int | None:
         return self.downtime_ms
 
 
