@@ -124,7 +124,14 @@ def test_gated_switches_over_only_after_a_slow_drain_on_qemu_11_and_10(lab_env: 
         assert device["trigger"] == "gate" and device["late"] is False
         slow = next(h for h in doc["hooks"] if h["trigger"] == "drain" and h["label"] == "record-hook")
         quiet = switchover_outage(stats)
-        assert slow["ended"] < quiet["start"], (behaviour, slow["ended"], quiet, stats["outages"])
+        # The switchover came after the slow drain ended, by the orchestrator's own chain of records: the
+        # supervisor stamps the hook's end before telling the orchestrator, which only then releases the
+        # gate; the device's quiet time starts at QEMU's prepare event (11.0) or after the gate's release
+        # (10.0). (A peer can date an outage only to its last unanswered probe, which a busy machine may
+        # have sent just before the device went quiet: not a measure of this order.)
+        assert slow["ended"] <= device["drain_finished"], (behaviour, slow, device)
+        assert device["lead_ms"] is not None and device["lead_ms"] >= 0, (behaviour, device)
+        assert slow["ended"] < quiet["end"], (behaviour, slow["ended"], quiet)
         assert stats["timeouts_quiet"] == 0, stats
         assert len(calls(tmp, "drain")) == 1 and len(calls(tmp, "undrain")) == 1
         assert runs_on(lab_env, 1, name) and lab_env.conn(0).find_domain(name) is None
