@@ -7,9 +7,9 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+from orchestrator.core.actions import SetDowntime
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.hypervisor import Guest, MigrateRequest
-from orchestrator.core.phases import SetDowntime
 from orchestrator.core.policy import MigrationMode
 from orchestrator.core.request import Request
 from orchestrator.flows.story import Story

@@ -30,6 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core import vfio
+from orchestrator.core.actions import (
+    AbortJob,
+    Action,
+    JobState,
+    Location,
+    Note,
+    RunHooks,
+    SetDowntime,
+)
 from orchestrator.core.convergence import Schedule
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.hooks import HookResult, OnFailure, Trigger
@@ -41,17 +50,7 @@ from orchestrator.core.hypervisor import (
     SystemClock,
 )
 from orchestrator.core.interfaces import Armed, Hooks, JournalLike, NullJournal
-from orchestrator.core.phases import (
-    AbortJob,
-    Action,
-    JobState,
-    Location,
-    MigrationMachine,
-    Note,
-    Phase,
-    RunHooks,
-    SetDowntime,
-)
+from orchestrator.core.phases import MigrationMachine, Phase
 from orchestrator.core.policy import DrainMode
 from orchestrator.core.report import Outcome, Progress, Report, TimelineEntry
 from orchestrator.core.request import Request, placeholder_values
