@@ -1,6 +1,6 @@
 """The `orchestrator` program's first lines: what must happen before anything else is imported.
 
-A command that may run hooks (migrate, evacuate, recover) forks its hook supervisor here, while the
+A command that may run hooks (migrate, migrate-group, evacuate, recover) forks its hook supervisor here, while the
 process is small and has no thread (orchestrator.edges.supervisor): the supervisor is then a copy of a
 bare interpreter, not of one that loaded Typer and libvirt. Then the CLI.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-HOOK_COMMANDS = frozenset({"migrate", "evacuate", "recover"})
+HOOK_COMMANDS = frozenset({"migrate", "migrate-group", "evacuate", "recover"})
 _NO_HOOKS = frozenset({"--dry-run", "-h", "--help"})  # what runs no hook (and needs no supervisor)
 
 

@@ -43,8 +43,10 @@ def history_cmd(
                 [
                     [
                         row.id,
-                        # An evacuation's VMs show its id: `history EVACUATION_ID` lists them together.
-                        f"item of {row.parent}" if row.parent else row.kind.value,
+                        # An evacuation's VMs and a group's members show its id: `history ID` lists them.
+                        f"{'member' if row.kind.value == 'group-member' else 'item'} of {row.parent}"
+                        if row.parent
+                        else row.kind.value,
                         time_text(row.started),
                         row.domain,
                         row.outcome or "running",

@@ -19,7 +19,7 @@ from orchestrator.core.errors import ExitCode, NothingToDo, OrchestratorError
 
 # Importing a command module registers its command(s) on the app: all of them, the commands in the order
 # `--help` lists them (the groups, lab and events, are on the app already, in theirs).
-COMMAND_MODULES = ("migrate", "recover", "evacuate", "watch", "history", "lab", "events")
+COMMAND_MODULES = ("migrate", "migrate_group", "recover", "evacuate", "watch", "history", "lab", "events")
 for _module in COMMAND_MODULES:
     importlib.import_module(f"orchestrator.commands.{_module}")
 

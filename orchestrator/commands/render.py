@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from orchestrator.core.group_report import GroupReport
     from orchestrator.core.records import MigrationRecord, MigrationRow
     from orchestrator.core.report import Progress, Report, TimelineEntry
     from orchestrator.flows.evacuation import EvacuationReport
@@ -274,6 +275,44 @@ def show_report(report: Report) -> None:
     out.write(f"\nmigration {report.migration_id} of {report.domain}: " + ", ".join(parts) + "\n")
     for hook in report.failed_hooks():
         out.write(f"failed: {hook_failure(hook)}\n")
+    for note in report.notes:
+        out.write(f"note: {note}\n")
+
+
+def show_group(report: GroupReport) -> None:
+    """A switchover group's result on stdout: one line per member, the group's steps and stall."""
+    out = sys.stdout
+    rows = []
+    for member in report.members:
+        r = member.report
+        rows.append(
+            [
+                r.domain,
+                r.outcome.value,
+                r.destination,
+                "-" if r.downtime_ms is None else f"{r.downtime_ms} ms",
+                "-" if member.limit_ms is None else f"{member.limit_ms} ms",
+                "-" if member.margin_ms is None else f"{member.margin_ms} ms",
+                "-" if (lag := report.release_lag_ms(member)) is None else f"{lag:.0f} ms",
+                r.migration_id,
+            ]
+        )
+    out.write("\n")
+    table(
+        ["MEMBER", "OUTCOME", "DESTINATION", "DOWNTIME", "LIMIT", "MARGIN", "RELEASE LAG", "MIGRATION"], rows
+    )
+    for at, step, detail in report.steps:
+        out.write(f"{_at(at, report.started)} {step}: {detail}\n")
+    parts = [report.outcome.value, f"{len(report.members)} members"]
+    if report.stall_ms is not None:
+        parts.append(
+            f"stall {report.stall_ms:.0f} ms (first device quiet or drained to the last running again)"
+        )
+    if report.ended:
+        parts.append(f"total {report.ended - report.started:.2f} s")
+    if report.error:
+        parts.append(report.error)
+    out.write(f"\ngroup {report.group_id} {report.name}: " + ", ".join(parts) + "\n")
     for note in report.notes:
         out.write(f"note: {note}\n")
 

@@ -68,7 +68,27 @@ class Note:
     timeline_only: bool = False
 
 
-Action = RunHooks | AbortJob | SetDowntime | Note
+class Notice(StrEnum):
+    """What a member of a switchover group tells its group (see `orchestrator.core.group`)."""
+
+    READY = "ready"  # QEMU would switch over within the downtime limit now: held at the gate
+    UNREADY = "unready"  # no longer would (the guest dirtied faster)
+    DRAINED = "drained"  # every covered device drained at the group's word: it may be released
+    PASSED_EARLY = "passed-early"  # QEMU switched over at the floor (an idle guest): the group's moment
+    ABORTING = "aborting"  # the member decided to abort (a hook, a timeout, a stall)
+    JOB_ENDED = "job-ended"  # the libvirt job ended (detail: its error, empty when it succeeded)
+    SETTLED = "settled"  # the job ended and every drained device runs again: held for the group's undrain
+
+
+@dataclass(frozen=True)
+class TellGroup:
+    """Tell the member's switchover group something (only a grouped machine says this)."""
+
+    notice: Notice
+    detail: str = ""
+
+
+Action = RunHooks | AbortJob | SetDowntime | Note | TellGroup
 
 
 def decide_outcome(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from orchestrator.core.actions import Notice
 from orchestrator.core.hooks import Hook, HookResult
 
 
@@ -144,6 +145,17 @@ class Hooks(Protocol):
 
     def arm(self, hook: Hook, values: Mapping[str, str]) -> Armed:
         """Start an armed hook."""
+
+
+class GroupLink(Protocol):
+    """A group member's line to its switchover group (orchestrator.flows.group)."""
+
+    def arrive(self) -> bool:
+        """The member is ready to start its job: wait until the group lets it (True) or gives up
+        (False: the group aborted it)."""
+
+    def tell(self, notice: Notice, detail: str) -> None:
+        """What the member's machine tells the group (never called with the member's lock held)."""
 
 
 class NullJournal:

@@ -32,8 +32,10 @@ from orchestrator.core.actions import (
     JobState,
     Location,
     Note,
+    Notice,
     RunHooks,
     SetDowntime,
+    TellGroup,
     decide_outcome,
 )
 from orchestrator.core.convergence import GATE_FLOOR_MS, Schedule, StallDetector, would_converge
@@ -104,6 +106,8 @@ class _Device:
     # An undrain decided while the drain hooks still ran: (reason, the event or None), done when they end.
     undrain_wanted: tuple[str, VfioEvent | None] | None = field(default=None)
     skipped: bool = False  # not drained because the migration was being aborted (said once)
+    # A group member's device that runs again (or never will), held drained for the group's undrain.
+    held: tuple[str, VfioEvent | None] | None = field(default=None)
 
 
 class MigrationMachine:
@@ -112,6 +116,12 @@ class MigrationMachine:
     `drain_hooks` and `undrain_hooks` are how many hooks one device's drain and undrain start; each
     reports back through `on_hook_done`. With `hooks_enabled` False (events off and the policy says
     proceed) devices are followed but never drained.
+
+    `grouped`: a member of a switchover group (`orchestrator.core.group`), gated. Its gate does not
+    open by itself: it tells the group when QEMU would converge (`TellGroup` READY), drains at the
+    group's word (`group_drain`), says when drained and raises the limit at the group's word
+    (`group_release`); a device that runs again is held drained until the group's undrain
+    (`group_undrain`), because its peers are the other members' workloads.
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class MigrationMachine:
         undrain_hooks: int,
         covers: Callable[[str], bool] | None = None,
         hooks_enabled: bool = True,
+        grouped: bool = False,
     ) -> None:
         self.mode = mode
         self.schedule = schedule
@@ -144,6 +155,13 @@ class MigrationMachine:
         self._last_quiesced: float | None = None  # QEMU time of the last source device to go quiet
         self._step = 0
         self._stall = StallDetector(schedule.stall_timeout_s) if schedule.stall_timeout_s else None
+        self.grouped = grouped
+        if grouped and self.gate is None:
+            raise ValueError("a switchover group's members drain in gated mode")
+        self._ready = False  # grouped: QEMU would converge now (told to the group)
+        self._drained_told = False
+        self._settled_told = False
+        self._group_undrained = False
 
     # --- phases -----------------------------------------------------------------------------------
     def advance(self, phase: Phase) -> None:
@@ -172,6 +190,11 @@ class MigrationMachine:
     def devices(self) -> dict[str, DeviceRecord]:
         """Every covered device's record."""
         return {device_id: device.record for device_id, device in self._devices.items()}
+
+    @property
+    def downtime_limit(self) -> int:
+        """The schedule's downtime limit now (what the gate's release sets)."""
+        return self._downtime()
 
     def initial_downtime(self) -> int:
         """The downtime limit the job starts with: the floor when gated, else the first step's."""
@@ -235,19 +258,25 @@ class MigrationMachine:
         if signal.signal is Signal.QUIESCED:
             self._last_quiesced = event.qemu_time
         early = self.gate in (Gate.CLOSED, Gate.DRAINING, Gate.PASSED_EARLY)
+        told: list[Action] = []
         if early:
+            if self.grouped and self.gate is not Gate.PASSED_EARLY:
+                told.append(TellGroup(Notice.PASSED_EARLY, event.device_id))
             self.gate = Gate.PASSED_EARLY  # QEMU switched over before every drain had finished
         if device.status is not DrainStatus.IDLE:
-            return []  # drained ahead (gate, start) or already draining: this is the confirmation
-        if not self._hooks_enabled:
-            return []
+            return told  # drained ahead (gate, start) or already draining: this is the confirmation
+        if not self._hooks_enabled or self._group_undrained:
+            return told
         if self._abort is not None:
             if device.skipped:  # its prepare, then its P2P state: said once
-                return []
+                return told
             device.skipped = True
-            return [Note(f"{event.device_id} not drained: the migration is being aborted ({self._abort[0]})")]
+            return [
+                *told,
+                Note(f"{event.device_id} not drained: the migration is being aborted ({self._abort[0]})"),
+            ]
         trigger = ("late" if signal.late else "prepare") + (" (gate passed early)" if early else "")
-        return self._drain(device, trigger, event, late=signal.late)
+        return told + self._drain(device, trigger, event, late=signal.late)
 
     def on_hook_done(
         self, trigger: Trigger, device_id: str, failure: str | None, abort_on_failure: bool
@@ -293,7 +322,9 @@ class MigrationMachine:
             return self.request_abort(f"completion timeout of {timeout:g} s exceeded", Outcome.ROLLED_BACK)
         if stats is None or self.phase is not Phase.JOB_RUNNING:
             return []
-        if self._stall is not None and self._stall.stalled(elapsed, stats):
+        # A held group member stops shrinking by design: the group's hold deadline bounds it instead.
+        held = self.grouped and self.gate is Gate.CLOSED
+        if self._stall is not None and not held and self._stall.stalled(elapsed, stats):
             return self.request_abort(
                 f"stalled: the data left after each pass has not shrunk for {self._stall.timeout_s:g} s",
                 Outcome.ROLLED_BACK,
@@ -308,23 +339,29 @@ class MigrationMachine:
                 actions.append(SetDowntime(downtime, what))
             else:
                 actions.append(Note(f"schedule: {what} once the gate opens"))
-        if self.gate is Gate.CLOSED and self._abort is None and would_converge(stats, self._downtime()):
-            actions += self._open_gate(stats)
+        if self.gate is Gate.CLOSED and self._abort is None:
+            converges = would_converge(stats, self._downtime())
+            if self.grouped:
+                if converges != self._ready:
+                    self._ready = converges
+                    detail = f"expected downtime {stats.expected_downtime_ms} ms, limit {self._downtime()} ms"
+                    actions.append(TellGroup(Notice.READY if converges else Notice.UNREADY, detail))
+            elif converges:
+                actions += self._open_gate(stats)
         return actions
 
     def on_job_end(self, error: str | None) -> list[Action]:
         """The libvirt job ended (error None: it succeeded)."""
         self.job = JobState.SUCCEEDED if error is None else JobState.FAILED
         self.job_error = error
-        if error is None:
-            return []
-        actions: list[Action] = []
-        for device in self._devices.values():
-            tracked = self.tracker.devices.get(device.record.device_id)
-            if tracked is None or tracked.source_state == DeviceState.RUNNING:
-                # It never left running, so no 'running' event will come to say it runs again.
-                actions += self._resumed(device, "the job failed before the device left running", None)
-        return actions
+        actions: list[Action] = [TellGroup(Notice.JOB_ENDED, error or "")] if self.grouped else []
+        if error is not None:
+            for device in self._devices.values():
+                tracked = self.tracker.devices.get(device.record.device_id)
+                if tracked is None or tracked.source_state == DeviceState.RUNNING:
+                    # It never left running, so no 'running' event will come to say it runs again.
+                    actions += self._resumed(device, "the job failed before the device left running", None)
+        return actions + self._check_settled()
 
     def request_abort(self, reason: str, outcome: Outcome) -> list[Action]:
         """Abort the migration (a hook failed, a timeout, an interrupt); the first reason wins."""
@@ -334,12 +371,21 @@ class MigrationMachine:
         actions: list[Action] = [Note(f"aborting: {reason}", timeline_only=True)]
         if self.job is JobState.RUNNING:
             actions.append(AbortJob(reason))
+        if self.grouped:
+            actions.append(TellGroup(Notice.ABORTING, reason))
         return actions
 
     def force_undrain(self) -> list[Action]:
         """Settling is over: undrain every device still drained (no 'running' event came for it)."""
         actions: list[Action] = []
         reason = "forced at the end of the migration"
+        if self.grouped and not self._group_undrained:
+            for device in self._devices.values():
+                if device.status in (DrainStatus.DRAINED, DrainStatus.DRAINING) and device.held is None:
+                    name = device.record.device_id
+                    actions.append(Note(f"no 'running' event for {name} after the job ended: settled anyway"))
+                    device.held = (reason, None)
+            return actions + self._check_settled()
         for device in self._devices.values():
             if device.status is DrainStatus.DRAINED:
                 name = device.record.device_id
@@ -350,6 +396,59 @@ class MigrationMachine:
             elif device.status is DrainStatus.DRAINING and device.undrain_wanted is None:
                 device.undrain_wanted = (reason, None)
         return actions
+
+    # --- a switchover group's word (grouped only) --------------------------------------------------
+    def group_drain(self) -> list[Action]:
+        """The group drains: drain every covered device now (the gate stays at the floor until
+        `group_release`); says DRAINED once they are. Nothing when the job no longer runs, the member
+        is aborting or the group already undrained."""
+        if not self.grouped or self._group_undrained or self._abort is not None:
+            return []
+        if self.gate is Gate.PASSED_EARLY:  # its devices drain on their own events
+            return self._tell_drained()
+        if self.gate is not Gate.CLOSED or self.job is not JobState.RUNNING:
+            return []
+        return self._open_gate(None)
+
+    def group_release(self) -> list[Action]:
+        """The group releases: every member's devices are drained; raise this member's limit."""
+        if not self.grouped or self.gate is not Gate.DRAINING or self.drains_running() or self._abort:
+            return []
+        self.gate = Gate.OPEN
+        self._released_at = self.clock.time()
+        downtime = self._downtime()
+        return [SetDowntime(downtime, f"gate open: the group is drained; downtime limit {downtime} ms")]
+
+    def group_undrain(self) -> list[Action]:
+        """The group undrains: undrain every device still drained (one whose drain still runs, once it
+        ends); nothing is drained by this member afterwards."""
+        if not self.grouped or self._group_undrained:
+            return []
+        self._group_undrained = True
+        actions: list[Action] = []
+        for device in self._devices.values():
+            reason, event = device.held or ("the group's undrain", None)
+            if device.status is DrainStatus.DRAINED:
+                actions += self._undrain(device, reason, event)
+            elif device.status is DrainStatus.DRAINING:
+                device.undrain_wanted = (reason, event)
+        return actions
+
+    def _tell_drained(self) -> list[Action]:
+        if self._drained_told:
+            return []
+        self._drained_told = True
+        return [TellGroup(Notice.DRAINED)]
+
+    def _check_settled(self) -> list[Action]:
+        """Grouped: SETTLED once the job ended and every drained device runs again (held)."""
+        if not self.grouped or self._settled_told or self.job not in (JobState.SUCCEEDED, JobState.FAILED):
+            return []
+        for device in self._devices.values():
+            if device.status in (DrainStatus.DRAINING, DrainStatus.DRAINED) and device.held is None:
+                return []
+        self._settled_told = True
+        return [TellGroup(Notice.SETTLED)]
 
     def conclude(self, location: Location | None) -> tuple[Outcome, str | None]:
         """The migration's outcome (see `decide_outcome`)."""
@@ -406,6 +505,12 @@ class MigrationMachine:
         return [RunHooks(Trigger.DRAIN, record.device_id, str(state), device.qom_path, when, trigger)]
 
     def _resumed(self, device: _Device, reason: str, event: VfioEvent | None) -> list[Action]:
+        if event is not None and device.record.running_at is None:
+            device.record.running_at = event.qemu_time
+        if self.grouped and not self._group_undrained:
+            if device.status in (DrainStatus.DRAINING, DrainStatus.DRAINED) and device.held is None:
+                device.held = (reason, event)  # its peers are the group's: undrained with the group
+            return self._check_settled()
         if device.status is DrainStatus.DRAINING:
             device.undrain_wanted = (reason, event)  # never restore a workload while its drain still runs
             return []
@@ -425,16 +530,16 @@ class MigrationMachine:
         when = event.qemu_time if event else None
         return [RunHooks(Trigger.UNDRAIN, record.device_id, str(state), device.qom_path, when, reason)]
 
-    def _open_gate(self, stats: JobStats) -> list[Action]:
+    def _open_gate(self, stats: JobStats | None) -> list[Action]:
         self.gate = Gate.DRAINING
         devices = [d for d in self._devices.values() if d.status is DrainStatus.IDLE]
-        actions: list[Action] = [
-            Note(
-                f"gate: QEMU would switch over within {self._downtime()} ms (expected downtime "
-                f"{stats.expected_downtime_ms} ms after {stats.iteration} passes): draining "
-                f"{len(devices)} device(s) before releasing it"
-            )
-        ]
+        why = (
+            "every member of the group would"
+            if stats is None
+            else f"QEMU would switch over within {self._downtime()} ms (expected downtime "
+            f"{stats.expected_downtime_ms} ms after {stats.iteration} passes)"
+        )
+        actions: list[Action] = [Note(f"gate: {why}: draining {len(devices)} device(s) before releasing it")]
         if self._hooks_enabled:
             for device in devices:
                 actions += self._drain(device, "gate", None)
@@ -444,6 +549,8 @@ class MigrationMachine:
         """Open the gate once no drain runs any more, unless the migration is being aborted."""
         if self.gate is not Gate.DRAINING or self.drains_running() or self._abort is not None:
             return []
+        if self.grouped:  # the group releases every member at once (`group_release`)
+            return self._tell_drained()
         self.gate = Gate.OPEN
         self._released_at = self.clock.time()
         return [

@@ -23,6 +23,8 @@ class MigrationKind(StrEnum):
     MIGRATE = "migrate"  # one `orchestrator migrate`
     EVACUATE_ITEM = "evacuate-item"  # one VM of an evacuation; `parent` is the evacuation's id
     EVACUATION = "evacuation"  # one `orchestrator evacuate`: its items point to it (domain: the selection)
+    GROUP = "group"  # one switchover group: its members point to it (domain: the group's name)
+    GROUP_MEMBER = "group-member"  # one VM of a switchover group; `parent` is the group's id
 
 
 class EventKind(StrEnum):

@@ -128,6 +128,7 @@ class DeviceRecord:
     undrain_finished: float | None = None
     undrain_reason: str = ""
     late: bool = False
+    running_at: float | None = None  # QEMU's time of the event that said it runs again (None: none came)
 
     @property
     def lead_ms(self) -> float | None:

@@ -38,6 +38,7 @@ from orchestrator.core.actions import (
     Note,
     RunHooks,
     SetDowntime,
+    TellGroup,
 )
 from orchestrator.core.convergence import Schedule
 from orchestrator.core.errors import OrchestratorError
@@ -49,7 +50,7 @@ from orchestrator.core.hypervisor import (
     Hypervisor,
     SystemClock,
 )
-from orchestrator.core.interfaces import Armed, Hooks, JournalLike, NullJournal
+from orchestrator.core.interfaces import Armed, GroupLink, Hooks, JournalLike, NullJournal
 from orchestrator.core.phases import MigrationMachine, Phase
 from orchestrator.core.policy import DrainMode
 from orchestrator.core.report import Outcome, Progress, Report, TimelineEntry
@@ -86,8 +87,12 @@ class Migration:
         parent: str | None = None,
         lock_dir: Path | None = None,
         lock_wait_s: float = 0.0,
+        group: GroupLink | None = None,
+        kind: str | None = None,
     ) -> None:
         self.request = request
+        self.group = group
+        self.kind = kind or ("evacuate-item" if parent else "migrate")
         self.source = source
         self.destination = destination
         self.runner: Hooks = runner or HookRunner()
@@ -113,6 +118,7 @@ class Migration:
             drain_hooks=len(policy.hooks_for(Trigger.DRAIN)),
             undrain_hooks=len(policy.hooks_for(Trigger.UNDRAIN)),
             covers=policy.devices.covers,
+            grouped=group is not None,
         )
         self.story = Story(journal or NullJournal(), self.report, self.clock, on_entry)
         self.preflight = PreFlight(
@@ -173,6 +179,8 @@ class Migration:
                 self.job.set_downtime(action)
             elif isinstance(action, Note):
                 self.story.note(action.text, report=not action.timeline_only)
+            elif isinstance(action, TellGroup) and self.group is not None:
+                self.group.tell(action.notice, action.detail)
 
     def _run_device_hooks(self, action: RunHooks) -> None:
         device, trigger = action.device_id, action.trigger
@@ -239,6 +247,19 @@ class Migration:
             report=False,
         )
 
+    # --- a switchover group's word (orchestrator.flows.group) ------------------------------------
+    def group_drain(self) -> None:
+        """Drain every covered device now; the limit stays at the floor until `group_release`."""
+        self._feed(self.machine.group_drain)
+
+    def group_release(self) -> None:
+        """Raise the downtime limit: QEMU may switch over."""
+        self._feed(self.machine.group_release)
+
+    def group_undrain(self) -> None:
+        """Undrain every device still drained (the group's undrain)."""
+        self._feed(self.machine.group_undrain)
+
     def _feed(self, decide: Callable[[], list[Action]]) -> None:
         with self._cv:
             actions = decide()
@@ -294,6 +315,10 @@ class Migration:
             if self._run_before_hooks() and self._arm() and self.request.switchover.drain is DrainMode.START:
                 self._advance(Phase.DRAINING)
                 self._drain_ahead()
+            if self.group is not None:  # every member passes its before hooks before any job starts
+                self.story.note("waiting for the other members of the group", report=False)
+                if not self.group.arrive() and self.machine.abort_reason is None:
+                    self.abort("the switchover group gave up before the job started")
             if self.machine.abort_reason is None:
                 self._run_job(dom)
         finally:
@@ -315,7 +340,9 @@ class Migration:
     def _begin(self, *, hooks: bool = True) -> None:
         """The migration's first record (its run log begins); with `hooks`, the hook supervisor records
         each hook's start and end there too (a run that changed nothing runs none)."""
-        log = self.story.begin(self.request, self.parent, self.runner.supervisor_pid if hooks else None)
+        log = self.story.begin(
+            self.request, self.parent, self.runner.supervisor_pid if hooks else None, self.kind
+        )
         if hooks and log is not None:  # the supervisor records each hook's start and end there itself
             self.runner.attach(self.id, log.fd)
 

@@ -49,14 +49,16 @@ class Story:
         self.defer: Callable[[VfioEvent], None] = self._deferred.append
 
     # --- the journal's migration record ----------------------------------------------------------
-    def begin(self, request: Request, parent: str | None, supervisor: int | None) -> RunLogLike | None:
+    def begin(
+        self, request: Request, parent: str | None, supervisor: int | None, kind: str | None = None
+    ) -> RunLogLike | None:
         """The migration's first record (its run log begins); that run log, if the journal keeps one.
         `supervisor`: the hook supervisor's process, which records each hook's start and end there."""
         policy = request.policy
         text = _policy_text(policy.path)
         self.journal.begin_migration(
             self.id,
-            "evacuate-item" if parent else "migrate",
+            kind or ("evacuate-item" if parent else "migrate"),
             request.domain,
             request.source_uri,
             request.destination_uri,

@@ -309,7 +309,7 @@ def complete(*words: str) -> list[str]:
 
 
 def test_the_shell_completes_commands_options_and_local_domain_names() -> None:
-    assert complete("mig") == ["migrate"]
+    assert complete("mig") == ["migrate", "migrate-group"]
     assert {"--drain", "--dry-run"} <= set(complete("migrate", "--dr"))
     assert "-j" in complete("evacuate", "-")
     pytest.importorskip("libvirt", exc_type=ImportError)  # a machine without libvirt-python: no names

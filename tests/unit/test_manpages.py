@@ -79,7 +79,17 @@ def test_every_command_has_a_page(written: dict[str, str]) -> None:
     assert sorted(written) == sorted(expected)
 
 
+def command_paths(command: Any, path: tuple[str, ...] = ("orchestrator",)) -> dict[str, tuple[str, ...]]:
+    """Page name -> the words that run its command (a command's name may hold a '-')."""
+    found = {"-".join(path): path}
+    for name, sub in getattr(command, "commands", {}).items():
+        if not sub.hidden:
+            found.update(command_paths(sub, (*path, name)))
+    return found
+
+
 def test_each_page_is_a_man_page_of_its_command(written: dict[str, str]) -> None:
+    paths = command_paths(typer.main.get_command(app))
     for name, text in written.items():
         assert text.startswith(manpages.MARKER + "\n.TH ")
         assert text.splitlines()[1].startswith(f'.TH "{manpages.escape(name.upper())}" 1 ')
@@ -87,7 +97,7 @@ def test_each_page_is_a_man_page_of_its_command(written: dict[str, str]) -> None
         assert list(found)[:3] == ["NAME", "SYNOPSIS", "DESCRIPTION"], name
         assert {"OPTIONS", "EXIT STATUS", "SEE ALSO"} <= set(found), name
         assert found["NAME"].strip().startswith(f"{manpages.escape(name)} \\- "), name
-        assert found["SYNOPSIS"].startswith(f"\n.B {' '.join(name.split('-'))}\n"), name
+        assert found["SYNOPSIS"].startswith(f"\n.B {manpages.escape(' '.join(paths[name]))}\n"), name
 
 
 def test_each_page_names_every_option_and_argument_of_its_command(written: dict[str, str]) -> None:
