@@ -1,8 +1,8 @@
 """The `orchestrator` program's first lines: what must happen before anything else is imported.
 
-A command that may run hooks (migrate, migrate-group, evacuate, recover) forks its hook supervisor here, while the
-process is small and has no thread (orchestrator.edges.supervisor): the supervisor is then a copy of a
-bare interpreter, not of one that loaded Typer and libvirt. Then the CLI.
+A command that may run hooks (migrate, migrate-group, evacuate, recover) forks its hook supervisor
+here, while the process is small and has no thread (orchestrator.edges.supervisor): the supervisor is
+then a copy of a bare interpreter, not of one that loaded Typer and libvirt. Then the CLI.
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ class GroupMigration:
         lock_dir: Path | None = None,
         lock_wait_s: float = 0.0,
         group_id: str | None = None,
+        parent: str | None = None,
         dry_run: bool = False,
     ) -> None:
         domains = [r.domain for r in requests]
@@ -110,6 +111,7 @@ class GroupMigration:
         self.lock_wait_s = lock_wait_s
         self.id = group_id or uuid.uuid4().hex[:12]
         self.dry_run = dry_run
+        self.parent = parent  # an evacuation's id, when the group is part of one
         policy = requests[0].policy
         self.report = GroupReport(
             self.id, name, str(policy.path) if policy.path else policy.name, dry_run=dry_run
@@ -340,6 +342,7 @@ class GroupMigration:
             ",".join(dict.fromkeys(r.destination_uri for r in self.requests)),
             str(policy.path) if policy.path else policy.name,
             self.report.started,
+            parent=self.parent,
             drain_mode=DrainMode.GATED.value,
         )
         self._begun = True

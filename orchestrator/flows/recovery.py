@@ -42,7 +42,7 @@ from orchestrator.core.hooks import Hook, HookResult, Trigger
 from orchestrator.core.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
 from orchestrator.core.policy import Policy
 from orchestrator.core.policy_toml import parse_policy
-from orchestrator.core.records import MigrationRow, still_drained
+from orchestrator.core.records import MigrationKind, MigrationRow, still_drained
 from orchestrator.core.report import Outcome
 from orchestrator.edges import procfs
 from orchestrator.edges.hook_runner import HookRunner
@@ -188,6 +188,7 @@ def plan(records: Sequence[Mapping[str, Any]], policy: Policy, *, supervised: bo
 # --- the I/O around it ------------------------------------------------------------------------------
 
 HostOpener = Callable[[str], Hypervisor]
+_CONTAINERS = frozenset({MigrationKind.GROUP, MigrationKind.EVACUATION})
 
 
 class Recovery:
@@ -222,15 +223,59 @@ class Recovery:
         """Recover every unfinished migration (of `domain` only, if given), oldest first; with `dry_run`,
         say what it would do (asking both hosts, reading the run logs) and do nothing."""
         report = RecoveryReport(dry_run=dry_run)
-        for row in self.journal.unfinished():
-            if domain is not None and row.domain != domain:
+        rows = self.journal.unfinished()
+        # A group's or an evacuation's own row holds no device: it is closed once its VMs are recovered.
+        containers = [row for row in rows if row.kind in _CONTAINERS]
+        for row in rows:
+            if row.kind in _CONTAINERS or (domain is not None and row.domain != domain):
                 continue
             try:
                 report.recovered.append(self._preview(row) if dry_run else self._recover(row))
             except OrchestratorError as exc:
                 report.skipped.append({"migration_id": row.id, "domain": row.domain, "error": exc.line()})
                 self._say(f"{row.domain}: migration {row.id} not recovered: {exc.line()}")
+        for row in reversed(containers):  # newest first: a group inside an evacuation closes before it
+            if (
+                domain is not None
+                and row.domain != domain
+                and not any(r.domain == domain for r in self.journal.children(row.id))
+            ):
+                continue
+            try:
+                closed = self._close_container(row, dry_run=dry_run)
+            except OrchestratorError as exc:
+                report.skipped.append({"migration_id": row.id, "domain": row.domain, "error": exc.line()})
+                continue
+            if closed is not None:
+                report.recovered.append(closed)
         return report
+
+    def _close_container(self, row: MigrationRow, *, dry_run: bool) -> Recovered | None:
+        """A dead group's or evacuation's own row, once none of its VMs' migrations is unfinished: its
+        outcome from theirs. None while one still is (recover it first; a later recover closes it)."""
+        children = self.journal.children(row.id)
+        if any(child.outcome is Outcome.RUNNING or child.outcome is None for child in children):
+            return None
+        moved = [c.domain for c in children if c.outcome is Outcome.SUCCEEDED]
+        if children and len(moved) == len(children):
+            outcome = Outcome.SUCCEEDED
+        elif moved:
+            outcome = Outcome.PARTIAL
+        else:
+            outcome = Outcome.INTERRUPTED
+        what = f"{row.kind.value} {row.domain}"
+        error = f"the orchestrator (process {row.pid}) died; its VMs' migrations were recovered: " + (
+            ", ".join(f"{c.domain} {c.outcome.value if c.outcome else '?'}" for c in children)
+            or "none started"
+        )
+        result = Recovered(row.id, row.domain, outcome.value, "-", notes=[error])
+        if dry_run:
+            result.notes = [f"would close {what}: {outcome.value}"]
+            return result
+        self.journal.resume(row.id)
+        self.journal.mark_recovered(row.id, outcome, error, time.time(), result.to_json())
+        self._say(f"{what}: {row.id} {outcome.value} ({error})")
+        return result
 
     # --- one migration ----------------------------------------------------------------------------
     def _recover(self, row: MigrationRow) -> Recovered:

@@ -158,3 +158,42 @@ def test_a_member_refused_by_its_preflight_refuses_the_group(lab_env: Any, tmp_p
     assert not (tmp_path / "hooks.ndjson").exists() or not calls(tmp_path, "drain")
     assert runs_on(lab_env, 0, guest) and lab_env.conn(1).find_domain(guest) is None
     lab_env.remove(guest)
+
+
+def test_a_group_killed_during_its_drain_is_finished_by_recover(lab_env: Any, tmp_path: Path) -> None:
+    guests = [lab_env.guest(0, workload="dirty") for _ in range(2)]
+    # The first drain hook SIGKILLs the orchestrator: the group is held (no release), partly drained.
+    policy = group_policy(tmp_path, lab_env, "--kill-orchestrator=KILL", "--sleep-ms=300", peers=False)
+    run = migrate_group(lab_env, tmp_path, policy, "job4", *guests)
+    assert run.code == -9, (run.code, run.err)
+    recovered = cli(
+        "recover",
+        "--journal",
+        str(tmp_path / "journal.sqlite"),
+        "--json",
+        env={"ORCH_LAB_DIR": str(lab_env.root)},
+        timeout=300,
+    )
+    assert recovered.code == 0, recovered.err
+    drained = each_device_undrained_once_after_its_drain(tmp_path)
+    assert drained, "the kill came in a drain hook: something was drained"
+    # Held at the gate's floor, never released: recover aborted the jobs; each VM runs on its source.
+    for g in guests:
+        assert runs_on(lab_env, 0, g) and lab_env.conn(1).find_domain(g) is None
+    rows = history(tmp_path)
+    assert all(r["outcome"] not in (None, "running") for r in rows), rows
+    group = next(r for r in rows if r["kind"] == "group")
+    assert group["outcome"] == "interrupted" and group["domain"] == "job4"
+    members = [r for r in rows if r["kind"] == "group-member"]
+    assert sorted(m["domain"] for m in members) == sorted(guests)
+    assert all(m["parent"] == group["id"] for m in members)
+    assert recover_again_finds_nothing(tmp_path, lab_env)
+    for g in guests:
+        lab_env.remove(g)
+
+
+def recover_again_finds_nothing(tmp: Path, lab: Any) -> bool:
+    again = cli(
+        "recover", "--journal", str(tmp / "journal.sqlite"), "--json", env={"ORCH_LAB_DIR": str(lab.root)}
+    )
+    return again.code == 0 and again.doc["recovered"] == [] and again.doc["skipped"] == []
