@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from orchestrator.core.actions import Note, Notice
+from orchestrator.core.hooks import Trigger
 from orchestrator.core.hypervisor import Clock
 from orchestrator.core.report import Outcome
 
 HOLD_TIMEOUT_S = 300.0  # how long members may be held before every one would converge at once
 RELEASE_TIMEOUT_S = 30.0  # how long after the release a member may take to switch over
+GROUP_DEVICE = "@group"  # the group's own hooks, as a device of the group's journal row
 
 
 class GroupPhase(StrEnum):
@@ -98,7 +100,16 @@ class UndrainMembers:
     members: tuple[str, ...]
 
 
-GroupAction = Record | StartJobs | DrainMembers | ReleaseMembers | AbortMembers | UndrainMembers | Note
+@dataclass(frozen=True)
+class RunGroupHooks:
+    """Run the group's own drain or undrain hooks (once for the whole group)."""
+
+    trigger: Trigger  # GROUP_DRAIN or GROUP_UNDRAIN
+
+
+GroupAction = (
+    Record | StartJobs | DrainMembers | ReleaseMembers | AbortMembers | UndrainMembers | RunGroupHooks | Note
+)
 
 
 @dataclass
@@ -130,7 +141,11 @@ class GroupMachine:
         *,
         hold_timeout_s: float = HOLD_TIMEOUT_S,
         release_timeout_s: float = RELEASE_TIMEOUT_S,
+        drain_hooks: int = 0,
+        undrain_hooks: int = 0,
     ) -> None:
+        """`drain_hooks`, `undrain_hooks`: how many group-drain and group-undrain hooks the policy has;
+        each reports back through `hooks_done`."""
         if len(members) < 2:
             raise ValueError("a switchover group has at least two members")
         if len(set(members)) != len(members):
@@ -147,11 +162,19 @@ class GroupMachine:
         self.undrained: float | None = None
         self._hold_deadline: float | None = None  # monotonic
         self._release_deadline: float | None = None
+        self._hooks = {Trigger.GROUP_DRAIN: drain_hooks, Trigger.GROUP_UNDRAIN: undrain_hooks}
+        self._running = {Trigger.GROUP_DRAIN: 0, Trigger.GROUP_UNDRAIN: 0}  # group hooks not yet ended
+        self._undrain_hooks_due = False  # the undrain was decided while the group drain hooks ran
+        self.hooks_failed: list[str] = []
 
     # --- facts ------------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return self.phase is GroupPhase.DONE
+
+    def hooks_running(self) -> bool:
+        """Whether a group hook still runs (or one is due to start)."""
+        return any(self._running.values()) or self._undrain_hooks_due
 
     def may_start(self, name: str) -> bool | None:
         """A member at its start barrier: True to start its job, False to give up (the group aborts),
@@ -232,8 +255,23 @@ class GroupMachine:
             member.passed_early = True
             actions += self._maybe_drain(f"{name} switched over at the floor")
         actions += self._maybe_release() + self._maybe_undrain()
-        if all(m.ended for m in self.members.values()):
-            self.phase = GroupPhase.DONE
+        self._check_done()
+        return actions
+
+    def hooks_done(self, trigger: Trigger, failure: str | None, abort_on_failure: bool) -> list[GroupAction]:
+        """One of the group's own hooks ended; `failure` says why it failed (None: it did not)."""
+        self._running[trigger] -= 1
+        actions: list[GroupAction] = []
+        if failure is not None:
+            self.hooks_failed.append(failure)
+            if trigger is Trigger.GROUP_DRAIN and abort_on_failure and self.phase in _BEFORE_RELEASE:
+                actions += self._abort_all(failure, Outcome.ABORTED)
+        if trigger is Trigger.GROUP_DRAIN and self._running[trigger] == 0:
+            actions += self._maybe_release()
+            if self._undrain_hooks_due:  # never restore the job before its drain ended
+                self._undrain_hooks_due = False
+                actions += self._start_hooks(Trigger.GROUP_UNDRAIN)
+        self._check_done()
         return actions
 
     def interrupt(self, reason: str) -> list[GroupAction]:
@@ -283,10 +321,14 @@ class GroupMachine:
         self.phase = GroupPhase.DRAINING
         self.drain_started = self.clock.time()
         names = tuple(m.name for m in live)
-        return [Record("drain", why or "every member would switch over"), DrainMembers(names)]
+        return [
+            Record("drain", why or "every member would switch over"),
+            DrainMembers(names),
+            *self._start_hooks(Trigger.GROUP_DRAIN),
+        ]
 
     def _maybe_release(self) -> list[GroupAction]:
-        if self.phase is not GroupPhase.DRAINING:
+        if self.phase is not GroupPhase.DRAINING or self._running[Trigger.GROUP_DRAIN]:
             return []
         live = self._live()
         if not all(m.drained or m.passed_early or m.job_ended for m in live):
@@ -312,10 +354,24 @@ class GroupMachine:
         self.undrained = self.clock.time()
         self.phase = GroupPhase.UNDRAINING
         names = tuple(m.name for m in self._live())
-        return [
+        actions: list[GroupAction] = [
             Record("undrain", "every member's devices run again (or its job ended)"),
             UndrainMembers(names),
         ]
+        if self._running[Trigger.GROUP_DRAIN]:
+            self._undrain_hooks_due = bool(self._hooks[Trigger.GROUP_UNDRAIN])
+            return actions
+        return actions + self._start_hooks(Trigger.GROUP_UNDRAIN)
+
+    def _start_hooks(self, trigger: Trigger) -> list[GroupAction]:
+        if not self._hooks[trigger]:
+            return []
+        self._running[trigger] = self._hooks[trigger]
+        return [RunGroupHooks(trigger)]
+
+    def _check_done(self) -> None:
+        if all(m.ended for m in self.members.values()) and not self.hooks_running():
+            self.phase = GroupPhase.DONE
 
     def _failed(self, name: str, why: str) -> list[GroupAction]:
         """A member failed: before the release every member aborts; after it, it rolls back alone."""

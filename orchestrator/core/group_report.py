@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.core.errors import ExitCode
+from orchestrator.core.hooks import HookResult
 from orchestrator.core.report import EXIT_CODES, Outcome, Report
 
 
@@ -53,10 +54,15 @@ class GroupReport:
     members: list[GroupMember] = field(default_factory=list)
     steps: list[tuple[float, str, str]] = field(default_factory=list)  # (at, step, detail)
     notes: list[str] = field(default_factory=list)
+    hooks: list[HookResult] = field(default_factory=list)  # the group's own (group-drain, group-undrain)
     dry_run: bool = False
+    undrain_failed: bool = False  # a group-undrain hook failed: the job's workloads may still be drained
 
     @property
     def exit_code(self) -> ExitCode:
+        """The outcome's, unless a workload may still be drained (an undrain failed): then 9."""
+        if self.undrain_failed or any(m.report.undrain_failed for m in self.members):
+            return ExitCode.NEEDS_ADMIN
         return EXIT_CODES[self.outcome]
 
     @property
@@ -100,6 +106,7 @@ class GroupReport:
             "exit_code": int(self.exit_code),
             "error": self.error,
             "dry_run": self.dry_run,
+            "undrain_failed": self.undrain_failed,
             "started": self.started,
             "ended": self.ended,
             "drain_started": self.drain_started,
@@ -108,6 +115,7 @@ class GroupReport:
             "stall_ms": self.stall_ms,
             "steps": [{"at": at, "step": step, "detail": detail} for at, step, detail in self.steps],
             "notes": list(self.notes),
+            "hooks": [hook.to_json() for hook in self.hooks],
             "members": [
                 {
                     **m.report.to_json(),

@@ -21,6 +21,9 @@ class Trigger(StrEnum):
     UNDRAIN = "undrain"  # per device, once the device runs again (destination or source)
     AFTER_SUCCESS = "after-success"
     AFTER_FAILURE = "after-failure"
+    # A switchover group's (orchestrator migrate-group): once for the whole group, beside the devices'.
+    GROUP_DRAIN = "group-drain"  # when every member would switch over; the release waits for it
+    GROUP_UNDRAIN = "group-undrain"  # when every member's devices run again (after the group drain ended)
 
 
 class OnFailure(StrEnum):
@@ -39,6 +42,10 @@ PLACEHOLDERS: tuple[str, ...] = (
     "migration_id",
     "source",
     "destination",
+    "group",  # a switchover group's name ("" outside a group)
+    "group_id",
+    "members",  # the group's VMs, comma-separated
+    "devices",  # a group hook's: every member's devices, as DOMAIN/DEVICE, comma-separated
 )
 
 

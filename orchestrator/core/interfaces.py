@@ -150,6 +150,8 @@ class Hooks(Protocol):
 class GroupLink(Protocol):
     """A group member's line to its switchover group (orchestrator.flows.group)."""
 
+    names: tuple[str, str, str]  # the group's name, id and members (comma-separated): placeholders
+
     def arrive(self) -> bool:
         """The member is ready to start its job: wait until the group lets it (True) or gives up
         (False: the group aborted it)."""

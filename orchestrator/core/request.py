@@ -87,9 +87,15 @@ class Request:
 
 
 def placeholder_values(
-    request: Request, migration_id: str, device: str = "", qom_path: str = "", state: str = ""
+    request: Request,
+    migration_id: str,
+    device: str = "",
+    qom_path: str = "",
+    state: str = "",
+    group: tuple[str, str, str] = ("", "", ""),
 ) -> dict[str, str]:
-    """The values of a hook's placeholders (orchestrator.core.hooks.PLACEHOLDERS) for one run."""
+    """The values of a hook's placeholders (orchestrator.core.hooks.PLACEHOLDERS) for one run; `group`:
+    a switchover group's name, id and members (comma-separated)."""
     return {
         "domain": request.domain,
         "device_id": device,
@@ -98,6 +104,10 @@ def placeholder_values(
         "migration_id": migration_id,
         "source": request.source_uri,
         "destination": request.destination_uri,
+        "group": group[0],
+        "group_id": group[1],
+        "members": group[2],
+        "devices": "",
     }
 
 

@@ -26,24 +26,33 @@ from pathlib import Path
 from orchestrator.core.actions import Note, Notice
 from orchestrator.core.errors import BadInput, OrchestratorError
 from orchestrator.core.group import (
+    GROUP_DEVICE,
     AbortMembers,
     DrainMembers,
     GroupAction,
     GroupMachine,
     Record,
     ReleaseMembers,
+    RunGroupHooks,
     StartJobs,
     UndrainMembers,
 )
 from orchestrator.core.group_report import GroupMember, GroupReport
+from orchestrator.core.hooks import HookResult, OnFailure, Trigger
 from orchestrator.core.hypervisor import Clock, Hypervisor, SystemClock
-from orchestrator.core.interfaces import JournalLike, NullJournal
+from orchestrator.core.interfaces import Hooks, JournalLike, NullJournal
 from orchestrator.core.policy import DrainMode
 from orchestrator.core.report import Outcome, Report, TimelineEntry
-from orchestrator.core.request import Request
+from orchestrator.core.request import Request, placeholder_values
 from orchestrator.flows.migration import Migration
 
 TICK_S = 0.1  # how often the group's deadlines are looked at
+
+
+def _default_runner() -> Hooks:
+    from orchestrator.edges.hook_runner import HookRunner
+
+    return HookRunner()
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class _Link:
     def __init__(self, group: GroupMigration, name: str) -> None:
         self.group = group
         self.name = name
+        self.names = (group.name, group.id, ",".join(r.domain for r in group.requests))
 
     def arrive(self) -> bool:
         return self.group._arrive(self.name)
@@ -86,6 +96,7 @@ class GroupMigration:
         group_id: str | None = None,
         parent: str | None = None,
         dry_run: bool = False,
+        runner: Hooks | None = None,
     ) -> None:
         domains = [r.domain for r in requests]
         if len(requests) < 2:
@@ -116,11 +127,15 @@ class GroupMigration:
         self.report = GroupReport(
             self.id, name, str(policy.path) if policy.path else policy.name, dry_run=dry_run
         )
+        self.policy = policy
+        self.runner: Hooks = runner or _default_runner()
         self.machine = GroupMachine(
             domains,
             self.clock,
             hold_timeout_s=options.hold_timeout_s,
             release_timeout_s=options.release_timeout_s,
+            drain_hooks=len(policy.hooks_for(Trigger.GROUP_DRAIN)),
+            undrain_hooks=len(policy.hooks_for(Trigger.GROUP_UNDRAIN)),
         )
         self._cv = threading.Condition()  # the group's machine
         self._queue: collections.deque[GroupAction] = collections.deque()  # decided, not yet done
@@ -164,8 +179,64 @@ class GroupMigration:
             elif isinstance(action, UndrainMembers):
                 for name in action.members:
                     self._members[name].group_undrain()
+            elif isinstance(action, RunGroupHooks):
+                self._run_group_hooks(action.trigger)
             elif isinstance(action, Note):
                 self._note(action.text)
+
+    def _run_group_hooks(self, trigger: Trigger) -> None:
+        """The group's own hooks, once for the whole group (device `@group` in its journal row): each
+        gets the group's name, id, members and every member's devices."""
+        hooks = self.policy.hooks_for(trigger)
+        action = "drain" if trigger is Trigger.GROUP_DRAIN else "undrain"
+        if self._begun:  # before any hook starts: recover acts on it
+            self.journal.record_device_action(
+                self.id, GROUP_DEVICE, action, "starting", self.clock.time(), None
+            )
+        devices = ",".join(
+            f"{name}/{device}" for name, m in self._members.items() for device in m.machine.devices()
+        )
+        values = {
+            **placeholder_values(
+                self.requests[0],
+                self.id,
+                device=GROUP_DEVICE,
+                state=trigger.value,
+                group=(self.name, self.id, ",".join(self._members)),
+            ),
+            "domain": "",
+            "source": ",".join(dict.fromkeys(r.source_uri for r in self.requests)),
+            "destination": ",".join(dict.fromkeys(r.destination_uri for r in self.requests)),
+            "devices": devices,
+        }
+        left = [len(hooks)]
+        failed: list[str] = []
+
+        def done(hook_failure: OnFailure) -> Callable[[HookResult], None]:
+            def ended(result: HookResult) -> None:
+                self.report.hooks.append(result)
+                if self._begun:
+                    self.journal.record_hook(self.id, result.to_json())
+                failure = None if result.ok else f"{trigger} hook {result.label} failed: {result.error}"
+                with self._cv:
+                    left[0] -= 1
+                    if failure:
+                        failed.append(failure)
+                    if left[0] == 0 and self._begun:
+                        status = "failed" if failed else "done"
+                        at = self.clock.time()
+                        self.journal.record_device_action(self.id, GROUP_DEVICE, action, status, at, None)
+                self._say(
+                    f"group {self.name}: {trigger} hook {result.label}: {'ok' if result.ok else result.error}"
+                )
+                self._decide(
+                    lambda machine: machine.hooks_done(trigger, failure, hook_failure is OnFailure.ABORT)
+                )
+
+            return ended
+
+        for index, hook in enumerate(hooks):
+            self.runner.start(hook, values, GROUP_DEVICE, done(hook.on_failure), index=index)
 
     def _release(self, names: Sequence[str]) -> None:
         """Raise every member's limit at once: each QEMU acts at its own next check (<= 100 ms)."""
@@ -327,6 +398,10 @@ class GroupMigration:
             report.error = "; ".join(f"{r.domain}: {r.error}" for r in refused) or None
             return
         report.outcome, report.error = self.machine.outcome()
+        report.undrain_failed = any(Trigger.GROUP_UNDRAIN.value in f for f in self.machine.hooks_failed)
+        if self.machine.hooks_failed:
+            failed = "; ".join(self.machine.hooks_failed)
+            report.error = f"{report.error}; {failed}" if report.error else failed
 
     def _begin(self) -> None:
         """The group's own journal row: `history` lists it, `history ID` shows its members."""
@@ -344,14 +419,26 @@ class GroupMigration:
             self.report.started,
             parent=self.parent,
             drain_mode=DrainMode.GATED.value,
+            supervisor=self.runner.supervisor_pid if self._has_hooks else None,
         )
         self._begun = True
+        log = self.journal.run_log(self.id)
+        if self._has_hooks and log is not None:  # the supervisor records the group hooks' starts and ends
+            self.runner.attach(self.id, log.fd)
         members = ", ".join(f"{r.domain} -> {r.destination_uri}" for r in self.requests)
         self._note(f"members: {members}")
+
+    @property
+    def _has_hooks(self) -> bool:
+        return bool(
+            self.policy.hooks_for(Trigger.GROUP_DRAIN) or self.policy.hooks_for(Trigger.GROUP_UNDRAIN)
+        )
 
     def _finish(self) -> None:
         if not self._begun:
             return
+        if self._has_hooks:
+            self.runner.detach()
         report = self.report
         self.journal.finish_migration(
             self.id,

@@ -195,7 +195,7 @@ class Migration:
                 armed.fire(device, action.state, action.qemu_time, done)
             else:
                 if values is None:
-                    values = placeholder_values(self.request, self.id, device, action.qom_path, action.state)
+                    values = self._values(device, action.qom_path, action.state)
                 self.runner.start(hook, values, device, done, index=index)
         if trigger is Trigger.DRAIN:
             # Hand the CPU to the hooks just started or told: Linux lets the parent run on first, and
@@ -206,6 +206,11 @@ class Migration:
             self.story.note(f"{failure}: the hooks run all the same")
         text = f"{trigger} {device}: {action.reason}"
         self.story.decision(text)
+
+    def _values(self, device: str = "", qom_path: str = "", state: str = "") -> dict[str, str]:
+        """The placeholders' values of one hook run (a group member's name its group too)."""
+        group = self.group.names if self.group is not None else ("", "", "")
+        return placeholder_values(self.request, self.id, device, qom_path, state, group)
 
     def _device_hook_done(self, on_failure: OnFailure) -> Callable[[HookResult], None]:
         def done(result: HookResult) -> None:
@@ -348,7 +353,7 @@ class Migration:
 
     def _run_before_hooks(self) -> bool:
         for hook in self.request.policy.hooks_for(Trigger.BEFORE):
-            result = self.runner.run(hook, placeholder_values(self.request, self.id, state="before"))
+            result = self.runner.run(hook, self._values(state="before"))
             self.story.hook(result)
             if not result.ok and hook.on_failure is OnFailure.ABORT:
                 self.abort(f"before hook {result.label} failed: {result.error}", Outcome.ABORTED)
@@ -364,9 +369,7 @@ class Migration:
             for hook in self.request.policy.hooks_for(trigger):
                 if not hook.armed:
                     continue
-                armed = self._armed[id(hook)] = self.runner.arm(
-                    hook, placeholder_values(self.request, self.id, state="armed")
-                )
+                armed = self._armed[id(hook)] = self.runner.arm(hook, self._values(state="armed"))
                 result = armed.wait_ready()
                 self.story.hook(result)
                 if not result.ok and hook.on_failure is OnFailure.ABORT:
@@ -481,9 +484,7 @@ class Migration:
         outcome = self.report.outcome
         trigger = Trigger.AFTER_SUCCESS if outcome is Outcome.SUCCEEDED else Trigger.AFTER_FAILURE
         for hook in self.request.policy.hooks_for(trigger):
-            self.story.hook(
-                self.runner.run(hook, placeholder_values(self.request, self.id, state=outcome.value))
-            )
+            self.story.hook(self.runner.run(hook, self._values(state=outcome.value)))
 
 
 def _where(

@@ -38,11 +38,12 @@ from typing import Any
 
 from orchestrator.core.convergence import GATE_FLOOR_MS
 from orchestrator.core.errors import ExitCode, OrchestratorError
-from orchestrator.core.hooks import Hook, HookResult, Trigger
+from orchestrator.core.group import GROUP_DEVICE
+from orchestrator.core.hooks import PLACEHOLDERS, Hook, HookResult, Trigger
 from orchestrator.core.hypervisor import ACTIVE_STATES, Clock, Hypervisor, SystemClock
 from orchestrator.core.policy import Policy
 from orchestrator.core.policy_toml import parse_policy
-from orchestrator.core.records import MigrationKind, MigrationRow, still_drained
+from orchestrator.core.records import DeviceAction, MigrationKind, MigrationRow, still_drained
 from orchestrator.core.report import Outcome
 from orchestrator.edges import procfs
 from orchestrator.edges.hook_runner import HookRunner
@@ -269,10 +270,17 @@ class Recovery:
             or "none started"
         )
         result = Recovered(row.id, row.domain, outcome.value, "-", notes=[error])
+        due = self._group_undrain_due(row)
         if dry_run:
             result.notes = [f"would close {what}: {outcome.value}"]
+            if due:
+                result.notes.append(f"would run the group's {len(due)} group-undrain hook(s)")
             return result
         self.journal.resume(row.id)
+        if due:
+            self._group_undrain(row, due, result)
+            if result.failed:
+                error += "; its group-undrain failed: restore the job's workloads by hand"
         self.journal.mark_recovered(row.id, outcome, error, time.time(), result.to_json())
         self._say(f"{what}: {row.id} {outcome.value} ({error})")
         return result
@@ -370,6 +378,50 @@ class Recovery:
         clean = {r.get("pid") for r in records if r.get("k") == "supervised"}
         mine = self.runner.supervisor_pid
         return plan(records, policy, supervised=bool(supervisors) and supervisors - {mine} <= clean)
+
+    def _group_undrain_due(self, row: MigrationRow) -> tuple[Hook, ...]:
+        """A dead group's own undrain hooks, when its group drain started and its undrain never did
+        (run once: an undrain that started, even unfinished, is not run again)."""
+        if row.kind is not MigrationKind.GROUP:
+            return ()
+        steps = [a for a in self.journal.device_actions(row.id) if a.device_id == GROUP_DEVICE]
+        drained = any(a.action is DeviceAction.DRAIN for a in steps)
+        if not drained or any(a.action is DeviceAction.UNDRAIN for a in steps):
+            return ()
+        return self._policy(row).hooks_for(Trigger.GROUP_UNDRAIN)
+
+    def _group_undrain(self, row: MigrationRow, hooks: Sequence[Hook], result: Recovered) -> None:
+        policy = self._policy(row)
+        result.notes += self._await_supervisors(row, policy)  # the group drain's hooks end first
+        log = self.journal.run_log(row.id)
+        if log is not None:
+            self.runner.attach(row.id, log.fd)
+        self.journal.claim(row.id, self.runner.supervisor_pid)
+        action = DeviceAction.UNDRAIN.value
+        self.journal.record_device_action(row.id, GROUP_DEVICE, action, "starting", time.time(), "recover")
+        members = ",".join(child.domain for child in self.journal.children(row.id))
+        values = {name: "" for name in PLACEHOLDERS} | {
+            "device_id": GROUP_DEVICE,
+            "state": Trigger.GROUP_UNDRAIN.value,
+            "migration_id": row.id,
+            "source": row.source_uri,
+            "destination": row.destination_uri,
+            "group": row.domain,
+            "group_id": row.id,
+            "members": members,
+        }
+        try:
+            for hook in hooks:
+                outcome = self.runner.run(hook, values, GROUP_DEVICE)
+                self.journal.record_hook(row.id, outcome.to_json())
+                if not outcome.ok:
+                    result.failed.append(f"{GROUP_DEVICE} ({hook.label}: {outcome.error})")
+        finally:
+            self.runner.detach()
+        status = "failed" if result.failed else "done"
+        self.journal.record_device_action(row.id, GROUP_DEVICE, action, status, time.time(), None)
+        result.undrained.append(GROUP_DEVICE)
+        self._say(f"group {row.domain}: ran its group-undrain hooks ({status})")
 
     def _await_supervisors(self, row: MigrationRow, policy: Policy) -> list[str]:
         """Wait for the dead run's supervisors to finish its hooks and exit; kill one that outlives the
