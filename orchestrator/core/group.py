@@ -51,6 +51,8 @@ class GroupPhase(StrEnum):
     DONE = "done"
 
 
+# A member's outcomes that leave it where the group wants it.
+_THERE = frozenset({Outcome.SUCCEEDED, Outcome.UNCHANGED})
 # The phases before the release: a failure then aborts every member.
 _BEFORE_RELEASE = frozenset({GroupPhase.STARTING, GroupPhase.HOLDING, GroupPhase.DRAINING})
 
@@ -187,9 +189,9 @@ class GroupMachine:
         """The group's outcome once done: succeeded (every member moved), partial (some did), else
         the reason every member stayed."""
         moved = [m.name for m in self.members.values() if m.outcome is Outcome.SUCCEEDED]
-        stayed = [m for m in self.members.values() if m.outcome is not Outcome.SUCCEEDED]
+        stayed = [m for m in self.members.values() if m.outcome not in _THERE]
         if not stayed:
-            return Outcome.SUCCEEDED, None
+            return (Outcome.SUCCEEDED, None) if moved else (Outcome.UNCHANGED, None)
         why = "; ".join(f"{m.name}: {m.outcome.value if m.outcome else 'not ended'}" for m in stayed)
         if moved:
             return Outcome.PARTIAL, f"{', '.join(moved)} moved, the others did not ({why})"
@@ -206,13 +208,20 @@ class GroupMachine:
     # --- inputs -----------------------------------------------------------------------------------
     def arrived(self, name: str) -> list[GroupAction]:
         """A member passed its pre-flight, before hooks and arming: it waits to start its job."""
-        member = self.members[name]
-        member.arrived = True
-        if self.phase is not GroupPhase.STARTING or not all(m.arrived for m in self.members.values()):
+        self.members[name].arrived = True
+        return self._maybe_start()
+
+    def _maybe_start(self) -> list[GroupAction]:
+        """Every member arrived (one already on its destination is no member any more): start the jobs."""
+        if self.phase is not GroupPhase.STARTING:
+            return []
+        if not all(m.arrived or m.outcome is Outcome.UNCHANGED for m in self.members.values()):
+            return []
+        names = tuple(m.name for m in self.members.values() if m.arrived)
+        if not names:
             return []
         self.phase = GroupPhase.HOLDING
         self._hold_deadline = self.clock.monotonic() + self.hold_timeout_s
-        names = tuple(self.members)
         return [Record("start", f"{len(names)} members ready to start: {', '.join(names)}"), StartJobs(names)]
 
     def notice(self, name: str, notice: Notice, detail: str = "") -> list[GroupAction]:
@@ -249,7 +258,9 @@ class GroupMachine:
         member = self.members[name]
         member.ended, member.outcome = True, outcome
         actions: list[GroupAction] = []
-        if outcome is not Outcome.SUCCEEDED:
+        if outcome is Outcome.UNCHANGED and not member.arrived:  # already on its destination: not moved
+            actions += self._maybe_start()
+        elif outcome is not Outcome.SUCCEEDED:
             actions += self._failed(name, f"{name} {outcome.value}" + (f": {error}" if error else ""))
         elif self.phase is GroupPhase.HOLDING:  # it went over by itself, and nothing told the group
             member.passed_early = True

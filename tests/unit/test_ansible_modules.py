@@ -20,7 +20,8 @@ import typer.main
 
 from orchestrator.commands import program  # noqa: F401 - it registers every command on the app
 from orchestrator.commands.app import app
-from orchestrator.core.request import COMPRESSION_METHODS
+from orchestrator.core.policy import DrainMode
+from orchestrator.core.request import COMPRESSION_METHODS, Request
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "collections"
 PREFIX = "ansible_collections.vfio.orchestrator.plugins"
@@ -40,6 +41,7 @@ def plugins() -> Iterator[dict[str, ModuleType]]:
                 ("modules", "vfio_migrate"),
                 ("modules", "vfio_evacuate"),
                 ("modules", "vfio_events"),
+                ("modules", "vfio_migrate_group"),
             )
         }
     finally:
@@ -217,11 +219,27 @@ def run_module(
     capsys: pytest.CaptureFixture[str],
 ) -> tuple[dict[str, Any], list[str]]:
     """Run `module.main()` with `args`, the CLI answering (rc, out, err); its result and the argv run."""
+    result, calls = run_module_answers(module, args, [(rc, out, err)], monkeypatch, capsys)
+    (argv,) = calls
+    return result, argv
+
+
+def run_module_answers(
+    module: ModuleType,
+    args: dict[str, Any],
+    answers: list[tuple[int, str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[dict[str, Any], list[list[str]]]:
+    """Run `module.main()` with `args`, the CLI's runs answering `answers` (rc, out, err) in turn; its
+    result and every argv run (never more runs than answers)."""
     calls: list[list[str]] = []
+    pending = list(answers)
 
     def run_command(self: Any, argv: list[str], check_rc: bool = False, **_kw: Any) -> tuple[int, str, str]:
         calls.append(list(argv))
-        return rc, out, err
+        assert pending, f"the CLI ran more often than expected: {argv}"
+        return pending.pop(0)
 
     monkeypatch.setattr(basic, "_ANSIBLE_ARGS", json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode())
     # ansible-core >= 2.19 serializes results by profile (absent before)
@@ -233,8 +251,7 @@ def run_module(
     with pytest.raises(SystemExit):
         module.main()
     result = json.loads(capsys.readouterr().out)
-    (argv,) = calls
-    return result, argv
+    return result, calls
 
 
 def test_vfio_migrate_failure(
@@ -312,7 +329,7 @@ def test_vfio_events_nothing_to_do_is_ok_with_the_cli_line(
 
 # --- every option of the CLI is a module option -----------------------------------------------------
 
-COMMANDS = {"migrate": "vfio_migrate", "evacuate": "vfio_evacuate"}
+COMMANDS = {"migrate": "vfio_migrate", "evacuate": "vfio_evacuate", "migrate-group": "vfio_migrate_group"}
 
 # The CLI options no module option stands for, each with why. Every other option (and argument) of
 # `orchestrator migrate` and `orchestrator evacuate` must be an option of its module.
@@ -321,6 +338,14 @@ NOT_MODULE_OPTIONS = {
     "--json": "always passed",
     # Ansible's own check mode: build_args passes --dry-run when the task runs with --check.
     "--dry-run": "check mode",
+}
+
+# Module options whose type is not the CLI's, each with why.
+OTHER_TYPES: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
+    ("vfio_migrate_group", "members"): (
+        {"type": "list", "elements": "raw"},
+        "strings DOMAIN[=DESTURI] or dicts {domain, dest_uri}; build_args joins a dict into DOMAIN=DESTURI",
+    ),
 }
 
 # The CLI options that take one comma-separated string where the module takes a list, and the values
@@ -335,13 +360,15 @@ REQUIRED = {
     "dest_uri": "qemu+ssh://b/system",
     "source_uri": "qemu+ssh://a/system",
     "destinations": ["qemu+ssh://b/system", "qemu+ssh://c/system"],
+    "name": "train-42",
+    "members": ["vm1", "vm2=qemu+ssh://c/system"],
 }
 README = COLLECTIONS / "ansible_collections" / "vfio" / "orchestrator" / "README.md"
 
 
 @pytest.fixture(scope="module")
 def cli() -> dict[str, Any]:
-    """The Click commands `orchestrator migrate` and `orchestrator evacuate`, as the CLI builds them."""
+    """The Click commands of COMMANDS (`orchestrator migrate`, ...), as the CLI builds them."""
     group = typer.main.get_command(app)
     return {name: group.commands[name] for name in COMMANDS}
 
@@ -434,7 +461,7 @@ def test_every_cli_option_is_a_module_option(
     spec = module.ARGUMENT_SPEC
     missing, wrong = [], []
     for param in cli[name].params:
-        if param.param_type_name == "argument":  # DOMAIN, DESTURI: build_args passes them first
+        if param.param_type_name == "argument":  # DOMAIN, DESTURI, ...: build_args passes them first
             if not spec.get(param.name, {}).get("required"):
                 missing.append(f"{param.metavar} (a required option {param.name})")
             continue
@@ -493,6 +520,8 @@ def test_module_options_have_the_types_of_the_cli_options(
         expected = ansible_type(hints[param.name], joined)
         if joined and JOINED_CHOICES[param.opts[0]]:
             expected["choices"] = list(JOINED_CHOICES[param.opts[0]])
+        if (COMMANDS[name], option) in OTHER_TYPES:
+            expected = OTHER_TYPES[(COMMANDS[name], option)][0]
         spec = module.ARGUMENT_SPEC[option]
         got = {key: spec[key] for key in ("type", "elements", "choices") if key in spec}
         assert got == expected, f"{option} ({param.opts[0]})"
@@ -516,6 +545,8 @@ def test_module_options_reach_the_cli_as_its_options(
     minimal = module.build_args(base, False)
     if name == "migrate":
         assert minimal == ["migrate", REQUIRED["domain"], REQUIRED["dest_uri"]]
+    elif name == "migrate-group":
+        assert minimal == ["migrate-group", REQUIRED["name"], *REQUIRED["members"]]
     else:
         to = [arg for uri in REQUIRED["destinations"] for arg in ("--to", uri)]
         assert minimal == ["evacuate", "-c", REQUIRED["source_uri"], *to]
@@ -596,8 +627,9 @@ def test_the_readme_table_is_the_modules_and_the_cli(
             if spec is None:
                 continue
             entries = [entry for entry in module.CLI_OPTIONS if entry.option == option]
-            if option in arguments:
-                assert re.findall(r"`([A-Z_]+)`", cells[0]) == [arguments[option].metavar], option
+            if option in arguments:  # its metavar: `DOMAIN`, `DOMAIN[=DESTURI]...`
+                metavars = re.findall(r"`([A-Z][A-Z_\[\]=.]*)`", cells[0])
+                assert metavars == [arguments[option].metavar], option
             else:
                 flags = {flag for entry in entries for flag in (entry.flag, entry.off) if flag}
                 assert set(re.findall(r"`(-[-\w]*)`", cells[0])) == flags, f"README: {option}"
@@ -685,3 +717,410 @@ def test_a_drain_the_cli_does_not_know_fails_before_the_cli_runs(
     result = json.loads(capsys.readouterr().out)
     assert result["failed"] is True
     assert "drain" in result["msg"] and "prepare, gated, start" in result["msg"]
+
+
+# --- vfio_migrate_group: members, its dry run first, and what is left to move ----------------------
+
+SRC, HV2, HV3 = "qemu+ssh://a/system", "qemu+ssh://b/system", "qemu+ssh://c/system"
+
+
+def member(domain: str, outcome: str, destination: str = HV2, **fields: Any) -> dict[str, Any]:
+    """One member's line in a group report (a migration report and the group's keys)."""
+    return {
+        "migration_id": f"id-{domain}",
+        "domain": domain,
+        "source": SRC,
+        "destination": destination,
+        "policy": "rdma-drain",
+        "drain_mode": "gated",
+        "outcome": outcome,
+        "changed": outcome == "succeeded",
+        "error": None,
+        "hooks": [],
+        "notes": [],
+        "plan": [],
+        "limit_ms": None,
+        "margin_ms": None,
+        "release_lag_ms": None,
+        **fields,
+    }
+
+
+EXIT_CODES = {"planned": 0, "succeeded": 0, "refused": 2, "rolled-back": 4, "partial": 8, "interrupted": 130}
+
+
+def group_report(outcome: str, *members: dict[str, Any], error: str | None = None) -> str:
+    """A group report as `orchestrator migrate-group --json` prints it (a dry run's when `planned`, or
+    `refused` with no member past its pre-flight)."""
+    past_preflight = any(m["outcome"] not in ("planned", "unchanged", "refused") for m in members)
+    return json.dumps(
+        {
+            "group_id": "5c0e7a91d2f3",
+            "group": "train-42",
+            "policy": "rdma-drain",
+            "outcome": outcome,
+            "changed": any(m["changed"] for m in members),
+            "exit_code": EXIT_CODES[outcome],
+            "error": error,
+            "dry_run": outcome == "planned" or (outcome == "refused" and not past_preflight),
+            "stall_ms": None,
+            "steps": [],
+            "notes": [],
+            "members": list(members),
+        }
+    )
+
+
+GROUP_ARGS = {"name": "train-42", "members": ["vm1", "vm2", "vm3"], "source_uri": SRC, "dest_uri": HV2}
+
+
+def run_group(
+    plugins: dict[str, ModuleType],
+    args: dict[str, Any],
+    answers: list[tuple[int, str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> tuple[dict[str, Any], list[list[str]]]:
+    result, calls = run_module_answers(plugins["vfio_migrate_group"], args, answers, monkeypatch, capsys)
+    assert len(calls) == len(answers), calls
+    return result, calls
+
+
+def test_group_members_as_strings_and_dicts(plugins: dict[str, ModuleType]) -> None:
+    group = plugins["vfio_migrate_group"]
+    members = [
+        "vm1",
+        f"vm2={HV3}",
+        {"domain": "vm3"},
+        {"domain": "vm4", "dest_uri": HV3},
+        {"domain": "vm5", "dest_uri": ""},
+    ]
+    assert group.parse_members(members) == [
+        ("vm1", None, "vm1"),
+        ("vm2", HV3, f"vm2={HV3}"),
+        ("vm3", None, "vm3"),
+        ("vm4", HV3, f"vm4={HV3}"),
+        ("vm5", None, "vm5"),  # an empty dest_uri is none: the member goes to --to
+    ]
+    params = {**base_params(group.ARGUMENT_SPEC), "members": members, "dest_uri": HV2, "hold_timeout": 600}
+    assert group.build_args(params, False) == [
+        "migrate-group",
+        "train-42",
+        "vm1",
+        f"vm2={HV3}",
+        "vm3",
+        f"vm4={HV3}",
+        "vm5",
+        "--to",
+        HV2,
+        "--hold-timeout",
+        "600",
+    ]
+    assert group.build_args(params, True)[-1] == "--dry-run"
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        ([{"domain": "vm1", "dest": HV2}], "unknown key(s) dest"),
+        ([{"dest_uri": HV2}], "member 1 has no domain"),
+        (["vm1", {"domain": "a=b"}], "member 2: domain 'a=b' contains '='"),
+        (["vm1", 7], "member 2 is neither a string nor a dictionary (int)"),
+        ([{"domain": "vm1", "dest_uri": ["x"]}], "dest_uri must be a string"),
+    ],
+)
+def test_a_member_the_module_cannot_pass_fails_before_the_cli_runs(
+    plugins: dict[str, ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+    members: list[Any],
+    words: str,
+) -> None:
+    result, calls = run_group(plugins, {**GROUP_ARGS, "members": members}, [], monkeypatch, capsys)
+    assert calls == [] and result["failed"] is True and result["changed"] is False
+    assert words in result["msg"]
+
+
+def test_group_moves_every_member_after_its_dry_run(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "planned", member("vm1", "planned"), member("vm2", "planned"), member("vm3", "planned")
+    )
+    done = group_report(
+        "succeeded", member("vm1", "succeeded"), member("vm2", "succeeded"), member("vm3", "succeeded")
+    )
+    result, (probe, migration) = run_group(
+        plugins, {**GROUP_ARGS, "_ansible_diff": True}, [(0, dry, ""), (0, done, "")], monkeypatch, capsys
+    )
+    members = ["vm1", "vm2", "vm3"]
+    options = ["--to", HV2, "-c", SRC]
+    assert probe[1:] == ["migrate-group", "train-42", *members, *options, "--dry-run", "--json"]
+    assert migration[1:] == ["migrate-group", "train-42", *members, *options, "--json"]
+    assert result["changed"] is True and not result.get("failed") and result["rc"] == 0
+    assert result["outcome"] == "succeeded" and result["unchanged"] == []
+    assert result["report"] == json.loads(done)
+    assert result["msg"] == "migrated group train-42: vm1, vm2, vm3 (succeeded)"
+    assert result["diff"]["before"] == f"vm1: {SRC}\nvm2: {SRC}\nvm3: {SRC}\n"
+    assert result["diff"]["after"] == f"vm1: {HV2}\nvm2: {HV2}\nvm3: {HV2}\n"
+
+
+def test_group_every_member_there_is_unchanged_and_nothing_runs(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "planned", member("vm1", "unchanged"), member("vm2", "unchanged"), member("vm3", "unchanged")
+    )
+    for check_mode in (False, True):
+        args = {**GROUP_ARGS, "_ansible_check_mode": check_mode}
+        result, (probe,) = run_group(plugins, args, [(0, dry, "")], monkeypatch, capsys)
+        assert "--dry-run" in probe
+        assert result["changed"] is False and not result.get("failed")
+        assert result["outcome"] == "unchanged" and result["unchanged"] == ["vm1", "vm2", "vm3"]
+        assert result["msg"] == "group train-42: every member already runs on its destination (vm1, vm2, vm3)"
+        assert result["report"]["dry_run"] is True
+
+
+def test_group_runs_without_the_members_already_there(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    args = {**GROUP_ARGS, "members": ["vm1", f"vm2={HV3}", "vm3"]}
+    dry = group_report(
+        "planned", member("vm1", "planned"), member("vm2", "unchanged", HV3), member("vm3", "planned")
+    )
+    done = group_report("succeeded", member("vm1", "succeeded"), member("vm3", "succeeded"))
+    result, (probe, migration) = run_group(plugins, args, [(0, dry, ""), (0, done, "")], monkeypatch, capsys)
+    assert probe[1:6] == ["migrate-group", "train-42", "vm1", f"vm2={HV3}", "vm3"]
+    assert migration[1:5] == ["migrate-group", "train-42", "vm1", "vm3"] and migration[5] == "--to"
+    assert "--dry-run" not in migration
+    assert result["changed"] is True and not result.get("failed") and result["unchanged"] == ["vm2"]
+    assert result["msg"] == (
+        "migrated group train-42: vm1, vm3 (succeeded); already on their destination: vm2"
+    )
+
+
+def test_group_with_one_member_left_fails_naming_the_moved_ones(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "planned", member("vm1", "unchanged"), member("vm2", "planned"), member("vm3", "unchanged")
+    )
+    for check_mode in (False, True):
+        args = {**GROUP_ARGS, "_ansible_check_mode": check_mode}
+        result, _ = run_group(plugins, args, [(0, dry, "")], monkeypatch, capsys)
+        assert result["failed"] is True and result["changed"] is False
+        assert result["outcome"] == "refused" and result["unchanged"] == ["vm1", "vm3"]
+        assert "needs at least two members to move, and only vm2 is left" in result["msg"]
+        assert "already on their destination: vm1, vm3" in result["msg"]
+        assert "vfio.orchestrator.vfio_migrate" in result["msg"]
+
+
+def test_group_check_mode_is_the_dry_run_alone(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "planned", member("vm1", "planned"), member("vm2", "unchanged"), member("vm3", "planned")
+    )
+    args = {**GROUP_ARGS, "lock_wait": 60, "_ansible_check_mode": True, "_ansible_diff": True}
+    result, (argv,) = run_group(plugins, args, [(0, dry, "")], monkeypatch, capsys)
+    assert argv[-3:] == ["60.0", "--dry-run", "--json"]
+    assert result["changed"] is True and not result.get("failed") and result["outcome"] == "planned"
+    assert (
+        result["msg"] == "would migrate group train-42: vm1, vm3 (planned); already on their destination: vm2"
+    )
+    assert result["diff"]["after"] == f"vm1: {HV2}\nvm3: {HV2}\n"
+
+
+def test_group_check_mode_fails_on_a_refusal(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    refused = member("vm3", "refused", error="no domain 'vm3' on qemu+ssh://a/system")
+    dry = group_report(
+        "refused",
+        member("vm1", "planned"),
+        member("vm2", "unchanged"),
+        refused,
+        error=f"vm3: {refused['error']}",
+    )
+    args = {**GROUP_ARGS, "_ansible_check_mode": True}
+    result, _ = run_group(
+        plugins, args, [(2, dry, "orchestrator: error: group train-42 refused\n")], monkeypatch, capsys
+    )
+    assert result["failed"] is True and result["changed"] is False and result["rc"] == 2
+    assert result["msg"].splitlines() == [
+        "vm3: no domain 'vm3' on qemu+ssh://a/system",
+        "already on their destination (left out of the group): vm2",
+    ]
+
+
+def test_a_refused_dry_run_is_the_runs_to_judge_again(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A member with another migration running: the dry run refuses it, the run waits (--lock-wait)."""
+    busy = member("vm2", "refused", error="domain 'vm2' already has a libvirt job running")
+    dry = group_report("refused", member("vm1", "planned"), busy, member("vm3", "planned"), error="vm2: busy")
+    done = group_report(
+        "succeeded", member("vm1", "succeeded"), member("vm2", "succeeded"), member("vm3", "succeeded")
+    )
+    args = {**GROUP_ARGS, "lock_wait": 300}
+    result, (_, migration) = run_group(plugins, args, [(2, dry, ""), (0, done, "")], monkeypatch, capsys)
+    assert migration[3:6] == ["vm1", "vm2", "vm3"] and "--lock-wait" in migration
+    assert result["changed"] is True and not result.get("failed") and result["rc"] == 0
+
+
+def test_group_partial_fails_changed_with_each_members_failed_hooks(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "planned", member("vm1", "unchanged"), member("vm2", "planned"), member("vm3", "planned")
+    )
+    failed = member(
+        "vm3",
+        "rolled-back",
+        error="operation failed: migration failed",
+        hooks=[
+            hook("undrain", "rdma-drain", "nic0", False, error="exit status 1", output_tail="peer gone\n")
+        ],
+    )
+    error = "vm2 moved, the others did not (vm3: rolled-back)"
+    done = json.loads(group_report("partial", member("vm2", "succeeded"), failed, error=error))
+    done["hooks"] = [hook("group-drain", "notify", "@group", False, error="exit status 3")]
+    done = json.dumps(done)
+    err = f"orchestrator: error: group train-42 partial: {error}\n"
+    result, _ = run_group(plugins, GROUP_ARGS, [(0, dry, ""), (8, done, err)], monkeypatch, capsys)
+    assert result["failed"] is True and result["changed"] is True and result["rc"] == 8
+    assert result["outcome"] == "partial" and result["report"]["members"][1]["domain"] == "vm3"
+    assert result["msg"].splitlines() == [
+        error,
+        "group train-42: group-drain hook notify on @group: exit status 3",
+        "vm3: undrain hook rdma-drain on nic0: exit status 1; output: peer gone",
+        "already on their destination (left out of the group): vm1",
+    ]
+
+
+def test_group_rolled_back_fails_unchanged(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report("planned", member("vm1", "planned"), member("vm2", "planned"))
+    error = "the group's hold timeout of 300 s passed: vm2 would not switch over within its limit"
+    done = group_report(
+        "rolled-back", member("vm1", "rolled-back"), member("vm2", "rolled-back"), error=error
+    )
+    args = {**GROUP_ARGS, "members": ["vm1", "vm2"]}
+    result, _ = run_group(plugins, args, [(0, dry, ""), (4, done, "")], monkeypatch, capsys)
+    assert result["failed"] is True and result["changed"] is False and result["rc"] == 4
+    assert result["msg"] == error and result["outcome"] == "rolled-back"
+
+
+@pytest.mark.parametrize(
+    ("rc", "out", "err", "msg"),
+    [
+        (
+            2,
+            "",
+            "orchestrator: error: member vm1 has no destination; give --to DESTURI\n",
+            "member vm1 has no destination; give --to DESTURI",
+        ),
+        (
+            3,
+            "",
+            "orchestrator: error: cannot connect to qemu+ssh://b/system\n",
+            "cannot connect to qemu+ssh://b/system",
+        ),
+    ],
+)
+def test_group_dry_run_without_a_report_fails_at_once(
+    plugins: dict[str, ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+    rc: int,
+    out: str,
+    err: str,
+    msg: str,
+) -> None:
+    result, _ = run_group(plugins, GROUP_ARGS, [(rc, out, err)], monkeypatch, capsys)
+    assert result["failed"] is True and result["changed"] is False and result["rc"] == rc
+    assert result["msg"] == msg
+
+
+def test_group_an_interrupted_dry_run_runs_nothing_more(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = group_report(
+        "interrupted", member("vm1", "planned"), member("vm2", "planned"), error="SIGTERM received"
+    )
+    result, _ = run_group(plugins, GROUP_ARGS, [(130, dry, "")], monkeypatch, capsys)
+    assert result["failed"] is True and result["rc"] == 130 and result["msg"] == "SIGTERM received"
+
+
+# --- vfio_migrate_group's contract with the group flow: what its dry run says, and why it runs first --
+
+FLOW_SRC, FLOW_DST = "qemu+unix:///system?socket=/src", "qemu+unix:///system?socket=/dst"
+
+
+def flow_dry_run(there: set[str], here: set[str]) -> str:
+    """The report `orchestrator migrate-group --dry-run --json` prints, made by the group flow itself on
+    the scripted libvirt: the VMs `there` already run on the destination, those `here` on the source."""
+    from unit.scripted import FakeClock, FakeHost
+
+    from orchestrator.core.policy_toml import parse_policy
+    from orchestrator.flows.group import GroupMigration, GroupOptions
+
+    clock = FakeClock()
+    hosts = {uri: FakeHost(uri, clock) for uri in (FLOW_SRC, FLOW_DST)}
+    xml = (
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>{}</name>"
+        "<devices/><qemu:commandline><qemu:arg value='-device'/>"
+        "<qemu:arg value='vfio-pci,id=nic0,host=0000:5e:00.0'/><qemu:arg value='-global'/>"
+        "<qemu:arg value='vfio-pci.migration-events=on'/></qemu:commandline></domain>"
+    )
+    for names, uri in ((there, FLOW_DST), (here, FLOW_SRC)):
+        for name in names:
+            hosts[uri].add(name, xml.format(name))
+    policy = parse_policy("", "group.toml")
+    requests = [
+        Request(name, FLOW_SRC, FLOW_DST, policy, drain=DrainMode.GATED, dry_run=True)
+        for name in sorted(there | here)
+    ]
+    group = GroupMigration(
+        "train-42", requests, hosts.__getitem__, GroupOptions(300.0, 30.0), clock=clock, dry_run=True
+    )
+    return json.dumps(group.run().to_json())
+
+
+def test_group_leaves_out_what_the_flows_dry_run_says_is_there(
+    plugins: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    dry = flow_dry_run(there={"vm1"}, here={"vm2", "vm3"})
+    assert [m["outcome"] for m in json.loads(dry)["members"]] == ["unchanged", "planned", "planned"]
+    done = group_report("succeeded", member("vm2", "succeeded"), member("vm3", "succeeded"))
+    args = {**GROUP_ARGS, "source_uri": FLOW_SRC, "dest_uri": FLOW_DST}
+    result, (_, migration) = run_group(plugins, args, [(0, dry, ""), (0, done, "")], monkeypatch, capsys)
+    assert migration[1:5] == ["migrate-group", "train-42", "vm2", "vm3"]
+    assert result["unchanged"] == ["vm1"] and result["changed"] is True
+
+    dry = flow_dry_run(there={"vm1", "vm2", "vm3"}, here=set())
+    result, _ = run_group(plugins, args, [(0, dry, "")], monkeypatch, capsys)
+    assert result["changed"] is False and result["outcome"] == "unchanged"
+
+
+def test_the_cli_moves_the_rest_of_a_group_with_a_member_already_there() -> None:
+    """The group's machine takes a member that ended `unchanged` (already on its destination) out of
+    the group: the others start without it, and a group whose members are all there is unchanged. (The
+    module's dry run first also keeps a lone remaining member from moving as a "group".)"""
+    from unit.scripted import FakeClock
+
+    from orchestrator.core.group import AbortMembers, GroupMachine, StartJobs
+    from orchestrator.core.report import Outcome
+
+    machine = GroupMachine(["vm1", "vm2", "vm3"], FakeClock())
+    assert machine.ended("vm1", Outcome.UNCHANGED, None) == []
+    machine.arrived("vm2")
+    actions = machine.arrived("vm3")
+    assert not [a for a in actions if isinstance(a, AbortMembers)]
+    assert [a for a in actions if isinstance(a, StartJobs)] == [StartJobs(("vm2", "vm3"))]
+
+    all_there = GroupMachine(["vm1", "vm2"], FakeClock())
+    all_there.ended("vm1", Outcome.UNCHANGED, None)
+    all_there.ended("vm2", Outcome.UNCHANGED, None)
+    assert all_there.done and all_there.outcome() == (Outcome.UNCHANGED, None)

@@ -359,6 +359,7 @@ from ansible_collections.vfio.orchestrator.plugins.module_utils.orchestrator_cli
     CliOption,
     cli_args,
     fail_message,
+    failed_hooks,
     run,
 )
 
@@ -428,31 +429,6 @@ def build_args(params, check_mode):
     if check_mode:
         args.append("--dry-run")
     return args
-
-
-def one_line(text, limit=300):
-    """Text on one line (newlines become " / "), at most `limit` characters, its end kept."""
-    joined = " / ".join(line.strip() for line in str(text or "").splitlines() if line.strip())
-    return joined if len(joined) <= limit else "..." + joined[-(limit - 3) :]
-
-
-def failed_hooks(document):
-    """One line per hook whose last run failed: trigger and label, device, error, end of its output.
-
-    Runs of one hook (same trigger, label and device) are retries: only the last one counts.
-    """
-    last = {}
-    for hook in (document or {}).get("hooks") or []:
-        last[(hook.get("trigger"), hook.get("label"), hook.get("device_id"))] = hook
-    lines = []
-    for (trigger, label, device), hook in last.items():
-        if hook.get("ok"):
-            continue
-        line = f"{trigger} hook {label}" + (f" on {device}" if device else "")
-        line += f": {hook.get('error') or 'failed'}"
-        tail = one_line(hook.get("output_tail"))
-        lines.append(f"{line}; output: {tail}" if tail else line)
-    return lines
 
 
 def failure_message(rc, document, error):
