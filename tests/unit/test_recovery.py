@@ -589,3 +589,94 @@ def test_waiting_for_a_job_says_so_every_few_seconds_and_names_the_way_out(world
     assert any("at most 12 s" in line and "recover --job abort" in line for line in lines), lines
     progress = [line for line in lines if "the libvirt job still runs" in line]
     assert len(progress) == 2 and all("--job abort" in line for line in progress), lines
+
+
+# --- a dead switchover group ------------------------------------------------------------------------
+
+GROUP_HOOKS = (
+    '[[hooks.group-drain]]\nargv = ["/bin/true", "{group}"]\n'
+    '[[hooks.group-undrain]]\nargv = ["/bin/true", "{group}", "{members}"]\non_failure = "continue"\n'
+)
+
+
+def dead_group(
+    world: World, group_records: list[dict[str, Any]], member_records: list[dict[str, Any]]
+) -> None:
+    """The run logs a killed `migrate-group` leaves: the group's row (kind group) and one member's."""
+    directory = runlog.directory_of(world.path)
+    pid, supervisor = dead_pid(), dead_pid()
+    common = {
+        "source_uri": SRC,
+        "policy": "/etc/orchestrator/policies/p.toml",
+        "pid": pid,
+        "host": os.uname().nodename,
+        "policy_text": policy_text(drain="gated", hooks=GROUP_HOOKS),
+        "supervisor": supervisor,
+    }
+    rows = [
+        (
+            "g-killed",
+            {"kind": "group", "domain": "job1", "destination_uri": DST, "started": 1.0},
+            group_records,
+        ),
+        (
+            "m-member",
+            {
+                "kind": "group-member",
+                "domain": "vm1",
+                "destination_uri": DST,
+                "started": 1.5,
+                "parent": "g-killed",
+            },
+            member_records,
+        ),
+    ]
+    for migration_id, fields, records in rows:
+        log = runlog.RunLog.create(directory, migration_id)
+        begin = {"k": "begin", "id": migration_id, **common, **fields}
+        for record in [begin, {"k": "phase", "phase": "job-running", "at": 2.0}, *records]:
+            log.write(record, vital=True)
+        log.close()
+
+
+def test_a_dead_groups_own_undrain_runs_once_after_its_members_are_recovered(world: World) -> None:
+    dead_group(
+        world,
+        [action("@group", "drain", "starting"), start("1", "group-drain", "@group"), end("1")],
+        [
+            action("nic0", "drain", "starting"),
+            start("2", "drain", "nic0"),
+            end("2"),
+            action("nic0", "drain", "done"),
+        ],
+    )
+    world.vm_on(world.source)  # held at the gate, never released: it stayed on the source
+    report = world.recover()
+    by_id = {r.migration_id: r for r in report.recovered}
+    assert set(by_id) == {"g-killed", "m-member"} and int(report.exit_code) == 0
+    assert by_id["m-member"].undrained == ["nic0"] and world.undrains("nic0") == 1
+    (group_undrain,) = world.runner.of(Trigger.GROUP_UNDRAIN, "@group")
+    assert group_undrain.values["group"] == "job1" and group_undrain.values["members"] == "vm1"
+    assert by_id["g-killed"].outcome == "interrupted" and by_id["g-killed"].undrained == ["@group"]
+    group = world.journal.get_migration("g-killed")
+    assert group.migration.outcome is Outcome.INTERRUPTED and group.migration.recovered is not None
+    assert still_drained(group.device_actions) == {}, "the group's drain is undrained in its journal"
+    again = world.recover()
+    assert again.recovered == [] and len(world.runner.of(Trigger.GROUP_UNDRAIN, "@group")) == 1, "once"
+
+
+def test_a_dead_groups_undrain_that_had_started_is_not_run_again(world: World) -> None:
+    dead_group(
+        world,
+        [
+            action("@group", "drain", "starting"),
+            action("@group", "drain", "done"),
+            action("@group", "undrain", "starting"),
+        ],
+        [],
+    )
+    world.vm_on(world.destination)
+    report = world.recover()
+    assert world.runner.of(Trigger.GROUP_UNDRAIN, "@group") == []
+    group = next(r for r in report.recovered if r.migration_id == "g-killed")
+    assert group.outcome == "succeeded", "its only member moved"
