@@ -36,21 +36,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(
             f"orchestrator.lab.reaper: cannot be a subreaper here ({failure}); orphans go to init\n"
         )
+    passed_on = {signal.SIGTERM, signal.SIGINT}
+    children: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    # The handlers are in place, and the signals held, before the fork: a SIGTERM sent as soon as the
+    # command shows life (on a busy machine, before this process ran on) reaches the command, and is
+    # not the default death of this process, which would leave the command running with no parent.
+    signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     child = os.fork()
     if child == 0:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, passed_on)  # the mask would outlive the exec
         try:
             os.execvp(command[0], command)  # noqa: S606 - argv from the lab's own code, no shell
         except OSError as exc:
             sys.stderr.write(f"orchestrator.lab.reaper: cannot run {command[0]}: {exc.strerror}\n")
         os._exit(127)
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    children.append(child)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, passed_on)  # one held meanwhile is delivered now
     while True:
         try:
             pid, status = os.wait()  # any child: the command, or an orphan handed to us
