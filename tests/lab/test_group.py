@@ -26,11 +26,12 @@ def group_policy(tmp: Path, lab: Any, *drain_options: str, peers: bool = True) -
     text = (
         f'[migration]\ndata_uri = "unix://{lab.root}/migrations/{{domain}}.sock"\n'
         '[switchover]\ndrain = "gated"\n'
-        f'[[hooks.drain]]\nargv = {drain}\ntimeout_ms = 2000\non_failure = "abort"\n'
+        f'[[hooks.drain]]\nargv = {drain}\ntimeout_ms = 10000\non_failure = "abort"\n'
         f'[[hooks.undrain]]\nargv = {undrain}\non_failure = "continue"\n'
     )
     if peers:
-        text += f'[[hooks.drain]]\nargv = {json.dumps(RDMA_DRAIN)}\ntimeout_ms = 2000\non_failure = "abort"\n'
+        rdma = json.dumps(RDMA_DRAIN)
+        text += f'[[hooks.drain]]\nargv = {rdma}\ntimeout_ms = 10000\non_failure = "abort"\n'
         text += (
             '[[hooks.undrain]]\nargv = ["orchestrator-rdma-hook", "undrain", "--domain", "{domain}", '
             '"--device", "{device_id}"]\non_failure = "continue"\n'
