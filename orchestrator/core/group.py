@@ -164,6 +164,7 @@ class GroupMachine:
         self.undrained: float | None = None
         self._hold_deadline: float | None = None  # monotonic
         self._release_deadline: float | None = None
+        self._drain_deadline: float | None = None  # a backstop: drain hooks end by their own deadlines
         self._hooks = {Trigger.GROUP_DRAIN: drain_hooks, Trigger.GROUP_UNDRAIN: undrain_hooks}
         self._running = {Trigger.GROUP_DRAIN: 0, Trigger.GROUP_UNDRAIN: 0}  # group hooks not yet ended
         self._undrain_hooks_due = False  # the undrain was decided while the group drain hooks ran
@@ -234,7 +235,9 @@ class GroupMachine:
             )
         if notice is Notice.PASSED_EARLY:
             member.passed_early = True
-            return self._maybe_drain(f"{name} switched over at the floor (its device {detail} quiesced)")
+            # It may be the last one the release waited for, too.
+            why = f"{name} switched over at the floor (its device {detail} quiesced)"
+            return self._maybe_drain(why) + self._maybe_release()
         if notice is Notice.DRAINED:
             member.drained = True
             return self._maybe_release()
@@ -305,6 +308,17 @@ class GroupMachine:
                 Outcome.ROLLED_BACK,
             )
         if (
+            self.phase is GroupPhase.DRAINING
+            and self._drain_deadline is not None
+            and now > self._drain_deadline
+        ):
+            waiting = [m.name for m in self._live() if not (m.drained or m.passed_early or m.job_ended)]
+            return self._abort_all(
+                f"the group's drain did not end within {self.hold_timeout_s:g} s "
+                f"({', '.join(waiting) or 'the group drain hooks'} not drained)",
+                Outcome.ROLLED_BACK,
+            )
+        if (
             self.phase is GroupPhase.RELEASED
             and self._release_deadline is not None
             and now > self._release_deadline
@@ -331,6 +345,7 @@ class GroupMachine:
             return []
         self.phase = GroupPhase.DRAINING
         self.drain_started = self.clock.time()
+        self._drain_deadline = self.clock.monotonic() + self.hold_timeout_s
         names = tuple(m.name for m in live)
         return [
             Record("drain", why or "every member would switch over"),
@@ -353,10 +368,14 @@ class GroupMachine:
         return [
             Record("release", f"every member drained: releasing {', '.join(names) or 'none'}"),
             ReleaseMembers(names),
+            *self._maybe_undrain(),  # every member may have settled already (all passed early)
         ]
 
     def _maybe_undrain(self) -> list[GroupAction]:
-        if self.drain_started is None or self.undrained is not None:
+        # Something may be drained once the group drained, or a member passed its gate early (its own
+        # events drained it), even while the group was aborting.
+        maybe_drained = self.drain_started is not None or any(m.passed_early for m in self.members.values())
+        if not maybe_drained or self.undrained is not None:
             return []
         if self.phase in (GroupPhase.HOLDING, GroupPhase.DRAINING, GroupPhase.STARTING):
             return []  # before the release only an abort ends the drain (then the phase is ABORTING)
@@ -367,7 +386,7 @@ class GroupMachine:
         names = tuple(m.name for m in self._live())
         actions: list[GroupAction] = [
             Record("undrain", "every member's devices run again (or its job ended)"),
-            UndrainMembers(names),
+            UndrainMembers(names),  # none when every member ended: the group's own hooks may still run
         ]
         if self._running[Trigger.GROUP_DRAIN]:
             self._undrain_hooks_due = bool(self._hooks[Trigger.GROUP_UNDRAIN])

@@ -162,6 +162,7 @@ class MigrationMachine:
         self._drained_told = False
         self._settled_told = False
         self._group_undrained = False
+        self._group_drain_due = False  # the group drained as this member's job was about to start
 
     # --- phases -----------------------------------------------------------------------------------
     def advance(self, phase: Phase) -> None:
@@ -233,9 +234,12 @@ class MigrationMachine:
         return actions
 
     def job_started(self) -> list[Action]:
-        """The libvirt job was started."""
+        """The libvirt job was started (a group's drain asked for just before: now)."""
         self.job = JobState.RUNNING
         self._job_started = self.clock.monotonic()
+        if self._group_drain_due:
+            self._group_drain_due = False
+            return self.group_drain()
         return []
 
     def on_vfio(self, event: VfioEvent) -> list[Action]:
@@ -406,6 +410,9 @@ class MigrationMachine:
             return []
         if self.gate is Gate.PASSED_EARLY:  # its devices drain on their own events
             return self._tell_drained()
+        if self.gate is Gate.CLOSED and self.job is JobState.NOT_STARTED:
+            self._group_drain_due = True  # another member passed early as this one's job was starting
+            return []
         if self.gate is not Gate.CLOSED or self.job is not JobState.RUNNING:
             return []
         return self._open_gate(None)

@@ -401,10 +401,11 @@ class Migration:
             if self.machine.abort_reason is not None:  # interrupted just now
                 return
             self.machine.advance(Phase.JOB_RUNNING)
-            self.machine.job_started()
+            started = self.machine.job_started()
         self.story.phase(Phase.JOB_RUNNING)
         began = self.clock.monotonic()
         self.source.start_migration(dom, request, self.destination, self._job_ended)
+        self._execute(started)  # a group's drain that came as the job was starting
         progress = Progress()
         next_poll = self.clock.monotonic() + POLL_S
         while True:
