@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from typing import Annotated
 
@@ -36,6 +37,13 @@ from orchestrator.commands.render import (
 from orchestrator.commands.signals import on_signals
 
 
+class GroupByChoice(enum.StrEnum):
+    """`--group-by`: where switchover groups come from (the policy's `evacuate.group_by`)."""
+
+    METADATA = "metadata"
+    NONE = "none"
+
+
 @app.command("evacuate")
 def evacuate_cmd(
     to: Annotated[
@@ -43,11 +51,21 @@ def evacuate_cmd(
     ],
     connect: ConnectOpt = None,
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-j", metavar="N", help="Migrations at once.")
+        int,
+        typer.Option(
+            "--concurrency",
+            "-j",
+            metavar="N",
+            help="Migrations at once (a switchover group: one per member).",
+        ),
     ] = 2,
     per_destination: Annotated[
         int,
-        typer.Option("--per-destination", metavar="N", help="Incoming migrations at once per destination."),
+        typer.Option(
+            "--per-destination",
+            metavar="N",
+            help="Incoming migrations at once per destination (a switchover group's members ignore it).",
+        ),
     ] = 2,
     include: Annotated[
         list[str] | None, typer.Option("--include", metavar="GLOB", help="Only VMs matching this glob.")
@@ -72,6 +90,19 @@ def evacuate_cmd(
     reserve: Annotated[
         int, typer.Option("--reserve", metavar="MIB", help="MiB to keep free on every destination.")
     ] = 0,
+    group_by: Annotated[
+        GroupByChoice | None,
+        typer.Option(
+            "--group-by",
+            help="Switchover groups: metadata (running VMs sharing the label that virsh metadata VM --uri "
+            "urn:orchestrator:group:1 --key orch --set '<group>NAME</group>' sets, and the policy's "
+            "[[evacuate.groups]]) or none (every VM alone) [default: the policy's evacuate.group_by]. A "
+            "group moves as one (as migrate-group does: drain gated, once, switchover at once), to one or "
+            "more destinations; it starts when a --concurrency slot per member is free (with nothing else "
+            "running if it has more members), ignores --per-destination, is never retried, and stays "
+            "whole on the source when one of its VMs fits nowhere.",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Move what fits even if some VMs fit nowhere.")
     ] = False,
@@ -87,7 +118,7 @@ def evacuate_cmd(
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)
     checked = None if dry_run else groundwork.check_journal(journal)
     from orchestrator.commands.render import LiveEvacuation
-    from orchestrator.core.policy import DrainMode
+    from orchestrator.core.policy import DrainMode, GroupBy
     from orchestrator.edges.locks import lock_dir
     from orchestrator.edges.policy_files import resolve_policy
     from orchestrator.flows.evacuation import Evacuation, EvacuationRequest
@@ -113,6 +144,7 @@ def evacuate_cmd(
             auto_converge=auto_converge,
         ),
         drain=DrainMode(drain.value) if drain else None,
+        group_by=GroupBy(group_by.value) if group_by else None,
         job=job_options(
             tls=tls, parallel=parallel, parallel_connections=parallel_connections, comp_methods=comp_methods
         ),

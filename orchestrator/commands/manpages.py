@@ -56,7 +56,9 @@ EXIT_STATUS: dict[ExitCode, str] = {
         "replaced or locked journal, a full disk); after a migration: its record is in its run log, "
         "not yet in the journal"
     ),
-    ExitCode.PARTIAL: "evacuation finished but the host is not empty",
+    ExitCode.PARTIAL: (
+        "evacuation finished but the host is not empty; a switchover group of which only some members moved"
+    ),
     ExitCode.NEEDS_ADMIN: (
         "something needs an admin: an undrain failed, the VM runs on neither host (or both), or "
         "recover could not finish"

@@ -363,21 +363,31 @@ def failure_line(report: Report, journal: str | None = None) -> str | None:
 def show_evacuation(report: EvacuationReport) -> None:
     """An evacuation's plan and the outcome per VM, as tables."""
     out = sys.stdout
+    grouped = any(p.group for p in report.plan)  # a GROUP column only when a switchover group moves
     if report.plan:
         table(
-            ["ORDER", "VM", "MIB", "DESTINATION", "WHY"],
-            [[str(p.order), p.domain, str(p.memory_mib), p.destination, p.reason] for p in report.plan],
+            ["ORDER", "VM", "MIB", "DESTINATION", *(["GROUP"] if grouped else []), "WHY"],
+            [
+                [str(p.order), p.domain, str(p.memory_mib), p.destination]
+                + ([p.group or ""] if grouped else [])
+                + [p.reason]
+                for p in report.plan
+            ],
         )
     for u in report.unplaced:
         out.write(f"does not fit: {u.domain} ({u.memory_mib} MiB): {u.reason}\n")
     for unreachable in report.unreachable:
         out.write(f"unreachable: {unreachable['uri']}: {unreachable['error']}\n")
+    for note in report.notes:
+        out.write(f"note: {note}\n")
     if report.results:
         out.write("\n")
         table(
-            ["VM", "DESTINATION", "OUTCOME", "SECONDS", "TRIES", "ERROR"],
+            ["VM", "DESTINATION", *(["GROUP"] if grouped else []), "OUTCOME", "SECONDS", "TRIES", "ERROR"],
             [
-                [r.domain, r.destination, r.outcome, f"{r.seconds:.1f}", str(r.attempts), r.error or ""]
+                [r.domain, r.destination]
+                + ([r.group or ""] if grouped else [])
+                + [r.outcome, f"{r.seconds:.1f}", str(r.attempts), r.error or ""]
                 for r in sorted(report.results, key=lambda r: r.domain)
             ],
         )

@@ -9,6 +9,8 @@ namespace, which this module reads:
 - vfio-pci devices added with ``-device`` in `<qemu:commandline>` (keyval or JSON syntax), with
   their own `migration-events` option, which beats `-global` as in QEMU.
 
+It also reads a domain's switchover-group label from its `<metadata>` (`group_label`).
+
 Parsing resolves no entity and touches neither the network nor the disk. Nothing here writes XML:
 `orchestrator.core.domxml_edit` turns the events on and off on top of these readers.
 """
@@ -26,6 +28,12 @@ from lxml import etree
 from orchestrator.core.errors import BadInput
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# A domain's switchover group, in its <metadata>: what
+#   virsh metadata DOMAIN --uri urn:orchestrator:group:1 --key orch --set '<group>NAME</group>'
+# stores (libvirt puts the key as the prefix on the element: <orch:group xmlns:orch="...">NAME</orch:group>).
+GROUP_NS = "urn:orchestrator:group:1"
+GROUP_KEY = "orch"
+GROUP_ELEMENT = "group"
 EVENTS_PROPERTY = "migration-events"
 # vfio-pci-nohotplug is a vfio-pci subtype, so -global vfio-pci.* reaches it too.
 VFIO_DRIVERS = frozenset({"vfio-pci", "vfio-pci-nohotplug"})
@@ -136,6 +144,19 @@ def domain_name(xml: str) -> str:
     if not name:
         raise DomainXMLError("domain XML has no <name>", hint="pass the XML of a libvirt domain")
     return name
+
+
+def group_label(xml: str) -> str | None:
+    """The domain's switchover-group label (`GROUP_NS`), None when it has none or an empty one."""
+    return read_group_label(parse_domain(xml))
+
+
+def read_group_label(root: etree._Element) -> str | None:
+    """`group_label` of an already parsed domain: matched by namespace, whatever its prefix; its
+    whitespace (line breaks included) collapsed, as the label is shown in one-line messages."""
+    element = root.find(f"metadata/{{{GROUP_NS}}}{GROUP_ELEMENT}")
+    label = " ".join((element.text or "").split()) if element is not None else ""
+    return label or None
 
 
 def find_vfio_devices(root: etree._Element) -> list[VfioDevice]:

@@ -196,6 +196,33 @@ class Switchover:
     stall_timeout_s: float | None = None  # abort when the remaining data has not shrunk for this long
 
 
+class GroupBy(StrEnum):
+    """Where an evacuation finds its switchover groups, besides the policy's own `[[evacuate.groups]]`."""
+
+    NONE = "none"  # nowhere else
+    METADATA = "metadata"  # each domain's label in its <metadata> (orchestrator.core.domxml.GROUP_NS)
+
+
+@dataclass(frozen=True)
+class EvacuationGroup:
+    """A switchover group of an evacuation, named by the policy: the running VMs matching `include`."""
+
+    name: str
+    include: tuple[str, ...]  # fnmatch globs on domain names (case-sensitive)
+
+    def matches(self, domain: str) -> bool:
+        """Whether the VM belongs to this group."""
+        return any(fnmatchcase(domain, glob) for glob in self.include)
+
+
+@dataclass(frozen=True)
+class EvacuateSettings:
+    """How `orchestrator evacuate` keeps VMs together: each group moves as one switchover group."""
+
+    group_by: GroupBy = GroupBy.NONE
+    groups: tuple[EvacuationGroup, ...] = ()  # in file order: a VM goes with the first that matches
+
+
 @dataclass(frozen=True)
 class Policy:
     """A validated policy: the devices it covers, how to migrate, and the hooks to run."""
@@ -208,6 +235,7 @@ class Policy:
     hooks: Mapping[Trigger, tuple[Hook, ...]]  # every trigger present, in Trigger order
     description: str = ""
     switchover: Switchover = Switchover()
+    evacuate: EvacuateSettings = EvacuateSettings()
 
     def hooks_for(self, trigger: Trigger) -> tuple[Hook, ...]:
         """The hooks run on `trigger`, in file order."""

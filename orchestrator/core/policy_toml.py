@@ -26,6 +26,9 @@ from orchestrator.core.policy import (
     DeviceSelector,
     DowntimeStep,
     DrainMode,
+    EvacuateSettings,
+    EvacuationGroup,
+    GroupBy,
     MigrationMode,
     MigrationSettings,
     Policy,
@@ -53,12 +56,14 @@ _TOML_POSITION = re.compile(
 )
 _ARMED_TRIGGERS = (Trigger.DRAIN, Trigger.UNDRAIN)
 
-_TOP_KEYS = ("description", "devices", "migration", "switchover", "events", "hooks")
+_TOP_KEYS = ("description", "devices", "migration", "switchover", "events", "hooks", "evacuate")
 _DEVICE_KEYS = tuple(field.name for field in fields(DeviceSelector))
 _MIGRATION_KEYS = tuple(field.name for field in fields(MigrationSettings))
 _SWITCHOVER_KEYS = tuple(field.name for field in fields(Switchover))
 _STEP_KEYS = tuple(field.name for field in fields(DowntimeStep))
 _EVENTS_KEYS = ("when_off",)
+_EVACUATE_KEYS = tuple(field.name for field in fields(EvacuateSettings))
+_GROUP_KEYS = tuple(field.name for field in fields(EvacuationGroup))
 _HOOK_KEYS = ("argv", "timeout_ms", "on_failure", "retries", "backoff_ms", "name", "armed")
 _DEFAULT_MIGRATION = MigrationSettings()
 _DEFAULT_DEVICES = DeviceSelector()
@@ -444,6 +449,30 @@ def _when_events_off(top: _Table) -> WhenEventsOff:
     return table.choice("when_off", WhenEventsOff, WhenEventsOff.REFUSE)
 
 
+def _evacuate(top: _Table) -> EvacuateSettings:
+    table = top.table("evacuate")
+    table.allow_only(_EVACUATE_KEYS)
+    groups: list[EvacuationGroup] = []
+    for entry in table.array_of_tables("groups", "group"):
+        entry.allow_only(_GROUP_KEYS)
+        expected_name = "the group's name: a string on one line, without leading, trailing or double spaces"
+        expected_include = 'a non-empty list of domain-name globs such as "job1-*": the VMs of the group'
+        for key, expected in (("name", expected_name), ("include", expected_include)):
+            if key not in entry.values:
+                raise _expected(entry.source, entry.key(key), "missing", expected)
+        name = entry.string("name", "", expected_name)
+        if not name or " ".join(name.split()) != name:  # as a domain's label is read (domxml.group_label)
+            raise entry.invalid("name", name, expected_name)
+        earlier = next((group for group in groups if group.name == name), None)
+        if earlier is not None:
+            raise entry.invalid(
+                "name", name, f"a name of its own: {table.key('groups')}[{groups.index(earlier)}] has it"
+            )
+        include = entry.strings("include", (), 'a domain-name glob such as "job1-*"', non_empty=True)
+        groups.append(EvacuationGroup(name=name, include=tuple(include)))
+    return EvacuateSettings(group_by=table.choice("group_by", GroupBy, GroupBy.NONE), groups=tuple(groups))
+
+
 def _check_document(source: str, document: Mapping[str, object]) -> None:
     """Refuse, anywhere in the document, what no key accepts and later code would trip on: NUL
     characters (no program can receive them), integers beyond TOML's 64 bits, deep nesting."""
@@ -510,4 +539,5 @@ def parse_policy(text: str, source: str) -> Policy:
         hooks=_hooks(top),
         description=top.string("description", ""),
         switchover=_switchover(top, migration),
+        evacuate=_evacuate(top),
     )

@@ -1,16 +1,15 @@
 """Empty a host: place every VM on a destination, then migrate them a few at a time.
 
-Placement is a pure function (`place`): biggest VM first, each to the destination with the most
-free memory that fits it, which spreads the load. The runner starts at most `concurrency`
-migrations at once and at most `per_destination` into one host (VDSM's incoming limit), each
-through the very same `Migration` path as `orchestrator migrate` (policy, drain/undrain, journal).
+Placement is a pure function (`orchestrator.flows.evacuation_plan.place`). The runner starts at most
+`concurrency` migrations at once and at most `per_destination` into one host (VDSM's incoming limit),
+each through the very same `Migration` path as `orchestrator migrate` (policy, drain/undrain, journal).
 A transient failure is retried with backoff, but only once the failed attempt has undrained
-everything it drained. Re-running after an interruption moves only what is still there.
+everything it drained. Re-running after an interruption moves only what is still there. VMs of one
+switchover group (orchestrator.flows.evacuation_groups) move as one `GroupMigration`, never retried.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import threading
 import time
@@ -23,12 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from orchestrator.core import domxml_edit
+from orchestrator.core import domxml, domxml_edit
 from orchestrator.core.errors import BadInput, ConnectError, ExitCode, NothingToDo, OrchestratorError
+from orchestrator.core.group import HOLD_TIMEOUT_S, RELEASE_TIMEOUT_S
+from orchestrator.core.group_report import GroupReport
 from orchestrator.core.interfaces import JournalLike
-from orchestrator.core.policy import DrainMode, MigrationSettings, Policy
+from orchestrator.core.policy import DrainMode, GroupBy, MigrationSettings, Policy
 from orchestrator.core.report import Outcome, Report, hook_failure
 from orchestrator.core.request import JobOptions, Request
+from orchestrator.flows.evacuation_groups import Unit, assign_labels, group_placements, next_unit
+from orchestrator.flows.evacuation_plan import Candidate, Placement, Plan, Target, Unplaced, place, select
+from orchestrator.flows.group import GroupMigration, GroupOptions
 from orchestrator.flows.migration import Migration
 
 if TYPE_CHECKING:
@@ -41,84 +45,6 @@ TRANSIENT = re.compile(
     re.IGNORECASE,
 )
 RETRIES = 2
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A VM to move."""
-
-    name: str
-    memory_mib: int
-    running: bool = True  # False: a persistent inactive VM, moved by definition only
-
-
-@dataclass(frozen=True)
-class Target:
-    """A destination and its free memory."""
-
-    uri: str
-    free_mib: int
-
-
-@dataclass(frozen=True)
-class Placement:
-    """One VM's destination, and why."""
-
-    domain: str
-    destination: str
-    memory_mib: int
-    order: int
-    reason: str
-    running: bool = True
-
-
-@dataclass(frozen=True)
-class Unplaced:
-    """A VM that fits nowhere, and why."""
-
-    domain: str
-    memory_mib: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The placement of every selected VM."""
-
-    placements: tuple[Placement, ...]
-    unplaced: tuple[Unplaced, ...]
-
-
-def select(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
-    """The names matching any include glob (all if none) and no exclude glob."""
-    chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, g) for g in include)]
-    return [n for n in chosen if not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
-
-
-def place(candidates: Sequence[Candidate], targets: Sequence[Target], reserve_mib: int = 0) -> Plan:
-    """Biggest first, each to the target with the most free memory that still fits it."""
-    free = {t.uri: t.free_mib - reserve_mib for t in targets}
-    placements: list[Placement] = []
-    unplaced: list[Unplaced] = []
-    ordered = sorted(candidates, key=lambda c: (not c.running, -c.memory_mib, c.name))
-    for candidate in ordered:
-        # A definition-only move needs no memory now; it still goes where the most is free.
-        need = candidate.memory_mib if candidate.running else 0
-        fitting = [uri for uri in free if free[uri] >= need]
-        if not fitting:
-            best = max(free.values(), default=0)
-            where = "no destination is reachable" if not free else f"the most free is {best} MiB"
-            unplaced.append(Unplaced(candidate.name, candidate.memory_mib, f"needs {need} MiB; {where}"))
-            continue
-        uri = max(fitting, key=lambda u: (free[u], -list(free).index(u)))
-        reason = f"most free memory that fits: {free[uri]} MiB free, needs {need} MiB"
-        free[uri] -= need
-        placements.append(
-            Placement(
-                candidate.name, uri, candidate.memory_mib, len(placements) + 1, reason, candidate.running
-            )
-        )
-    return Plan(tuple(placements), tuple(unplaced))
 
 
 def is_transient(report: Report) -> bool:
@@ -142,6 +68,15 @@ class Result:
     error: str | None = None
     attempts: int = 0
     seconds: float = 0.0
+    group: str | None = None  # the switchover group it went with
+
+    def take(self, report: Report) -> None:
+        """The outcome of its migration (its failed hooks in the error)."""
+        self.outcome, self.changed = report.outcome.value, report.changed
+        self.migration_id, self.error = report.migration_id, report.error
+        failures = [hook_failure(hook) for hook in report.failed_hooks()]
+        if failures:
+            self.error = "; ".join([self.error or self.outcome, *failures])
 
 
 @dataclass
@@ -156,6 +91,8 @@ class EvacuationReport:
     unplaced: list[Unplaced] = field(default_factory=list)
     unreachable: list[dict[str, str]] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # each switchover group's outcome
+    notes: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
     interrupted: bool = False
     message: str = ""
@@ -193,6 +130,8 @@ class EvacuationReport:
             "unplaced": [asdict(u) for u in self.unplaced],
             "unreachable": self.unreachable,
             "results": [asdict(r) for r in self.results],
+            "groups": self.groups,
+            "notes": self.notes,
             "left": self.left,
             "interrupted": self.interrupted,
             "message": self.message,
@@ -218,6 +157,7 @@ class EvacuationRequest:
     settings: MigrationSettings | None = None  # the policy's, with the command line's overrides
     drain: DrainMode | None = None
     job: JobOptions = field(default_factory=JobOptions)
+    group_by: GroupBy | None = None  # --group-by; None: the policy's evacuate.group_by (and its groups)
 
     def validate(self) -> None:
         """One clear line for each bad option."""
@@ -280,12 +220,13 @@ class Evacuation:
         self._lock = threading.Condition()
         self._started: float | None = None  # when its journal row was begun
         self._stopping = False
-        self._running: dict[str, Migration] = {}
+        self._running: dict[str, Migration | GroupMigration] = {}  # by domain, a group by "group NAME"
         self._progress: dict[str, float] = {}
 
     # --- control (signal handlers call these) ---------------------------------------------------
     def stop(self) -> None:
-        """First Ctrl-C/SIGTERM: start nothing new; a second one aborts the running migrations."""
+        """First Ctrl-C/SIGTERM: start nothing new; a second one aborts the running migrations and
+        interrupts the running switchover groups (a group not yet released aborts every member)."""
         with self._lock:
             if self._stopping:
                 running = list(self._running.values())
@@ -328,26 +269,30 @@ class Evacuation:
                 )
             candidates = self._candidates(source)
             targets = [Target(uri, self._free_mib(host)) for uri, host in destinations.items()]
-            plan = place(candidates, targets, self.request.reserve_mib)
-            self.report.plan, self.report.unplaced = list(plan.placements), list(plan.unplaced)
-            for p in plan.placements:
-                self._say(f"plan: {p.order}. {p.domain} ({p.memory_mib} MiB) -> {p.destination}: {p.reason}")
-            for u in plan.unplaced:
+            units = self._group(source, candidates, place(candidates, targets, self.request.reserve_mib))
+            for p in self.report.plan:
+                self._say(
+                    f"plan: {p.order}. {p.domain} ({p.memory_mib} MiB) -> {p.destination}: {p.reason}"
+                    + (f" (group {p.group})" if p.group else "")
+                )
+            for u in self.report.unplaced:
                 self._say(f"plan: {u.domain} ({u.memory_mib} MiB) fits nowhere: {u.reason}")
+            for note in self.report.notes:
+                self._say(f"plan: {note}")
             self._begin()
             if not candidates:
                 self.report.message = f"nothing to move: {self.request.source_uri} has no selected VM"
-            elif plan.unplaced and not self.request.force:
+            elif self.report.unplaced and not self.request.force:
                 self.report.left = [c.name for c in candidates]
                 self.report.message = (
-                    f"{len(plan.unplaced)} VM(s) fit on no destination; nothing moved "
+                    f"{len(self.report.unplaced)} VM(s) fit on no destination; nothing moved "
                     "(--force moves the others)"
                 )
             elif not self.request.dry_run:
-                self._execute(source, destinations, plan.placements)
+                self._execute(source, destinations, units)
                 self.report.left = [c.name for c in self._candidates(source, planning=False)]
             else:
-                self._preflight(source, destinations, plan.placements)
+                self._preflight(source, destinations, units)
                 self.report.left = [c.name for c in candidates]
                 refused = [r.domain for r in self.report.results if r.outcome == "refused"]
                 self.report.message = "dry run: nothing moved" + (
@@ -359,6 +304,25 @@ class Evacuation:
                 host.close()
             source.close()
         return self.report
+
+    def _group(self, source: Host, candidates: Sequence[Candidate], plan: Plan) -> list[Unit]:
+        """The plan as the queue's units (switchover groups: --group-by, the policy's [evacuate]); the
+        report gets the plan, with each VM's group, what cannot move, and the notes."""
+        settings = self.request.policy.evacuate
+        groups = () if self.request.group_by is GroupBy.NONE else settings.groups
+        running = [c.name for c in candidates if c.running]
+        own: dict[str, str] = {}
+        if (self.request.group_by or settings.group_by) is GroupBy.METADATA:
+            for name in running:
+                dom = source.find_domain(name)
+                label = domxml.group_label(source.xml(dom)) if dom is not None else None
+                if label is not None:
+                    own[name] = label
+        labels, notes = assign_labels(running, own, groups)
+        grouping = group_placements(plan, labels)
+        self.report.plan, self.report.unplaced = list(grouping.plan.placements), list(grouping.plan.unplaced)
+        self.report.notes = [*notes, *grouping.notes]
+        return list(grouping.units)
 
     def _begin(self) -> None:
         """The evacuation's own journal row: `history` lists it, and `history ID` shows its VMs. A dry run
@@ -422,27 +386,31 @@ class Evacuation:
         held = sum(d.memory_kib for d in host.domains() if d.active) // 1024
         return host.node_memory_mib() - held
 
-    def _execute(self, source: Host, destinations: dict[str, Host], placements: Sequence[Placement]) -> None:
-        queue = deque(p for p in placements if p.destination in destinations)
+    def _execute(self, source: Host, destinations: dict[str, Host], units: Sequence[Unit]) -> None:
+        queue = deque(u for u in units if all(p.destination in destinations for p in u.members))
         incoming: dict[str, int] = dict.fromkeys(destinations, 0)
-        counts = {"done": 0, "running": 0, "queued": len(queue), "failed": 0}
+        counts = {"done": 0, "running": 0, "queued": sum(len(u.members) for u in queue), "failed": 0}
+        request = self.request
         with self._lock:
             while True:
-                # Start what the limits allow, in plan order (a VM waits for its own destination).
-                while not self._stopping and counts["running"] < self.request.concurrency:
-                    item = next(
-                        (p for p in queue if incoming[p.destination] < self.request.per_destination), None
+                # Start what the limits allow, in plan order (evacuation_groups.next_unit).
+                while not self._stopping and (
+                    unit := next_unit(
+                        queue, counts["running"], incoming, request.concurrency, request.per_destination
                     )
-                    if item is None:
-                        break
-                    queue.remove(item)
-                    incoming[item.destination] += 1
-                    counts["running"] += 1
-                    counts["queued"] -= 1
+                ):
+                    queue.remove(unit)
+                    for item in unit.members:
+                        incoming[item.destination] += 1
+                    counts["running"] += len(unit.members)
+                    counts["queued"] -= len(unit.members)
+                    item = unit.members[0]
                     threading.Thread(
-                        target=self._move,
-                        args=(item, source, destinations[item.destination], incoming, counts),
-                        name=f"evacuate-{item.domain}",
+                        target=self._move if unit.group is None else self._move_group,
+                        args=(unit, source, destinations, incoming, counts),
+                        name=f"evacuate-{item.domain}"
+                        if unit.group is None
+                        else f"evacuate-group-{unit.group}",
                         daemon=True,
                     ).start()
                 self._status(counts)
@@ -452,7 +420,7 @@ class Evacuation:
         if self._stopping:
             self.report.interrupted = True
             if queue:
-                self.report.message = f"interrupted: {len(queue)} VM(s) not started"
+                self.report.message = f"interrupted: {sum(len(u.members) for u in queue)} VM(s) not started"
 
     def _status(self, counts: dict[str, int]) -> None:
         if self.on_status is not None:
@@ -460,12 +428,14 @@ class Evacuation:
 
     def _move(
         self,
-        item: Placement,
+        unit: Unit,
         source: Host,
-        destination: Host,
+        destinations: dict[str, Host],
         incoming: dict[str, int],
         counts: dict[str, int],
     ) -> None:
+        item = unit.members[0]
+        destination = destinations[item.destination]
         began = time.monotonic()
         result = Result(item.domain, item.destination, "failed", False)
         self._say(f"{item.domain}: started -> {item.destination}")
@@ -479,40 +449,129 @@ class Evacuation:
         except Exception as exc:  # one VM's bug must not stop the others
             result.error = f"internal error: {exc!r}"
         result.seconds = round(time.monotonic() - began, 3)
-        self._say(
-            f"{item.domain}: {result.outcome} in {result.seconds:.1f} s"
-            + (f": {result.error}" if result.error else "")
+        self._tell(result, f" in {result.seconds:.1f} s")
+        self._settle([result], incoming, counts)
+
+    def _move_group(
+        self,
+        unit: Unit,
+        source: Host,
+        destinations: dict[str, Host],
+        incoming: dict[str, int],
+        counts: dict[str, int],
+    ) -> None:
+        """A switchover group's members, as one `GroupMigration` (never retried); a `Result` each."""
+        began, name = time.monotonic(), f"group {unit.group}"
+        results = [Result(p.domain, p.destination, "failed", False, group=unit.group) for p in unit.members]
+        self._say(f"{name}: started: {', '.join(f'{p.domain} -> {p.destination}' for p in unit.members)}")
+        try:
+            if self.reconcile is not None:
+                for p in unit.members:
+                    self.reconcile([source, destinations[p.destination]], p.domain)
+            group = self._group_migration(unit)
+            with self._lock:
+                if self._stopping:
+                    raise _Stopped
+                self._running[name] = group
+            try:
+                self._group_results(group.run(), results)
+            finally:
+                with self._lock:
+                    self._running.pop(name, None)
+        except _Stopped:
+            for r in results:
+                r.outcome, r.error = "not-started", "interrupted before it started"
+        except OrchestratorError as exc:
+            for r in results:
+                r.outcome, r.error = "refused", exc.line()
+        except Exception as exc:  # one group's bug must not stop the others
+            for r in results:
+                r.error = f"internal error: {exc!r}"
+        for r in results:
+            r.seconds = round(time.monotonic() - began, 3)
+            self._tell(r, f" in {r.seconds:.1f} s")
+        if any(r.outcome not in ("succeeded", "unchanged", "not-started") for r in results):
+            self._say(f"{name}: not retried (a group never is): run the evacuation again to move the rest")
+        self._settle(results, incoming, counts)
+
+    def _group_migration(self, unit: Unit, *, dry_run: bool = False) -> GroupMigration:
+        return GroupMigration(
+            unit.group or "",
+            [self._request(p, dry_run=dry_run, gated=True) for p in unit.members],
+            self.open_host,
+            GroupOptions(hold_timeout_s=HOLD_TIMEOUT_S, release_timeout_s=RELEASE_TIMEOUT_S),
+            journal=self.journal,
+            parent=self.id,
+            lock_dir=self.lock_dir,
+            on_line=self._say,
+            dry_run=dry_run,
+        )
+
+    def _group_results(self, report: GroupReport, results: Sequence[Result]) -> None:
+        """Each member's outcome from its own report (the group's, if it has none); the group's line."""
+        members = {m.report.domain: m.report for m in report.members}
+        for result in results:
+            result.attempts = 0 if report.dry_run else 1
+            if result.domain in members:
+                result.take(members[result.domain])
+            else:
+                result.outcome, result.error = report.outcome.value, report.error
+        summary: dict[str, Any] = {"group": report.name, "group_id": report.group_id, "error": report.error}
+        summary.update(
+            outcome=report.outcome.value, stall_ms=report.stall_ms, members=[r.domain for r in results]
         )
         with self._lock:
-            self.report.results.append(result)
-            incoming[item.destination] -= 1
-            counts["running"] -= 1
-            counts["failed" if result.outcome not in ("succeeded", "unchanged") else "done"] += 1
-            self._progress.pop(item.domain, None)
+            self.report.groups.append(summary)
+
+    def _settle(self, results: Sequence[Result], incoming: dict[str, int], counts: dict[str, int]) -> None:
+        with self._lock:
+            for result in results:
+                self.report.results.append(result)
+                incoming[result.destination] -= 1
+                counts["running"] -= 1
+                counts["failed" if result.outcome not in ("succeeded", "unchanged") else "done"] += 1
+                self._progress.pop(result.domain, None)
             self._lock.notify_all()
 
     def _say(self, line: str) -> None:
         if self.on_line is not None:
             self.on_line(line)
 
-    def _request(self, item: Placement, *, dry_run: bool = False) -> Request:
+    def _tell(self, r: Result, timing: str = "") -> None:
+        group = f" with group {r.group}" if r.group else ""
+        self._say(f"{r.domain}: {r.outcome}{timing}{group}" + (f": {r.error}" if r.error else ""))
+
+    def _request(self, item: Placement, *, dry_run: bool = False, gated: bool = False) -> Request:
         return Request(
             domain=item.domain,
             source_uri=self.request.source_uri,
             destination_uri=item.destination,
             policy=self.request.policy,
             settings=self.request.settings,
-            drain=self.request.drain,
+            drain=DrainMode.GATED if gated else self.request.drain,
             job=self.request.job,
             dry_run=dry_run,
         )
 
-    def _preflight(
-        self, source: Host, destinations: dict[str, Host], placements: Sequence[Placement]
-    ) -> None:
+    def _preflight(self, source: Host, destinations: dict[str, Host], units: Sequence[Unit]) -> None:
         """--dry-run (Ansible's check mode): each running VM's own pre-flight (events on, hooks there,
-        no job running, not already on the destination), so that the plan promises only what would work."""
-        for item in placements:
+        no job running, not already on the destination; a group's dry run for its members), so that the
+        plan promises only what would work."""
+        for unit in units:
+            if unit.group is not None:
+                results = [
+                    Result(p.domain, p.destination, "planned", False, group=unit.group) for p in unit.members
+                ]
+                try:
+                    self._group_results(self._group_migration(unit, dry_run=True).run(), results)
+                except OrchestratorError as exc:
+                    for r in results:
+                        r.outcome, r.error = "refused", exc.line()
+                self.report.results.extend(results)
+                for r in results:
+                    self._tell(r)
+                continue
+            item = unit.members[0]
             result = Result(item.domain, item.destination, "planned", False, attempts=0)
             if item.running and item.destination in destinations:
                 try:
@@ -527,7 +586,7 @@ class Evacuation:
                 except OrchestratorError as exc:
                     result.outcome, result.error = "refused", exc.line()
             self.report.results.append(result)
-            self._say(f"{item.domain}: {result.outcome}" + (f": {result.error}" if result.error else ""))
+            self._tell(result)
 
     def _migrate_with_retries(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
         request = self._request(item)
@@ -575,13 +634,7 @@ class Evacuation:
         except _Stopped:
             result.outcome, result.error = "not-started", "interrupted before it started"
             return
-        result.outcome = report.outcome.value
-        result.changed = report.changed
-        result.migration_id = report.migration_id
-        result.error = report.error
-        failures = [hook_failure(hook) for hook in report.failed_hooks()]
-        if failures:
-            result.error = "; ".join([result.error or report.outcome.value, *failures])
+        result.take(report)
 
     def _move_definition(self, item: Placement, source: Host, destination: Host, result: Result) -> None:
         """A persistent inactive VM: define it on the destination, then undefine it on the source."""

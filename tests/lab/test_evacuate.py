@@ -230,3 +230,100 @@ def test_inactive_vms_move_by_definition_only(lab_env: Any, tmp_path: Path) -> N
     assert moved.state() == "shut off", "moved by definition only: not started"
     assert domxml.events_status(lab_env.conn(1).xml(moved, inactive=True)).all_enabled
     lab_env.remove(name)
+
+
+def recording_policy(lab: Any, tmp: Path) -> Path:
+    """Hooks that record into hooks.ndjson (as lab.test_group's, which each_device_undrained_once_...
+    reads), with room for a loaded machine; the policy's drain mode is prepare: a group drains gated."""
+    log = tmp / "hooks.ndjson"
+
+    def argv(trigger: str) -> str:
+        return json.dumps([str(RECORD_HOOK), str(log), trigger, "{domain}", "{device_id}", "{state}"])
+
+    path = tmp / "group-policy.toml"
+    path.write_text(
+        f'[migration]\ndata_uri = "unix://{lab.root}/migrations/{{domain}}.sock"\n'
+        f"[[hooks.drain]]\nargv = {argv('drain')}\ntimeout_ms = 20000\n"
+        f'[[hooks.undrain]]\nargv = {argv("undrain")}\ntimeout_ms = 20000\non_failure = "continue"\n'
+    )
+    return path
+
+
+def test_evacuate_moves_a_metadata_group_as_one_switchover_group(lab_env: Any, tmp_path: Path) -> None:
+    """Two dirtying guests labelled with one group in their <metadata> and one unlabelled guest:
+    `evacuate --group-by metadata` moves all three, the two as one switchover group (the group's row a
+    child of the evacuation's, theirs children of the group's), each device drained and undrained once."""
+    import libvirt
+    from lab.test_group import each_device_undrained_once_after_its_drain, history
+    from lab.test_switchover import BANDWIDTH
+
+    from orchestrator.core import domxml
+
+    grouped = [lab_env.guest(0, workload="dirty") for _ in range(2)]
+    alone = lab_env.guest(0)
+    names = [*grouped, alone]
+    for name in grouped:  # what `virsh metadata NAME --uri URN --key orch --set '<group>...'` does
+        lab_env.conn(0).domain(name).raw.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            "<group>job-e</group>",
+            domxml.GROUP_KEY,
+            domxml.GROUP_NS,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        )
+        assert domxml.group_label(lab_env.conn(0).xml(lab_env.conn(0).domain(name))) == "job-e"
+    run = cli(
+        "evacuate",
+        "-c",
+        lab_env.hosts[0].uri,
+        "--to",
+        lab_env.hosts[1].uri,
+        "--to",
+        lab_env.hosts[2].uri,
+        *(a for name in names for a in ("--include", name)),
+        "--group-by",
+        "metadata",
+        "--concurrency",
+        "3",
+        "--policy",
+        str(recording_policy(lab_env, tmp_path)),
+        "--journal",
+        str(tmp_path / "journal.sqlite"),
+        "--bandwidth",
+        BANDWIDTH,
+        "--json",
+        env={"ORCH_LAB_DIR": str(lab_env.root)},
+        timeout=300,
+    )
+    assert run.code == 0, run.err
+    doc = run.doc
+    assert doc["empty"] is True and doc["changed"] is True
+    results = {r["domain"]: r for r in doc["results"]}
+    assert {n: (r["outcome"], r["group"]) for n, r in results.items()} == {
+        grouped[0]: ("succeeded", "job-e"),
+        grouped[1]: ("succeeded", "job-e"),
+        alone: ("succeeded", None),
+    }
+    assert on_host(lab_env, 0, names) == set()
+    assert on_host(lab_env, 1, names) | on_host(lab_env, 2, names) == set(names)
+    (group,) = doc["groups"]
+    assert group["group"] == "job-e" and group["outcome"] == "succeeded"
+    assert sorted(group["members"]) == sorted(grouped)
+    # The journal: evacuation -> group -> its members; the unlabelled VM an item of the evacuation.
+    evacuation = history(tmp_path, doc["evacuation_id"])
+    assert evacuation["kind"] == "evacuation"
+    items = {i["id"]: i for i in evacuation["items"]}
+    assert items[group["group_id"]]["kind"] == "group"
+    assert items[results[alone]["migration_id"]]["kind"] == "evacuate-item"
+    shown = history(tmp_path, group["group_id"])
+    assert shown["kind"] == "group" and shown["parent"] == doc["evacuation_id"]
+    assert shown["outcome"] == "succeeded" and shown["domain"] == "job-e"
+    members = {i["domain"]: i for i in shown["items"]}
+    assert sorted(members) == sorted(grouped)
+    for name in grouped:
+        assert members[name]["kind"] == "group-member" and members[name]["parent"] == group["group_id"]
+        assert members[name]["id"] == results[name]["migration_id"]
+        assert members[name]["outcome"] == "succeeded"
+    drained = each_device_undrained_once_after_its_drain(tmp_path)
+    assert drained == {(name, "nic0") for name in names}
+    for name in names:
+        lab_env.remove(name)

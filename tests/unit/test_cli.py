@@ -155,6 +155,10 @@ def test_help_shows_readable_metavars(
             ["events", "enable", "vm1", "--mode", "sideways"],
             "Invalid value for '--mode': 'sideways' is not one of 'override', 'global'",
         ),
+        (
+            ["evacuate", "--to", "qemu+ssh://b/system", "--group-by", "label"],
+            "Invalid value for '--group-by': 'label' is not one of 'metadata', 'none'",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_in_our_words(

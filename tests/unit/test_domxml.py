@@ -257,3 +257,56 @@ NOT_VFIO = [
 @pytest.mark.parametrize("devices", NOT_VFIO)
 def test_not_vfio(devices: str) -> None:
     assert domxml.find_vfio_devices(domxml.parse(domain(devices))) == []
+
+
+# -------- the switchover-group label in <metadata> --------
+
+# What `virsh metadata DOMAIN --uri urn:orchestrator:group:1 --key orch --set '<group>job1</group>'` stores:
+# libvirt declares the key as the element's prefix (virXMLInjectNamespace).
+LIBVIRT_LABEL = "<orch:group xmlns:orch='urn:orchestrator:group:1'>job1</orch:group>"
+NOVA = (
+    "<nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
+    "<nova:name>group</nova:name></nova:instance>"
+)
+
+# <metadata> content -> the label read
+GROUP_LABELS = [
+    (LIBVIRT_LABEL, "job1"),
+    (NOVA + LIBVIRT_LABEL, "job1"),  # among other applications' metadata
+    ("<x:group xmlns:x='urn:orchestrator:group:1'>job1</x:group>", "job1"),  # any prefix: by namespace
+    ("<group xmlns='urn:orchestrator:group:1'>job1</group>", "job1"),  # a default namespace
+    ("<orch:group xmlns:orch='urn:orchestrator:group:1'>\n  rdma job\t7\n</orch:group>", "rdma job 7"),
+    ("<orch:group xmlns:orch='urn:orchestrator:group:1'/>", None),  # empty
+    ("<orch:group xmlns:orch='urn:orchestrator:group:1'>  </orch:group>", None),  # blank
+    ("<orch:group xmlns:orch='urn:orchestrator:group:2'>job1</orch:group>", None),  # another version
+    ("<group>job1</group>", None),  # no namespace: not ours
+    ("<orch:job xmlns:orch='urn:orchestrator:group:1'>job1</orch:job>", None),  # another element
+    (NOVA, None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize(("metadata", "label"), GROUP_LABELS)
+def test_group_label(metadata: str, label: str | None) -> None:
+    assert domxml.group_label(domain(tail=f"<metadata>{metadata}</metadata>")) == label
+
+
+def test_group_label_absent_and_outside_metadata() -> None:
+    assert domxml.group_label(domain()) is None
+    assert domxml.group_label(domain(tail=LIBVIRT_LABEL)) is None, "only <domain><metadata> counts"
+    assert domxml.group_label(load("nova_metadata.xml")) is None
+
+
+def test_group_label_constants_are_what_virsh_is_given() -> None:
+    assert (domxml.GROUP_NS, domxml.GROUP_KEY, domxml.GROUP_ELEMENT) == (
+        "urn:orchestrator:group:1",
+        "orch",
+        "group",
+    )
+
+
+def test_group_label_parses_safely() -> None:
+    with pytest.raises(DomainXMLError, match="DOCTYPE or entity declaration"):
+        domxml.group_label(load("doctype_entity.xml"))
+    with pytest.raises(DomainXMLError, match="root element is <network>"):
+        domxml.group_label("<network><metadata>" + LIBVIRT_LABEL + "</metadata></network>")

@@ -25,6 +25,9 @@ from orchestrator.core.policy import (
     DeviceSelector,
     DowntimeStep,
     DrainMode,
+    EvacuateSettings,
+    EvacuationGroup,
+    GroupBy,
     MigrationMode,
     MigrationSettings,
     Policy,
@@ -124,6 +127,17 @@ retries = 3
 
 [[hooks.after-failure]]
 argv = ["report", "failed"]
+
+[evacuate]
+group_by = "metadata"
+
+[[evacuate.groups]]
+name = "job1"
+include = ["job1-*", "db?"]
+
+[[evacuate.groups]]
+name = "rdma job 2"
+include = ["j2-*"]
 """
 
 
@@ -143,6 +157,7 @@ def test_empty_policy_takes_every_default() -> None:
     assert policy.all_hooks() == ()
     assert policy.switchover == Switchover()
     assert policy.switchover == Switchover(drain=DrainMode.PREPARE, steps=(), stall_timeout_s=None)
+    assert policy.evacuate == EvacuateSettings(group_by=GroupBy.NONE, groups=())
 
 
 def test_maximal_policy() -> None:
@@ -202,6 +217,10 @@ def test_maximal_policy() -> None:
         Trigger.AFTER_SUCCESS,
         Trigger.AFTER_FAILURE,
     ]
+    assert policy.evacuate == EvacuateSettings(
+        group_by=GroupBy.METADATA,
+        groups=(EvacuationGroup("job1", ("job1-*", "db?")), EvacuationGroup("rdma job 2", ("j2-*",))),
+    )
 
 
 @pytest.mark.parametrize(
@@ -228,7 +247,7 @@ INVALID = [
     (
         "[migrate]",
         "migrate: unknown key",
-        "expected one of description, devices, migration, switchover, events, hooks",
+        "expected one of description, devices, migration, switchover, events, hooks, evacuate",
     ),
     ("devices = 3", "devices: got 3", "expected a table, written [devices]"),
     ("description = 5", "description: got 5", "expected a string"),
@@ -648,6 +667,34 @@ INVALID += [
     ),
     ("a = " + "{b = " * 500 + "1" + "}" * 500, "TOML: arrays or tables nested too deeply", "at most 32"),
     ("a = " + "9" * 5000, "TOML: an integer of thousands of digits", "expected a TOML integer (64-bit)"),
+    # [evacuate]
+    ("evacuate = 1", "evacuate: got 1", "expected a table, written [evacuate]"),
+    ("[evacuate]\ngroupby = 1", "evacuate.groupby: unknown key", "expected one of group_by, groups"),
+    (
+        '[evacuate]\ngroup_by = "label"',
+        'evacuate.group_by: got "label"',
+        'expected one of "none", "metadata"',
+    ),
+    ("[evacuate]\ngroups = 3", "evacuate.groups: got 3", "one [[evacuate.groups]] per group"),
+    ('[[evacuate.groups]]\ninclude = ["a*"]', "evacuate.groups[0].name: missing", "the group's name"),
+    ('[[evacuate.groups]]\nname = "j"', "evacuate.groups[0].include: missing", "domain-name globs"),
+    ('[[evacuate.groups]]\nname = ""\ninclude = ["a"]', 'evacuate.groups[0].name: got ""', "one line"),
+    ('[[evacuate.groups]]\nname = "j\\n1"\ninclude = ["a"]', "evacuate.groups[0].name: got", "one line"),
+    ('[[evacuate.groups]]\nname = " j"\ninclude = ["a"]', 'evacuate.groups[0].name: got " j"', "leading"),
+    ('[[evacuate.groups]]\nname = 7\ninclude = ["a"]', "evacuate.groups[0].name: got 7", "the group's name"),
+    ('[[evacuate.groups]]\nname = "j"\ninclude = []', "evacuate.groups[0].include: got []", "non-empty list"),
+    ('[[evacuate.groups]]\nname = "j"\ninclude = ["a", ""]', 'evacuate.groups[0].include[1]: got ""', "glob"),
+    (
+        '[[evacuate.groups]]\nname = "j"\ninclude = ["a"]\nmembers = 2',
+        "evacuate.groups[0].members: unknown",
+        "name, include",
+    ),
+    (
+        '[[evacuate.groups]]\nname = "j"\ninclude = ["a"]\n[[evacuate.groups]]\nname = "k"\ninclude = ["b"]\n'
+        '[[evacuate.groups]]\nname = "j"\ninclude = ["c"]',
+        'evacuate.groups[2].name: got "j"',
+        "a name of its own: evacuate.groups[0] has it",
+    ),
 ]
 
 
@@ -733,6 +780,8 @@ def test_shipped_default_is_observe_only_and_documents_every_key() -> None:
     assert list(document["devices"]) == [field.name for field in fields(DeviceSelector)]
     assert list(document["migration"]) == [field.name for field in fields(MigrationSettings)]
     assert list(document["events"]) == ["when_off"]
+    assert list(document["evacuate"]) == [field.name for field in fields(EvacuateSettings)]
+    assert load_policy(SHIPPED_POLICY_DIR / "default.toml").evacuate == EvacuateSettings()
     text = (SHIPPED_POLICY_DIR / "default.toml").read_text()
     for key in ("argv", "timeout_ms", "on_failure", "retries", "backoff_ms", "name", *map(str, Trigger)):
         assert f"#   {key} " in text, key
@@ -1001,7 +1050,9 @@ def test_long_messages_are_cut_in_the_middle_keeping_the_remedy() -> None:
     assert len(message) == MAX_MESSAGE_CHARS
     assert message.startswith(f"{SOURCE}: kkk")
     assert "..." in message
-    assert message.endswith("expected one of description, devices, migration, switchover, events, hooks")
+    assert message.endswith(
+        "expected one of description, devices, migration, switchover, events, hooks, evacuate"
+    )
 
 
 @pytest.mark.parametrize(
@@ -1032,7 +1083,7 @@ def test_shipped_default_documents_switchover_and_armed() -> None:
     document = tomllib.loads(text)
     # steps last, next to its commented example
     assert set(document["switchover"]) == {field.name for field in fields(Switchover)}
-    assert list(document) == ["description", "devices", "migration", "switchover", "events"]
+    assert list(document) == ["description", "devices", "migration", "switchover", "events", "evacuate"]
     assert load_policy(SHIPPED_POLICY_DIR / "default.toml").switchover == Switchover()
     for key in ("downtime_ms", "after_s", "after_iterations"):
         assert f"#   {key} " in text, key
@@ -1053,6 +1104,32 @@ def test_shipped_default_switchover_example_is_valid() -> None:
         DowntimeStep(200, after_s=30.0, after_iterations=10),
         DowntimeStep(500, after_s=60.0),
     )
+
+
+def test_shipped_default_documents_evacuate_and_its_example_is_valid() -> None:
+    text = (SHIPPED_POLICY_DIR / "default.toml").read_text()
+    section = text[text.index("[evacuate]") : text.index("# Hooks:")]
+    for key in (field.name for field in fields(EvacuationGroup)):
+        assert f"#   {key} " in section, key
+    for way in GroupBy:
+        assert f'"{way}"' in section, way
+    assert "--uri urn:orchestrator:group:1 --key orch" in section
+    example = section[section.index("# Example (not active):") :].splitlines()[1:]
+    uncommented = "\n".join(line.removeprefix("# ") for line in example if line.startswith("# "))
+    assert parse_policy(uncommented, SOURCE).evacuate.groups == (EvacuationGroup("job1", ("job1-*",)),)
+
+
+@pytest.mark.parametrize(
+    ("include", "domain", "matches"),
+    [
+        (("job1-*",), "job1-a", True),
+        (("job1-*",), "job2-a", False),
+        (("a", "b?"), "b1", True),
+        (("JOB*",), "job1", False),  # case-sensitive, like libvirt names
+    ],
+)
+def test_evacuation_group_matches(include: tuple[str, ...], domain: str, matches: bool) -> None:
+    assert EvacuationGroup("g", include).matches(domain) is matches
 
 
 # --- reading files: bounded, never hanging --------------------------------------------------------
@@ -1386,6 +1463,7 @@ _KEYS = [
     "bandwidth_mib", "data_uri", "max_downtime_ms", "completion_timeout_s", "drain", "steps",
     "stall_timeout_s", "downtime_ms", "after_s", "after_iterations", "when_off", "before", "undrain",
     "after-success", "argv", "timeout_ms", "on_failure", "retries", "backoff_ms", "name", "armed",
+    "evacuate", "group_by", "groups", "include",
 ]  # fmt: skip
 _SCALARS = (
     st.booleans()
@@ -1394,6 +1472,7 @@ _SCALARS = (
     | st.floats()
     | st.text(max_size=20)
     | st.sampled_from(["prepare", "gated", "start", "abort", "continue", "{device_id}", "x", "/bin/x", "a\0"])
+    | st.sampled_from(["none", "metadata", "job1-*", " j"])
     | st.dates()
 )
 _KEY = st.sampled_from(_KEYS) | st.text(min_size=1, max_size=8)
@@ -1454,6 +1533,11 @@ _LINES = st.sampled_from(
         "[migration]",
         "[devices]",
         "[events]",
+        "[evacuate]",
+        "[[evacuate.groups]]",
+        'group_by = "metadata"',
+        'name = "job1"',
+        'include = ["job1-*"]',
         'argv = ["x", "{device_id}"]',
         "armed = true",
         "downtime_ms = 50",

@@ -54,6 +54,14 @@ options:
       - At most this many incoming migrations at once per destination. When omitted, the CLI's default
         (2).
     type: int
+  group_by:
+    description:
+      - V(metadata) moves running VMs that share a switchover-group label in their domain metadata
+        (C(urn:orchestrator:group:1)) as one group, drained once and switched over together, as do the
+        policy's C([[evacuate.groups]]); V(none) moves every VM on its own. When omitted, the policy's
+        C([evacuate] group_by).
+    type: str
+    choices: [metadata, none]
   include:
     description:
       - Only the VMs whose name matches one of these globs (C(--include), repeated).
@@ -373,6 +381,7 @@ ARGUMENT_SPEC = {
     "destinations": {"type": "list", "elements": "str", "required": True},
     "concurrency": {"type": "int"},
     "per_destination": {"type": "int"},
+    "group_by": {"type": "str", "choices": ["metadata", "none"]},
     "include": {"type": "list", "elements": "str"},
     "exclude": {"type": "list", "elements": "str"},
     **MIGRATION_ARGUMENT_SPEC,
@@ -391,6 +400,7 @@ CLI_OPTIONS = (
     CliOption("destinations", "--to"),
     CliOption("concurrency", "--concurrency"),
     CliOption("per_destination", "--per-destination"),
+    CliOption("group_by", "--group-by"),
     CliOption("include", "--include"),
     CliOption("exclude", "--exclude"),
     *MIGRATION_CLI_OPTIONS,
