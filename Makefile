@@ -30,4 +30,5 @@ bench: setup
 	.venv/bin/python bench/rdma_survival.py --migrations 20
 	.venv/bin/python bench/overhead.py
 	.venv/bin/python bench/evacuation.py --json bench-results/evacuation.json
+	.venv/bin/python bench/switchover_group.py --rounds 3
 	.venv/bin/python bench/startup.py --json bench-results/startup.json
