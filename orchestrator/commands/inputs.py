@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -13,6 +14,15 @@ def raise_bad(message: str, hint: str) -> NoReturn:
     from orchestrator.core.errors import BadInput
 
     raise BadInput(message, hint)
+
+
+def check_lock_wait(seconds: float, whose: str) -> None:
+    """--lock-wait: a finite number of seconds from 0 to MAX_LOCK_WAIT_S (`whose`: what it waits for)."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_LOCK_WAIT_S):
+        raise_bad(
+            f"--lock-wait must be a number of seconds from 0 to {MAX_LOCK_WAIT_S:g}, not {seconds:g}",
+            f"give how long to wait for another migration of {whose}",
+        )
 
 
 def plain_argument(what: str, text: str | None) -> None:

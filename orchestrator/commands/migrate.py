@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,7 +27,7 @@ from orchestrator.commands.app import (
     TlsOpt,
     app,
 )
-from orchestrator.commands.inputs import MAX_LOCK_WAIT_S, job_options, plain_argument, raise_bad, source_uri
+from orchestrator.commands.inputs import check_lock_wait, job_options, plain_argument, raise_bad, source_uri
 from orchestrator.commands.render import emit_json, info, outlast_the_terminal, priority, show_report
 from orchestrator.commands.signals import on_signals
 
@@ -115,11 +114,7 @@ def migrate_cmd(
     if not dest_uri.strip():
         raise_bad("the destination URI is empty", "give a libvirt URI, e.g. 'qemu+ssh://HOST/system'")
 
-    if not (math.isfinite(lock_wait) and 0 <= lock_wait <= MAX_LOCK_WAIT_S):
-        raise_bad(
-            f"--lock-wait must be a number of seconds from 0 to {MAX_LOCK_WAIT_S:g}, not {lock_wait:g}",
-            "give how long to wait for another migration of the VM",
-        )
+    check_lock_wait(lock_wait, "the VM")
     if not dry_run:
         groundwork.start_supervisor()  # forked already by the program's entry; here for in-process callers
     # reads the whole journal while the rest starts up (a dry run does not open it: it writes nothing)

@@ -25,7 +25,7 @@ from orchestrator.commands.app import (
     TlsOpt,
     app,
 )
-from orchestrator.commands.inputs import MAX_LOCK_WAIT_S, job_options, plain_argument, raise_bad, source_uri
+from orchestrator.commands.inputs import check_lock_wait, job_options, plain_argument, raise_bad, source_uri
 from orchestrator.commands.render import emit_json, outlast_the_terminal, priority, show_group
 from orchestrator.commands.signals import on_signals
 
@@ -124,11 +124,7 @@ def migrate_group_cmd(
     pairs = parse_members(members, to)
     _seconds("--hold-timeout", hold_timeout)
     _seconds("--release-timeout", release_timeout)
-    if not (math.isfinite(lock_wait) and 0 <= lock_wait <= MAX_LOCK_WAIT_S):
-        raise_bad(
-            f"--lock-wait must be a number of seconds from 0 to {MAX_LOCK_WAIT_S:g}, not {lock_wait:g}",
-            "give how long to wait for another migration of a member",
-        )
+    check_lock_wait(lock_wait, "a member")
     if not dry_run:
         groundwork.start_supervisor()
     checked = None if dry_run else groundwork.check_journal(journal)

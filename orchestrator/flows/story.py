@@ -50,7 +50,7 @@ class Story:
 
     # --- the journal's migration record ----------------------------------------------------------
     def begin(
-        self, request: Request, parent: str | None, supervisor: int | None, kind: str | None = None
+        self, request: Request, parent: str | None, supervisor: int | None, kind: str
     ) -> RunLogLike | None:
         """The migration's first record (its run log begins); that run log, if the journal keeps one.
         `supervisor`: the hook supervisor's process, which records each hook's start and end there."""
@@ -58,7 +58,7 @@ class Story:
         text = _policy_text(policy.path)
         self.journal.begin_migration(
             self.id,
-            kind or ("evacuate-item" if parent else "migrate"),
+            kind,
             request.domain,
             request.source_uri,
             request.destination_uri,
